@@ -1,0 +1,311 @@
+"""HTTP routes of the gateway (aiohttp). The light work: parse, admit, await, encode.
+
+Routes: ``POST /`` (the guide's raw-text form), ``POST /predict`` (JSON), ``GET /health``,
+``GET /ready``, ``GET /info``. Every error leaves through :func:`error_middleware` as JSON
+``{"error": {"code", "message"}}`` with the status :mod:`protocol.errors` gives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import traceback
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.broker import Broker, PendingRequest
+from gateway.config import GatewayConfig
+from protocol.errors import (
+    BadInput,
+    BatchwireError,
+    BodyTooLarge,
+    MethodNotAllowed,
+    NotFound,
+    UnsupportedMediaType,
+)
+from protocol.messages import PROTOCOL_VERSION, NDArray, Result
+
+log = logging.getLogger("batchwire.gateway")
+
+BROKER = web.AppKey("broker", Broker)
+CONFIG = web.AppKey("config", GatewayConfig)
+STARTED = web.AppKey("started", float)
+REQUEST_ID = "request_id"
+
+#: Bodies POST / reads as the input text itself, as the guide's server does. curl -d sends
+#: application/x-www-form-urlencoded, so that is text here too.
+TEXT_TYPES = frozenset({
+    "text/plain", "application/x-www-form-urlencoded", "application/octet-stream", "",
+})
+JSON_TYPE = "application/json"
+_MAX_REQUEST_ID = 128
+
+
+# -- encoding ---------------------------------------------------------------------------
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, NDArray):
+        array = obj.to_numpy()
+        return array.astype("float32") if array.dtype.kind == "f" and array.itemsize < 4 else array
+    raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
+
+
+def dump_json(payload: Any) -> bytes:
+    # orjson writes numpy arrays straight from their buffers: no nested float lists.
+    return orjson.dumps(payload, default=_json_default, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_PASSTHROUGH_DATACLASS)
+
+
+def json_response(payload: Any, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.Response(body=dump_json(payload), status=status, headers=headers,
+                        content_type=JSON_TYPE)
+
+
+def error_response(request: web.Request, error: BatchwireError, status: int | None = None,
+                   debug_trace: str | None = None) -> web.Response:
+    body: dict[str, Any] = {"code": error.code, "message": error.message}
+    if debug_trace:
+        body["traceback"] = debug_trace
+    headers = {"X-Request-Id": request.get(REQUEST_ID, "")}
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(error.retry_after)
+    return json_response({"error": body}, status=status or error.status, headers=headers)
+
+
+# -- middleware -------------------------------------------------------------------------
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    if 0 < len(given) <= _MAX_REQUEST_ID and given.isprintable() and given.isascii():
+        return given
+    return uuid.uuid4().hex
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    request[REQUEST_ID] = _request_id(request)
+    try:
+        return await handler(request)
+    except BatchwireError as exc:
+        return error_response(request, exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        mapped: BatchwireError
+        if exc.status == 404:
+            mapped = NotFound(f"no route {request.method} {request.path}; "
+                              "POST / or /predict, GET /health, /ready or /info")
+        elif exc.status == 405:
+            allowed = exc.headers.get("Allow", "")
+            mapped = MethodNotAllowed(f"{request.method} is not allowed on {request.path}; "
+                                      f"use {allowed or 'another method'}")
+        elif exc.status == 413:
+            mapped = BodyTooLarge(f"the body is larger than the {request.app[CONFIG].max_body_bytes}"
+                                  " bytes this server accepts")
+        else:
+            mapped = BadInput(exc.reason)
+        response = error_response(request, mapped, status=exc.status)
+        if exc.status == 405 and "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the client gets a clean 500, the log the details
+        log.exception("internal error on %s %s (request %s)", request.method, request.path,
+                      request[REQUEST_ID])
+        error = BatchwireError(f"internal server error; see the server log for request "
+                               f"{request[REQUEST_ID]}")
+        trace = traceback.format_exc() if request.app[CONFIG].debug else None
+        return error_response(request, error, debug_trace=trace)
+
+
+# -- request parsing ----------------------------------------------------------------------
+async def _read_body(request: web.Request) -> bytes:
+    limit = request.app[CONFIG].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"the body is {request.content_length} bytes; this server accepts "
+                           f"at most {limit} (--max-body-bytes)")
+    return await request.read()  # aiohttp enforces client_max_size on chunked bodies
+
+
+def _text_input(body: bytes) -> str:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"the body is not valid UTF-8 (byte {exc.start}); send UTF-8 text") from None
+    if not text.strip():
+        raise BadInput("the body is empty; send the text to run the model on, "
+                       'e.g. curl -X POST -d "test [MASK]" http://localhost:8000/')
+    return text
+
+
+def _json_payload(body: bytes, config: GatewayConfig) -> tuple[Any, dict]:
+    if not body.strip():
+        raise BadInput('the body is empty; send {"inputs": "...", "parameters": {...}}')
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadInput(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise BadInput('the body must be a JSON object like {"inputs": "...", "parameters": {}}')
+    unknown = sorted(set(payload) - {"inputs", "parameters"})
+    if unknown:
+        raise BadInput(f"unknown field(s) {unknown}; the body takes 'inputs' and 'parameters'")
+    if "inputs" not in payload:
+        raise BadInput('the body needs "inputs": a string, an object, or a list of them')
+    inputs = payload["inputs"]
+    parameters = payload.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadInput('"parameters" must be a JSON object of pipeline arguments')
+    items = inputs if isinstance(inputs, list) else [inputs]
+    if not items:
+        raise BadInput('"inputs" is an empty list; send at least one input')
+    if len(items) > config.max_inputs:
+        raise BadInput(f'"inputs" holds {len(items)} items; this server takes at most '
+                       f"{config.max_inputs} per request (--max-inputs)")
+    for i, item in enumerate(items):
+        where = f'"inputs"[{i}]' if isinstance(inputs, list) else '"inputs"'
+        if isinstance(item, str):
+            if not item.strip():
+                raise BadInput(f"{where} is an empty string; send text to run the model on")
+        elif not isinstance(item, dict):
+            raise BadInput(f"{where} must be a string or an object, not {_json_type(item)}")
+    return inputs, parameters
+
+
+def _json_type(value: Any) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", list: "a list",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _timeout_s(request: web.Request) -> float:
+    raw = request.headers.get("X-Timeout-Ms")
+    if raw is None:
+        return request.app[CONFIG].timeout_ms / 1000.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise BadInput(f"X-Timeout-Ms must be a positive number of milliseconds, got {raw!r}")
+    return value / 1000.0
+
+
+# -- inference ----------------------------------------------------------------------------
+async def _infer(request: web.Request, inputs: Any, parameters: dict) -> web.Response:
+    started = time.monotonic()
+    broker = request.app[BROKER]
+    single = not isinstance(inputs, list)
+    pendings = broker.submit_many([inputs] if single else inputs, parameters, _timeout_s(request))
+    try:
+        results: list[Result] = await asyncio.gather(*(p.future for p in pendings))
+    except BaseException:
+        # The client left (CancelledError) or one item failed: nobody wants the others.
+        for pending in pendings:
+            broker.cancel(pending)
+        raise
+    total_ms = (time.monotonic() - started) * 1000.0
+    batch = max(r.batch_size for r in results)
+    queue_ms = max(r.queue_ms for r in results)
+    inference_ms = max(r.inference_ms for r in results)
+    headers = {
+        "X-Request-Id": request[REQUEST_ID],
+        "X-Batch-Size": str(batch),
+        "X-Queue-Time-Ms": f"{queue_ms:.3f}",
+        "X-Inference-Time-Ms": f"{inference_ms:.3f}",
+        "Server-Timing": f"queue;dur={queue_ms:.3f}, inference;dur={inference_ms:.3f}, "
+                         f"total;dur={total_ms:.3f}",
+    }
+    payload = results[0].output if single else [r.output for r in results]
+    return json_response(payload, headers=headers)
+
+
+async def handle_root(request: web.Request) -> web.Response:
+    body = await _read_body(request)
+    if request.content_type == JSON_TYPE:
+        inputs, parameters = _json_payload(body, request.app[CONFIG])
+    elif request.content_type in TEXT_TYPES:
+        inputs, parameters = _text_input(body), {}
+    else:
+        raise UnsupportedMediaType(
+            f"POST / reads text/plain (the raw text) or application/json, not "
+            f"{request.content_type}")
+    return await _infer(request, inputs, parameters)
+
+
+async def handle_predict(request: web.Request) -> web.Response:
+    body = await _read_body(request)
+    if request.content_type not in (JSON_TYPE, "application/octet-stream", ""):
+        raise UnsupportedMediaType(
+            f"POST /predict reads application/json, not {request.content_type}")
+    inputs, parameters = _json_payload(body, request.app[CONFIG])
+    return await _infer(request, inputs, parameters)
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def handle_ready(request: web.Request) -> web.Response:
+    broker = request.app[BROKER]
+    workers = len(broker.workers)
+    if broker.draining:
+        return json_response({"ready": False, "reason": "draining", "workers": workers},
+                             status=503, headers={"Retry-After": "1"})
+    if not workers:
+        return json_response({"ready": False, "reason": "no_workers", "workers": 0},
+                             status=503, headers={"Retry-After": "1"})
+    return json_response({"ready": True, "workers": workers})
+
+
+async def handle_info(request: web.Request) -> web.Response:
+    broker = request.app[BROKER]
+    config = request.app[CONFIG]
+    now = time.monotonic()
+    workers = [
+        {
+            "id": w.info.worker_id,
+            "pid": w.info.pid,
+            "device": w.info.device,
+            "model": w.info.model,
+            "task": w.info.task,
+            "state": "ready",
+            "capacity": w.info.capacity,
+            "max_batch_size": w.info.max_batch_size,
+            "in_flight": len(w.in_flight),
+            "answered": w.answered,
+            "uptime_s": round(now - w.joined_at, 3),
+        }
+        for w in broker.workers.values()
+    ]
+    first = next(iter(broker.workers.values()), None)
+    return json_response({
+        "model": first.info.model if first else None,
+        "task": first.info.task if first else None,
+        "protocol_version": PROTOCOL_VERSION,
+        "uptime_s": round(now - request.app[STARTED], 3),
+        "queue_depth": broker.queue_depth,
+        "in_flight": broker.in_flight,
+        "draining": broker.draining,
+        "workers": workers,
+        "config": {k: v for k, v in vars(config).items()},
+    })
+
+
+def create_app(config: GatewayConfig, broker: Broker) -> web.Application:
+    # client_max_size bounds chunked bodies too; Content-Length is checked before reading.
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    app[CONFIG] = config
+    app[BROKER] = broker
+    app[STARTED] = time.monotonic()
+    app.router.add_post("/", handle_root)
+    app.router.add_post("/predict", handle_predict)
+    app.router.add_get("/health", handle_health)
+    app.router.add_get("/ready", handle_ready)
+    app.router.add_get("/info", handle_info)
+    return app
+
+
+__all__ = ["create_app", "PendingRequest"]

@@ -1,0 +1,377 @@
+"""The gateway's ZeroMQ side: one ROUTER socket, credit-based dispatch, one bounded queue.
+
+Every admitted request is a :class:`PendingRequest` whose future is resolved exactly once:
+with the worker's RESULT, with its ERROR, with 504 when the deadline passes, or with 500
+when the workers that held it died. Late and duplicate replies are dropped by request id.
+
+Credit: a worker announces ``capacity`` in READY; the broker never leaves more than that
+many requests unanswered on it, and sends to the worker with the most free credit. A
+request whose client gave up stays counted against the worker's credit until the worker
+answers it (it always does, if only with "cancelled"), because until then it really is
+occupying a slot there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import zmq
+import zmq.asyncio
+
+from protocol import codec
+from protocol.errors import (
+    BatchwireError,
+    Cancelled,
+    DeadlineExceeded,
+    Draining,
+    NoWorkers,
+    Overloaded,
+    ProtocolError,
+    WorkerCrashed,
+    error_from_code,
+)
+from protocol.messages import (
+    Cancel,
+    Disconnect,
+    Error,
+    Heartbeat,
+    Message,
+    Ready,
+    Request,
+    Result,
+)
+
+log = logging.getLogger("batchwire.gateway.broker")
+
+MISSED_HEARTBEATS = 3
+#: A request on this many workers that died is not retried again: it may be what kills them.
+MAX_CRASHES = 2
+
+
+@dataclass(eq=False, slots=True)
+class PendingRequest:
+    request_id: int
+    inputs: Any
+    parameters: dict
+    admitted_at: float
+    deadline: float
+    future: asyncio.Future
+    worker: "WorkerHandle | None" = None
+    crashes: int = 0
+    timer: asyncio.TimerHandle | None = None
+    queued: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    identity: bytes
+    info: Ready
+    joined_at: float
+    last_seen: float
+    in_flight: dict[int, PendingRequest] = field(default_factory=dict)
+    answered: int = 0
+
+    @property
+    def free(self) -> int:
+        return self.info.capacity - len(self.in_flight)
+
+
+class Broker:
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        max_queue: int,
+        heartbeat_interval_s: float = 1.0,
+        context: zmq.asyncio.Context | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.endpoint = endpoint
+        self.max_queue = max_queue
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.clock = clock
+        self._ctx = context or zmq.asyncio.Context.instance()
+        self._socket: zmq.asyncio.Socket | None = None
+        self._ids = itertools.count(1)
+        self._queue: deque[PendingRequest] = deque()
+        self._queued = 0
+        self._pending: dict[int, PendingRequest] = {}
+        self.workers: dict[bytes, WorkerHandle] = {}
+        self.draining = False
+        self._tasks: list[asyncio.Task] = []
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._refused_peers: set[bytes] = set()
+        self.on_worker_change: Callable[[], None] = lambda: None
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        sock = self._ctx.socket(zmq.ROUTER)
+        # Fail loudly (EHOSTUNREACH) instead of silently dropping frames to a vanished peer.
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A restarted worker process reconnecting under a known identity takes it over.
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(self.endpoint)
+        self._socket = sock
+        self._tasks = [
+            asyncio.create_task(self._receive_loop(), name="broker-receive"),
+            asyncio.create_task(self._heartbeat_loop(), name="broker-heartbeat"),
+        ]
+
+    async def close(self) -> None:
+        for worker in list(self.workers.values()):
+            self._send(worker.identity, Disconnect(reason="gateway shutting down"))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for pending in list(self._pending.values()):
+            self._finish(pending, error=Draining("the gateway shut down before this finished"))
+        if self._socket is not None:
+            self._socket.close(linger=500)
+            self._socket = None
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests and wait for the admitted ones; True if all were answered."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    # -- admission ----------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return self._queued
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def ready_workers(self) -> list[WorkerHandle]:
+        return list(self.workers.values())
+
+    def submit_many(self, inputs: list, parameters: dict, timeout_s: float) -> list[PendingRequest]:
+        """Admit all the inputs or none of them (503) so a list is never half served."""
+        if self.draining:
+            raise Draining("the server is shutting down; retry on another instance")
+        if not self.workers:
+            raise NoWorkers("no model worker is ready yet; retry shortly")
+        free = sum(max(w.free, 0) for w in self.workers.values())
+        if self._queued + max(len(inputs) - free, 0) > self.max_queue:
+            raise Overloaded(
+                f"the server is at capacity ({self._queued} requests queued); retry shortly"
+            )
+        now = self.clock()
+        loop = asyncio.get_running_loop()
+        admitted = []
+        for item in inputs:
+            pending = PendingRequest(
+                request_id=next(self._ids),
+                inputs=item,
+                parameters=parameters,
+                admitted_at=now,
+                deadline=now + timeout_s,
+                future=loop.create_future(),
+            )
+            pending.timer = loop.call_later(timeout_s, self._expire, pending)
+            self._pending[pending.request_id] = pending
+            self._enqueue(pending)
+            admitted.append(pending)
+        self._idle.clear()
+        self._dispatch()
+        return admitted
+
+    def cancel(self, pending: PendingRequest) -> None:
+        """The client went away: stop caring, and tell the worker to skip the item."""
+        if pending.done:
+            return
+        worker = pending.worker
+        self._finish(pending, error=Cancelled("the client disconnected"))
+        if worker is not None and pending.request_id in worker.in_flight:
+            self._send(worker.identity, Cancel(pending.request_id))
+
+    # -- queue and dispatch -------------------------------------------------------------------
+    def _enqueue(self, pending: PendingRequest, front: bool = False) -> None:
+        pending.queued = True
+        pending.worker = None
+        self._queued += 1
+        (self._queue.appendleft if front else self._queue.append)(pending)
+
+    def _dispatch(self) -> None:
+        while self._queued and self.workers:
+            worker = max(self.workers.values(), key=lambda w: w.free)
+            if worker.free <= 0:
+                return
+            pending = self._queue.popleft()
+            if not pending.queued:  # finished while queued (deadline, disconnect): skip
+                continue
+            pending.queued = False
+            self._queued -= 1
+            now = self.clock()
+            message = Request(
+                request_id=pending.request_id,
+                inputs=pending.inputs,
+                parameters=pending.parameters,
+                budget_ms=max(pending.deadline - now, 0.0) * 1000.0,
+                waited_ms=(now - pending.admitted_at) * 1000.0,
+            )
+            pending.worker = worker
+            worker.in_flight[pending.request_id] = pending
+            if not self._send(worker.identity, message):
+                return  # the worker vanished; _send already requeued its work
+
+    def _expire(self, pending: PendingRequest) -> None:
+        if pending.done:
+            return
+        worker = pending.worker
+        self._finish(pending, error=DeadlineExceeded(
+            "the request did not finish within its time budget; raise X-Timeout-Ms or retry"))
+        if worker is not None and pending.request_id in worker.in_flight:
+            self._send(worker.identity, Cancel(pending.request_id))
+
+    def _finish(self, pending: PendingRequest, *, result: Result | None = None,
+                error: BatchwireError | None = None) -> None:
+        if pending.done:
+            return
+        if pending.timer is not None:
+            pending.timer.cancel()
+        if pending.queued:
+            pending.queued = False
+            self._queued -= 1
+        if error is not None:
+            pending.future.set_exception(error)
+            # Nobody may await a future whose client vanished; mark the exception retrieved.
+            pending.future.exception()
+        else:
+            pending.future.set_result(result)
+        self._forget(pending)
+
+    def _forget(self, pending: PendingRequest) -> None:
+        # Kept in worker.in_flight (credit) until the worker answers; gone from _pending now.
+        self._pending.pop(pending.request_id, None)
+        if not self._pending:
+            self._idle.set()
+
+    # -- workers ---------------------------------------------------------------------------
+    def worker_lost(self, worker: WorkerHandle, reason: str, crashed: bool = True) -> None:
+        """Take a worker out of dispatch and requeue, at the front, what it had not answered."""
+        if self.workers.get(worker.identity) is not worker:
+            return
+        del self.workers[worker.identity]
+        orphans = [p for p in worker.in_flight.values() if not p.done]
+        worker.in_flight.clear()
+        log.warning("worker %s (pid %d) lost: %s; %d request(s) to requeue",
+                    worker.info.worker_id, worker.info.pid, reason, len(orphans))
+        for pending in reversed(orphans):
+            if crashed:
+                pending.crashes += 1
+            if pending.crashes >= MAX_CRASHES:
+                self._finish(pending, error=WorkerCrashed(
+                    "the workers running this request died twice; it is not retried again"))
+            else:
+                self._enqueue(pending, front=True)
+        self.on_worker_change()
+        self._dispatch()
+
+    def worker_process_exited(self, pid: int, reason: str) -> None:
+        """A local worker process died (the supervisor saw it): act now, not after heartbeats."""
+        for worker in list(self.workers.values()):
+            if worker.info.pid == pid:
+                self.worker_lost(worker, reason)
+
+    def _register(self, identity: bytes, ready: Ready) -> None:
+        now = self.clock()
+        worker = self.workers.get(identity)
+        if worker is not None:
+            worker.info = ready
+            worker.last_seen = now
+        else:
+            self.workers[identity] = WorkerHandle(identity, ready, joined_at=now, last_seen=now)
+            log.info("worker %s ready: pid %d, %s (%s) on %s, capacity %d",
+                     ready.worker_id, ready.pid, ready.model, ready.task, ready.device,
+                     ready.capacity)
+            self.on_worker_change()
+        self._send(identity, Heartbeat())
+        self._dispatch()
+
+    # -- socket -----------------------------------------------------------------------------
+    def _send(self, identity: bytes, message: Message) -> bool:
+        if self._socket is None:
+            return False
+        try:
+            self._socket.send_multipart([identity, codec.encode(message)], flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:
+            # EHOSTUNREACH (peer gone, ROUTER_MANDATORY) or EAGAIN (its pipe is full).
+            worker = self.workers.get(identity)
+            if worker is not None:
+                self.worker_lost(worker, f"send failed: {exc.strerror}")
+            return False
+
+    async def _receive_loop(self) -> None:
+        assert self._socket is not None
+        while True:
+            frames = await self._socket.recv_multipart(copy=True)
+            if len(frames) != 2:
+                log.warning("dropping a message of %d frames (want identity + payload)", len(frames))
+                continue
+            identity, payload = frames
+            try:
+                message = codec.decode(payload)
+            except codec.ProtocolVersionMismatch as exc:
+                if identity not in self._refused_peers:
+                    self._refused_peers.add(identity)
+                    log.error("refusing peer %r: %s", identity, exc)
+                continue
+            except ProtocolError as exc:
+                log.warning("dropping a malformed frame from %r: %s", identity[:64], exc)
+                continue
+            try:
+                self._on_message(identity, message)
+            except Exception:  # noqa: BLE001 - one bad message must not stop the broker
+                log.exception("error handling %s from %r", type(message).__name__, identity)
+
+    def _on_message(self, identity: bytes, message: Message) -> None:
+        if isinstance(message, Ready):
+            self._register(identity, message)
+            return
+        worker = self.workers.get(identity)
+        if worker is None:
+            # A worker we do not know (we restarted, or it was declared dead): it re-sends
+            # READY when it stops hearing from us. Its replies are for requests long settled.
+            return
+        worker.last_seen = self.clock()
+        if isinstance(message, (Result, Error)):
+            pending = worker.in_flight.pop(message.request_id, None)
+            if pending is not None:
+                worker.answered += 1
+                if isinstance(message, Result):
+                    self._finish(pending, result=message)
+                else:
+                    self._finish(pending, error=error_from_code(message.code, message.message))
+            self._dispatch()
+        elif isinstance(message, Disconnect):
+            self.worker_lost(worker, f"it disconnected ({message.reason})", crashed=False)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval_s)
+            now = self.clock()
+            limit = MISSED_HEARTBEATS * self.heartbeat_interval_s
+            for worker in list(self.workers.values()):
+                if now - worker.last_seen > limit:
+                    self.worker_lost(worker, f"no message for {now - worker.last_seen:.1f} s")
+                else:
+                    self._send(worker.identity, Heartbeat())

@@ -1,0 +1,44 @@
+"""The ``batchwire`` command: ``serve``, ``gateway`` and ``worker``.
+
+The worker subcommand is imported only when asked for, so neither ``serve`` nor
+``gateway`` ever loads torch into the gateway process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "worker":
+        from worker.cli import main as worker_main
+
+        return worker_main(argv[1:])
+
+    from gateway.config import parse
+
+    command, config = parse(argv)
+    gateway_config = config.gateway if command == "serve" else config
+    logging.basicConfig(
+        level=gateway_config.log_level.upper(),
+        format="%(asctime)s %(levelname)s [gateway] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None
+    from gateway.server import run_gateway
+
+    coro = run_gateway(gateway_config, config if command == "serve" else None)
+    if uvloop is not None:
+        return uvloop.run(coro)
+    return asyncio.run(coro)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The gateway's one typed config (and serve's, which adds the workers it supervises)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from protocol.flags import Flags, non_negative_float, positive_float, positive_int
+from worker.config import add_model_flags
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    zmq_bind: str | None = None
+    max_queue: int = 1024
+    timeout_ms: float = 30_000.0
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_inputs: int = 256
+    drain_timeout_s: float = 30.0
+    heartbeat_interval_s: float = 1.0
+    debug: bool = False
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class WorkerLaunchConfig:
+    """What `batchwire serve` hands to each local worker process it starts."""
+
+    model: str | None = None
+    task: str | None = None
+    workers: int = 1
+    devices: str = "auto"
+    max_batch_size: int = 32
+    max_delay_ms: float = 2.0
+    torch_threads: int = 0
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    gateway: GatewayConfig
+    workers: WorkerLaunchConfig = field(default_factory=WorkerLaunchConfig)
+
+
+def _add_gateway_flags(flags: Flags, *, serve: bool) -> None:
+    d = GatewayConfig()
+    flags.add("--host", default=d.host, help="HTTP listen address")
+    flags.add("--port", type=int, default=d.port, help="HTTP listen port")
+    flags.add("--zmq-bind", default=None if serve else "tcp://127.0.0.1:5555",
+              help="ZeroMQ endpoint workers connect to" +
+              (" (default: a private ipc:// socket)" if serve else ""))
+    flags.add("--max-queue", type=positive_int, default=d.max_queue,
+              help="requests that may wait for a worker; past it requests get 503 at once")
+    flags.add("--timeout-ms", type=positive_float, default=d.timeout_ms,
+              help="default deadline per request (the X-Timeout-Ms header overrides it); "
+              "past it the answer is 504")
+    flags.add("--max-body-bytes", type=positive_int, default=d.max_body_bytes,
+              help="largest request body; larger ones get 413")
+    flags.add("--max-inputs", type=positive_int, default=d.max_inputs,
+              help="most inputs in one /predict list")
+    flags.add("--drain-timeout-s", type=non_negative_float, default=d.drain_timeout_s,
+              help="on SIGTERM, how long admitted requests may take to finish")
+    flags.add("--heartbeat-interval-s", type=positive_float, default=d.heartbeat_interval_s,
+              help="seconds between heartbeats; a worker silent for 3 of them is dead")
+    flags.add("--debug", action="store_true", default=False,
+              help="include tracebacks of internal errors in responses")
+    flags.add("--log-level", default="INFO", help="logging level")
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batchwire",
+        description="batchwire: serve a Hugging Face transformers pipeline over HTTP with "
+        "dynamic batching.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    epilog = "Every flag reads its default from the environment variable named beside it."
+
+    serve = sub.add_parser("serve", help="the gateway plus N local workers (the one-command path)",
+                           formatter_class=fmt, epilog=epilog)
+    flags = Flags(serve, environ)
+    _add_gateway_flags(flags, serve=True)
+    flags.add("--workers", type=positive_int, default=1, help="local worker processes to run")
+    flags.add("--devices", default="auto",
+              help="auto, cpu, or a list such as cuda:0,cuda:1 (worker i takes device i mod n)")
+    add_model_flags(flags)
+
+    gateway = sub.add_parser("gateway", help="the gateway alone; workers connect to --zmq-bind",
+                             formatter_class=fmt, epilog=epilog)
+    flags = Flags(gateway, environ)
+    _add_gateway_flags(flags, serve=False)
+
+    # Parsed by worker.config; listed here so `batchwire --help` shows it.
+    sub.add_parser("worker", help="one model worker connecting to a gateway", add_help=False)
+    return parser
+
+
+def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    return GatewayConfig(
+        host=args.host,
+        port=args.port,
+        zmq_bind=args.zmq_bind,
+        max_queue=args.max_queue,
+        timeout_ms=args.timeout_ms,
+        max_body_bytes=args.max_body_bytes,
+        max_inputs=args.max_inputs,
+        drain_timeout_s=args.drain_timeout_s,
+        heartbeat_interval_s=args.heartbeat_interval_s,
+        debug=args.debug,
+        log_level=args.log_level,
+    )
+
+
+def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
+    return ServeConfig(
+        gateway=gateway_config_from_args(args),
+        workers=WorkerLaunchConfig(
+            model=args.model,
+            task=args.task,
+            workers=args.workers,
+            devices=args.devices,
+            max_batch_size=args.max_batch_size,
+            max_delay_ms=args.max_delay_ms,
+            torch_threads=args.torch_threads,
+        ),
+    )
+
+
+def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None):
+    """-> (command, config) for serve and gateway."""
+    args = build_parser(environ).parse_args(argv)
+    if args.command == "serve":
+        return "serve", serve_config_from_args(args)
+    return "gateway", gateway_config_from_args(args)

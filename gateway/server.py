@@ -1,0 +1,83 @@
+"""Runs the gateway process: HTTP site, broker, optional supervisor, signals, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import tempfile
+
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.broker import Broker
+from gateway.config import GatewayConfig, ServeConfig
+from gateway.supervisor import Supervisor
+
+log = logging.getLogger("batchwire.gateway")
+
+
+async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -> int:
+    ipc_dir = None
+    endpoint = config.zmq_bind
+    if endpoint is None:
+        ipc_dir = tempfile.mkdtemp(prefix="batchwire-")
+        endpoint = f"ipc://{ipc_dir}/workers.sock"
+    broker = Broker(endpoint, max_queue=config.max_queue,
+                    heartbeat_interval_s=config.heartbeat_interval_s)
+    await broker.start()
+    log.info("broker bound to %s", endpoint)
+
+    supervisor = None
+    if serve is not None:
+        supervisor = Supervisor(serve.workers, endpoint, config.heartbeat_interval_s,
+                                config.log_level, on_exit=broker.worker_process_exited)
+        await supervisor.start()
+
+    app = create_app(config, broker)
+    # handler_cancellation: a client that disconnects cancels its handler, which withdraws
+    # the request from the broker and tells the worker to skip it.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    log.info("listening on http://%s:%d (pid %d)", config.host, config.port, os.getpid())
+
+    stop = asyncio.Event()
+    signals_seen = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.info("%s: draining (again to force)", sig.name)
+            stop.set()
+        else:
+            log.warning("%s again: stopping now", sig.name)
+            broker.draining = True
+            drain_task.cancel() if drain_task else None
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    drain_task: asyncio.Task | None = None
+    await stop.wait()
+    drain_task = asyncio.create_task(broker.drain(config.drain_timeout_s))
+    try:
+        drained = await drain_task
+        if not drained:
+            log.warning("drain timeout: %d request(s) still in flight", broker.in_flight)
+    except asyncio.CancelledError:
+        pass
+    await broker.close()
+    if supervisor is not None:
+        await supervisor.stop()
+    await runner.cleanup()
+    if ipc_dir is not None:
+        for name in os.listdir(ipc_dir):
+            os.unlink(os.path.join(ipc_dir, name))
+        os.rmdir(ipc_dir)
+    log.info("stopped")
+    return 0

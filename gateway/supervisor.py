@@ -1,0 +1,166 @@
+"""Starts and watches the local worker processes of `batchwire serve`.
+
+A worker that exits is reported to the broker at once (its requests requeue without waiting
+for missed heartbeats) and started again after an exponential backoff, which resets once a
+worker has stayed up for a while. The gateway never imports torch: workers are separate
+``python -m worker`` processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from gateway.config import WorkerLaunchConfig
+
+log = logging.getLogger("batchwire.gateway.supervisor")
+
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 30.0
+#: A worker up this long is considered healthy again: its next crash restarts quickly.
+STABLE_AFTER_S = 60.0
+
+
+def resolve_devices(spec: str, count: int) -> list[str]:
+    """One device per worker: ``auto`` uses every visible GPU (via nvidia-smi), else CPU."""
+    if spec == "auto":
+        gpus = _visible_gpus()
+        devices = [f"cuda:{i}" for i in range(gpus)] or ["cpu"]
+    else:
+        devices = [d.strip() for d in spec.split(",") if d.strip()]
+        for device in devices:
+            if device != "cpu" and not (device.startswith("cuda:") and device[5:].isdigit()):
+                raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda:N")
+        if not devices:
+            raise ValueError("--devices is empty")
+    return [devices[i % len(devices)] for i in range(count)]
+
+
+def _visible_gpus() -> int:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+@dataclass
+class WorkerSlot:
+    index: int
+    device: str
+    argv: list[str]
+    env: dict[str, str]
+    process: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+
+
+class Supervisor:
+    def __init__(self, launch: WorkerLaunchConfig, endpoint: str, heartbeat_interval_s: float,
+                 log_level: str, on_exit: Callable[[int, str], None]):
+        self.launch = launch
+        self.endpoint = endpoint
+        self.on_exit = on_exit
+        devices = resolve_devices(launch.devices, launch.workers)
+        cpu_workers = sum(1 for d in devices if d == "cpu")
+        threads = launch.torch_threads or max(1, (os.cpu_count() or 1) // max(cpu_workers, 1))
+        self.slots = [
+            self._slot(i, device, threads, heartbeat_interval_s, log_level)
+            for i, device in enumerate(devices)
+        ]
+        self._stopping = False
+        self._watchers: list[asyncio.Task] = []
+        self._wake = asyncio.Event()
+
+    def _slot(self, index: int, device: str, threads: int, heartbeat_s: float,
+              log_level: str) -> WorkerSlot:
+        launch = self.launch
+        argv = [
+            sys.executable, "-m", "worker",
+            "--connect", self.endpoint,
+            "--device", device,
+            "--worker-id", f"worker-{index}",
+            "--max-batch-size", str(launch.max_batch_size),
+            "--max-delay-ms", str(launch.max_delay_ms),
+            "--heartbeat-interval-s", str(heartbeat_s),
+            "--exit-on-disconnect",
+            "--parent-pid", str(os.getpid()),
+            "--log-level", log_level,
+        ]
+        if launch.model:
+            argv += ["--model", launch.model]
+        if launch.task:
+            argv += ["--task", launch.task]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHWIRE_")}
+        if device == "cpu":
+            # Each CPU worker gets its share of the cores; more threads only contend.
+            argv += ["--torch-threads", str(threads)]
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        return WorkerSlot(index, device, argv, env)
+
+    async def start(self) -> None:
+        for slot in self.slots:
+            log.info("starting worker-%d on %s", slot.index, slot.device)
+            self._watchers.append(asyncio.create_task(self._watch(slot), name=f"watch-{slot.index}"))
+
+    async def _watch(self, slot: WorkerSlot) -> None:
+        failures = 0
+        while not self._stopping:
+            started = time.monotonic()
+            slot.process = await asyncio.create_subprocess_exec(*slot.argv, env=slot.env)
+            code = await slot.process.wait()
+            if self._stopping:
+                return
+            reason = f"process {slot.process.pid} exited with code {code}"
+            self.on_exit(slot.process.pid, reason)
+            failures = 0 if time.monotonic() - started > STABLE_AFTER_S else failures + 1
+            delay = min(BACKOFF_MAX_S, BACKOFF_START_S * 2 ** max(failures - 1, 0))
+            slot.restarts += 1
+            log.warning("worker-%d %s; restarting in %.1f s", slot.index, reason, delay)
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+
+    @property
+    def restarts(self) -> int:
+        return sum(slot.restarts for slot in self.slots)
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM every worker, SIGKILL what is still there after the timeout."""
+        self._stopping = True
+        self._wake.set()
+        procs = [s.process for s in self.slots if s.process and s.process.returncode is None]
+        for proc in procs:
+            _signal(proc, signal.SIGTERM)
+        if procs:
+            done, pending = await asyncio.wait([asyncio.create_task(p.wait()) for p in procs],
+                                               timeout=timeout_s)
+            for proc in procs:
+                if proc.returncode is None:
+                    log.warning("worker pid %d did not exit in %.0f s; killing it", proc.pid,
+                                timeout_s)
+                    _signal(proc, signal.SIGKILL)
+                    await proc.wait()
+        for task in self._watchers:
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+
+
+def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:
+    try:
+        proc.send_signal(sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,159 @@
+"""msgpack encoding and validating decoding of :mod:`protocol.messages`.
+
+The only module that calls msgpack. Decoding trusts nothing: sizes are capped by the
+Unpacker's own limits before anything is allocated, every field is type-checked against
+its dataclass, and whatever goes wrong surfaces as one :class:`ProtocolError`, so a peer
+sending garbage can cost a log line and nothing more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import msgpack
+
+from protocol.errors import ProtocolError
+from protocol.messages import MESSAGE_TYPES, PROTOCOL_VERSION, Message, NDArray
+
+#: Largest frame accepted: token-level outputs of long inputs run to a few MiB.
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+MAX_STR_BYTES = 16 * 1024 * 1024
+MAX_CONTAINER_LEN = 1_000_000
+
+_NDARRAY_EXT = 1
+#: dtype string -> item size. Only plain numeric dtypes travel; no object arrays.
+_DTYPES = {
+    f"{order}{kind}{size}": size
+    for order in "<>"
+    for kind, sizes in (("f", (2, 4, 8)), ("i", (1, 2, 4, 8)), ("u", (1, 2, 4, 8)))
+    for size in sizes
+}
+_DTYPES.update({"|i1": 1, "|u1": 1, "|b1": 1})
+_MAX_DIMS = 32
+
+
+class ProtocolVersionMismatch(ProtocolError):
+    """The peer speaks another protocol version."""
+
+    def __init__(self, version: Any):
+        super().__init__(
+            f"peer speaks protocol version {version!r}, this side speaks {PROTOCOL_VERSION}; "
+            "run the same batchwire release on gateway and workers"
+        )
+        self.version = version
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, NDArray):
+        if obj.dtype not in _DTYPES:
+            raise TypeError(f"cannot encode an array of dtype {obj.dtype!r} in a batchwire message")
+        return msgpack.ExtType(
+            _NDARRAY_EXT, msgpack.packb([obj.dtype, list(obj.shape), obj.data], use_bin_type=True)
+        )
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"cannot encode {type(obj).__name__} in a batchwire message")
+
+
+def _ext_hook(code: int, data: bytes) -> NDArray:
+    if code != _NDARRAY_EXT:
+        raise ProtocolError(f"unknown msgpack extension type {code}")
+    parts = msgpack.unpackb(data, raw=False, max_str_len=64, max_array_len=_MAX_DIMS + 3)
+    if not (isinstance(parts, list) and len(parts) == 3):
+        raise ProtocolError("array extension must be [dtype, shape, data]")
+    dtype, shape, raw = parts
+    if dtype not in _DTYPES:
+        raise ProtocolError(f"unsupported array dtype {dtype!r}")
+    if not isinstance(shape, list) or len(shape) > _MAX_DIMS or not all(
+        type(n) is int and n >= 0 for n in shape
+    ):
+        raise ProtocolError("array shape must be a list of non-negative ints")
+    # numpy bounds the byte size of the nonzero dimensions even when another one is 0.
+    if math.prod(n for n in shape if n) * _DTYPES[dtype] >= 2**63:
+        raise ProtocolError("array shape is too large")
+    if not isinstance(raw, bytes) or len(raw) != math.prod(shape) * _DTYPES[dtype]:
+        raise ProtocolError("array data does not match its dtype and shape")
+    return NDArray(dtype, tuple(shape), raw)
+
+
+def encode(message: Message) -> bytes:
+    fields = [getattr(message, f.name) for f in dataclasses.fields(message)]
+    return msgpack.packb(
+        [PROTOCOL_VERSION, int(message.TYPE), *fields], use_bin_type=True, default=_default
+    )
+
+
+def _field_ok(value: Any, kind: Any) -> bool:
+    if kind is Any:
+        return True
+    if kind is int:
+        return type(value) is int
+    if kind is float:
+        return type(value) in (int, float) and math.isfinite(value)
+    if kind is str:
+        return type(value) is str
+    if kind is dict:
+        return type(value) is dict and all(type(k) is str for k in value)
+    raise TypeError(f"no wire check for field type {kind!r}")
+
+
+_SCHEMAS = {
+    type_id: [(f.name, f.type) for f in dataclasses.fields(cls)]
+    for type_id, cls in MESSAGE_TYPES.items()
+}
+
+
+def decode(frame: bytes) -> Message:
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"frame of {len(frame)} bytes exceeds the {MAX_FRAME_BYTES} byte limit")
+    try:
+        parts = msgpack.unpackb(
+            frame,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_ext_hook,
+            max_str_len=MAX_STR_BYTES,
+            max_bin_len=MAX_FRAME_BYTES,
+            max_array_len=MAX_CONTAINER_LEN,
+            max_map_len=MAX_CONTAINER_LEN,
+            max_ext_len=MAX_FRAME_BYTES,
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises a zoo: ValueError, ExtraData, StackError, ...
+        raise ProtocolError(f"undecodable frame: {type(exc).__name__}: {exc}") from None
+    if not isinstance(parts, list) or len(parts) < 2:
+        raise ProtocolError("a message is an array led by version and type")
+    version, type_id, *values = parts
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise ProtocolVersionMismatch(version)
+    cls = MESSAGE_TYPES.get(type_id) if type(type_id) is int else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {type_id!r}")
+    schema = _SCHEMAS[type_id]
+    if len(values) != len(schema):
+        raise ProtocolError(f"{cls.__name__} takes {len(schema)} fields, got {len(values)}")
+    for (name, kind), value in zip(schema, values):
+        if not _field_ok(value, kind):
+            raise ProtocolError(f"{cls.__name__}.{name} has the wrong type ({type(value).__name__})")
+    message = cls(*values)
+    try:
+        message.check()
+    except ValueError as exc:
+        raise ProtocolError(f"{cls.__name__}: {exc}") from None
+    return message
+
+
+def _sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value, key=str)}
+    if isinstance(value, (list, tuple)):
+        return [_sorted(v) for v in value]
+    return value
+
+
+def encode_canonical(value: Any) -> bytes:
+    """Bytes that are equal exactly when the values are: dict key order does not matter."""
+    return msgpack.packb(_sorted(value), use_bin_type=True, default=_default)

