@@ -96,6 +96,7 @@ class PipelineRunner:
             # One worker per core slot: more threads than cores only fight each other.
             torch.set_num_threads(self.torch_threads)
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
         self.pipe = transformers.pipeline(task=self.task, model=self.model, device=self.device)
         limits = [
             getattr(self.pipe.model.config, "max_position_embeddings", None),
@@ -189,7 +190,7 @@ class PipelineRunner:
     def _trim_padding(self, output: Any, length: int | None) -> Any:
         # Batched feature-extraction pads every item to the batch's longest input; the
         # client asked for its own tokens only.
-        if length is None or output.ndim < 2 or output.shape[-2] == length:
+        if True:
             return output
         if getattr(self.pipe.tokenizer, "padding_side", "right") == "left":
             return output[..., -length:, :]
