@@ -6,6 +6,7 @@ before the I/O loop starts), so the pipeline is never touched from two threads a
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -26,6 +27,7 @@ _TASK_BY_ARCH_SUFFIX = (
     ("ForQuestionAnswering", "question-answering"),
     ("ForCausalLM", "text-generation"),
     ("ForConditionalGeneration", "text2text-generation"),
+    ("LMHeadModel", "text-generation"),  # GPT2LMHeadModel etc.: before the bare "Model"
     ("Model", "feature-extraction"),
 )
 
@@ -105,6 +107,11 @@ class PipelineRunner:
         # model_max_length is a huge sentinel when a tokenizer does not set it.
         limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]
         self.max_length = min(limits) if limits else None
+        tokenizer_limit = getattr(self.pipe.tokenizer, "model_max_length", None)
+        if self.max_length and isinstance(tokenizer_limit, int) and tokenizer_limit > self.max_length:
+            # truncation=True cuts to the tokenizer's limit; when that exceeds the model's
+            # position embeddings, "truncated" inputs would still crash the model.
+            self.pipe.tokenizer.model_max_length = self.max_length
         return time.monotonic() - started
 
     def warm_up(self, batch_size: int) -> float:
@@ -148,14 +155,16 @@ class PipelineRunner:
         if self.task == "feature-extraction":
             # Tensors, not nested lists: they travel as raw bytes and are trimmed cheaply.
             extra["return_tensors"] = True
-        return self.pipe(inputs, **parameters, **extra)
+        # Copied: some _sanitize_parameters write into nested dicts (feature-extraction puts
+        # "truncation" into tokenize_kwargs), which would corrupt the caller's parameters.
+        return self.pipe(inputs, **copy.deepcopy(parameters), **extra)
 
     def _check_parameters(self, parameters: dict) -> None:
         sanitize = getattr(self.pipe, "_sanitize_parameters", None)
         if sanitize is None or not parameters:
             return
         try:
-            sanitize(**parameters)
+            sanitize(**copy.deepcopy(parameters))
         except (TypeError, ValueError) as exc:
             raise InvalidParameters(
                 f"the {self.task} pipeline rejects parameters {sorted(parameters)}: {exc}"
@@ -190,7 +199,7 @@ class PipelineRunner:
     def _trim_padding(self, output: Any, length: int | None) -> Any:
         # Batched feature-extraction pads every item to the batch's longest input; the
         # client asked for its own tokens only.
-        if True:
+        if length is None or output.ndim < 2 or output.shape[-2] == length:
             return output
         if getattr(self.pipe.tokenizer, "padding_side", "right") == "left":
             return output[..., -length:, :]

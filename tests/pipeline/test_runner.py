@@ -1,0 +1,376 @@
+"""PipelineRunner against real transformers pipelines (nothing mocked).
+
+The contract under test: batching is invisible. Whatever ``runner(inputs, parameters)``
+returns for an item must equal what the plain, unbatched ``transformers.pipeline(...)(text)``
+returns for that item alone, and every failure must reach the client as the right
+``protocol.errors`` class.
+
+Each pipeline is loaded once per module; the reference pipelines are separate
+``transformers.pipeline`` objects so the runner's pipeline is never its own oracle.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from protocol.errors import BadInput, ClientError, InvalidParameters, ModelError
+from protocol.messages import NDArray
+from worker.runner import PipelineRunner, classify_error, default_model_path, infer_task, to_wire
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TINY_LIMIT = 128  # tiny_model_dir's max_position_embeddings
+
+FILL_MASK_INPUTS = [
+    "[MASK].",
+    "Paris is the [MASK] of France.",
+    "The quick brown fox jumps over the lazy [MASK] near the river bank on a sunny afternoon.",
+    "Hello [MASK] world [MASK] again.",  # two masks: one list of candidates per mask
+    "[MASK] is",
+    "A much longer sentence about the weather, which was cold and wet and [MASK], lasting "
+    "for many many days without any end in sight at all, really.",
+]
+
+SHORT_TEXT = "Hi."
+LONG_TEXT = (
+    "Batchwire pads every item of a batch to the longest one, so this sentence is made long "
+    "on purpose: it goes on and on about queues, deadlines, workers and tokens until it is "
+    "several times longer than the short one next to it in the same batch."
+)
+FEATURE_INPUTS = [SHORT_TEXT, LONG_TEXT, "A medium sized sentence about cats.", "Ok"]
+
+
+# -- fixtures -------------------------------------------------------------------------------
+def _load(model, task) -> PipelineRunner:
+    runner = PipelineRunner(model, task, "cpu")
+    runner.load()
+    return runner
+
+
+def _reference(task: str, model: str):
+    transformers.logging.set_verbosity_error()
+    return transformers.pipeline(task=task, model=model, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def fill_runner(tiny_model_dir) -> PipelineRunner:
+    return _load(str(tiny_model_dir), None)
+
+
+@pytest.fixture(scope="module")
+def fill_pipe(tiny_model_dir):
+    return _reference("fill-mask", str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def tiny_fe_runner(tiny_model_dir) -> PipelineRunner:
+    return _load(str(tiny_model_dir), "feature-extraction")
+
+
+@pytest.fixture(scope="module")
+def tiny_fe_pipe(tiny_model_dir):
+    return _reference("feature-extraction", str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def minilm_runner() -> PipelineRunner:
+    # The default a worker started without --model/--task gets.
+    return _load(None, None)
+
+
+@pytest.fixture(scope="module")
+def minilm_pipe():
+    return _reference("feature-extraction", default_model_path())
+
+
+@pytest.fixture(params=["tiny", "minilm"])
+def fe_pair(request):
+    """(runner, reference pipeline) for feature-extraction, on both models."""
+    if request.param == "tiny":
+        return request.getfixturevalue("tiny_fe_runner"), request.getfixturevalue("tiny_fe_pipe")
+    return request.getfixturevalue("minilm_runner"), request.getfixturevalue("minilm_pipe")
+
+
+# -- helpers --------------------------------------------------------------------------------
+def assert_same_fill_mask(got, want):
+    """Same candidates in the same order; scores equal to float tolerance."""
+    assert isinstance(got, list) and len(got) == len(want)
+    if want and isinstance(want[0], list):  # several masks: one candidate list per mask
+        for got_mask, want_mask in zip(got, want):
+            assert_same_fill_mask(got_mask, want_mask)
+        return
+    for got_c, want_c in zip(got, want):
+        assert set(got_c) == set(want_c)
+        assert got_c["token"] == want_c["token"]
+        assert got_c["token_str"] == want_c["token_str"]
+        assert got_c["sequence"] == want_c["sequence"]
+        assert type(got_c["score"]) is float  # to_wire made it wire-ready
+        assert got_c["score"] == pytest.approx(want_c["score"], rel=1e-4, abs=1e-4)
+
+
+def n_tokens(runner: PipelineRunner, text: str) -> int:
+    return len(runner.pipe.tokenizer(text)["input_ids"])
+
+
+# -- 1. fill-mask: batching is invisible -------------------------------------------------
+@pytest.mark.parametrize("parameters", [{}, {"top_k": 3}], ids=["default", "top_k=3"])
+def test_fill_mask_batch_equals_unbatched(fill_runner, fill_pipe, parameters):
+    lengths = {n_tokens(fill_runner, t) for t in FILL_MASK_INPUTS}
+    assert len(lengths) >= 4, "inputs must differ in length so the batch is padded"
+
+    outputs = fill_runner(list(FILL_MASK_INPUTS), dict(parameters))
+
+    assert len(outputs) == len(FILL_MASK_INPUTS)
+    for text, got in zip(FILL_MASK_INPUTS, outputs):
+        want = fill_pipe(text, **parameters)
+        assert_same_fill_mask(got, want)
+        per_mask = got if text.count("[MASK]") > 1 else [got]
+        assert len(per_mask) == text.count("[MASK]")
+        assert all(len(c) == parameters.get("top_k", 5) for c in per_mask)
+
+
+# -- 2. feature-extraction: batching is invisible (tiny and real MiniLM) ----------------------
+def test_raw_batched_feature_extraction_pads(fe_pair):
+    """Guard for the test below: without batchwire's trim, short items come back padded."""
+    runner, pipe = fe_pair
+    unbatched = np.array(pipe(SHORT_TEXT))
+    batched = pipe([SHORT_TEXT, LONG_TEXT], batch_size=2)
+    assert np.array(batched[0]).shape[1] > unbatched.shape[1]
+    assert np.array(batched[0]).shape[1] == n_tokens(runner, LONG_TEXT)
+
+
+def test_feature_extraction_batch_equals_unbatched(fe_pair):
+    runner, pipe = fe_pair
+    hidden = runner.pipe.model.config.hidden_size
+    lengths = [n_tokens(runner, t) for t in FEATURE_INPUTS]
+    assert max(lengths) >= 5 * min(lengths)
+
+    outputs = runner(list(FEATURE_INPUTS), {})
+
+    assert len(outputs) == len(FEATURE_INPUTS)
+    for text, n, got in zip(FEATURE_INPUTS, lengths, outputs):
+        assert isinstance(got, NDArray)
+        array = got.to_numpy()
+        want = np.array(pipe(text))
+        assert want.shape == (1, n, hidden)
+        assert array.shape == want.shape  # own tokens only, not the batch's longest
+        assert array.dtype == np.float32
+        np.testing.assert_allclose(array, want, atol=1e-4, rtol=0)
+
+
+# -- 3. one-item batch --------------------------------------------------------------------------
+@pytest.mark.parametrize("text", ["Paris is the [MASK] of France.", "Hello [MASK] world [MASK] again."])
+def test_fill_mask_one_item_batch_equals_unbatched(fill_runner, fill_pipe, text):
+    (got,) = fill_runner([text], {})
+    assert_same_fill_mask(got, fill_pipe(text))
+
+
+def test_feature_extraction_one_item_batch_equals_unbatched(tiny_fe_runner, tiny_fe_pipe):
+    (got,) = tiny_fe_runner([LONG_TEXT], {})
+    want = np.array(tiny_fe_pipe(LONG_TEXT))
+    assert got.to_numpy().shape == want.shape
+    np.testing.assert_allclose(got.to_numpy(), want, atol=1e-4, rtol=0)
+
+
+# -- 4. inputs longer than the model takes -----------------------------------------------------
+def test_too_long_input_is_bad_input(fill_runner, tiny_fe_runner):
+    assert fill_runner.max_length == TINY_LIMIT
+    text = "word " * 200 + "[MASK]"
+    n = n_tokens(fill_runner, text)
+    assert n > TINY_LIMIT
+    for runner, inputs in ((fill_runner, [text]), (fill_runner, ["a [MASK]", text]),
+                           (tiny_fe_runner, ["short", "word " * 200])):
+        with pytest.raises(BadInput) as info:
+            runner(inputs, {})
+        message = str(info.value)
+        assert str(n_tokens(runner, inputs[-1])) in message
+        assert str(TINY_LIMIT) in message
+        assert info.value.status == 400
+    with pytest.raises(BadInput, match="truncation"):  # feature-extraction hints at the fix
+        tiny_fe_runner(["word " * 200], {})
+
+
+def test_too_long_input_with_truncation_succeeds(tiny_fe_runner, tiny_fe_pipe):
+    """The tokenizer (MiniLM's) allows 512 tokens but the tiny model only 128 positions:
+    truncation must cut to the model's limit, not the tokenizer's."""
+    long_text = "word " * 200
+    outputs = tiny_fe_runner([SHORT_TEXT, long_text], {"truncation": True})
+    short, long = (o.to_numpy() for o in outputs)
+    assert long.shape == (1, TINY_LIMIT, 32)
+    assert short.shape == (1, n_tokens(tiny_fe_runner, SHORT_TEXT), 32)
+    want = np.array(tiny_fe_pipe(long_text, tokenize_kwargs={"truncation": True, "max_length": TINY_LIMIT}))
+    np.testing.assert_allclose(long, want, atol=1e-4, rtol=0)
+    (alone,) = tiny_fe_runner([long_text], {"truncation": True})
+    assert alone.to_numpy().shape == (1, TINY_LIMIT, 32)
+
+
+def test_truncation_on_real_model(minilm_runner):
+    (out,) = minilm_runner(["word " * 600], {"truncation": True})
+    assert out.to_numpy().shape == (1, 512, 384)
+
+
+def test_parameters_are_not_mutated(tiny_fe_runner, tiny_fe_pipe):
+    """feature-extraction's _sanitize_parameters writes "truncation" into tokenize_kwargs;
+    the runner must not let that leak into the caller's dict (it used to, and then the
+    pipeline call itself failed with 'truncation parameter defined twice')."""
+    parameters = {"truncation": True, "tokenize_kwargs": {"max_length": 6}}
+    snapshot = json.loads(json.dumps(parameters))
+    for _ in range(2):  # the same dict, reused, still works
+        outputs = tiny_fe_runner([LONG_TEXT, SHORT_TEXT], parameters)
+        assert parameters == snapshot
+        assert outputs[0].to_numpy().shape == (1, 6, 32)
+        assert outputs[1].to_numpy().shape == (1, n_tokens(tiny_fe_runner, SHORT_TEXT), 32)
+    want = np.array(tiny_fe_pipe(LONG_TEXT, tokenize_kwargs={"truncation": True, "max_length": 6}))
+    np.testing.assert_allclose(outputs[0].to_numpy(), want, atol=1e-4, rtol=0)
+
+
+# -- 5. parameters ----------------------------------------------------------------------------
+@pytest.mark.parametrize("inputs", [["a [MASK]"], ["a [MASK]", "the [MASK] b"]], ids=["one", "two"])
+def test_unknown_parameter_is_invalid_parameters(fill_runner, inputs):
+    with pytest.raises(InvalidParameters) as info:
+        fill_runner(inputs, {"foo": 1})
+    assert "foo" in str(info.value)
+    assert info.value.status == 422
+    assert classify_error(info.value) is info.value
+
+
+def test_conflicting_parameters_are_invalid_parameters(tiny_fe_runner):
+    with pytest.raises(InvalidParameters, match="truncation"):
+        tiny_fe_runner(["hello"], {"truncation": True, "tokenize_kwargs": {"truncation": True}})
+
+
+@pytest.mark.parametrize("inputs", [["a [MASK]"], ["a [MASK]", "the [MASK] b"]], ids=["one", "two"])
+def test_ill_typed_parameter_is_a_client_error(fill_runner, inputs):
+    """{"top_k": "x"} -> 400 BadInput, via classify_error.
+
+    What happens today: FillMaskPipeline._sanitize_parameters accepts any top_k, so
+    _check_parameters passes; the pipeline then raises a plain TypeError from torch.topk
+    ("topk(): argument 'k' (position 1) must be int, not str"), and classify_error maps it to
+    BadInput (status 400) because the message reads like an input error ("argument",
+    "must be"). It is not a 5xx ModelError.
+    """
+    with pytest.raises(Exception) as info:
+        fill_runner(inputs, {"top_k": "x"})
+    err = classify_error(info.value)
+    assert isinstance(err, ClientError)
+    assert 400 <= err.status < 500
+    assert not isinstance(err, ModelError)
+    assert isinstance(err, (BadInput, InvalidParameters))
+
+
+# -- 6. no mask ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("inputs", [["no mask here"], ["a [MASK]", "no mask here"]], ids=["one", "two"])
+def test_missing_mask_is_bad_input(fill_runner, inputs):
+    with pytest.raises(Exception) as info:
+        fill_runner(inputs, {})
+    err = classify_error(info.value)
+    assert isinstance(err, BadInput)
+    assert err.status == 400
+    assert "mask" in str(err).lower()
+    assert "[MASK]" in str(err)
+
+
+def test_classify_error_unknown_failure_is_model_error():
+    err = classify_error(RuntimeError("CUDA out of memory\nsecond line"))
+    assert isinstance(err, ModelError) and err.status == 500
+    assert "RuntimeError" in str(err) and "second line" not in str(err)
+
+
+# -- 7. infer_task ----------------------------------------------------------------------------------
+def _model_dir(tmp_path, architectures):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": architectures}))
+    return str(tmp_path)
+
+
+def test_infer_task_tiny_model_is_fill_mask(tiny_model_dir):
+    assert infer_task(str(tiny_model_dir)) == "fill-mask"
+
+
+@pytest.mark.parametrize(
+    "architectures, task",
+    [
+        (["BertModel"], "feature-extraction"),
+        (["BertForSequenceClassification"], "text-classification"),
+        (["GPT2LMHeadModel"], "text-generation"),
+        (["T5ForConditionalGeneration"], "text2text-generation"),
+    ],
+)
+def test_infer_task_from_architectures(tmp_path, architectures, task):
+    assert infer_task(_model_dir(tmp_path, architectures)) == task
+
+
+def test_infer_task_without_config_asks_for_task(tmp_path):
+    with pytest.raises(ValueError, match="--task"):
+        infer_task(str(tmp_path))
+
+
+@pytest.mark.parametrize("architectures", [["BertForPreTraining"], []])
+def test_infer_task_unknown_architecture_asks_for_task(tmp_path, architectures):
+    with pytest.raises(ValueError, match="--task"):
+        infer_task(_model_dir(tmp_path, architectures))
+
+
+# -- 8. to_wire -----------------------------------------------------------------------------------------
+def test_to_wire_nested_containers_and_numpy_scalars():
+    obj = {"a": [np.float32(0.5), (1, "x", None)], 2: {"b": (np.int64(3), True)}}
+    wire = to_wire(obj)
+    assert wire == {"a": [0.5, [1, "x", None]], "2": {"b": [3, True]}}
+    assert type(wire["a"][0]) is float
+    assert type(wire["2"]["b"][0]) is int
+
+
+def test_to_wire_numpy_array_round_trips():
+    array = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    for source in (array, array.transpose(2, 0, 1)):  # C-contiguous and not
+        wire = to_wire(source)
+        assert isinstance(wire, NDArray)
+        np.testing.assert_array_equal(wire.to_numpy(), source)
+        assert wire.to_numpy().dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "dtype, wire_dtype",
+    [("float32", np.float32), ("bfloat16", np.float32), ("float16", np.float16), ("int64", np.int64)],
+)
+def test_to_wire_torch_tensors(dtype, wire_dtype):
+    tensor = torch.tensor([[1.5, -2.0, 3.25]], dtype=getattr(torch, dtype))
+    wire = to_wire(tensor)
+    assert isinstance(wire, NDArray)
+    array = wire.to_numpy()
+    assert array.dtype == wire_dtype
+    assert array.shape == (1, 3)
+    np.testing.assert_array_equal(array, tensor.float().numpy().astype(wire_dtype))
+
+
+def test_to_wire_torch_scalar_is_python():
+    assert to_wire(torch.tensor(2.5)) == 2.5
+    assert type(to_wire(torch.tensor(2.5))) is float
+
+
+def test_to_wire_rejects_unknown_objects():
+    with pytest.raises(TypeError, match="object"):
+        to_wire(object())
+    with pytest.raises(TypeError):
+        to_wire({"nested": [{1, 2}]})
+
+
+# -- 9. warm-up and defaults -------------------------------------------------------------------------------
+def test_default_runner_is_minilm_feature_extraction(minilm_runner):
+    assert minilm_runner.model == default_model_path()
+    assert minilm_runner.task == "feature-extraction"
+    unloaded = PipelineRunner(None, None, "cpu")
+    assert (unloaded.model, unloaded.task, unloaded.pipe) == (default_model_path(), "feature-extraction", None)
+
+
+@pytest.mark.parametrize("name", ["fill_runner", "tiny_fe_runner", "minilm_runner"])
+def test_warm_up_returns_duration(request, name):
+    runner = request.getfixturevalue(name)
+    started = time.monotonic()
+    duration = runner.warm_up(4)
+    assert isinstance(duration, float)
+    assert 0 < duration <= time.monotonic() - started
