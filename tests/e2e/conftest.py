@@ -72,6 +72,27 @@ def wait_for(predicate, timeout: float, message: str, interval: float = 0.05):
         time.sleep(interval)
 
 
+async def wait_for_async(predicate, timeout: float, message: str, interval: float = 0.02):
+    """Like wait_for, for async tests: the predicate is a coroutine function, and polling
+    yields to the event loop so the test's own requests keep moving."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {message}")
+        await asyncio.sleep(interval)
+
+
+async def info_async(session, server: "Server") -> dict:
+    async with session.get(server.url + "/info") as resp:
+        assert resp.status == 200
+        return await resp.json()
+
+
 class Server:
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None):
         self.port = free_port()

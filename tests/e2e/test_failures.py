@@ -1,0 +1,62 @@
+"""Failures done for real: kill -9 a worker mid-burst, SIGTERM the server under load."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import aiohttp
+
+from tests.e2e.conftest import http_get, info_async, wait_for, wait_for_async
+from tests.e2e.test_serve import post
+
+
+async def test_kill_9_a_worker_mid_burst_loses_nothing(start_server, tiny_model_dir):
+    server = start_server(["--model", str(tiny_model_dir), "--workers", "2",
+                           "--max-batch-size", "4", "--max-delay-ms", "20"])
+    wait_for(lambda: len(server.info()["workers"]) == 2, 60, "both workers")
+    victim = server.info()["workers"][0]["pid"]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        burst = [asyncio.ensure_future(post(session, server.url + "/", data=f"burst {i} [MASK]".encode()))
+                 for i in range(150)]
+        # Kill once the victim holds work, so its in-flight requests must be requeued.
+        async def victim_busy():
+            workers = {w["pid"]: w for w in (await info_async(session, server))["workers"]}
+            return victim in workers and workers[victim]["in_flight"] > 0
+        await wait_for_async(victim_busy, 30, "the victim worker to hold requests", 0.002)
+        os.kill(victim, signal.SIGKILL)
+        replies = await asyncio.gather(*burst)
+    statuses = [status for status, _, _ in replies]
+    assert statuses == [200] * len(burst), [r for r in replies if r[0] != 200][:3]
+    # The supervisor restarts the dead worker.
+    wait_for(lambda: len(server.info()["workers"]) == 2 and
+             victim not in {w["pid"] for w in server.info()["workers"]}, 60, "a replacement")
+
+
+async def test_sigterm_under_load_answers_every_admitted_request(start_server, tiny_model_dir):
+    server = start_server(["--model", str(tiny_model_dir), "--max-batch-size", "2",
+                           "--max-delay-ms", "5"])
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        burst = [asyncio.ensure_future(post(session, server.url + "/", data=f"drain {i} [MASK]".encode()))
+                 for i in range(80)]
+        async def loaded():
+            return (await info_async(session, server))["in_flight"] > 10
+        await wait_for_async(loaded, 30, "requests in flight", 0.002)
+        server.proc.send_signal(signal.SIGTERM)
+
+        async def not_ready():
+            async with session.get(server.url + "/ready") as resp:
+                return resp.status == 503
+        await wait_for_async(not_ready, 10, "/ready to go 503")
+        status, headers, body = await post(session, server.url + "/", data=b"late [MASK]")
+        assert status == 503 and body["error"]["code"] == "draining"
+        replies = await asyncio.gather(*burst, return_exceptions=True)
+    # Admitted requests are all answered 200; only requests that arrived after SIGTERM
+    # are refused, and those with 503 draining.
+    for reply in replies:
+        assert not isinstance(reply, BaseException), reply
+        status, _, body = reply
+        assert status == 200 or (status == 503 and body["error"]["code"] == "draining"), body
+    assert sum(1 for r in replies if r[0] == 200) >= 10
+    assert server.stop() == 0
