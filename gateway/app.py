@@ -276,6 +276,7 @@ async def handle_info(request: web.Request) -> web.Response:
             "max_batch_size": w.info.max_batch_size,
             "in_flight": len(w.in_flight),
             "answered": w.answered,
+            "skipped": w.skipped,
             "uptime_s": round(now - w.joined_at, 3),
         }
         for w in broker.workers.values()
@@ -288,6 +289,8 @@ async def handle_info(request: web.Request) -> web.Response:
         "uptime_s": round(now - request.app[STARTED], 3),
         "queue_depth": broker.queue_depth,
         "in_flight": broker.in_flight,
+        "requeued": broker.requeued,
+        "zmq_endpoint": broker.endpoint,
         "draining": broker.draining,
         "workers": workers,
         "config": {k: v for k, v in vars(config).items()},

@@ -4,6 +4,11 @@ Every admitted request is a :class:`PendingRequest` whose future is resolved exa
 with the worker's RESULT, with its ERROR, with 504 when the deadline passes, or with 500
 when the workers that held it died. Late and duplicate replies are dropped by request id.
 
+Poison control: a request that was on a worker when it died is a *suspect*. It is requeued
+at the front but runs alone, on a worker holding nothing else, so if it kills that worker
+too only it is charged; after two deaths it is answered 500 and never retried. Innocent
+requests that shared the first worker's queue run again (alone) and succeed.
+
 Credit: a worker announces ``capacity`` in READY; the broker never leaves more than that
 many requests unanswered on it, and sends to the worker with the most free credit. A
 request whose client gave up stays counted against the worker's credit until the worker
@@ -80,9 +85,17 @@ class WorkerHandle:
     last_seen: float
     in_flight: dict[int, PendingRequest] = field(default_factory=dict)
     answered: int = 0
+    #: Items the worker reported as skipped (cancelled or expired before computing).
+    skipped: int = 0
+    #: Last time this worker answered anything, or started holding work after being idle.
+    last_progress: float = 0.0
+    #: A request that was on a worker that died runs here alone.
+    suspect: PendingRequest | None = None
 
     @property
     def free(self) -> int:
+        if self.suspect is not None:
+            return 0
         return self.info.capacity - len(self.in_flight)
 
 
@@ -93,12 +106,14 @@ class Broker:
         *,
         max_queue: int,
         heartbeat_interval_s: float = 1.0,
+        batch_timeout_s: float = 60.0,
         context: zmq.asyncio.Context | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.endpoint = endpoint
         self.max_queue = max_queue
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.batch_timeout_s = batch_timeout_s
         self.clock = clock
         self._ctx = context or zmq.asyncio.Context.instance()
         self._socket: zmq.asyncio.Socket | None = None
@@ -113,6 +128,10 @@ class Broker:
         self._idle.set()
         self._refused_peers: set[bytes] = set()
         self.on_worker_change: Callable[[], None] = lambda: None
+        #: Called with (pid, reason) when a worker is declared dead or stuck, so the
+        #: supervisor can end a local process that may still be hanging around.
+        self.on_worker_dead: Callable[[int, str], None] = lambda pid, reason: None
+        self.requeued = 0
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -211,12 +230,20 @@ class Broker:
 
     def _dispatch(self) -> None:
         while self._queued and self.workers:
-            worker = max(self.workers.values(), key=lambda w: w.free)
-            if worker.free <= 0:
-                return
-            pending = self._queue.popleft()
+            pending = self._queue[0]
             if not pending.queued:  # finished while queued (deadline, disconnect): skip
+                self._queue.popleft()
                 continue
+            if pending.crashes:
+                worker = next((w for w in self.workers.values() if not w.in_flight), None)
+                if worker is None:
+                    return  # wait for a worker to go idle; order is kept
+                worker.suspect = pending
+            else:
+                worker = max(self.workers.values(), key=lambda w: w.free)
+                if worker.free <= 0:
+                    return
+            self._queue.popleft()
             pending.queued = False
             self._queued -= 1
             now = self.clock()
@@ -228,6 +255,8 @@ class Broker:
                 waited_ms=(now - pending.admitted_at) * 1000.0,
             )
             pending.worker = worker
+            if not worker.in_flight:
+                worker.last_progress = now
             worker.in_flight[pending.request_id] = pending
             if not self._send(worker.identity, message):
                 return  # the worker vanished; _send already requeued its work
@@ -272,6 +301,9 @@ class Broker:
         del self.workers[worker.identity]
         orphans = [p for p in worker.in_flight.values() if not p.done]
         worker.in_flight.clear()
+        worker.suspect = None
+        if crashed:
+            self.on_worker_dead(worker.info.pid, reason)
         log.warning("worker %s (pid %d) lost: %s; %d request(s) to requeue",
                     worker.info.worker_id, worker.info.pid, reason, len(orphans))
         for pending in reversed(orphans):
@@ -281,6 +313,7 @@ class Broker:
                 self._finish(pending, error=WorkerCrashed(
                     "the workers running this request died twice; it is not retried again"))
             else:
+                self.requeued += 1
                 self._enqueue(pending, front=True)
         self.on_worker_change()
         self._dispatch()
@@ -357,6 +390,12 @@ class Broker:
             pending = worker.in_flight.pop(message.request_id, None)
             if pending is not None:
                 worker.answered += 1
+                worker.last_progress = self.clock()
+                if worker.suspect is pending:
+                    worker.suspect = None
+                if isinstance(message, Error) and message.code in ("cancelled",
+                                                                   "deadline_exceeded"):
+                    worker.skipped += 1
                 if isinstance(message, Result):
                     self._finish(pending, result=message)
                 else:
@@ -370,8 +409,14 @@ class Broker:
             await asyncio.sleep(self.heartbeat_interval_s)
             now = self.clock()
             limit = MISSED_HEARTBEATS * self.heartbeat_interval_s
+            # The worker's own watchdog exits at batch_timeout_s; this is the backstop for a
+            # worker whose watchdog cannot act, so it waits a few heartbeats longer.
+            stuck_after = self.batch_timeout_s + limit
             for worker in list(self.workers.values()):
                 if now - worker.last_seen > limit:
                     self.worker_lost(worker, f"no message for {now - worker.last_seen:.1f} s")
+                elif worker.in_flight and now - worker.last_progress > stuck_after:
+                    self.worker_lost(worker, f"stuck: holds {len(worker.in_flight)} request(s) "
+                                     f"with no answer for {now - worker.last_progress:.1f} s")
                 else:
                     self._send(worker.identity, Heartbeat())

@@ -21,6 +21,7 @@ class GatewayConfig:
     max_inputs: int = 256
     drain_timeout_s: float = 30.0
     heartbeat_interval_s: float = 1.0
+    batch_timeout_s: float = 60.0
     debug: bool = False
     log_level: str = "INFO"
 
@@ -36,6 +37,7 @@ class WorkerLaunchConfig:
     max_batch_size: int = 32
     max_delay_ms: float = 2.0
     torch_threads: int = 0
+    trust_remote_code: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,9 @@ def _add_gateway_flags(flags: Flags, *, serve: bool) -> None:
               help="on SIGTERM, how long admitted requests may take to finish")
     flags.add("--heartbeat-interval-s", type=positive_float, default=d.heartbeat_interval_s,
               help="seconds between heartbeats; a worker silent for 3 of them is dead")
+    flags.add("--batch-timeout-s", type=positive_float, default=d.batch_timeout_s,
+              help="a worker holding work with no answer for this long is stuck: its "
+              "requests are requeued and it is replaced")
     flags.add("--debug", action="store_true", default=False,
               help="include tracebacks of internal errors in responses")
     flags.add("--log-level", default="INFO", help="logging level")
@@ -109,6 +114,7 @@ def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_inputs=args.max_inputs,
         drain_timeout_s=args.drain_timeout_s,
         heartbeat_interval_s=args.heartbeat_interval_s,
+        batch_timeout_s=args.batch_timeout_s,
         debug=args.debug,
         log_level=args.log_level,
     )
@@ -125,6 +131,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
             max_batch_size=args.max_batch_size,
             max_delay_ms=args.max_delay_ms,
             torch_threads=args.torch_threads,
+            trust_remote_code=args.trust_remote_code,
         ),
     )
 

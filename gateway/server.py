@@ -25,14 +25,17 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
         ipc_dir = tempfile.mkdtemp(prefix="batchwire-")
         endpoint = f"ipc://{ipc_dir}/workers.sock"
     broker = Broker(endpoint, max_queue=config.max_queue,
-                    heartbeat_interval_s=config.heartbeat_interval_s)
+                    heartbeat_interval_s=config.heartbeat_interval_s,
+                    batch_timeout_s=config.batch_timeout_s)
     await broker.start()
     log.info("broker bound to %s", endpoint)
 
     supervisor = None
     if serve is not None:
         supervisor = Supervisor(serve.workers, endpoint, config.heartbeat_interval_s,
-                                config.log_level, on_exit=broker.worker_process_exited)
+                                config.batch_timeout_s, config.log_level,
+                                on_exit=broker.worker_process_exited)
+        broker.on_worker_dead = supervisor.kill
         await supervisor.start()
 
     app = create_app(config, broker)

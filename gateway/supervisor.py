@@ -69,7 +69,7 @@ class WorkerSlot:
 
 class Supervisor:
     def __init__(self, launch: WorkerLaunchConfig, endpoint: str, heartbeat_interval_s: float,
-                 log_level: str, on_exit: Callable[[int, str], None]):
+                 batch_timeout_s: float, log_level: str, on_exit: Callable[[int, str], None]):
         self.launch = launch
         self.endpoint = endpoint
         self.on_exit = on_exit
@@ -77,7 +77,7 @@ class Supervisor:
         cpu_workers = sum(1 for d in devices if d == "cpu")
         threads = launch.torch_threads or max(1, (os.cpu_count() or 1) // max(cpu_workers, 1))
         self.slots = [
-            self._slot(i, device, threads, heartbeat_interval_s, log_level)
+            self._slot(i, device, threads, heartbeat_interval_s, batch_timeout_s, log_level)
             for i, device in enumerate(devices)
         ]
         self._stopping = False
@@ -85,7 +85,7 @@ class Supervisor:
         self._wake = asyncio.Event()
 
     def _slot(self, index: int, device: str, threads: int, heartbeat_s: float,
-              log_level: str) -> WorkerSlot:
+              batch_timeout_s: float, log_level: str) -> WorkerSlot:
         launch = self.launch
         argv = [
             sys.executable, "-m", "worker",
@@ -95,6 +95,7 @@ class Supervisor:
             "--max-batch-size", str(launch.max_batch_size),
             "--max-delay-ms", str(launch.max_delay_ms),
             "--heartbeat-interval-s", str(heartbeat_s),
+            "--batch-timeout-s", str(batch_timeout_s),
             "--exit-on-disconnect",
             "--parent-pid", str(os.getpid()),
             "--log-level", log_level,
@@ -103,6 +104,8 @@ class Supervisor:
             argv += ["--model", launch.model]
         if launch.task:
             argv += ["--task", launch.task]
+        if launch.trust_remote_code:
+            argv += ["--trust-remote-code"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHWIRE_")}
         if device == "cpu":
             # Each CPU worker gets its share of the cores; more threads only contend.
@@ -133,6 +136,14 @@ class Supervisor:
                 await asyncio.wait_for(self._wake.wait(), delay)
             except asyncio.TimeoutError:
                 pass
+
+    def kill(self, pid: int, reason: str) -> None:
+        """End a worker the broker declared dead or stuck (it may be hung or SIGSTOPped);
+        its watcher then restarts it."""
+        for slot in self.slots:
+            if slot.process is not None and slot.process.pid == pid and slot.process.returncode is None:
+                log.warning("killing worker-%d (pid %d): %s", slot.index, pid, reason)
+                _signal(slot.process, signal.SIGKILL)
 
     @property
     def restarts(self) -> int:

@@ -58,3 +58,27 @@ def build_tiny_bert(target: Path, *, seed: int = 0, max_position_embeddings: int
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+FAULT_TASK = "fault-fill-mask"
+
+
+@pytest.fixture(scope="session")
+def fault_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model with tests/fixtures/fault_pipeline.py as a custom pipeline.
+
+    Serve it with ``--task fault-fill-mask --trust-remote-code``.
+    """
+    import json
+
+    target = tmp_path_factory.mktemp("fault-bert")
+    for item in tiny_model_dir.iterdir():
+        shutil.copy(item, target / item.name)
+    shutil.copy(Path(__file__).parent / "fixtures" / "fault_pipeline.py", target)
+    config = json.loads((target / "config.json").read_text())
+    config["custom_pipelines"] = {
+        FAULT_TASK: {"impl": "fault_pipeline.FaultFillMask", "pt": ["AutoModelForMaskedLM"],
+                     "tf": []},
+    }
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    return target

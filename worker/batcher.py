@@ -13,6 +13,8 @@ The policy, in one place:
 * Cancelled and expired items are answered as such and never computed.
 * A batch that raises is split in halves and retried, so one bad input fails alone and its
   neighbours still get results. Every submitted item gets exactly one outcome.
+* An out-of-memory error also splits the batch, and lowers the effective batch size to the
+  half that is retried, so the worker stops asking the device for what it cannot hold.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class Batcher:
     classify_error: Callable[[BaseException], BatchwireError] = field(
         default=lambda exc: exc if isinstance(exc, BatchwireError) else ModelError(str(exc))
     )
+    #: Tells an out-of-memory error from other failures (the runner knows torch; we do not).
+    is_out_of_memory: Callable[[BaseException], bool] = field(default=lambda exc: False)
     clock: Callable[[], float] = time.monotonic
 
     def __post_init__(self) -> None:
@@ -82,8 +86,10 @@ class Batcher:
         self._queue: list[WorkItem] = []
         self._by_id: dict[int, WorkItem] = {}
         self._wakeup = asyncio.Event()
-        self._busy = False
+        self._busy_since: float | None = None
         self._closing = False
+        #: Lowered after an out-of-memory error; never above max_batch_size.
+        self.effective_batch_size = self.max_batch_size
         self.batches_run = 0
         self.items_skipped = 0
 
@@ -108,7 +114,11 @@ class Batcher:
 
     @property
     def busy(self) -> bool:
-        return self._busy
+        return self._busy_since is not None
+
+    def busy_for(self) -> float:
+        """Seconds the running batch has been computing (0 when idle)."""
+        return 0.0 if self._busy_since is None else self.clock() - self._busy_since
 
     def abandon_queued(self) -> list[WorkItem]:
         """Take every item that has not started, for a worker that is leaving."""
@@ -139,9 +149,10 @@ class Batcher:
             oldest = min(self._queue, key=lambda it: it.admitted_at)
             group = [it for it in self._queue if it.parameter_key == oldest.parameter_key]
             close_at = oldest.admitted_at + self.max_delay_s
-            if len(group) >= self.max_batch_size or self.clock() >= close_at:
+            limit = self.effective_batch_size
+            if len(group) >= limit or self.clock() >= close_at:
                 group.sort(key=lambda it: it.admitted_at)
-                batch = group[: self.max_batch_size]
+                batch = group[:limit]
                 taken = set(map(id, batch))
                 self._queue = [it for it in self._queue if id(it) not in taken]
                 return batch
@@ -169,15 +180,14 @@ class Batcher:
         self._queue = alive
 
     async def _execute(self, batch: list[WorkItem]) -> None:
-        self._busy = True
         try:
             await self._run_isolating(batch)
         finally:
-            self._busy = False
+            self._busy_since = None
 
     async def _run_isolating(self, batch: list[WorkItem]) -> None:
         loop = asyncio.get_running_loop()
-        started = self.clock()
+        started = self._busy_since = self.clock()
         try:
             outputs = await loop.run_in_executor(
                 self.executor, self.runner, [it.inputs for it in batch], batch[0].parameters
@@ -187,6 +197,15 @@ class Batcher:
                     f"the pipeline returned {len(outputs)} outputs for {len(batch)} inputs"
                 )
         except Exception as exc:  # noqa: BLE001 - every item must still get an answer
+            if self.is_out_of_memory(exc) and len(batch) > 1:
+                half = len(batch) // 2
+                if len(batch) - half < self.effective_batch_size:
+                    self.effective_batch_size = len(batch) - half
+                    log.warning("out of memory on a batch of %d; effective batch size is now %d",
+                                len(batch), self.effective_batch_size)
+                await self._run_isolating(batch[:half])
+                await self._run_isolating(batch[half:])
+                return
             error = self.classify_error(exc)
             if len(batch) == 1 or isinstance(error, InvalidParameters):
                 # Parameters are shared by the whole group: splitting cannot help.

@@ -26,12 +26,23 @@ def run(config: WorkerConfig) -> int:
     from worker.service import WorkerService
 
     setup_logging(config.log_level, config.worker_id)
-    runner = PipelineRunner(config.model, config.task, config.device, config.torch_threads)
+    try:
+        runner = PipelineRunner(config.model, config.task, config.device, config.torch_threads,
+                                trust_remote_code=config.trust_remote_code)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     # One inference thread: the pipeline is used from this thread only, loading included.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
     log.info("loading %s (%s) on %s", runner.model, runner.task, config.device)
-    loaded = executor.submit(runner.load).result()
-    warmed = executor.submit(runner.warm_up, config.max_batch_size).result()
+    try:
+        loaded = executor.submit(runner.load).result()
+        warmed = executor.submit(runner.warm_up, config.max_batch_size).result()
+    except Exception as exc:  # noqa: BLE001 - say what failed, in one line, and exit
+        log.error("could not load %s (%s) on %s: %s: %s", runner.model, runner.task,
+                  config.device, type(exc).__name__, exc)
+        executor.shutdown(wait=False)
+        return 2
     log.info("loaded in %.1f s, warmed up in %.2f s", loaded, warmed)
     try:
         asyncio.run(WorkerService(config, runner, executor).run())

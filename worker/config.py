@@ -12,6 +12,7 @@ from protocol.flags import Flags, non_negative_float, positive_float, positive_i
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_MAX_DELAY_MS = 2.0
 DEFAULT_HEARTBEAT_S = 1.0
+DEFAULT_BATCH_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class WorkerConfig:
     torch_threads: int
     heartbeat_interval_s: float
     exit_on_disconnect: bool
+    batch_timeout_s: float
+    trust_remote_code: bool
     parent_pid: int
     log_level: str
 
@@ -46,6 +49,9 @@ def add_model_flags(flags: Flags) -> None:
     flags.add("--max-delay-ms", type=non_negative_float, default=DEFAULT_MAX_DELAY_MS,
               help="longest the oldest waiting item is held for a batch to fill, counted "
               "from gateway admission; 0 takes whatever is queued")
+    flags.add("--trust-remote-code", action="store_true", default=False,
+              help="allow custom pipeline/model code from the model directory "
+              "(transformers' trust_remote_code)")
     flags.add("--torch-threads", type=int, default=0,
               help="torch intra-op threads per worker (0: torch's default for a lone worker; "
               "serve divides the cores among CPU workers)")
@@ -71,6 +77,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     flags.add("--heartbeat-interval-s", type=positive_float, default=DEFAULT_HEARTBEAT_S,
               help="seconds between heartbeats; a gateway silent for 3 of them is presumed "
               "gone and the worker announces itself again")
+    flags.add("--batch-timeout-s", type=positive_float, default=DEFAULT_BATCH_TIMEOUT_S,
+              help="a batch computing longer than this marks the worker stuck: it exits and "
+              "its requests run elsewhere")
     flags.add("--log-level", default="INFO", help="logging level")
     add_model_flags(flags)
     parser.epilog = "Every flag reads its default from the environment variable named beside it."
@@ -92,6 +101,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         torch_threads=args.torch_threads,
         heartbeat_interval_s=args.heartbeat_interval_s,
         exit_on_disconnect=args.exit_on_disconnect,
+        batch_timeout_s=args.batch_timeout_s,
+        trust_remote_code=args.trust_remote_code,
         parent_pid=args.parent_pid,
         log_level=args.log_level,
     )

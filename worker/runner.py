@@ -80,13 +80,18 @@ def to_wire(obj: Any) -> Any:
 class PipelineRunner:
     """Callable ``runner(inputs, parameters) -> outputs`` for the batcher."""
 
-    def __init__(self, model: str | None, task: str | None, device: str, torch_threads: int = 0):
+    def __init__(self, model: str | None, task: str | None, device: str, torch_threads: int = 0,
+                 trust_remote_code: bool = False):
         self.model = model or default_model_path()
         self.task = task or ("feature-extraction" if model is None else infer_task(self.model))
         self.device = device
         self.torch_threads = torch_threads
+        self.trust_remote_code = trust_remote_code
         self.pipe: Any = None
         self.max_length: int | None = None
+        #: What the pipeline is, by class: a custom pipeline subclassing FillMaskPipeline
+        #: (loaded with --trust-remote-code) is batched and warmed like fill-mask.
+        self.kind = self.task
 
     # -- set-up ---------------------------------------------------------------------------
     def load(self) -> float:
@@ -99,7 +104,12 @@ class PipelineRunner:
             torch.set_num_threads(self.torch_threads)
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        self.pipe = transformers.pipeline(task=self.task, model=self.model, device=self.device)
+        self.pipe = transformers.pipeline(task=self.task, model=self.model, device=self.device,
+                                          trust_remote_code=self.trust_remote_code)
+        if isinstance(self.pipe, transformers.FeatureExtractionPipeline):
+            self.kind = "feature-extraction"
+        elif isinstance(self.pipe, transformers.FillMaskPipeline):
+            self.kind = "fill-mask"
         limits = [
             getattr(self.pipe.model.config, "max_position_embeddings", None),
             getattr(self.pipe.tokenizer, "model_max_length", None) if self.pipe.tokenizer else None,
@@ -127,11 +137,11 @@ class PipelineRunner:
         return time.monotonic() - started
 
     def _sample_input(self) -> Any:
-        if self.task == "fill-mask":
+        if self.kind == "fill-mask":
             return f"Paris is the {self.pipe.tokenizer.mask_token} of France."
-        if self.task == "question-answering":
+        if self.kind == "question-answering":
             return {"question": "Where is Paris?", "context": "Paris is in France."}
-        if self.task in ("feature-extraction", "text-classification", "sentiment-analysis",
+        if self.kind in ("feature-extraction", "text-classification", "sentiment-analysis",
                          "token-classification", "ner", "text-generation",
                          "text2text-generation", "summarization", "translation"):
             return "Paris is the capital of France."
@@ -147,12 +157,12 @@ class PipelineRunner:
             outputs = [self._call_pipeline(inputs[0], parameters)]
         else:
             outputs = self._call_pipeline(inputs, parameters, batch_size=len(inputs))
-        if self.task == "feature-extraction":
+        if self.kind == "feature-extraction":
             outputs = [self._trim_padding(out, n) for out, n in zip(outputs, lengths)]
         return [to_wire(out) for out in outputs]
 
     def _call_pipeline(self, inputs: Any, parameters: dict, **extra: Any) -> Any:
-        if self.task == "feature-extraction":
+        if self.kind == "feature-extraction":
             # Tensors, not nested lists: they travel as raw bytes and are trimmed cheaply.
             extra["return_tensors"] = True
         # Copied: some _sanitize_parameters write into nested dicts (feature-extraction puts
@@ -189,7 +199,7 @@ class PipelineRunner:
             too_long = [n for n in lengths if n > self.max_length]
             if too_long:
                 hint = (' or send parameters {"truncation": true}'
-                        if self.task == "feature-extraction" else "")
+                        if self.kind == "feature-extraction" else "")
                 raise BadInput(
                     f"input is {max(too_long)} tokens long but this model takes at most "
                     f"{self.max_length}; shorten it{hint}"
@@ -223,3 +233,10 @@ def classify_error(exc: BaseException) -> BatchwireError:
 def _looks_like_input_error(exc: BaseException) -> bool:
     text = str(exc).lower()
     return any(word in text for word in ("input", "argument", "expected", "must be"))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA (or MPS/CPU allocator) out-of-memory, by class or by torch's message."""
+    if type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()

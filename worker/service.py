@@ -34,7 +34,7 @@ from protocol.messages import (
 )
 from worker.batcher import Batcher, BatchStats, WorkItem
 from worker.config import WorkerConfig
-from worker.runner import PipelineRunner, classify_error
+from worker.runner import PipelineRunner, classify_error, is_out_of_memory
 
 log = logging.getLogger("batchwire.worker")
 
@@ -66,6 +66,7 @@ class WorkerService:
             on_result=self._send_result,
             on_error=self._send_error,
             classify_error=classify_error,
+            is_out_of_memory=is_out_of_memory,
         )
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -189,6 +190,15 @@ class WorkerService:
             if self.config.parent_pid and os.getppid() != self.config.parent_pid:
                 self.stop("the parent process is gone")
                 return
+            stuck_for = self.batcher.busy_for()
+            if stuck_for > self.config.batch_timeout_s:
+                # A model call cannot be interrupted from outside its thread; the only way
+                # to free the device is to end the process. The gateway sees it die and
+                # requeues this worker's requests; the supervisor starts a fresh one.
+                log.critical("batch running for %.1f s, past --batch-timeout-s %.1f: exiting",
+                             stuck_for, self.config.batch_timeout_s)
+                logging.shutdown()
+                os._exit(3)
             silent = time.monotonic() - self._last_heard > MISSED_HEARTBEATS * interval
             if silent or not self._gateway_known:
                 self._send(self._ready())

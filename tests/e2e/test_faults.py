@@ -1,0 +1,71 @@
+"""Faults injected through a real custom pipeline: poison inputs, hangs, out-of-memory."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from tests.conftest import FAULT_TASK
+from tests.e2e.conftest import info_async, wait_for, wait_for_async
+from tests.e2e.test_serve import post
+
+
+def fault_args(fault_model_dir, *extra: str) -> list[str]:
+    return ["--model", str(fault_model_dir), "--task", FAULT_TASK, "--trust-remote-code", *extra]
+
+
+async def test_out_of_memory_splits_the_batch_and_lowers_the_batch_size(start_server,
+                                                                        fault_model_dir):
+    server = start_server(fault_args(fault_model_dir, "--max-batch-size", "8",
+                                     "--max-delay-ms", "300"))
+    async with aiohttp.ClientSession() as session:
+        replies = await asyncio.gather(*(post(session, server.url + "/", data=f"OOM {i} [MASK]".encode())
+                                         for i in range(8)))
+        assert [status for status, _, _ in replies] == [200] * 8, replies
+        assert max(int(h["X-Batch-Size"]) for _, h, _ in replies) == 1
+        # The worker keeps the lowered size: plain inputs now batch one at a time too.
+        replies = await asyncio.gather(*(post(session, server.url + "/", data=f"after {i} [MASK]".encode())
+                                         for i in range(6)))
+    assert [status for status, _, _ in replies] == [200] * 6
+    assert max(int(h["X-Batch-Size"]) for _, h, _ in replies) == 1
+    assert "effective batch size is now 1" in server.log_text()
+    assert "exited with code" not in server.log_text()
+
+
+async def test_poison_input_gets_500_once_and_the_pool_survives(start_server, fault_model_dir):
+    server = start_server(fault_args(fault_model_dir, "--workers", "2", "--max-batch-size", "4",
+                                     "--max-delay-ms", "50"))
+    wait_for(lambda: len(server.info()["workers"]) == 2, 60, "both workers")
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        innocent = [asyncio.ensure_future(post(session, server.url + "/", data=f"fine {i} [MASK]".encode()))
+                    for i in range(20)]
+        status, _, body = await post(session, server.url + "/", data=b"CRASH [MASK]")
+        replies = await asyncio.gather(*innocent)
+        assert status == 500, body
+        assert body["error"]["code"] == "worker_crashed"
+        assert all(s == 200 for s, _, _ in replies), [r for r in replies if r[0] != 200][:2]
+
+        # Both workers died once each; the supervisor brings the pool back.
+        async def pool_back():
+            return len((await info_async(session, server))["workers"]) == 2
+        await wait_for_async(pool_back, 60, "the pool to be restored")
+        assert (await post(session, server.url + "/", data=b"later [MASK]"))[0] == 200
+    assert server.log_text().count("restarting in") == 2  # one death on each worker
+
+
+async def test_hung_model_call_is_detected_and_its_requests_run_elsewhere(start_server,
+                                                                          fault_model_dir):
+    server = start_server(fault_args(fault_model_dir, "--workers", "2", "--max-batch-size", "1",
+                                     "--batch-timeout-s", "2"))
+    wait_for(lambda: len(server.info()["workers"]) == 2, 60, "both workers")
+    async with aiohttp.ClientSession() as session:
+        hung = asyncio.ensure_future(post(session, server.url + "/", data=b"HANG [MASK]",
+                                          headers={"X-Timeout-Ms": "60000"}))
+        # The other worker keeps serving while one is stuck.
+        for i in range(5):
+            assert (await post(session, server.url + "/", data=f"ok {i} [MASK]".encode()))[0] == 200
+        status, _, body = await hung
+    # The hanging input took down one worker, then the one it was retried on: 500, once.
+    assert status == 500 and body["error"]["code"] == "worker_crashed", body
+    assert server.log_text().count("past --batch-timeout-s") == 2
