@@ -71,10 +71,13 @@ class PendingRequest:
     crashes: int = 0
     timer: asyncio.TimerHandle | None = None
     queued: bool = False
+    #: Answered (or given up on). Not future.done(): a cancelled handler's gather cancels
+    #: the future itself, and the broker must still withdraw the request.
+    settled: bool = False
 
     @property
     def done(self) -> bool:
-        return self.future.done()
+        return self.settled
 
 
 @dataclass(eq=False)
@@ -272,14 +275,17 @@ class Broker:
 
     def _finish(self, pending: PendingRequest, *, result: Result | None = None,
                 error: BatchwireError | None = None) -> None:
-        if pending.done:
+        if pending.settled:
             return
+        pending.settled = True
         if pending.timer is not None:
             pending.timer.cancel()
         if pending.queued:
             pending.queued = False
             self._queued -= 1
-        if error is not None:
+        if pending.future.done():
+            pass  # the handler went away and cancelled it
+        elif error is not None:
             pending.future.set_exception(error)
             # Nobody may await a future whose client vanished; mark the exception retrieved.
             pending.future.exception()

@@ -87,8 +87,9 @@ async def wait_for_async(predicate, timeout: float, message: str, interval: floa
         await asyncio.sleep(interval)
 
 
-async def info_async(session, server: "Server") -> dict:
-    async with session.get(server.url + "/info") as resp:
+async def info_async(session, server: "Server | str") -> dict:
+    url = server if isinstance(server, str) else server.url
+    async with session.get(url + "/info") as resp:
         assert resp.status == 200
         return await resp.json()
 

@@ -1,0 +1,209 @@
+"""Separate gateway and worker processes, stopped workers, disconnecting clients, hostile peers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import aiohttp
+import msgpack
+import pytest
+import zmq
+
+from tests.conftest import FAULT_TASK
+from tests.e2e.conftest import free_port, http_get, info_async, wait_for, wait_for_async
+from tests.e2e.test_serve import post
+
+
+class Proc:
+    """A `batchwire gateway` or `batchwire worker` subprocess with its log."""
+
+    def __init__(self, args: list[str], log_path):
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", *args], env=env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"did not exit on {sig}:\n{self.log_text()}")
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def procs():
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        if p.proc.poll() is None:
+            p.stop(signal.SIGKILL)
+
+
+def start_gateway(procs, tmp_path, port: int, zmq_port: int, *extra: str) -> Proc:
+    p = Proc(["gateway", "--port", str(port), "--zmq-bind", f"tcp://127.0.0.1:{zmq_port}",
+              *extra], tmp_path / f"gateway-{len(procs)}.log")
+    procs.append(p)
+    return p
+
+
+def start_worker(procs, tmp_path, zmq_port: int, model, *extra: str) -> Proc:
+    p = Proc(["worker", "--connect", f"tcp://127.0.0.1:{zmq_port}", "--model", str(model),
+              "--worker-id", f"remote-{len(procs)}", *extra], tmp_path / f"worker-{len(procs)}.log")
+    procs.append(p)
+    return p
+
+
+def workers_ready(url: str, n: int):
+    def check():
+        try:
+            status, body = http_get(url + "/info")
+        except OSError:
+            return False
+        return status == 200 and len(body["workers"]) == n
+    return check
+
+
+async def test_gateway_restart_finds_running_workers_again(procs, tmp_path, tiny_model_dir):
+    port, zmq_port = free_port(), free_port()
+    url = f"http://127.0.0.1:{port}"
+    gateway = start_gateway(procs, tmp_path, port, zmq_port)
+    worker = start_worker(procs, tmp_path, zmq_port, tiny_model_dir)
+    wait_for(workers_ready(url, 1), 90, "the worker to register")
+    pid = http_get(url + "/info")[1]["workers"][0]["pid"]
+    assert gateway.stop() == 0  # SIGTERM: drains, tells the worker DISCONNECT
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        gateway = start_gateway(procs, tmp_path, port, zmq_port)
+        wait_for(workers_ready(url, 1), 30, f"the worker to find the new gateway (after {sig.name})")
+        assert http_get(url + "/info")[1]["workers"][0]["pid"] == pid
+        async with aiohttp.ClientSession() as session:
+            status, _, _ = await post(session, url + "/", data=b"again [MASK]")
+        assert status == 200
+        gateway.stop(sig)
+    assert worker.proc.poll() is None, "the worker must survive gateway restarts"
+    assert worker.stop() == 0
+
+
+async def test_sigterm_on_a_lone_worker_finishes_and_leaves_cleanly(procs, tmp_path,
+                                                                    tiny_model_dir):
+    port, zmq_port = free_port(), free_port()
+    url = f"http://127.0.0.1:{port}"
+    start_gateway(procs, tmp_path, port, zmq_port)
+    leaving = start_worker(procs, tmp_path, zmq_port, tiny_model_dir, "--max-batch-size", "2")
+    staying = start_worker(procs, tmp_path, zmq_port, tiny_model_dir, "--max-batch-size", "2")
+    wait_for(workers_ready(url, 2), 90, "two workers")
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        burst = [asyncio.ensure_future(post(session, url + "/", data=f"w {i} [MASK]".encode()))
+                 for i in range(100)]
+
+        async def leaving_busy():
+            info = await info_async(session, url)
+            return any(w["pid"] == leaving.proc.pid and w["in_flight"] for w in info["workers"])
+        await wait_for_async(leaving_busy, 30, "the leaving worker to hold work", 0.002)
+        leaving.proc.send_signal(signal.SIGTERM)
+        replies = await asyncio.gather(*burst)
+    assert [s for s, _, _ in replies] == [200] * 100
+    assert leaving.stop() == 0
+    assert "leaving (signal SIGTERM)" in leaving.log_text()
+    wait_for(workers_ready(url, 1), 10, "the gateway to drop the leaving worker")
+    assert staying.proc.poll() is None
+
+
+async def test_sigstopped_worker_is_declared_dead_and_its_requests_complete_elsewhere(
+        start_server, tiny_model_dir):
+    server = start_server(["--model", str(tiny_model_dir), "--workers", "2",
+                           "--max-batch-size", "2", "--max-delay-ms", "5"])
+    wait_for(lambda: len(server.info()["workers"]) == 2, 60, "both workers")
+    victim = server.info()["workers"][0]["pid"]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        burst = [asyncio.ensure_future(post(session, server.url + "/", data=f"s {i} [MASK]".encode()))
+                 for i in range(100)]
+
+        async def victim_busy():
+            info = await info_async(session, server)
+            return any(w["pid"] == victim and w["in_flight"] for w in info["workers"])
+        await wait_for_async(victim_busy, 30, "the victim to hold work", 0.002)
+        os.kill(victim, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        replies = await asyncio.gather(*burst)
+        finished_in = time.monotonic() - stopped_at
+    assert [s for s, _, _ in replies] == [200] * 100
+    # 3 missed 1 s heartbeats, then requeue: a few seconds, not the 30 s request timeout.
+    assert finished_in < 15, finished_in
+    assert "no message for" in server.log_text()
+    # The stopped process was killed and replaced, not left behind.
+    wait_for(lambda: not os.path.exists(f"/proc/{victim}") or
+             "Z" in open(f"/proc/{victim}/stat").read().rsplit(")", 1)[1][:3], 10,
+             "the stopped worker to be killed")
+
+
+async def test_client_disconnect_makes_the_worker_skip_the_item(start_server, fault_model_dir):
+    server = start_server(["--model", str(fault_model_dir), "--task", FAULT_TASK,
+                           "--trust-remote-code", "--max-batch-size", "1", "--max-delay-ms", "0"])
+    async with aiohttp.ClientSession() as session:
+        slow = asyncio.ensure_future(post(session, server.url + "/", data=b"SLOW [MASK]"))
+
+        async def worker_busy():
+            return (await info_async(session, server))["workers"][0]["in_flight"] >= 1
+        await wait_for_async(worker_busy, 10, "the slow batch to start")
+        # Capacity is 2: this one waits on the worker behind the slow batch.
+        async with aiohttp.ClientSession() as leaving_client:
+            doomed = asyncio.ensure_future(post(leaving_client, server.url + "/",
+                                                data=b"doomed [MASK]"))
+
+            async def doomed_on_worker():
+                return (await info_async(session, server))["workers"][0]["in_flight"] == 2
+            await wait_for_async(doomed_on_worker, 10, "the second request to reach the worker")
+            doomed.cancel()
+        # leaving the block closed the connection: the client is gone
+        status, _, _ = await slow
+        assert status == 200
+
+        async def skipped():
+            return (await info_async(session, server))["workers"][0]["skipped"] == 1
+        await wait_for_async(skipped, 10, "the worker to report the skipped item")
+        assert (await post(session, server.url + "/", data=b"next [MASK]"))[0] == 200
+
+
+async def test_rogue_peer_with_garbage_frames_is_ignored(start_server, tiny_model_dir):
+    server = start_server(["--model", str(tiny_model_dir)])
+    endpoint = server.info()["zmq_endpoint"]
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(endpoint)
+    rng = random.Random(1234)
+    frames = [rng.randbytes(rng.randint(0, 300)) for _ in range(3000)]
+    # Frames that parse as msgpack but are not valid messages, or are valid and out of place.
+    frames += [msgpack.packb(x) for x in (
+        [], [1], [2, 1], [1, 99], [1, 2, 1, "x"], [1, 3, 5, None, 1, 0.0, 0.0],
+        [1, 4, 123456, "bad_input", "no such request"], [1, 6], [1, 7, "bye"],
+        [1, 1, "rogue", 1, "m", "t", "cpu", 0, 0], {"a": 1}, "text", 1e300,
+    )] * 50
+    for frame in frames:
+        rogue.send(frame)
+    rogue.send_multipart([b"a", b"b", b"c"])  # more frames than a message has
+    async with aiohttp.ClientSession() as session:
+        for i in range(5):
+            status, _, _ = await post(session, server.url + "/", data=f"still {i} [MASK]".encode())
+            assert status == 200
+    info = server.info()
+    assert len(info["workers"]) == 1 and info["workers"][0]["id"] == "worker-0"
+    assert "malformed frame" in server.log_text()
+    rogue.close()
+    ctx.term()
