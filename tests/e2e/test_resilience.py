@@ -118,7 +118,7 @@ async def test_sigterm_on_a_lone_worker_finishes_and_leaves_cleanly(procs, tmp_p
         leaving.proc.send_signal(signal.SIGTERM)
         replies = await asyncio.gather(*burst)
     assert [s for s, _, _ in replies] == [200] * 100
-    assert leaving.stop() == 0
+    assert leaving.proc.wait(30) == 0  # one SIGTERM is enough: it exits by itself, cleanly
     assert "leaving (signal SIGTERM)" in leaving.log_text()
     wait_for(workers_ready(url, 1), 10, "the gateway to drop the leaving worker")
     assert staying.proc.poll() is None
