@@ -158,9 +158,10 @@ class Server:
         return self.proc.returncode
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def start_server(tmp_path_factory):
-    """Factory: start_server(args, env=None, wait_ready=True) -> Server, stopped at session end."""
+    """Factory: start_server(args, env=None, wait_ready=True) -> Server, stopped (and checked
+    for a clean exit) when the test module ends."""
     servers: list[Server] = []
 
     def start(args: list[str], env: dict | None = None, wait_ready: bool = True) -> Server:
