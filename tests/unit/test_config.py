@@ -1,0 +1,74 @@
+"""Flags, BATCHWIRE_* env vars and device resolution, with no processes started."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway import config as gateway_config
+from gateway.supervisor import Supervisor, resolve_devices
+from worker import config as worker_config
+
+
+def test_env_vars_set_defaults_and_flags_override_them():
+    env = {"BATCHWIRE_MAX_BATCH_SIZE": "7", "BATCHWIRE_MAX_DELAY_MS": "3.5",
+           "BATCHWIRE_PORT": "9001", "BATCHWIRE_DEBUG": "true"}
+    command, cfg = gateway_config.parse(["serve"], environ=env)
+    assert command == "serve"
+    assert cfg.workers.max_batch_size == 7 and cfg.workers.max_delay_ms == 3.5
+    assert cfg.gateway.port == 9001 and cfg.gateway.debug is True
+    _, cfg = gateway_config.parse(["serve", "--max-batch-size", "9"], environ=env)
+    assert cfg.workers.max_batch_size == 9
+
+
+def test_bad_env_value_is_refused_like_a_bad_flag(capsys):
+    with pytest.raises(SystemExit):
+        gateway_config.parse(["serve"], environ={"BATCHWIRE_MAX_BATCH_SIZE": "zero"})
+    assert "max-batch-size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gateway_config.parse(["serve", "--max-queue", "0"], environ={})
+
+
+def test_help_names_every_env_var(capsys):
+    with pytest.raises(SystemExit):
+        gateway_config.parse(["serve", "--help"], environ={})
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("BATCHWIRE_MAX_BATCH_SIZE", "BATCHWIRE_MAX_DELAY_MS", "BATCHWIRE_MAX_QUEUE",
+                 "BATCHWIRE_TIMEOUT_MS", "BATCHWIRE_WORKERS", "BATCHWIRE_DEVICES"):
+        assert name in text
+
+
+def test_worker_capacity_defaults_to_twice_the_batch():
+    cfg = worker_config.parse(["--connect", "ipc:///tmp/x", "--max-batch-size", "5"], environ={})
+    assert cfg.capacity == 10 and cfg.max_delay_s == pytest.approx(cfg.max_delay_ms / 1000)
+    with pytest.raises(SystemExit):
+        worker_config.parse([], environ={})  # --connect is required
+
+
+def test_resolve_devices():
+    assert resolve_devices("cpu", 3) == ["cpu", "cpu", "cpu"]
+    assert resolve_devices("cuda:0,cuda:1", 3) == ["cuda:0", "cuda:1", "cuda:0"]
+    with pytest.raises(ValueError):
+        resolve_devices("tpu:0", 1)
+
+
+def test_auto_devices_follow_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert resolve_devices("auto", 2) == ["cpu", "cpu"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert resolve_devices("auto", 3) == ["cuda:0", "cuda:1", "cuda:0"]
+
+
+def test_supervisor_argv_parses_with_the_worker_parser(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    launch = gateway_config.WorkerLaunchConfig(model="/m", task="fill-mask", workers=2,
+                                               devices="cpu", max_batch_size=4, max_delay_ms=7,
+                                               trust_remote_code=True)
+    sup = Supervisor(launch, "ipc:///tmp/bw.sock", 1.0, 12.0, "INFO", on_exit=lambda *a: None)
+    assert len(sup.slots) == 2
+    for slot in sup.slots:
+        assert slot.argv[1:3] == ["-m", "worker"]
+        cfg = worker_config.parse(slot.argv[3:], environ={})
+        assert (cfg.model, cfg.task, cfg.max_batch_size, cfg.max_delay_ms) == ("/m", "fill-mask", 4, 7)
+        assert cfg.exit_on_disconnect and cfg.trust_remote_code
+        assert cfg.batch_timeout_s == 12.0 and cfg.torch_threads >= 1
+        assert slot.env["OMP_NUM_THREADS"] == str(cfg.torch_threads)
