@@ -18,7 +18,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	$(PY) -c "import torch, sys; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(v < tuple(int(x) for x in '$(TORCH_MIN)'.split('.')))" 2>/dev/null \
 		|| $(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
 	$(PY) -c "import torch; print('torch=='+torch.__version__)" > $(VENV)/constraints.txt
-	$(PY) -m pip install --quiet --constraint $(VENV)/constraints.txt -e ".[worker,test]"
+	$(PY) -m pip install --quiet --constraint $(VENV)/constraints.txt -e ".[worker,test,bench]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -8,6 +8,7 @@ Routes: ``POST /`` (the guide's raw-text form), ``POST /predict`` (JSON), ``GET 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import math
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 from gateway.broker import Broker, PendingRequest
 from gateway.config import GatewayConfig
@@ -26,8 +28,10 @@ from protocol.errors import (
     BodyTooLarge,
     MethodNotAllowed,
     NotFound,
+    Unauthorized,
     UnsupportedMediaType,
 )
+from protocol import codec
 from protocol.messages import PROTOCOL_VERSION, NDArray, Result
 
 log = logging.getLogger("batchwire.gateway")
@@ -43,6 +47,9 @@ TEXT_TYPES = frozenset({
     "text/plain", "application/x-www-form-urlencoded", "application/octet-stream", "",
 })
 JSON_TYPE = "application/json"
+MSGPACK_TYPE = "application/msgpack"
+#: Routes that answer without an API key: probes must work for orchestrators.
+OPEN_ROUTES = frozenset({"/health", "/ready"})
 _MAX_REQUEST_ID = 128
 
 
@@ -64,6 +71,18 @@ def json_response(payload: Any, status: int = 200, headers: dict | None = None) 
                         content_type=JSON_TYPE)
 
 
+def wants_msgpack(request: web.Request) -> bool:
+    return MSGPACK_TYPE in request.headers.get("Accept", "")
+
+
+def payload_response(request: web.Request, payload: Any, headers: dict) -> web.Response:
+    """JSON, or msgpack when the client's Accept asks for it (arrays then stay raw bytes)."""
+    if wants_msgpack(request):
+        return web.Response(body=codec.encode_client(payload), headers=headers,
+                            content_type=MSGPACK_TYPE)
+    return json_response(payload, headers=headers)
+
+
 def error_response(request: web.Request, error: BatchwireError, status: int | None = None,
                    debug_trace: str | None = None) -> web.Response:
     body: dict[str, Any] = {"code": error.code, "message": error.message}
@@ -72,6 +91,8 @@ def error_response(request: web.Request, error: BatchwireError, status: int | No
     headers = {"X-Request-Id": request.get(REQUEST_ID, "")}
     if error.retry_after is not None:
         headers["Retry-After"] = str(error.retry_after)
+    if error.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     return json_response({"error": body}, status=status or error.status, headers=headers)
 
 
@@ -83,10 +104,21 @@ def _request_id(request: web.Request) -> str:
     return uuid.uuid4().hex
 
 
+def _check_api_key(request: web.Request) -> None:
+    key = request.app[CONFIG].api_key
+    if not key or request.path in OPEN_ROUTES:
+        return
+    given = request.headers.get("Authorization", "")
+    # Constant time: the comparison must not leak how much of a guess was right.
+    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        raise Unauthorized("missing or wrong API key; send 'Authorization: Bearer <key>'")
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     request[REQUEST_ID] = _request_id(request)
     try:
+        _check_api_key(request)
         return await handler(request)
     except BatchwireError as exc:
         return error_response(request, exc)
@@ -141,13 +173,20 @@ def _text_input(body: bytes) -> str:
     return text
 
 
-def _json_payload(body: bytes, config: GatewayConfig) -> tuple[Any, dict]:
+def _structured_payload(body: bytes, content_type: str, config: GatewayConfig) -> tuple[Any, dict]:
+    """``{"inputs", "parameters"}`` from a JSON or msgpack body, validated."""
     if not body.strip():
         raise BadInput('the body is empty; send {"inputs": "...", "parameters": {...}}')
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadInput(f"the body is not valid JSON: {exc}") from None
+    if content_type == MSGPACK_TYPE:
+        try:
+            payload = codec.decode_client(body, config.max_body_bytes)
+        except ValueError as exc:
+            raise BadInput(f"the body is not valid msgpack: {exc}") from None
+    else:
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise BadInput(f"the body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise BadInput('the body must be a JSON object like {"inputs": "...", "parameters": {}}')
     unknown = sorted(set(payload) - {"inputs", "parameters"})
@@ -219,28 +258,28 @@ async def _infer(request: web.Request, inputs: Any, parameters: dict) -> web.Res
                          f"total;dur={total_ms:.3f}",
     }
     payload = results[0].output if single else [r.output for r in results]
-    return json_response(payload, headers=headers)
+    return payload_response(request, payload, headers)
 
 
 async def handle_root(request: web.Request) -> web.Response:
     body = await _read_body(request)
-    if request.content_type == JSON_TYPE:
-        inputs, parameters = _json_payload(body, request.app[CONFIG])
+    if request.content_type in (JSON_TYPE, MSGPACK_TYPE):
+        inputs, parameters = _structured_payload(body, request.content_type, request.app[CONFIG])
     elif request.content_type in TEXT_TYPES:
         inputs, parameters = _text_input(body), {}
     else:
         raise UnsupportedMediaType(
-            f"POST / reads text/plain (the raw text) or application/json, not "
-            f"{request.content_type}")
+            f"POST / reads text/plain (the raw text), application/json or application/msgpack, "
+            f"not {request.content_type}")
     return await _infer(request, inputs, parameters)
 
 
 async def handle_predict(request: web.Request) -> web.Response:
     body = await _read_body(request)
-    if request.content_type not in (JSON_TYPE, "application/octet-stream", ""):
-        raise UnsupportedMediaType(
-            f"POST /predict reads application/json, not {request.content_type}")
-    inputs, parameters = _json_payload(body, request.app[CONFIG])
+    if request.content_type not in (JSON_TYPE, MSGPACK_TYPE, "application/octet-stream", ""):
+        raise UnsupportedMediaType(f"POST /predict reads application/json or application/msgpack,"
+                                   f" not {request.content_type}")
+    inputs, parameters = _structured_payload(body, request.content_type, request.app[CONFIG])
     return await _infer(request, inputs, parameters)
 
 
@@ -293,8 +332,32 @@ async def handle_info(request: web.Request) -> web.Response:
         "zmq_endpoint": broker.endpoint,
         "draining": broker.draining,
         "workers": workers,
-        "config": {k: v for k, v in vars(config).items()},
+        "config": {k: ("***" if k == "api_key" and v else v) for k, v in vars(config).items()},
     })
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: id, route, status, batch size, queue/inference/total times."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        headers = response.headers
+        fields = {
+            "request_id": headers.get("X-Request-Id") or request.get(REQUEST_ID, "-"),
+            "remote": request.remote,
+            "method": request.method,
+            "path": request.path,
+            "status": response.status,
+            "batch_size": int(headers.get("X-Batch-Size", 0) or 0),
+            "queue_ms": float(headers.get("X-Queue-Time-Ms", 0) or 0),
+            "inference_ms": float(headers.get("X-Inference-Time-Ms", 0) or 0),
+            "total_ms": round(time * 1000.0, 3),
+            "bytes": response.body_length,
+        }
+        self.logger.info(
+            "%(remote)s %(method)s %(path)s %(status)d %(total_ms).1fms batch=%(batch_size)d "
+            "queue=%(queue_ms).1fms inference=%(inference_ms).1fms id=%(request_id)s" % fields,
+            extra={"fields": fields},
+        )
 
 
 def create_app(config: GatewayConfig, broker: Broker) -> web.Application:

@@ -7,7 +7,6 @@ The worker subcommand is imported only when asked for, so neither ``serve`` nor
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from typing import Sequence
 
@@ -20,14 +19,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return worker_main(argv[1:])
 
     from gateway.config import parse
+    from protocol.logs import setup_logging
 
     command, config = parse(argv)
     gateway_config = config.gateway if command == "serve" else config
-    logging.basicConfig(
-        level=gateway_config.log_level.upper(),
-        format="%(asctime)s %(levelname)s [gateway] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(gateway_config.log_level, "gateway", gateway_config.log_format)
     try:
         import uvloop
     except ImportError:

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from protocol.logs import LOG_FORMATS
 from protocol.flags import Flags, non_negative_float, positive_float, positive_int
 from worker.config import add_model_flags
 
@@ -24,6 +25,8 @@ class GatewayConfig:
     batch_timeout_s: float = 60.0
     debug: bool = False
     log_level: str = "INFO"
+    log_format: str = "text"
+    api_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,10 @@ def _add_gateway_flags(flags: Flags, *, serve: bool) -> None:
     flags.add("--debug", action="store_true", default=False,
               help="include tracebacks of internal errors in responses")
     flags.add("--log-level", default="INFO", help="logging level")
+    flags.add("--log-format", default="text", choices=LOG_FORMATS,
+              help="text for people, json for log pipelines (one object per line)")
+    flags.add("--api-key", default=None,
+              help="require 'Authorization: Bearer KEY' on every route but /health and /ready")
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
@@ -117,6 +124,8 @@ def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
         batch_timeout_s=args.batch_timeout_s,
         debug=args.debug,
         log_level=args.log_level,
+        log_format=args.log_format,
+        api_key=args.api_key or None,
     )
 
 

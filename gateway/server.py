@@ -10,7 +10,7 @@ import tempfile
 
 from aiohttp import web
 
-from gateway.app import create_app
+from gateway.app import AccessLogger, create_app
 from gateway.broker import Broker
 from gateway.config import GatewayConfig, ServeConfig
 from gateway.supervisor import Supervisor
@@ -34,14 +34,16 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
     if serve is not None:
         supervisor = Supervisor(serve.workers, endpoint, config.heartbeat_interval_s,
                                 config.batch_timeout_s, config.log_level,
-                                on_exit=broker.worker_process_exited)
+                                on_exit=broker.worker_process_exited,
+                                log_format=config.log_format)
         broker.on_worker_dead = supervisor.kill
         await supervisor.start()
 
     app = create_app(config, broker)
     # handler_cancellation: a client that disconnects cancels its handler, which withdraws
     # the request from the broker and tells the worker to skip it.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log_class=AccessLogger,
+                           access_log=logging.getLogger("batchwire.access"))
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()

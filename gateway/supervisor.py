@@ -69,7 +69,9 @@ class WorkerSlot:
 
 class Supervisor:
     def __init__(self, launch: WorkerLaunchConfig, endpoint: str, heartbeat_interval_s: float,
-                 batch_timeout_s: float, log_level: str, on_exit: Callable[[int, str], None]):
+                 batch_timeout_s: float, log_level: str, on_exit: Callable[[int, str], None],
+                 log_format: str = "text"):
+        self.log_format = log_format
         self.launch = launch
         self.endpoint = endpoint
         self.on_exit = on_exit
@@ -99,6 +101,7 @@ class Supervisor:
             "--exit-on-disconnect",
             "--parent-pid", str(os.getpid()),
             "--log-level", log_level,
+            "--log-format", self.log_format,
         ]
         if launch.model:
             argv += ["--model", launch.model]

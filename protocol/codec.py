@@ -157,3 +157,26 @@ def _sorted(value: Any) -> Any:
 def encode_canonical(value: Any) -> bytes:
     """Bytes that are equal exactly when the values are: dict key order does not matter."""
     return msgpack.packb(_sorted(value), use_bin_type=True, default=_default)
+
+
+# -- client-facing msgpack (HTTP bodies), kept here so msgpack is called from one module ----
+def _client_default(obj: Any) -> Any:
+    if isinstance(obj, NDArray):
+        # Raw bytes, not nested lists: a client reads it with numpy.frombuffer(data, dtype)
+        # .reshape(shape).
+        return {"dtype": obj.dtype, "shape": list(obj.shape), "data": obj.data}
+    raise TypeError(f"cannot encode {type(obj).__name__} as msgpack")
+
+
+def encode_client(payload: Any) -> bytes:
+    return msgpack.packb(payload, use_bin_type=True, default=_client_default)
+
+
+def decode_client(body: bytes, max_bytes: int) -> Any:
+    """Decode a client's msgpack body under the same kind of limits as frames."""
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, max_str_len=max_bytes,
+                               max_bin_len=max_bytes, max_array_len=MAX_CONTAINER_LEN,
+                               max_map_len=MAX_CONTAINER_LEN, max_ext_len=0)
+    except Exception as exc:  # msgpack raises many types; the caller maps this to 400
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None

@@ -6,6 +6,7 @@ Who raises what::
     ├── ProtocolError                   protocol_error     --   a peer sent a malformed frame (never reaches a client)
     ├── ClientError                                       4xx  the request is wrong; the message says what to fix
     │   ├── BadInput                    bad_input          400  gateway (body) or worker (the pipeline rejects the input)
+    │   ├── Unauthorized                unauthorized       401  gateway: --api-key set, bearer token missing or wrong
     │   ├── NotFound                    not_found          404  gateway routing
     │   ├── MethodNotAllowed            method_not_allowed 405  gateway routing
     │   ├── BodyTooLarge                body_too_large     413  gateway, before the body is read in full
@@ -53,6 +54,13 @@ class BadInput(ClientError):
 
     code = "bad_input"
     status = 400
+
+
+class Unauthorized(ClientError):
+    """A valid API key is required."""
+
+    code = "unauthorized"
+    status = 401
 
 
 class NotFound(ClientError):
@@ -150,7 +158,7 @@ class Cancelled(ServerError):
 _BY_CODE: dict[str, type[BatchwireError]] = {
     cls.code: cls
     for cls in (
-        ProtocolError, BadInput, NotFound, MethodNotAllowed, BodyTooLarge,
+        ProtocolError, BadInput, Unauthorized, NotFound, MethodNotAllowed, BodyTooLarge,
         UnsupportedMediaType, InvalidParameters, ModelError, WorkerCrashed,
         Overloaded, NoWorkers, Draining, DeadlineExceeded, Cancelled,
     )

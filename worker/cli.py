@@ -8,24 +8,17 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
+from protocol.logs import setup_logging
 from worker.config import WorkerConfig, parse
 
 log = logging.getLogger("batchwire.worker")
-
-
-def setup_logging(level: str, name: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def run(config: WorkerConfig) -> int:
     from worker.runner import PipelineRunner
     from worker.service import WorkerService
 
-    setup_logging(config.log_level, config.worker_id)
+    setup_logging(config.log_level, config.worker_id, config.log_format)
     try:
         runner = PipelineRunner(config.model, config.task, config.device, config.torch_threads,
                                 trust_remote_code=config.trust_remote_code)

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from protocol.logs import LOG_FORMATS
 from protocol.flags import Flags, non_negative_float, positive_float, positive_int
 
 DEFAULT_MAX_BATCH_SIZE = 32
@@ -32,6 +33,7 @@ class WorkerConfig:
     trust_remote_code: bool
     parent_pid: int
     log_level: str
+    log_format: str
 
     @property
     def max_delay_s(self) -> float:
@@ -81,6 +83,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
               help="a batch computing longer than this marks the worker stuck: it exits and "
               "its requests run elsewhere")
     flags.add("--log-level", default="INFO", help="logging level")
+    flags.add("--log-format", default="text", choices=LOG_FORMATS,
+              help="text for people, json for log pipelines")
     add_model_flags(flags)
     parser.epilog = "Every flag reads its default from the environment variable named beside it."
     return parser
@@ -105,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         trust_remote_code=args.trust_remote_code,
         parent_pid=args.parent_pid,
         log_level=args.log_level,
+        log_format=args.log_format,
     )
 
 

@@ -1,0 +1,152 @@
+"""The ceiling: the raw pipeline in one process on the benchmark's own inputs.
+
+For each batch size (1, 2, 4, ..., 64) the pipeline runs over the workload's inputs, one
+call per batch, for a bounded time; items/s per batch size and the best batch size are
+reported. A batch of 1 is called as ``pipe(text)``, as the guide's server calls it; larger
+batches as ``pipe(texts, batch_size=n)``. No server can beat the best of these on the same
+machine: it is the model's own throughput, with no HTTP, no queues and no serialisation.
+
+The JSON encoding of the outputs (``json.dumps``, as Starlette's ``JSONResponse`` does) is
+timed separately and reported as ``items_per_s_with_json``: for token-level
+feature-extraction it is a large part of what a JSON-answering server must pay per item.
+
+Usage: ``python -m benchmarks.ceiling --model DIR --task fill-mask --workload varied``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from typing import Sequence
+
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def _json_dumps(outputs) -> int:
+    # Starlette's JSONResponse.render: json.dumps(..., ensure_ascii=False, allow_nan=False,
+    # indent=None, separators=(",", ":")).encode("utf-8")
+    return len(json.dumps(outputs, ensure_ascii=False, allow_nan=False, indent=None,
+                          separators=(",", ":")).encode("utf-8"))
+
+
+def measure(pipe, inputs: Sequence[str], *, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+            seconds_per_size: float = 2.0, max_items_per_size: int = 2048,
+            with_json: bool = True) -> dict:
+    """Items/s of ``pipe`` at each batch size, each bounded by time and item count."""
+    results = []
+    for bs in batch_sizes:
+        def call(i: int):
+            batch = [inputs[(i + k) % len(inputs)] for k in range(bs)]
+            if bs == 1:
+                return [pipe(batch[0])]
+            return pipe(batch, batch_size=bs)
+
+        call(0)  # warm this shape once, untimed
+        items = calls = 0
+        model_s = json_s = 0.0
+        out_bytes = 0
+        cpu0 = time.process_time()
+        while True:
+            t0 = time.perf_counter()
+            outputs = call(items)
+            t1 = time.perf_counter()
+            if with_json:
+                out_bytes += _json_dumps(outputs)
+                json_s += time.perf_counter() - t1
+            model_s += t1 - t0
+            items += bs
+            calls += 1
+            if model_s >= seconds_per_size or items >= max_items_per_size:
+                break
+        cpu_s = time.process_time() - cpu0
+        row = {
+            "batch_size": bs,
+            "items": items,
+            "calls": calls,
+            "seconds": round(model_s, 4),
+            "items_per_s": round(items / model_s, 3),
+            "ms_per_call": round(model_s / calls * 1000.0, 3),
+            "cpu_util": round(cpu_s / (model_s + json_s), 3) if model_s + json_s else None,
+        }
+        if with_json:
+            row["json_s"] = round(json_s, 4)
+            row["items_per_s_with_json"] = round(items / (model_s + json_s), 3)
+            row["json_bytes_per_item"] = round(out_bytes / items, 1)
+        results.append(row)
+        print(f"[ceiling] batch {bs:3d}: {row['items_per_s']:9.2f} items/s "
+              f"({row['ms_per_call']:.1f} ms per call, {calls} calls)", file=sys.stderr)
+    best = max(results, key=lambda r: r["items_per_s"])
+    return {
+        "batch_sizes": results,
+        "best_batch_size": best["batch_size"],
+        "best_items_per_s": best["items_per_s"],
+        "unbatched_items_per_s": next((r["items_per_s"] for r in results if r["batch_size"] == 1),
+                                      None),
+        "best_items_per_s_with_json": (max(r["items_per_s_with_json"] for r in results)
+                                       if with_json else None),
+    }
+
+
+def run(model: str, task: str, inputs: Sequence[str], **kwargs) -> dict:
+    import torch
+    import transformers
+    from transformers import pipeline
+
+    transformers.logging.set_verbosity_error()
+    started = time.monotonic()
+    pipe = pipeline(task=task, model=model)
+    load_s = time.monotonic() - started
+    out = measure(pipe, inputs, **kwargs)
+    out.update(model=model, task=task, inputs=len(inputs), load_s=round(load_s, 2),
+               torch_threads=torch.get_num_threads(), torch=torch.__version__,
+               transformers=transformers.__version__, python=platform.python_version(),
+               cpu_count=os.cpu_count())
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ceiling", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="local model directory")
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--workload", default="varied", choices=("varied", "mixed"))
+    parser.add_argument("--inputs", type=int, default=512, help="distinct inputs to cycle")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="limit for --workload mixed (default: the model's)")
+    parser.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)))
+    parser.add_argument("--seconds-per-size", type=float, default=2.0)
+    parser.add_argument("--max-items-per-size", type=int, default=2048)
+    parser.add_argument("--no-json", action="store_true", help="skip timing json.dumps")
+    parser.add_argument("--json-out", default=None, help="write the report here (else stdout)")
+    args = parser.parse_args(argv)
+
+    from benchmarks.workloads import make_inputs
+
+    max_tokens = args.max_tokens
+    if max_tokens is None:
+        from benchmarks.models import _max_tokens
+        from pathlib import Path
+
+        max_tokens = _max_tokens(Path(args.model))
+    inputs = make_inputs(args.workload, args.inputs, task=args.task, max_tokens=max_tokens)
+    report = run(args.model, args.task, inputs,
+                 batch_sizes=[int(x) for x in args.batch_sizes.split(",") if x.strip()],
+                 seconds_per_size=args.seconds_per_size,
+                 max_items_per_size=args.max_items_per_size, with_json=not args.no_json)
+    report["workload"] = args.workload
+    text = json.dumps(report, indent=2)
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            fh.write(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Turn ``results.json`` into ``report.md`` (docs-ready tables) and PNG plots.
+
+``python -m benchmarks.report [DIR]`` re-renders a results directory without re-running.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+SERVER_ORDER = ("batchwire", "guide", "guide-batching")
+COLORS = {"batchwire": "tab:blue", "guide": "tab:red", "guide-batching": "tab:orange"}
+
+
+def _fmt(x: Any, digits: int = 1) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}"
+    return str(x)
+
+
+def _closed_points(server: dict) -> list[dict]:
+    return [p for p in server.get("points", []) if p.get("mode") == "closed"]
+
+
+def _point_at(server: dict | None, concurrency: int) -> dict | None:
+    if not server:
+        return None
+    return next((p for p in _closed_points(server) if p["concurrency"] == concurrency), None)
+
+
+def _statuses(point: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in point["statuses"].items())
+
+
+def _ceiling_best(ceiling: dict | None) -> float | None:
+    if not ceiling or "error" in ceiling:
+        return None
+    return ceiling.get("best_items_per_s")
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or not b:
+        return None
+    return a / b
+
+
+def machine_section(results: dict) -> list[str]:
+    m = results["machine"]
+    v = m.get("versions", {})
+    versions = ", ".join(f"{k} {val}" for k, val in v.items() if val)
+    load = m.get("load_average")
+    load_end = m.get("load_average_end")
+    lines = [
+        "| | |",
+        "|---|---|",
+        f"| command | `{results['command']}` |",
+        f"| started | {results.get('started_at')} ({_fmt(results.get('elapsed_s'), 0)} s) |",
+        f"| CPU | {m.get('cpu_model')}, {m.get('cpu_count')} logical cores "
+        f"({m.get('cpus_usable')} usable) |",
+        f"| platform | {m.get('platform')}, Python {m.get('python')} |",
+        f"| versions | {versions} |",
+        f"| git | {m.get('git_commit')}{' (uncommitted changes)' if m.get('git_dirty') else ''} |",
+    ]
+    if load:
+        lines.append(f"| load average (1, 5, 15 min) | start {', '.join(f'{x:.2f}' for x in load)}"
+                     + (f"; end {', '.join(f'{x:.2f}' for x in load_end)}" if load_end else "")
+                     + " |")
+    cfg = results["config"]
+    bw = cfg["batchwire"]
+    lines.append(f"| per point | {cfg['warmup_s']} s warm-up, then {cfg['duration_s']} s or "
+                 f"{cfg['max_requests']} requests, closed loop; {cfg['inputs']} distinct inputs |")
+    lines.append(f"| batchwire | {bw['workers']} worker(s), max batch {bw['max_batch_size']}, "
+                 f"max delay {bw['max_delay_ms']} ms {bw.get('extra') or ''} |")
+    threads = cfg.get("torch_threads")
+    default = "each server's default (torch: one per core; batchwire: cores / workers)"
+    lines.append(f"| torch threads | {threads or default}"
+                 + (f"; environment {cfg['omp_env']}" if cfg.get("omp_env") else "") + " |")
+    cap = cfg.get("guide_batching_max_batch_size")
+    if cap is not None:
+        lines.append(f"| guide batching variant | max batch "
+                     f"{cap or 'unlimited (as in the guide)'} |")
+    return lines
+
+
+def loadgen_section(results: dict) -> list[str]:
+    lc = results.get("loadgen_ceiling")
+    if not lc:
+        return ["Not measured in this run (`--no-loadgen-ceiling`)."]
+    if "error" in lc:
+        return [f"Failed: {lc['error']}"]
+    lat = lc["latency_ms"]
+    server_cpu = lc.get("server_cpu_s")
+    return [
+        f"Against a trivial aiohttp server answering a constant (closed loop, "
+        f"C={lc['concurrency']}, {lc['wall_s']:.1f} s): **{lc['throughput_rps']:,.0f} req/s**, "
+        f"p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms; the generator used "
+        f"{lc['loadgen_cpu_util']:.2f} cores"
+        + (f" and the trivial server {server_cpu / lc['wall_s']:.2f}" if server_cpu else "")
+        + ". Every server point below is far under that rate, and its `loadgen` CPU column "
+        "shows what the generator took from the machine while measuring it.",
+    ]
+
+
+def ceiling_table(ceiling: dict | None) -> list[str]:
+    if not ceiling:
+        return ["Not measured in this run (`--no-ceiling`)."]
+    if "error" in ceiling:
+        return [f"Failed: {ceiling['error']}"]
+    lines = ["| batch size | items/s | ms per call | items/s incl. `json.dumps` "
+             "| JSON bytes per item |",
+             "|---:|---:|---:|---:|---:|"]
+    for row in ceiling["batch_sizes"]:
+        best = " **(best)**" if row["batch_size"] == ceiling["best_batch_size"] else ""
+        lines.append(f"| {row['batch_size']}{best} | {_fmt(row['items_per_s'])} | "
+                     f"{_fmt(row['ms_per_call'])} | {_fmt(row.get('items_per_s_with_json'))} | "
+                     f"{_fmt(row.get('json_bytes_per_item'), 0)} |")
+    gain = _ratio(ceiling["best_items_per_s"], ceiling.get("unbatched_items_per_s"))
+    lines += ["", f"Best: batch {ceiling['best_batch_size']}, "
+              f"{ceiling['best_items_per_s']:,.1f} items/s"
+              + (f", {gain:.2f} × the unbatched rate" if gain else "")
+              + f" (torch threads: {ceiling.get('torch_threads')})."]
+    return lines
+
+
+def server_table(workload: dict) -> list[str]:
+    best = _ceiling_best(workload.get("ceiling"))
+    lines = ["| server | load | req/s | × ceiling | p50 ms | p90 ms | p99 ms | max ms | "
+             "mean batch | statuses | CPU server / loadgen / others |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    servers = workload["servers"]
+    for name in [s for s in SERVER_ORDER if s in servers]:
+        entry = servers[name]
+        if not entry.get("points") and entry.get("error"):
+            lines.append(f"| {name} | failed | | | | | | | | {entry['error'].splitlines()[0]} | |")
+            continue
+        for p in entry["points"]:
+            load = f"C={p['concurrency']}" if p["mode"] == "closed" else f"{p['rate']:g}/s open"
+            lat = p["latency_ms"]
+            cpu = p.get("cpu_cores", {})
+            lines.append(
+                f"| {name} | {load} | {_fmt(p['throughput_rps'])} | "
+                f"{_fmt(_ratio(p['throughput_rps'], best), 2)} | {_fmt(lat['p50'])} | "
+                f"{_fmt(lat['p90'])} | {_fmt(lat['p99'])} | {_fmt(lat['max'])} | "
+                f"{_fmt(p.get('mean_batch_size'))} | {_statuses(p)} | "
+                f"{_fmt(cpu.get('server'), 2)} / {_fmt(cpu.get('loadgen'), 2)} / "
+                f"{_fmt(cpu.get('others'), 2)} |")
+        if entry.get("error"):
+            lines.append(f"| {name} | error | | | | | | | | {entry['error'].splitlines()[0]} | |")
+    lines += ["", "× ceiling: the server's requests/s over the raw pipeline's items/s at its best "
+              "batch size, in this run. CPU columns are in cores (CPU seconds per second): the "
+              "server's whole process tree, the load generator, and everything else on the "
+              "machine. Mean batch is batchwire's X-Batch-Size header (the guide's servers do "
+              "not report it)."]
+    return lines
+
+
+def ratio_lines(workload: dict) -> list[str]:
+    servers = workload["servers"]
+    bw, guide = servers.get("batchwire"), servers.get("guide")
+    best = _ceiling_best(workload.get("ceiling"))
+    out = []
+    cs = sorted({p["concurrency"] for s in servers.values() for p in _closed_points(s)})
+    high = 64 if 64 in cs else (max(cs) if cs else None)
+    if high is not None:
+        b, g = _point_at(bw, high), _point_at(guide, high)
+        if b and best:
+            out.append(f"- C={high}: batchwire throughput = {b['throughput_rps'] / best:.2f} × "
+                       f"the raw pipeline at its best batch size.")
+        if b and g and g["throughput_rps"]:
+            out.append(f"- C={high}: batchwire throughput = "
+                       f"{b['throughput_rps'] / g['throughput_rps']:.2f} × the guide's server; "
+                       f"p99 {b['latency_ms']['p99']:.1f} ms vs {g['latency_ms']['p99']:.1f} ms.")
+    if 1 in cs:
+        b, g = _point_at(bw, 1), _point_at(guide, 1)
+        if b and g and b["latency_ms"]["p50"] is not None and g["latency_ms"]["p50"] is not None:
+            d = b["latency_ms"]["p50"] - g["latency_ms"]["p50"]
+            out.append(f"- C=1: batchwire p50 {b['latency_ms']['p50']:.2f} ms vs the guide's "
+                       f"{g['latency_ms']['p50']:.2f} ms ({d:+.2f} ms).")
+    return out
+
+
+def plot_workload(workload: dict, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator, ScalarFormatter
+
+    servers = workload["servers"]
+    if not any(_closed_points(s) for s in servers.values()):
+        return None
+    concurrencies = sorted({p["concurrency"] for s in servers.values()
+                            for p in _closed_points(s)})
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    panels = (("throughput_rps", "throughput (requests/s)"), ("p50", "p50 latency (ms)"),
+              ("p99", "p99 latency (ms)"))
+    for ax, (key, title) in zip(axes, panels):
+        for name in [s for s in SERVER_ORDER if s in servers]:
+            pts = _closed_points(servers[name])
+            xs = [p["concurrency"] for p in pts]
+            ys = [p[key] if key == "throughput_rps" else p["latency_ms"][key] for p in pts]
+            pairs = [(x, y) for x, y in zip(xs, ys) if y is not None]
+            if pairs:
+                ax.plot(*zip(*pairs), marker="o", label=servers[name].get("label", name),
+                        color=COLORS.get(name))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(concurrencies)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel("concurrent clients (closed loop)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        if key != "throughput_rps":
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ceiling = workload.get("ceiling")
+    if ceiling and "error" not in ceiling:
+        axes[0].axhline(ceiling["best_items_per_s"], color="black", linestyle="--",
+                        label=f"raw pipeline, best batch ({ceiling['best_batch_size']})")
+        if ceiling.get("unbatched_items_per_s"):
+            axes[0].axhline(ceiling["unbatched_items_per_s"], color="gray", linestyle=":",
+                            label="raw pipeline, batch 1")
+    axes[0].set_ylim(bottom=0)
+    axes[0].legend(fontsize=8, loc="best")
+    fig.suptitle(f"{workload['name']}: {workload['description']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render_markdown(results: dict, plots: dict[str, Path]) -> str:
+    lines = ["# batchwire benchmark results", "",
+             "Generated by `benchmarks/run.py`. Ratios are between numbers measured in this "
+             "one run on this machine; absolute numbers from different runs or machines are "
+             "not comparable.", "", "## Machine and command", ""]
+    if results.get("note"):
+        lines += [f"Note: {results['note']}", ""]
+    lines += machine_section(results)
+    lines += ["", "## Load generator", ""] + loadgen_section(results)
+    for w in results["workloads"]:
+        m = w["model"]
+        description = w["description"][:1].upper() + w["description"][1:]
+        lines += ["", f"## {w['name']}", "", description + ".", "",
+                  f"Model `{m['key']}`: {m['description']} ({m['task']}, "
+                  f"max {m['max_tokens']} tokens). Inputs: {w['inputs']} distinct texts of "
+                  f"{w['input_words']['min']}-{w['input_words']['max']} words "
+                  f"(mean {w['input_words']['mean']}), sent raw to `POST /`.", "",
+                  "### Ceiling: the raw pipeline in one process", ""]
+        lines += ceiling_table(w.get("ceiling"))
+        lines += ["", "### Servers", ""] + server_table(w)
+        ratios = ratio_lines(w)
+        if ratios:
+            lines += ["", "### Ratios", ""] + ratios
+        if w["name"] in plots:
+            lines += ["", f"![{w['name']}]({plots[w['name']].name})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict, out: Path, *, plots: bool = True) -> list[Path]:
+    out = Path(out)
+    written: dict[str, Path] = {}
+    if plots:
+        for w in results["workloads"]:
+            path = plot_workload(w, out / f"{w['name']}.png")
+            if path is not None:
+                written[w["name"]] = path
+    report = out / "report.md"
+    report.write_text(render_markdown(results, written))
+    return [report, *written.values()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    out = Path(argv[0]) if argv else Path(__file__).resolve().parent / "results"
+    results = json.loads((out / "results.json").read_text())
+    for path in write_report(results, out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,464 @@
+"""Run the benchmark suite: every workload on every server, plus the ceilings.
+
+``python -m benchmarks.run`` (``make bench``) does, for each workload:
+
+1. the ceiling: the raw pipeline in its own process on the workload's inputs at batch sizes
+   1..64 (:mod:`benchmarks.ceiling`);
+2. for each server (batchwire, the guide's reference server, the guide's batching variant):
+   start it as a subprocess on a free 127.0.0.1 port, wait (with a deadline) until it has
+   answered a real request, then for each concurrency level run a short untimed warm-up
+   and a measured closed-loop point (:mod:`benchmarks.loadgen`), bounded by ``--duration``
+   and ``--max-requests``; then stop it (SIGTERM, wait, SIGKILL).
+
+Once per run the load generator's own ceiling is measured against a trivial aiohttp server.
+Everything lands in ``<out>/results.json``; ``<out>/report.md`` holds docs-ready tables and
+``<out>/*.png`` the plots. Server logs and raw ceiling reports go to ``<out>/raw/``.
+
+``--quick`` is the end-to-end check the test suite runs: the tiny model only, concurrency
+1 and 8, about a second per point.
+
+CPU accounting per point (all in cores, i.e. CPU seconds per wall second): the server's
+process tree, the load generator, and the rest of the machine ("others": anything else
+running on the box, which makes a point less trustworthy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from benchmarks import loadgen
+from benchmarks.procs import (
+    REPO_ROOT,
+    ServerFailed,
+    ServerProcess,
+    bench_env,
+    die_with_parent,
+    free_port,
+    machine_cpu_seconds,
+)
+
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
+SERVERS = ("batchwire", "guide", "guide-batching")
+SERVER_LABELS = {
+    "batchwire": "batchwire",
+    "guide": "guide reference (Starlette, per request)",
+    "guide-batching": "guide batching variant (1 ms drain)",
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    model: str  # a key of benchmarks.models
+    shape: str  # varied | mixed
+    description: str
+
+
+WORKLOADS = {
+    w.name: w
+    for w in (
+        Workload("fill-mask-minilm-varied", "minilm-fill-mask", "varied",
+                 "fill-mask (the guide's task) on a MiniLM-sized BERT, sentences of 5-40 words"),
+        Workload("fill-mask-minilm-mixed", "minilm-fill-mask", "mixed",
+                 "fill-mask on a MiniLM-sized BERT, lengths spread up to the 512-token limit"),
+        Workload("features-minilm-varied", "minilm-features", "varied",
+                 "token-level feature-extraction (all-MiniLM-L6-v2): large float answers, "
+                 "sentences of 5-40 words"),
+        Workload("features-minilm-mixed", "minilm-features", "mixed",
+                 "token-level feature-extraction, lengths spread up to the 512-token limit"),
+        Workload("fill-mask-tiny-varied", "tiny-fill-mask", "varied",
+                 "the tiny random fill-mask model: the servers' own overhead"),
+    )
+}
+DEFAULT_WORKLOADS = tuple(WORKLOADS)
+QUICK_WORKLOADS = ("fill-mask-tiny-varied",)
+
+
+def _csv_ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _csv_floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="tiny model, concurrency 1 and 8, ~1 s points: an end-to-end check")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
+    p.add_argument("--workloads", type=_csv, default=None,
+                   help=f"comma list of {', '.join(WORKLOADS)} (default: all; --quick: tiny)")
+    p.add_argument("--servers", type=_csv, default=list(SERVERS), help="comma list")
+    p.add_argument("--concurrency", type=_csv_ints, default=None,
+                   help="closed-loop client counts (default 1,8,32,64,128; --quick 1,8)")
+    p.add_argument("--rates", type=_csv_floats, default=[],
+                   help="also run open-loop points at these request rates (per second)")
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds per measured point (default 10; --quick 1)")
+    p.add_argument("--warmup", type=float, default=None,
+                   help="untimed seconds before each point (default 2; --quick 0.3)")
+    p.add_argument("--max-requests", type=int, default=None,
+                   help="request cap per point (default 20000; --quick 300)")
+    p.add_argument("--grace", type=float, default=None,
+                   help="seconds after a point's duration before outstanding requests are "
+                   "cancelled (default 15; --quick 5)")
+    p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, s")
+    p.add_argument("--inputs", type=int, default=512, help="distinct inputs per workload")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the raw-pipeline ceiling")
+    p.add_argument("--batch-sizes", type=_csv_ints, default=[1, 2, 4, 8, 16, 32, 64],
+                   help="ceiling batch sizes")
+    p.add_argument("--ceiling-seconds", type=float, default=None,
+                   help="ceiling seconds per batch size (default 3; --quick 0.2)")
+    p.add_argument("--no-loadgen-ceiling", action="store_true",
+                   help="skip measuring the load generator against a trivial server")
+    p.add_argument("--ready-timeout", type=float, default=None,
+                   help="seconds a server may take to answer its first request "
+                   "(default 300; --quick 90)")
+    p.add_argument("--keep-going", action=argparse.BooleanOptionalAction, default=None,
+                   help="after a server fails, go on with the others (default: yes; "
+                   "--quick: no, stop at the first failure)")
+    p.add_argument("--bw-workers", type=int, default=1, help="batchwire --workers")
+    p.add_argument("--bw-max-batch-size", type=int, default=32, help="batchwire --max-batch-size")
+    p.add_argument("--bw-max-delay-ms", type=float, default=2.0, help="batchwire --max-delay-ms")
+    p.add_argument("--bw-max-queue", type=int, default=4096, help="batchwire --max-queue")
+    p.add_argument("--bw-args", default="", help="extra batchwire serve flags (one string)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch intra-op threads for every server and the ceiling alike "
+                   "(OMP_NUM_THREADS, and batchwire's --torch-threads); 0: each one's default "
+                   "(torch: one per core; batchwire: the cores divided among its workers). "
+                   "Default 0; --quick 1 (the tiny model gains nothing from threads)")
+    p.add_argument("--guide-max-batch-size", type=int, default=64,
+                   help="batch cap of the guide's batching variant (0: none, as in the guide)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--note", default="", help="free text recorded in results.json and report.md")
+    return p
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    quick = args.quick
+    defaults = {
+        "workloads": list(QUICK_WORKLOADS if quick else DEFAULT_WORKLOADS),
+        "concurrency": [1, 8] if quick else [1, 8, 32, 64, 128],
+        "duration": 1.0 if quick else 10.0,
+        "warmup": 0.3 if quick else 2.0,
+        "max_requests": 300 if quick else 20_000,
+        "grace": 5.0 if quick else 15.0,
+        "ceiling_seconds": 0.2 if quick else 3.0,
+        "ready_timeout": 90.0 if quick else 300.0,
+        "keep_going": not quick,
+        "torch_threads": 1 if quick else 0,
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if quick:
+        args.ceiling_max_items = 64
+        args.loadgen_ceiling_duration = 1.0
+        args.inputs = min(args.inputs, 128)
+    else:
+        args.ceiling_max_items = 4096
+        args.loadgen_ceiling_duration = 3.0
+    unknown = [w for w in args.workloads if w not in WORKLOADS]
+    if unknown:
+        raise SystemExit(f"unknown workload(s) {unknown}; known: {', '.join(WORKLOADS)}")
+    unknown = [s for s in args.servers if s not in SERVERS]
+    if unknown:
+        raise SystemExit(f"unknown server(s) {unknown}; known: {', '.join(SERVERS)}")
+    if min(args.concurrency, default=1) < 1 or args.duration <= 0 or args.max_requests < 1:
+        raise SystemExit("concurrency, --duration and --max-requests must be positive")
+    return args
+
+
+# -- machine facts --------------------------------------------------------------------------
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _git(*argv: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *argv], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def machine_facts() -> dict:
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = None
+    dirty = _git("status", "--porcelain")
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": affinity,
+        "cpu_model": _cpu_model(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {name: _version(name) for name in (
+            "torch", "transformers", "tokenizers", "numpy", "aiohttp", "starlette", "uvicorn",
+            "pyzmq", "msgpack", "orjson", "uvloop", "httptools", "matplotlib", "batchwire")},
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(dirty) if dirty is not None else None,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+# -- servers -------------------------------------------------------------------------------
+def subprocess_env(args: argparse.Namespace) -> dict[str, str]:
+    if args.torch_threads > 0:
+        n = str(args.torch_threads)
+        return bench_env({"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n})
+    return bench_env()
+
+
+def server_argv(name: str, model, port: int, args: argparse.Namespace) -> list[str]:
+    if name == "batchwire":
+        threads = ["--torch-threads", str(args.torch_threads)] if args.torch_threads > 0 else []
+        return [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1",
+                "--port", str(port), "--model", model.path, "--task", model.task,
+                "--workers", str(args.bw_workers),
+                "--max-batch-size", str(args.bw_max_batch_size),
+                "--max-delay-ms", str(args.bw_max_delay_ms),
+                "--max-queue", str(args.bw_max_queue),
+                "--log-level", "WARNING", *threads, *shlex.split(args.bw_args)]
+    argv = [sys.executable, "-m", "benchmarks.reference_server", "--model", model.path,
+            "--task", model.task, "--port", str(port)]
+    if name == "guide-batching":
+        argv += ["--batching", "--max-batch-size", str(args.guide_max_batch_size)]
+    return argv
+
+
+def measure_point(server: ServerProcess, inputs: list[str], args: argparse.Namespace, *,
+                  concurrency: int | None = None, rate: float | None = None) -> dict:
+    url = server.base_url + "/"
+    common = dict(timeout_s=args.timeout, grace_s=args.grace)
+    warm_c = concurrency or max(1, min(64, int(rate or 1)))
+    # Warm-up: untimed, same shape of load (also absorbs a previous point's leftovers).
+    asyncio.run(loadgen.closed_loop(url, inputs, concurrency=warm_c, duration_s=args.warmup,
+                                    max_requests=max(warm_c * 4, 50), **common))
+    server_cpu0, machine0 = server.cpu_seconds(), machine_cpu_seconds()
+    if rate is not None:
+        result = asyncio.run(loadgen.open_loop(url, inputs, rate=rate, duration_s=args.duration,
+                                               max_requests=args.max_requests, **common))
+    else:
+        result = asyncio.run(loadgen.closed_loop(url, inputs, concurrency=concurrency,
+                                                 duration_s=args.duration,
+                                                 max_requests=args.max_requests, **common))
+    server_cpu1, machine1 = server.cpu_seconds(), machine_cpu_seconds()
+    wall = result["wall_s"] or 1e-9
+    cpu = {"loadgen": round(result["loadgen_cpu_s"] / wall, 3)}
+    if server_cpu0 is not None and server_cpu1 is not None:
+        cpu["server"] = round((server_cpu1 - server_cpu0) / wall, 3)
+    if machine0 and machine1:
+        busy = (machine1[0] - machine0[0]) / wall
+        cpu["machine_busy"] = round(busy, 3)
+        if "server" in cpu:
+            # Everything else on the box during the point (other jobs, the kernel's share).
+            cpu["others"] = round(max(0.0, busy - cpu["server"] - cpu["loadgen"]), 3)
+    result["cpu_cores"] = cpu
+    return result
+
+
+def run_server(name: str, model, inputs: list[str], args: argparse.Namespace,
+               raw_dir: Path, workload: str) -> dict:
+    port = free_port()
+    argv = server_argv(name, model, port, args)
+    server = ServerProcess(name, argv, port, raw_dir / f"{workload}.{name}.log",
+                           env=subprocess_env(args))
+    entry: dict = {"server": name, "label": SERVER_LABELS[name],
+                   "argv": [Path(a).name if i == 0 else a for i, a in enumerate(argv)],
+                   "points": []}
+    print(f"[bench] {workload}: starting {name} on port {port}", file=sys.stderr)
+    try:
+        server.start()
+        entry["ready_after_s"] = round(server.wait_ready(args.ready_timeout,
+                                                         inputs[0].encode("utf-8")), 2)
+        for c in args.concurrency:
+            point = measure_point(server, inputs, args, concurrency=c)
+            entry["points"].append(point)
+            _log_point(workload, name, f"C={c}", point)
+            if not server.alive():
+                raise ServerFailed(f"{name} died during the C={c} point:\n{server.log_tail()}")
+        for rate in args.rates:
+            point = measure_point(server, inputs, args, rate=rate)
+            entry["points"].append(point)
+            _log_point(workload, name, f"rate={rate:g}/s", point)
+    except ServerFailed as exc:
+        entry["error"] = str(exc)
+        print(f"[bench] {workload}: {name} FAILED: {exc}", file=sys.stderr)
+    finally:
+        entry["exit_code"] = server.stop()
+    return entry
+
+
+def _log_point(workload: str, server: str, label: str, point: dict) -> None:
+    lat = point["latency_ms"]
+    print(f"[bench] {workload} {server} {label}: {point['throughput_rps']:.1f} req/s, "
+          f"p50 {lat['p50']} ms, p99 {lat['p99']} ms, statuses {point['statuses']}, "
+          f"cpu {point.get('cpu_cores')}", file=sys.stderr)
+
+
+def run_ceiling(model, workload: Workload, args: argparse.Namespace, raw_dir: Path) -> dict:
+    out = raw_dir / f"{workload.name}.ceiling.json"
+    argv = [sys.executable, "-m", "benchmarks.ceiling", "--model", model.path,
+            "--task", model.task, "--workload", workload.shape,
+            "--inputs", str(args.inputs), "--max-tokens", str(model.max_tokens),
+            "--batch-sizes", ",".join(map(str, args.batch_sizes)),
+            "--seconds-per-size", str(args.ceiling_seconds),
+            "--max-items-per-size", str(args.ceiling_max_items), "--json-out", str(out)]
+    print(f"[bench] {workload.name}: ceiling", file=sys.stderr)
+    limit = 120 + len(args.batch_sizes) * (args.ceiling_seconds * 4 + 60)
+    try:
+        proc = subprocess.run(argv, cwd=REPO_ROOT, env=subprocess_env(args), timeout=limit,
+                              capture_output=True, text=True,
+                              preexec_fn=die_with_parent if sys.platform.startswith("linux")
+                              else None)
+    except subprocess.TimeoutExpired:
+        return {"error": f"ceiling did not finish within {limit:.0f} s"}
+    (raw_dir / f"{workload.name}.ceiling.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        return {"error": f"ceiling exited {proc.returncode}: {proc.stderr[-2000:]}"}
+    return json.loads(out.read_text())
+
+
+# -- main -------------------------------------------------------------------------------------
+def _terminate(signum, frame) -> None:
+    # SIGTERM unwinds like ^C, so every `finally` stops its server before we exit.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    signal.signal(signal.SIGTERM, _terminate)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = resolve(build_parser().parse_args(argv))
+    out: Path = args.out.resolve()
+    raw_dir = out / "raw"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    from benchmarks.models import get_model
+    from benchmarks.workloads import make_inputs
+
+    results: dict = {
+        "schema": 1,
+        "command": "python -m benchmarks.run" + "".join(" " + shlex.quote(a) for a in argv),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "note": args.note,
+        "machine": machine_facts(),
+        "config": {
+            "quick": args.quick, "workloads": args.workloads, "servers": args.servers,
+            "concurrency": args.concurrency, "rates": args.rates, "duration_s": args.duration,
+            "warmup_s": args.warmup, "max_requests": args.max_requests, "grace_s": args.grace,
+            "timeout_s": args.timeout, "inputs": args.inputs, "batch_sizes": args.batch_sizes,
+            "ceiling_seconds_per_size": args.ceiling_seconds,
+            "batchwire": {"workers": args.bw_workers, "max_batch_size": args.bw_max_batch_size,
+                          "max_delay_ms": args.bw_max_delay_ms, "max_queue": args.bw_max_queue,
+                          "extra": args.bw_args},
+            "guide_batching_max_batch_size": args.guide_max_batch_size,
+            "torch_threads": args.torch_threads,
+            "omp_env": {k: v for k, v in os.environ.items()
+                        if k.startswith(("OMP_", "MKL_", "KMP_"))},
+        },
+        "loadgen_ceiling": None,
+        "workloads": [],
+    }
+
+    def save() -> None:
+        results["elapsed_s"] = round(time.time() - started, 1)
+        tmp = out / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        tmp.replace(out / "results.json")
+
+    if not args.no_loadgen_ceiling:
+        print("[bench] load generator ceiling (trivial aiohttp server)", file=sys.stderr)
+        try:
+            results["loadgen_ceiling"] = loadgen.measure_ceiling(
+                concurrency=max(args.concurrency), duration_s=args.loadgen_ceiling_duration,
+                log_path=raw_dir / "trivial-server.log")
+        except ServerFailed as exc:
+            results["loadgen_ceiling"] = {"error": str(exc)}
+        save()
+
+    failed = False
+    for name in args.workloads:
+        workload = WORKLOADS[name]
+        model = get_model(workload.model)
+        inputs = make_inputs(workload.shape, args.inputs, task=model.task,
+                             max_tokens=model.max_tokens)
+        entry: dict = {"name": name, "description": workload.description,
+                       "shape": workload.shape, "model": asdict(model),
+                       "inputs": len(inputs),
+                       "input_words": {"min": min(len(x.split()) for x in inputs),
+                                       "max": max(len(x.split()) for x in inputs),
+                                       "mean": round(sum(len(x.split()) for x in inputs)
+                                                     / len(inputs), 1)},
+                       "ceiling": None, "servers": {}}
+        results["workloads"].append(entry)
+        if not args.no_ceiling:
+            entry["ceiling"] = run_ceiling(model, workload, args, raw_dir)
+            save()
+            if "error" in entry["ceiling"]:
+                print(f"[bench] {name}: ceiling FAILED: {entry['ceiling']['error']}",
+                      file=sys.stderr)
+                failed = True
+        for server_name in args.servers:
+            entry["servers"][server_name] = run_server(server_name, model, inputs, args,
+                                                       raw_dir, name)
+            failed = failed or "error" in entry["servers"][server_name]
+            save()
+            if failed and not args.keep_going:
+                break
+        if failed and not args.keep_going:
+            print("[bench] stopping at the first failure (--no-keep-going)", file=sys.stderr)
+            break
+
+    results["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    results["machine"]["load_average_end"] = (list(os.getloadavg())
+                                              if hasattr(os, "getloadavg") else None)
+    save()
+
+    from benchmarks.report import write_report
+
+    written = write_report(results, out, plots=not args.no_plots)
+    print(f"[bench] wrote {out / 'results.json'}", file=sys.stderr)
+    for path in written:
+        print(f"[bench] wrote {path}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

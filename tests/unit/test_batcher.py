@@ -1,0 +1,869 @@
+"""Unit tests for worker/batcher.py: the deadline-bounded dynamic batching policy.
+
+Everything here is plain asyncio plus a plain-Python runner executed in a real
+single-thread executor (as the worker does): no sockets, no torch. Timing assertions
+use the time the runner is *called*, recorded inside the runner with ``time.monotonic``
+(the batcher's own clock), so they measure the policy and not the test's scheduling.
+Synchronisation is always "wait for a condition, with a timeout"; the only sleeps are
+inside the runner (simulated compute) or the poll step of :func:`wait_until`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+
+from protocol.errors import (
+    BadInput,
+    BatchwireError,
+    Cancelled,
+    DeadlineExceeded,
+    InvalidParameters,
+    ModelError,
+)
+from worker.batcher import Batcher, BatchStats, WorkItem
+from worker.runner import classify_error as pipeline_classify_error
+
+#: Slack allowed on "it ran at time T" assertions.
+TOL = 0.05
+#: Upper bound on any single wait in these tests.
+WAIT = 5.0
+
+P_A = {"top_k": 1}
+P_B = {"top_k": 5}
+
+
+def key_of(parameters: dict) -> Any:
+    return tuple(sorted(parameters.items()))
+
+
+def default_outputs(inputs: list, parameters: dict) -> list:
+    return [("out", x, parameters.get("top_k")) for x in inputs]
+
+
+def expected_output(item: WorkItem) -> Any:
+    return ("out", item.inputs, item.parameters.get("top_k"))
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = WAIT, what: str = "") -> None:
+    """Wait for ``condition`` to hold, polling; fail the test if it does not within ``timeout``."""
+
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.005)
+
+    try:
+        await asyncio.wait_for(poll(), timeout)
+    except asyncio.TimeoutError:
+        pytest.fail(f"timed out after {timeout}s waiting for {what or condition}")
+
+
+@dataclass
+class Call:
+    started: float
+    inputs: list
+    parameters: dict
+    ended: float | None = None
+
+
+class Runner:
+    """A synchronous ``runner(inputs, parameters) -> outputs`` that records every call.
+
+    ``compute`` produces the outputs (and may raise); ``block_first`` makes the first call
+    park on a threading.Event until :meth:`release` (``first_started`` tells when it is
+    parked); ``duration`` is simulated compute time per call.
+    """
+
+    def __init__(
+        self,
+        compute: Callable[[list, dict], Any] = default_outputs,
+        *,
+        block_first: bool = False,
+        duration: float = 0.0,
+    ):
+        self.compute = compute
+        self.block_first = block_first
+        self.duration = duration
+        self.calls: list[Call] = []
+        self._lock = threading.Lock()
+        self.first_started = threading.Event()
+        self._release = threading.Event()
+
+    def __call__(self, inputs: list, parameters: dict) -> Any:
+        call = Call(time.monotonic(), list(inputs), dict(parameters))
+        with self._lock:
+            self.calls.append(call)
+            first = len(self.calls) == 1
+        try:
+            if self.block_first and first:
+                self.first_started.set()
+                if not self._release.wait(WAIT):
+                    raise RuntimeError("test runner was never released")
+            if self.duration:
+                time.sleep(self.duration)
+            return self.compute(inputs, parameters)
+        finally:
+            call.ended = time.monotonic()
+
+    def release(self) -> None:
+        self._release.set()
+
+    @property
+    def seen_inputs(self) -> list:
+        return [x for call in self.calls for x in call.inputs]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(call.inputs) for call in self.calls]
+
+
+@dataclass
+class Outcome:
+    kind: str  # "result" or "error"
+    item: WorkItem
+    output: Any = None
+    stats: BatchStats | None = None
+    error: BatchwireError | None = None
+
+
+@dataclass
+class Harness:
+    batcher: Batcher
+    runner: Runner
+    executor: ThreadPoolExecutor
+    task: asyncio.Task | None = None
+    outcomes: dict[int, list[Outcome]] = field(default_factory=dict)
+
+    def record(self, outcome: Outcome) -> None:
+        self.outcomes.setdefault(outcome.item.request_id, []).append(outcome)
+
+    @property
+    def answered(self) -> int:
+        return len(self.outcomes)
+
+    def only(self, request_id: int) -> Outcome:
+        got = self.outcomes.get(request_id, [])
+        assert len(got) == 1, f"request {request_id} got {len(got)} outcomes: {got}"
+        return got[0]
+
+    def results(self) -> dict[int, Outcome]:
+        return {rid: o[0] for rid, o in self.outcomes.items() if o[0].kind == "result"}
+
+    def errors(self) -> dict[int, Outcome]:
+        return {rid: o[0] for rid, o in self.outcomes.items() if o[0].kind == "error"}
+
+    def submit(self, *items: WorkItem) -> None:
+        for it in items:
+            self.batcher.submit(it)
+
+    async def answered_all(self, items, timeout: float = WAIT) -> None:
+        ids = {it.request_id for it in items}
+        await wait_until(lambda: ids <= self.outcomes.keys(), timeout,
+                         f"outcomes for {len(ids)} requests")
+
+    def assert_exactly_once(self, items) -> None:
+        for it in items:
+            self.only(it.request_id)
+        extra = self.outcomes.keys() - {it.request_id for it in items}
+        assert not extra, f"outcomes for requests never submitted: {extra}"
+
+
+def make_item(
+    rid: int,
+    inputs: Any = None,
+    *,
+    parameters: dict = P_A,
+    admitted_at: float | None = None,
+    deadline: float | None = None,
+) -> WorkItem:
+    now = time.monotonic()
+    return WorkItem(
+        request_id=rid,
+        inputs=f"in-{rid}" if inputs is None else inputs,
+        parameters=parameters,
+        parameter_key=key_of(parameters),
+        admitted_at=now if admitted_at is None else admitted_at,
+        deadline=now + 60.0 if deadline is None else deadline,
+    )
+
+
+@pytest.fixture
+async def make_batcher():
+    """Factory: a started Batcher around a Runner; closed and awaited at teardown."""
+    harnesses: list[Harness] = []
+
+    def factory(
+        runner: Runner | None = None,
+        *,
+        max_batch_size: int = 8,
+        max_delay: float = 0.05,
+        classify_error: Callable[[BaseException], BatchwireError] | None = None,
+    ) -> Harness:
+        runner = runner or Runner()
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-inference")
+        harness: Harness
+
+        def on_result(item: WorkItem, output: Any, stats: BatchStats) -> None:
+            harness.record(Outcome("result", item, output=output, stats=stats))
+
+        def on_error(item: WorkItem, error: BatchwireError) -> None:
+            harness.record(Outcome("error", item, error=error))
+
+        extra = {} if classify_error is None else {"classify_error": classify_error}
+        batcher = Batcher(
+            runner=runner,
+            executor=executor,
+            max_batch_size=max_batch_size,
+            max_delay_s=max_delay,
+            on_result=on_result,
+            on_error=on_error,
+            **extra,
+        )
+        harness = Harness(batcher, runner, executor)
+        harness.task = asyncio.create_task(batcher.run(), name="batcher-under-test")
+        harnesses.append(harness)
+        return harness
+
+    yield factory
+
+    failures = []
+    for h in harnesses:
+        h.runner.release()
+        h.batcher.close()
+        try:
+            await asyncio.wait_for(h.task, WAIT)
+        except BaseException as exc:  # noqa: BLE001 - tear every harness down, then report
+            failures.append(exc)
+        finally:
+            h.executor.shutdown(wait=True)
+    if failures:
+        raise failures[0]
+
+
+# -- construction ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("max_batch_size", "max_delay"),
+    [(0, 0.01), (-1, 0.01), (1, -0.001), (8, -1.0)],
+)
+def test_constructor_rejects_bad_limits(max_batch_size, max_delay):
+    with ThreadPoolExecutor(max_workers=1) as executor, pytest.raises(ValueError):
+        Batcher(
+            runner=Runner(),
+            executor=executor,
+            max_batch_size=max_batch_size,
+            max_delay_s=max_delay,
+            on_result=lambda *a: None,
+            on_error=lambda *a: None,
+        )
+
+
+def test_constructor_accepts_edge_limits():
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        b = Batcher(
+            runner=Runner(),
+            executor=executor,
+            max_batch_size=1,
+            max_delay_s=0.0,
+            on_result=lambda *a: None,
+            on_error=lambda *a: None,
+        )
+        assert b.queued == 0 and not b.busy
+
+
+# -- 1. the delay bound ----------------------------------------------------------------
+
+
+async def test_lone_item_dispatched_at_admission_plus_max_delay(make_batcher):
+    max_delay = 0.15
+    h = make_batcher(max_delay=max_delay)
+    # An empty queue starts no timer: let the batcher sit idle for longer than max_delay
+    # (and not a multiple of it) before the item arrives; a periodic flush would run early.
+    idle, _ = await asyncio.wait({h.task}, timeout=0.2)
+    assert not idle and h.runner.calls == []
+
+    item = make_item(1)
+    h.submit(item)
+    await h.answered_all([item])
+
+    assert h.only(1).kind == "result"
+    assert len(h.runner.calls) == 1
+    ran_at = h.runner.calls[0].started - item.admitted_at
+    assert ran_at >= max_delay - 0.005, f"dispatched early: after {ran_at * 1000:.1f} ms"
+    assert ran_at <= max_delay + TOL, f"dispatched late: after {ran_at * 1000:.1f} ms"
+
+
+# -- 2. gateway queueing time counts ----------------------------------------------------
+
+
+@pytest.mark.parametrize("already_waited", [1.0, 1.5, 0.5])
+async def test_time_queued_in_gateway_counts_toward_max_delay(make_batcher, already_waited):
+    max_delay = 0.3
+    h = make_batcher(max_delay=max_delay)
+    submitted = time.monotonic()
+    item = make_item(1, admitted_at=submitted - already_waited * max_delay)
+    h.submit(item)
+    await h.answered_all([item])
+
+    assert h.only(1).kind == "result"
+    waited_here = h.runner.calls[0].started - submitted
+    remaining = max(0.0, (1.0 - already_waited) * max_delay)
+    assert waited_here <= remaining + TOL, f"waited {waited_here * 1000:.1f} ms in the worker"
+    assert waited_here >= remaining - 0.005, f"waited only {waited_here * 1000:.1f} ms"
+    if already_waited >= 1.0:
+        assert waited_here < max_delay / 3  # "immediately", well under max_delay
+
+
+# -- 3. size cap -----------------------------------------------------------------------
+
+
+async def test_batches_close_when_full_and_never_exceed_max_batch_size(make_batcher):
+    B, max_delay = 4, 0.6
+    h = make_batcher(max_batch_size=B, max_delay=max_delay)
+    now = time.monotonic()
+    items = [make_item(i, admitted_at=now) for i in range(3 * B + 1)]
+    h.submit(*items)
+    await h.answered_all(items)
+
+    h.assert_exactly_once(items)
+    assert all(o.kind == "result" for o in h.results().values())
+    assert len(h.results()) == len(items)
+    assert all(size <= B for size in h.runner.sizes), h.runner.sizes
+    assert h.runner.sizes == [B, B, B, 1]
+    for call in h.runner.calls[:3]:
+        # Full batches close because they are full, long before the delay runs out.
+        assert call.started - now < max_delay / 3, call.started - now
+    # The leftover is not full: it waits for its delay.
+    assert h.runner.calls[3].started - now >= max_delay - 0.005
+    # Every item got its own output back.
+    for it in items:
+        assert h.only(it.request_id).output == expected_output(it)
+
+
+async def test_exactly_full_batch_closes_without_waiting(make_batcher):
+    B = 4
+    h = make_batcher(max_batch_size=B, max_delay=30.0)
+    now = time.monotonic()
+    items = [make_item(i, admitted_at=now) for i in range(B)]
+    h.submit(*items)
+    await wait_until(lambda: h.runner.calls, timeout=1.0, what="a full batch to be dispatched")
+    await h.answered_all(items)
+    assert h.runner.sizes == [B]
+    assert h.runner.calls[0].started - now < TOL
+
+
+# -- 4. max_delay = 0 ------------------------------------------------------------------
+
+
+async def test_zero_max_delay_takes_what_is_there_at_once(make_batcher):
+    runner = Runner(block_first=True)
+    h = make_batcher(runner, max_batch_size=8, max_delay=0.0)
+    first = [make_item(i) for i in range(5)]
+    submitted = time.monotonic()
+    h.submit(*first)
+    await wait_until(runner.first_started.is_set, what="the first batch to start")
+    # Everything that was there went in one batch, at once.
+    assert runner.sizes == [5]
+    assert runner.calls[0].started - submitted < TOL
+
+    # What arrives while the model is busy is taken as soon as it is free, whatever count.
+    second = [make_item(10 + i) for i in range(3)]
+    h.submit(*second)
+    released = time.monotonic()
+    runner.release()
+    await h.answered_all(first + second)
+    assert runner.sizes == [5, 3]
+    assert runner.calls[1].started - released < TOL
+    h.assert_exactly_once(first + second)
+
+
+async def test_zero_max_delay_lone_item_runs_immediately(make_batcher):
+    h = make_batcher(max_delay=0.0)
+    item = make_item(1)
+    h.submit(item)
+    await h.answered_all([item])
+    assert h.runner.calls[0].started - item.admitted_at < TOL
+    assert h.only(1).output == expected_output(item)
+
+
+# -- 5. the next batch fills while the model is busy ---------------------------------
+
+
+async def test_next_batch_fills_while_model_is_busy(make_batcher):
+    runner = Runner(block_first=True)
+    h = make_batcher(runner, max_batch_size=8, max_delay=0.02)
+    first = make_item(0)
+    h.submit(first)
+    await wait_until(runner.first_started.is_set, what="the first batch to start")
+    assert h.batcher.busy
+
+    waiting = [make_item(i) for i in range(1, 6)]
+    h.submit(*waiting)
+    # Let the loop see the submissions (and the delay expire) while the model is busy:
+    # nothing may be dispatched to the executor meanwhile.
+    await wait_until(lambda: time.monotonic() - waiting[0].admitted_at > 0.02 + 0.01)
+    assert h.batcher.queued == len(waiting)
+    assert len(runner.calls) == 1
+
+    released = time.monotonic()
+    runner.release()
+    await h.answered_all([first, *waiting])
+
+    assert runner.sizes == [1, len(waiting)]
+    assert runner.calls[1].inputs == [it.inputs for it in waiting]
+    # Their delay had already run out while they waited: no extra wait once free.
+    assert runner.calls[1].started - released < TOL
+    h.assert_exactly_once([first, *waiting])
+    assert all(h.only(it.request_id).stats.batch_size == len(waiting) for it in waiting)
+    assert not h.batcher.busy
+
+
+# -- 6. parameters -----------------------------------------------------------------------
+
+
+async def test_different_parameters_are_batched_separately(make_batcher):
+    h = make_batcher(max_batch_size=8, max_delay=0.05)
+    now = time.monotonic()
+    items = [
+        make_item(i, inputs=("A" if i % 2 == 0 else "B", i),
+                  parameters=P_A if i % 2 == 0 else P_B, admitted_at=now + i * 1e-6)
+        for i in range(10)
+    ]
+    h.submit(*items)
+    await h.answered_all(items)
+
+    h.assert_exactly_once(items)
+    by_tag = {"A": P_A, "B": P_B}
+    for call in h.runner.calls:
+        tags = {tag for tag, _ in call.inputs}
+        assert len(tags) == 1, f"batch mixes parameter sets: {call.inputs}"
+        assert call.parameters == by_tag[tags.pop()]
+    assert sorted(h.runner.sizes) == [5, 5]
+    for it in items:
+        out = h.only(it.request_id)
+        assert out.kind == "result"
+        assert out.output == expected_output(it)
+
+
+async def test_oldest_parameter_set_goes_first_and_others_wait(make_batcher):
+    # A full group of another parameter set must not starve the oldest item, and must
+    # not be mixed into its batch.
+    h = make_batcher(max_batch_size=3, max_delay=0.05)
+    now = time.monotonic()
+    old = make_item(0, inputs=("A", 0), parameters=P_A, admitted_at=now - 0.05)
+    newer = [make_item(i, inputs=("B", i), parameters=P_B, admitted_at=now) for i in (1, 2, 3)]
+    h.submit(*newer, old)
+    await h.answered_all([old, *newer])
+    assert h.runner.calls[0].inputs == [("A", 0)]
+    assert h.runner.calls[0].parameters == P_A
+    assert h.runner.calls[1].inputs == [it.inputs for it in newer]
+    assert h.runner.calls[1].parameters == P_B
+
+
+# -- 7. cancellation -----------------------------------------------------------------------
+
+
+async def test_cancelled_item_is_answered_and_never_computed(make_batcher):
+    h = make_batcher(max_batch_size=8, max_delay=0.05)
+    items = [make_item(i) for i in range(4)]
+    h.submit(*items)
+    assert h.batcher.cancel(2) is True
+    assert h.batcher.cancel(999) is False
+    await h.answered_all(items)
+
+    h.assert_exactly_once(items)
+    cancelled = h.only(2)
+    assert cancelled.kind == "error" and isinstance(cancelled.error, Cancelled)
+    assert items[2].inputs not in h.runner.seen_inputs
+    assert h.runner.sizes == [3]
+    for i in (0, 1, 3):
+        assert h.only(i).kind == "result"
+        assert h.only(i).output == expected_output(items[i])
+    # Once answered, the id is forgotten.
+    assert h.batcher.cancel(2) is False
+    assert h.batcher.cancel(0) is False
+
+
+async def test_cancel_while_model_busy_skips_only_that_item(make_batcher):
+    runner = Runner(block_first=True)
+    h = make_batcher(runner, max_batch_size=8, max_delay=0.0)
+    first = make_item(0)
+    h.submit(first)
+    await wait_until(runner.first_started.is_set, what="the first batch to start")
+    queued = [make_item(i) for i in range(1, 5)]
+    h.submit(*queued)
+    assert h.batcher.cancel(3) is True
+    runner.release()
+    await h.answered_all([first, *queued])
+
+    h.assert_exactly_once([first, *queued])
+    assert isinstance(h.only(3).error, Cancelled)
+    assert queued[2].inputs not in runner.seen_inputs
+    assert runner.calls[1].inputs == [queued[0].inputs, queued[1].inputs, queued[3].inputs]
+    assert [h.only(i).kind for i in (0, 1, 2, 4)] == ["result"] * 4
+
+
+async def test_cancel_answers_promptly_without_waiting_for_the_delay(make_batcher):
+    h = make_batcher(max_batch_size=8, max_delay=30.0)
+    item = make_item(1)
+    h.submit(item)
+    # Let the loop park on the item's 30 s delay timer, then withdraw the item.
+    parked, _ = await asyncio.wait({h.task}, timeout=0.02)
+    assert not parked
+    assert h.batcher.cancel(1) is True
+    await wait_until(lambda: 1 in h.outcomes, timeout=1.0, what="the Cancelled answer")
+    assert isinstance(h.only(1).error, Cancelled)
+    assert h.runner.calls == [] and h.batcher.queued == 0
+
+
+# -- 8. deadlines ------------------------------------------------------------------------
+
+
+async def test_expired_items_get_deadline_exceeded_and_are_never_computed(make_batcher):
+    max_delay = 0.1
+    h = make_batcher(max_batch_size=8, max_delay=max_delay)
+    now = time.monotonic()
+    already_expired = make_item(1, admitted_at=now, deadline=now - 0.01)
+    # Alive at submission, expires while its batch is still waiting for the delay.
+    expires_waiting = make_item(2, admitted_at=now, deadline=now + max_delay / 2)
+    alive = make_item(3, admitted_at=now)
+    items = [already_expired, expires_waiting, alive]
+    h.submit(*items)
+    await h.answered_all(items)
+
+    h.assert_exactly_once(items)
+    for it in (already_expired, expires_waiting):
+        out = h.only(it.request_id)
+        assert out.kind == "error" and isinstance(out.error, DeadlineExceeded), out
+        assert it.inputs not in h.runner.seen_inputs
+    assert h.runner.calls and all(c.inputs == [alive.inputs] for c in h.runner.calls)
+    assert h.only(3).output == expected_output(alive)
+    assert h.batcher.items_skipped == 2
+
+
+async def test_lone_expired_item_starts_no_computation(make_batcher):
+    h = make_batcher(max_delay=0.0)
+    now = time.monotonic()
+    item = make_item(1, admitted_at=now - 1.0, deadline=now - 0.5)
+    h.submit(item)
+    await h.answered_all([item])
+    assert isinstance(h.only(1).error, DeadlineExceeded)
+    assert h.runner.calls == []
+
+
+# -- 9. failure isolation ------------------------------------------------------------------
+
+
+def poison_compute(inputs: list, parameters: dict) -> list:
+    if any(x == "poison" for x in inputs):
+        raise ValueError("cannot process input 'poison'")
+    return default_outputs(inputs, parameters)
+
+
+@pytest.mark.parametrize(
+    ("classify", "expected_error"),
+    [(None, ModelError), (pipeline_classify_error, BadInput)],
+    ids=["default-classify", "pipeline-classify"],
+)
+@pytest.mark.parametrize("poison_at", [0, 5, 7])
+async def test_one_bad_input_fails_alone(make_batcher, classify, expected_error, poison_at):
+    B = 8
+    runner = Runner(poison_compute)
+    h = make_batcher(runner, max_batch_size=B, max_delay=0.5, classify_error=classify)
+    items = [make_item(i, inputs="poison" if i == poison_at else f"good-{i}") for i in range(B)]
+    h.submit(*items)
+    await h.answered_all(items)
+
+    h.assert_exactly_once(items)
+    assert len(h.results()) == B - 1
+    assert set(h.errors()) == {poison_at}
+    err = h.only(poison_at).error
+    assert type(err) is expected_error
+    for it in items:
+        if it.request_id != poison_at:
+            assert h.only(it.request_id).output == expected_output(it)
+    # One full batch first (it closed because full), then halving: at most 2n - 1 calls.
+    assert runner.sizes[0] == B
+    assert len(runner.calls) <= 2 * B - 1
+    assert all(size <= B for size in runner.sizes)
+
+
+# -- 10. invalid parameters ----------------------------------------------------------------
+
+
+def strict_top_k(inputs: list, parameters: dict) -> list:
+    if parameters["top_k"] < 1:
+        raise InvalidParameters("top_k must be at least 1")
+    return default_outputs(inputs, parameters)
+
+
+@pytest.mark.parametrize("classify", [None, pipeline_classify_error],
+                         ids=["default-classify", "pipeline-classify"])
+async def test_invalid_parameters_fail_the_whole_group_without_splitting(make_batcher, classify):
+    runner = Runner(strict_top_k)
+    h = make_batcher(runner, max_batch_size=8, max_delay=0.05, classify_error=classify)
+    bad_params = {"top_k": 0}
+    now = time.monotonic()
+    bad = [make_item(i, parameters=bad_params, admitted_at=now) for i in range(5)]
+    good = [make_item(10 + i, parameters=P_A, admitted_at=now + 1e-6) for i in range(3)]
+    h.submit(*bad, *good)
+    await h.answered_all(bad + good)
+
+    h.assert_exactly_once(bad + good)
+    for it in bad:
+        out = h.only(it.request_id)
+        assert out.kind == "error" and isinstance(out.error, InvalidParameters), out
+    bad_calls = [c for c in runner.calls if c.parameters == bad_params]
+    assert len(bad_calls) == 1, f"the failing group was retried: {runner.sizes}"
+    assert len(bad_calls[0].inputs) == len(bad)
+    for it in good:
+        assert h.only(it.request_id).output == expected_output(it)
+
+
+# -- 11. wrong output count ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "compute",
+    [
+        lambda inputs, p: default_outputs(inputs, p)[:-1],
+        lambda inputs, p: default_outputs(inputs, p) + [("extra",)],
+        lambda inputs, p: [],
+        lambda inputs, p: None,
+    ],
+    ids=["one-short", "one-extra", "empty", "not-a-sequence"],
+)
+async def test_wrong_number_of_outputs_errors_every_item(make_batcher, compute):
+    runner = Runner(compute)
+    h = make_batcher(runner, max_batch_size=8, max_delay=0.02)
+    items = [make_item(i) for i in range(5)]
+    h.submit(*items)
+    await h.answered_all(items)
+
+    h.assert_exactly_once(items)
+    assert h.results() == {}
+    for it in items:
+        out = h.only(it.request_id)
+        assert isinstance(out.error, ModelError), out
+    assert all(size <= 8 for size in runner.sizes)
+
+
+# -- 12. BatchStats ------------------------------------------------------------------------
+
+
+async def test_batch_stats_report_size_queue_time_and_inference_time(make_batcher):
+    compute_s = 0.06
+    max_delay = 0.2
+    runner = Runner(duration=compute_s)
+    h = make_batcher(runner, max_batch_size=8, max_delay=max_delay)
+    submitted = time.monotonic()
+    # Different gateway admission times: the oldest has already waited 0.15 s.
+    items = [make_item(i, admitted_at=submitted - 0.05 * (3 - i)) for i in range(3)]
+    h.submit(*items)
+    await h.answered_all(items)
+
+    h.assert_exactly_once(items)
+    (call,) = runner.calls
+    runner_ms = (call.ended - call.started) * 1000.0
+    for it in items:
+        out = h.only(it.request_id)
+        assert out.kind == "result"
+        stats = out.stats
+        assert stats.batch_size == len(items)
+        # Queue time runs from gateway admission to the start of the batch.
+        waited_ms = (call.started - it.admitted_at) * 1000.0
+        assert stats.queue_ms >= (submitted - it.admitted_at) * 1000.0
+        assert waited_ms - TOL * 1000 <= stats.queue_ms <= waited_ms + 1.0
+        assert runner_ms - 1.0 <= stats.inference_ms <= runner_ms + TOL * 1000
+        assert stats.inference_ms >= compute_s * 1000 - 1.0
+    # Older items report longer queue times, by their admission difference.
+    q = [h.only(i).stats.queue_ms for i in range(3)]
+    assert q[0] > q[1] > q[2]
+    assert abs((q[0] - q[2]) - 100.0) < 1.0
+
+
+async def test_batch_stats_size_after_split_is_the_sub_batch(make_batcher):
+    runner = Runner(poison_compute)
+    h = make_batcher(runner, max_batch_size=4, max_delay=0.5)
+    items = [make_item(i, inputs="poison" if i == 0 else f"good-{i}") for i in range(4)]
+    h.submit(*items)
+    await h.answered_all(items)
+    # [p g1 g2 g3] fails -> [p g1] fails -> [p] fails, [g1] ok; [g2 g3] ok.
+    assert runner.sizes == [4, 2, 1, 1, 2]
+    assert h.only(1).stats.batch_size == 1
+    assert h.only(2).stats.batch_size == 2
+    assert h.only(3).stats.batch_size == 2
+    # Queue and inference times are those of the call that produced the result.
+    for i in (1, 2, 3):
+        assert_stats_match_call(h.only(i), last_call_with(runner, items[i].inputs))
+
+
+def last_call_with(runner: Runner, inputs: Any) -> Call:
+    return [c for c in runner.calls if inputs in c.inputs][-1]
+
+
+def assert_stats_match_call(out: Outcome, call: Call) -> None:
+    assert out.kind == "result"
+    assert out.stats.batch_size == len(call.inputs)
+    waited_ms = (call.started - out.item.admitted_at) * 1000.0
+    assert waited_ms - TOL * 1000 <= out.stats.queue_ms <= waited_ms + 0.001, (out, call)
+    runner_ms = (call.ended - call.started) * 1000.0
+    assert runner_ms - 0.001 <= out.stats.inference_ms <= runner_ms + TOL * 1000, (out, call)
+
+
+# -- 13. exactly once under a random mix -----------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+async def test_exactly_once_under_random_mix(make_batcher, seed):
+    rng = random.Random(seed)
+    B = rng.choice([1, 2, 3, 5, 8])
+    max_delay = rng.choice([0.0, 0.005, 0.02])
+    n_items = 200
+
+    def compute(inputs: list, parameters: dict) -> list:
+        if any(kind == "poison" for _, kind in inputs):
+            raise ValueError("cannot process input 'poison'")
+        time.sleep(0.0005 * len(inputs))
+        return [("out", x, parameters["top_k"]) for x in inputs]
+
+    runner = Runner(compute)
+    h = make_batcher(runner, max_batch_size=B, max_delay=max_delay)
+    items: list[WorkItem] = []
+    cancel_requested: set[int] = set()
+    past_deadline: set[int] = set()
+    short_deadline: set[int] = set()
+    rid = 0
+    while rid < n_items:
+        for _ in range(rng.randint(1, 2 * B + 3)):
+            if rid >= n_items:
+                break
+            now = time.monotonic()
+            kind = "poison" if rng.random() < 0.05 else "ok"
+            roll = rng.random()
+            if roll < 0.05:
+                deadline = now - 0.001
+                past_deadline.add(rid)
+            elif roll < 0.10:
+                deadline = now + rng.uniform(0.0, 0.03)
+                short_deadline.add(rid)
+            else:
+                deadline = now + 60.0
+            it = make_item(
+                rid,
+                inputs=(rid, kind),
+                parameters=rng.choice([P_A, P_B]),
+                admitted_at=now - rng.uniform(0.0, max_delay),
+                deadline=deadline,
+            )
+            items.append(it)
+            h.submit(it)
+            rid += 1
+        for _ in range(rng.randint(0, 2)):
+            victim = rng.randrange(rid)
+            if h.batcher.cancel(victim):
+                cancel_requested.add(victim)
+        # Vary the interleaving between the feeder and the batcher.
+        if rng.random() < 0.5:
+            await asyncio.sleep(rng.choice([0, 0, 0.001, 0.005]))
+
+    await h.answered_all(items, timeout=10)
+    # Nothing more arrives after everything has been answered once.
+    await wait_until(lambda: not h.batcher.busy and h.batcher.queued == 0)
+
+    h.assert_exactly_once(items)
+    by_id = {it.request_id: it for it in items}
+    for call in runner.calls:
+        assert 1 <= len(call.inputs) <= B, f"batch of {len(call.inputs)} > {B}"
+        keys = {key_of(by_id[r].parameters) for r, _ in call.inputs}
+        assert len(keys) == 1, f"batch mixes parameter sets: {call.inputs}"
+        assert key_of(call.parameters) == keys.pop()
+    seen = set(runner.seen_inputs)
+    for it in items:
+        out = h.only(it.request_id)
+        kind = it.inputs[1]
+        if out.kind == "result":
+            assert kind != "poison"
+            assert out.output == expected_output(it)
+            assert 1 <= out.stats.batch_size <= B
+            assert_stats_match_call(out, last_call_with(runner, it.inputs))
+        elif isinstance(out.error, (Cancelled, DeadlineExceeded)):
+            # Withdrawn or expired items are never computed.
+            assert it.inputs not in seen, f"{it.request_id} was computed and then dropped"
+            if isinstance(out.error, Cancelled):
+                assert it.request_id in cancel_requested
+            else:
+                assert it.request_id in past_deadline | short_deadline
+        else:
+            assert kind == "poison", f"good input {it.request_id} failed: {out.error!r}"
+            assert isinstance(out.error, ModelError)
+    # Items nobody cancelled, with a deadline far away, must have been computed.
+    for it in items:
+        rid_ = it.request_id
+        if rid_ not in cancel_requested | past_deadline | short_deadline:
+            expected_kind = "error" if it.inputs[1] == "poison" else "result"
+            assert h.only(rid_).kind == expected_kind, (rid_, h.only(rid_))
+        if rid_ in past_deadline and rid_ not in cancel_requested:
+            assert isinstance(h.only(rid_).error, DeadlineExceeded)
+
+
+# -- 14. close -------------------------------------------------------------------------------
+
+
+async def test_close_returns_from_run_and_abandons_queued(make_batcher):
+    h = make_batcher(max_batch_size=8, max_delay=30.0)
+    items = [make_item(i) for i in range(3)]
+    h.submit(*items)
+    # Let the loop pick them up and park on its (long) delay timer.
+    done, _ = await asyncio.wait({h.task}, timeout=0.02)
+    assert not done and h.batcher.queued == 3
+    h.batcher.close()
+    await asyncio.wait_for(h.task, 1.0)
+    abandoned = h.batcher.abandon_queued()
+    assert abandoned == items  # the very same objects, in submission order
+    assert h.batcher.queued == 0
+    assert h.runner.calls == []
+    assert h.outcomes == {}  # handed back, not answered
+    assert h.batcher.cancel(0) is False
+
+
+async def test_close_while_idle_returns_promptly(make_batcher):
+    h = make_batcher(max_delay=30.0)
+    h.batcher.close()
+    await asyncio.wait_for(h.task, 1.0)
+    assert h.batcher.abandon_queued() == []
+
+
+async def test_close_finishes_running_batch_but_starts_no_other(make_batcher):
+    runner = Runner(block_first=True)
+    h = make_batcher(runner, max_batch_size=8, max_delay=0.0)
+    running = [make_item(i) for i in range(2)]
+    h.submit(*running)
+    await wait_until(runner.first_started.is_set, what="the first batch to start")
+    queued = [make_item(10 + i) for i in range(3)]
+    h.submit(*queued)
+
+    h.batcher.close()
+    abandoned = h.batcher.abandon_queued()
+    assert abandoned == queued
+    # run() waits for the batch that is computing.
+    done, _ = await asyncio.wait({h.task}, timeout=0.05)
+    assert not done
+    runner.release()
+    await asyncio.wait_for(h.task, WAIT)
+
+    assert len(runner.calls) == 1
+    for it in running:
+        assert h.only(it.request_id).output == expected_output(it)
+    assert not any(it.request_id in h.outcomes for it in queued)
