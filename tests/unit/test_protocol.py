@@ -767,6 +767,7 @@ def test_encoding_an_array_of_unsupported_dtype_raises_type_error(array):
 DOCUMENTED_STATUS = {
     "protocol_error": (errors.ProtocolError, 500),
     "bad_input": (errors.BadInput, 400),
+    "unauthorized": (errors.Unauthorized, 401),
     "not_found": (errors.NotFound, 404),
     "method_not_allowed": (errors.MethodNotAllowed, 405),
     "body_too_large": (errors.BodyTooLarge, 413),
