@@ -1,7 +1,8 @@
 """HTTP routes of the gateway (aiohttp). The light work: parse, admit, await, encode.
 
-Routes: ``POST /`` (the guide's raw-text form), ``POST /predict`` (JSON), ``GET /health``,
-``GET /ready``, ``GET /info``. Every error leaves through :func:`error_middleware` as JSON
+Routes: ``POST /`` (the guide's raw-text form), ``POST /predict`` (JSON or msgpack),
+``POST /v1/embeddings`` (OpenAI-compatible), ``GET /health``, ``GET /ready``, ``GET /info``,
+``GET /metrics`` (Prometheus), ``GET /openapi.json``. Every error leaves through :func:`error_middleware` as JSON
 ``{"error": {"code", "message"}}`` with the status :mod:`protocol.errors` gives it.
 """
 
@@ -22,6 +23,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from gateway.broker import Broker, PendingRequest
 from gateway.config import GatewayConfig
+from gateway.metrics import GatewayMetrics
 from protocol.errors import (
     BadInput,
     BatchwireError,
@@ -50,6 +52,9 @@ JSON_TYPE = "application/json"
 MSGPACK_TYPE = "application/msgpack"
 #: Routes that answer without an API key: probes must work for orchestrators.
 OPEN_ROUTES = frozenset({"/health", "/ready"})
+#: Parameter names the gateway and worker use among themselves; clients may not send them.
+RESERVED_PARAMETER_PREFIX = "batchwire:"
+METRICS = web.AppKey("metrics", GatewayMetrics)
 _MAX_REQUEST_ID = 128
 
 
@@ -93,7 +98,9 @@ def error_response(request: web.Request, error: BatchwireError, status: int | No
         headers["Retry-After"] = str(error.retry_after)
     if error.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    return json_response({"error": body}, status=status or error.status, headers=headers)
+    response = json_response({"error": body}, status=status or error.status, headers=headers)
+    response["error_code"] = error.code  # read by the metrics middleware
+    return response
 
 
 # -- middleware -------------------------------------------------------------------------
@@ -112,6 +119,19 @@ def _check_api_key(request: web.Request) -> None:
     # Constant time: the comparison must not leak how much of a guess was right.
     if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
         raise Unauthorized("missing or wrong API key; send 'Authorization: Bearer <key>'")
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Outermost: counts every answer, errors included, by route template (not raw path,
+    which would let clients mint unbounded label values)."""
+    started = time.monotonic()
+    response = await handler(request)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    request.app[METRICS].observe_response(route, response.status, time.monotonic() - started,
+                                          response.get("error_code"))
+    return response
 
 
 @web.middleware
@@ -198,6 +218,10 @@ def _structured_payload(body: bytes, content_type: str, config: GatewayConfig) -
     parameters = payload.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise BadInput('"parameters" must be a JSON object of pipeline arguments')
+    reserved = sorted(k for k in parameters if k.startswith(RESERVED_PARAMETER_PREFIX))
+    if reserved:
+        raise BadInput(f"parameter names starting with {RESERVED_PARAMETER_PREFIX!r} are "
+                       f"reserved: {reserved}")
     items = inputs if isinstance(inputs, list) else [inputs]
     if not items:
         raise BadInput('"inputs" is an empty list; send at least one input')
@@ -233,11 +257,12 @@ def _timeout_s(request: web.Request) -> float:
 
 
 # -- inference ----------------------------------------------------------------------------
-async def _infer(request: web.Request, inputs: Any, parameters: dict) -> web.Response:
+async def _run(request: web.Request, items: list, parameters: dict,
+               embed: bool = False) -> tuple[list[Result], dict[str, str]]:
+    """Admit the items, await every result, and build the timing headers."""
     started = time.monotonic()
     broker = request.app[BROKER]
-    single = not isinstance(inputs, list)
-    pendings = broker.submit_many([inputs] if single else inputs, parameters, _timeout_s(request))
+    pendings = broker.submit_many(items, parameters, _timeout_s(request), embed=embed)
     try:
         results: list[Result] = await asyncio.gather(*(p.future for p in pendings))
     except BaseException:
@@ -257,6 +282,12 @@ async def _infer(request: web.Request, inputs: Any, parameters: dict) -> web.Res
         "Server-Timing": f"queue;dur={queue_ms:.3f}, inference;dur={inference_ms:.3f}, "
                          f"total;dur={total_ms:.3f}",
     }
+    return results, headers
+
+
+async def _infer(request: web.Request, inputs: Any, parameters: dict) -> web.Response:
+    single = not isinstance(inputs, list)
+    results, headers = await _run(request, [inputs] if single else inputs, parameters)
     payload = results[0].output if single else [r.output for r in results]
     return payload_response(request, payload, headers)
 
@@ -281,6 +312,56 @@ async def handle_predict(request: web.Request) -> web.Response:
                                    f" not {request.content_type}")
     inputs, parameters = _structured_payload(body, request.content_type, request.app[CONFIG])
     return await _infer(request, inputs, parameters)
+
+
+async def handle_embeddings(request: web.Request) -> web.Response:
+    """OpenAI-compatible ``POST /v1/embeddings`` with the pooling the model declares."""
+    body = await _read_body(request)
+    if request.content_type not in (JSON_TYPE, "application/octet-stream", ""):
+        raise UnsupportedMediaType(f"POST /v1/embeddings reads application/json, not "
+                                   f"{request.content_type}")
+    if not body.strip():
+        raise BadInput('the body is empty; send {"input": "text" or ["text", ...]}')
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadInput(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict) or "input" not in payload:
+        raise BadInput('the body must be a JSON object with "input": a string or a list of them')
+    unknown = sorted(set(payload) - {"input", "model", "encoding_format", "user", "dimensions"})
+    if unknown:
+        raise BadInput(f"unknown field(s) {unknown}; /v1/embeddings takes input, model, "
+                       "encoding_format, user")
+    if payload.get("encoding_format", "float") != "float":
+        raise BadInput('only "encoding_format": "float" is supported')
+    if "dimensions" in payload:
+        raise BadInput('"dimensions" is not supported: this model has a fixed size')
+    texts = payload["input"]
+    items = texts if isinstance(texts, list) else [texts]
+    config = request.app[CONFIG]
+    if not items or not all(isinstance(t, str) and t.strip() for t in items):
+        raise BadInput('"input" must be a non-empty string or a non-empty list of them')
+    if len(items) > config.max_inputs:
+        raise BadInput(f'"input" holds {len(items)} items; this server takes at most '
+                       f"{config.max_inputs} per request (--max-inputs)")
+    broker = request.app[BROKER]
+    worker = next(iter(broker.workers.values()), None)
+    if worker is not None and not worker.info.pooling:
+        raise BadInput(f"this server runs a {worker.info.task} model, which has no sentence "
+                       "embeddings; /v1/embeddings needs a feature-extraction model")
+    results, headers = await _run(request, items, {}, embed=True)
+    tokens = sum(r.tokens for r in results)
+    data = [{"object": "embedding", "index": i, "embedding": r.output}
+            for i, r in enumerate(results)]
+    model = payload.get("model") or (worker.info.model if worker else None)
+    body_out = {"object": "list", "data": data, "model": model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return payload_response(request, body_out, headers)
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    return web.Response(body=metrics.scrape(), headers={"Content-Type": metrics.content_type})
 
 
 async def handle_health(request: web.Request) -> web.Response:
@@ -317,6 +398,9 @@ async def handle_info(request: web.Request) -> web.Response:
             "answered": w.answered,
             "skipped": w.skipped,
             "uptime_s": round(now - w.joined_at, 3),
+            "host": w.info.host,
+            "batches": w.batches,
+            "pooling": w.info.pooling,
         }
         for w in broker.workers.values()
     ]
@@ -362,15 +446,19 @@ class AccessLogger(AbstractAccessLogger):
 
 def create_app(config: GatewayConfig, broker: Broker) -> web.Application:
     # client_max_size bounds chunked bodies too; Content-Length is checked before reading.
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    app = web.Application(middlewares=[metrics_middleware, error_middleware],
+                          client_max_size=config.max_body_bytes)
     app[CONFIG] = config
     app[BROKER] = broker
+    app[METRICS] = broker.metrics
     app[STARTED] = time.monotonic()
     app.router.add_post("/", handle_root)
     app.router.add_post("/predict", handle_predict)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/ready", handle_ready)
     app.router.add_get("/info", handle_info)
+    app.router.add_get("/metrics", handle_metrics)
+    app.router.add_post("/v1/embeddings", handle_embeddings)
     return app
 
 

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import zmq
 import zmq.asyncio
 
+from gateway.metrics import GatewayMetrics
 from protocol import codec
 from protocol.errors import (
     BatchwireError,
@@ -71,6 +72,7 @@ class PendingRequest:
     crashes: int = 0
     timer: asyncio.TimerHandle | None = None
     queued: bool = False
+    embed: bool = False
     #: Answered (or given up on). Not future.done(): a cancelled handler's gather cancels
     #: the future itself, and the broker must still withdraw the request.
     settled: bool = False
@@ -94,6 +96,8 @@ class WorkerHandle:
     last_progress: float = 0.0
     #: A request that was on a worker that died runs here alone.
     suspect: PendingRequest | None = None
+    batches: int = 0
+    last_batch_id: int = -1
 
     @property
     def free(self) -> int:
@@ -110,6 +114,7 @@ class Broker:
         max_queue: int,
         heartbeat_interval_s: float = 1.0,
         batch_timeout_s: float = 60.0,
+        metrics: GatewayMetrics | None = None,
         context: zmq.asyncio.Context | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -117,6 +122,8 @@ class Broker:
         self.max_queue = max_queue
         self.heartbeat_interval_s = heartbeat_interval_s
         self.batch_timeout_s = batch_timeout_s
+        self.metrics = metrics or GatewayMetrics()
+        self.metrics.watch(self)
         self.clock = clock
         self._ctx = context or zmq.asyncio.Context.instance()
         self._socket: zmq.asyncio.Socket | None = None
@@ -135,6 +142,7 @@ class Broker:
         #: supervisor can end a local process that may still be hanging around.
         self.on_worker_dead: Callable[[int, str], None] = lambda pid, reason: None
         self.requeued = 0
+        self.cancelled = 0
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -184,7 +192,8 @@ class Broker:
     def ready_workers(self) -> list[WorkerHandle]:
         return list(self.workers.values())
 
-    def submit_many(self, inputs: list, parameters: dict, timeout_s: float) -> list[PendingRequest]:
+    def submit_many(self, inputs: list, parameters: dict, timeout_s: float,
+                    embed: bool = False) -> list[PendingRequest]:
         """Admit all the inputs or none of them (503) so a list is never half served."""
         if self.draining:
             raise Draining("the server is shutting down; retry on another instance")
@@ -206,6 +215,7 @@ class Broker:
                 admitted_at=now,
                 deadline=now + timeout_s,
                 future=loop.create_future(),
+                embed=embed,
             )
             pending.timer = loop.call_later(timeout_s, self._expire, pending)
             self._pending[pending.request_id] = pending
@@ -220,6 +230,7 @@ class Broker:
         if pending.done:
             return
         worker = pending.worker
+        self.cancelled += 1
         self._finish(pending, error=Cancelled("the client disconnected"))
         if worker is not None and pending.request_id in worker.in_flight:
             self._send(worker.identity, Cancel(pending.request_id))
@@ -256,6 +267,7 @@ class Broker:
                 parameters=pending.parameters,
                 budget_ms=max(pending.deadline - now, 0.0) * 1000.0,
                 waited_ms=(now - pending.admitted_at) * 1000.0,
+                embed=pending.embed,
             )
             pending.worker = worker
             if not worker.in_flight:
@@ -403,12 +415,21 @@ class Broker:
                                                                    "deadline_exceeded"):
                     worker.skipped += 1
                 if isinstance(message, Result):
+                    self._observe(worker, message)
                     self._finish(pending, result=message)
                 else:
                     self._finish(pending, error=error_from_code(message.code, message.message))
             self._dispatch()
         elif isinstance(message, Disconnect):
             self.worker_lost(worker, f"it disconnected ({message.reason})", crashed=False)
+
+    def _observe(self, worker: WorkerHandle, result: Result) -> None:
+        self.metrics.observe_queue_wait(result.queue_ms)
+        # A batch's results arrive together; count the batch once, at its first result.
+        if result.batch_id != worker.last_batch_id:
+            worker.last_batch_id = result.batch_id
+            worker.batches += 1
+            self.metrics.observe_batch(result.batch_size, result.inference_ms)
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -41,6 +41,8 @@ class WorkerLaunchConfig:
     max_delay_ms: float = 2.0
     torch_threads: int = 0
     trust_remote_code: bool = False
+    pooling: str = "auto"
+    normalize: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,8 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
             max_delay_ms=args.max_delay_ms,
             torch_threads=args.torch_threads,
             trust_remote_code=args.trust_remote_code,
+            pooling=args.pooling,
+            normalize=args.normalize,
         ),
     )
 

@@ -37,6 +37,7 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
                                 on_exit=broker.worker_process_exited,
                                 log_format=config.log_format)
         broker.on_worker_dead = supervisor.kill
+        broker.metrics.set_restarts(lambda: supervisor.restarts)
         await supervisor.start()
 
     app = create_app(config, broker)

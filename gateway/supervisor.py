@@ -109,6 +109,7 @@ class Supervisor:
             argv += ["--task", launch.task]
         if launch.trust_remote_code:
             argv += ["--trust-remote-code"]
+        argv += ["--pooling", launch.pooling, "--normalize", launch.normalize]
         env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHWIRE_")}
         if device == "cpu":
             # Each CPU worker gets its share of the cores; more threads only contend.

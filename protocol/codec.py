@@ -90,6 +90,8 @@ def _field_ok(value: Any, kind: Any) -> bool:
         return True
     if kind is int:
         return type(value) is int
+    if kind is bool:
+        return type(value) is bool
     if kind is float:
         return type(value) in (int, float) and math.isfinite(value)
     if kind is str:
@@ -101,6 +103,13 @@ def _field_ok(value: Any, kind: Any) -> bool:
 
 _SCHEMAS = {
     type_id: [(f.name, f.type) for f in dataclasses.fields(cls)]
+    for type_id, cls in MESSAGE_TYPES.items()
+}
+#: Fields without a default must be on the wire; trailing fields with a default may be left
+#: off, so a field added at the end with a default does not break older peers' frames.
+_REQUIRED = {
+    type_id: sum(1 for f in dataclasses.fields(cls)
+                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
     for type_id, cls in MESSAGE_TYPES.items()
 }
 
@@ -133,8 +142,10 @@ def decode(frame: bytes) -> Message:
     if cls is None:
         raise ProtocolError(f"unknown message type {type_id!r}")
     schema = _SCHEMAS[type_id]
-    if len(values) != len(schema):
-        raise ProtocolError(f"{cls.__name__} takes {len(schema)} fields, got {len(values)}")
+    if not _REQUIRED[type_id] <= len(values) <= len(schema):
+        expected = (str(len(schema)) if _REQUIRED[type_id] == len(schema)
+                    else f"{_REQUIRED[type_id]} to {len(schema)}")
+        raise ProtocolError(f"{cls.__name__} takes {expected} fields, got {len(values)}")
     for (name, kind), value in zip(schema, values):
         if not _field_ok(value, kind):
             raise ProtocolError(f"{cls.__name__}.{name} has the wrong type ({type(value).__name__})")

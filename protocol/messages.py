@@ -85,6 +85,9 @@ class Ready(Message):
     device: str
     capacity: int
     max_batch_size: int
+    host: str = ""
+    #: How this worker pools sentence embeddings (e.g. "mean+normalize"); "" if it cannot.
+    pooling: str = ""
 
     def check(self) -> None:
         if self.capacity < 1 or self.max_batch_size < 1:
@@ -106,6 +109,9 @@ class Request(Message):
     parameters: dict
     budget_ms: float
     waited_ms: float
+    #: Answer the pooled sentence embedding (the worker's READY.pooling) instead of the
+    #: pipeline's token-level output.
+    embed: bool = False
 
     def check(self) -> None:
         if self.request_id < 0:
@@ -124,6 +130,10 @@ class Result(Message):
     batch_size: int
     queue_ms: float
     inference_ms: float
+    #: Worker-local sequence number of the batch: results sharing it ran in one call.
+    batch_id: int = 0
+    #: The input's token count (0 when the pipeline has no tokenizer).
+    tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,9 +36,17 @@ from protocol.errors import (
 
 log = logging.getLogger("batchwire.worker.batcher")
 
-#: ``runner(inputs, parameters) -> outputs``: runs in the inference thread, returns one output
-#: per input in order, raises on failure.
-Runner = Callable[[list, dict], Sequence[Any]]
+@dataclass(frozen=True, slots=True)
+class RunOutput:
+    """What a runner may return instead of a bare list, to report each input's token count."""
+
+    outputs: Sequence[Any]
+    tokens: Sequence[int]
+
+
+#: ``runner(inputs, parameters) -> outputs | RunOutput``: runs in the inference thread,
+#: returns one output per input in order, raises on failure.
+Runner = Callable[[list, dict], "Sequence[Any] | RunOutput"]
 
 
 @dataclass(eq=False, slots=True)
@@ -60,6 +68,9 @@ class BatchStats:
     batch_size: int
     queue_ms: float
     inference_ms: float
+    #: Sequence number of the pipeline call this item ran in (1, 2, ...).
+    batch_id: int = 0
+    tokens: int = 0
 
 
 @dataclass(eq=False)
@@ -192,10 +203,12 @@ class Batcher:
             outputs = await loop.run_in_executor(
                 self.executor, self.runner, [it.inputs for it in batch], batch[0].parameters
             )
-            if len(outputs) != len(batch):
-                raise ModelError(
-                    f"the pipeline returned {len(outputs)} outputs for {len(batch)} inputs"
-                )
+            tokens: Sequence[int] = [0] * len(batch)
+            if isinstance(outputs, RunOutput):
+                outputs, tokens = outputs.outputs, outputs.tokens
+            count = len(outputs) if hasattr(outputs, "__len__") else None
+            if count != len(batch) or len(tokens) != len(batch):
+                raise ModelError(f"the pipeline returned {count} outputs for {len(batch)} inputs")
         except Exception as exc:  # noqa: BLE001 - every item must still get an answer
             if self.is_out_of_memory(exc) and len(batch) > 1:
                 half = len(batch) // 2
@@ -221,8 +234,9 @@ class Batcher:
         finished = self.clock()
         self.batches_run += 1
         inference_ms = (finished - started) * 1000.0
-        for item, output in zip(batch, outputs):
-            stats = BatchStats(len(batch), (started - item.admitted_at) * 1000.0, inference_ms)
+        for item, output, count in zip(batch, outputs, tokens):
+            stats = BatchStats(len(batch), (started - item.admitted_at) * 1000.0, inference_ms,
+                               self.batches_run, count)
             self._by_id.pop(item.request_id, None)
             self.on_result(item, output, stats)
 

@@ -21,7 +21,8 @@ def run(config: WorkerConfig) -> int:
     setup_logging(config.log_level, config.worker_id, config.log_format)
     try:
         runner = PipelineRunner(config.model, config.task, config.device, config.torch_threads,
-                                trust_remote_code=config.trust_remote_code)
+                                trust_remote_code=config.trust_remote_code,
+                                pooling=config.pooling, normalize=config.normalize)
     except ValueError as exc:
         log.error("%s", exc)
         return 2

@@ -31,6 +31,8 @@ class WorkerConfig:
     exit_on_disconnect: bool
     batch_timeout_s: float
     trust_remote_code: bool
+    pooling: str
+    normalize: bool | None
     parent_pid: int
     log_level: str
     log_format: str
@@ -54,6 +56,11 @@ def add_model_flags(flags: Flags) -> None:
     flags.add("--trust-remote-code", action="store_true", default=False,
               help="allow custom pipeline/model code from the model directory "
               "(transformers' trust_remote_code)")
+    flags.add("--pooling", default="auto", choices=("auto", "mean", "cls", "max"),
+              help="sentence-embedding pooling for /v1/embeddings (auto: what the model's "
+              "sentence-transformers files declare, else mean)")
+    flags.add("--normalize", default="auto", choices=("auto", "yes", "no"),
+              help="L2-normalise sentence embeddings (auto: as the model declares)")
     flags.add("--torch-threads", type=int, default=0,
               help="torch intra-op threads per worker (0: torch's default for a lone worker; "
               "serve divides the cores among CPU workers)")
@@ -107,6 +114,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         exit_on_disconnect=args.exit_on_disconnect,
         batch_timeout_s=args.batch_timeout_s,
         trust_remote_code=args.trust_remote_code,
+        pooling=args.pooling,
+        normalize={"auto": None, "yes": True, "no": False}[args.normalize],
         parent_pid=args.parent_pid,
         log_level=args.log_level,
         log_format=args.log_format,

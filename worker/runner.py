@@ -15,6 +15,7 @@ from typing import Any
 
 from protocol.errors import BadInput, BatchwireError, InvalidParameters, ModelError
 from protocol.messages import NDArray
+from worker.batcher import RunOutput
 
 log = logging.getLogger("batchwire.worker.runner")
 
@@ -31,7 +32,9 @@ _TASK_BY_ARCH_SUFFIX = (
     ("Model", "feature-extraction"),
 )
 
-_TRUNCATION_KEYS = ("truncation", "tokenize_kwargs", "tokenizer_kwargs")
+#: Reserved parameter the worker service sets for REQUEST.embed; never sent to the pipeline.
+EMBED_KEY = "batchwire:embed"
+POOLING_MODES = ("auto", "mean", "cls", "max")
 
 
 def default_model_path() -> str:
@@ -81,12 +84,19 @@ class PipelineRunner:
     """Callable ``runner(inputs, parameters) -> outputs`` for the batcher."""
 
     def __init__(self, model: str | None, task: str | None, device: str, torch_threads: int = 0,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, pooling: str = "auto",
+                 normalize: bool | None = None):
         self.model = model or default_model_path()
         self.task = task or ("feature-extraction" if model is None else infer_task(self.model))
         self.device = device
         self.torch_threads = torch_threads
         self.trust_remote_code = trust_remote_code
+        self._pooling_setting = pooling
+        self._normalize_setting = normalize
+        #: Resolved sentence-embedding pooling ("mean", "cls", "max"), "" when the pipeline
+        #: is not feature-extraction; and whether embeddings are L2-normalised.
+        self.pooling = ""
+        self.normalize = False
         self.pipe: Any = None
         self.max_length: int | None = None
         #: What the pipeline is, by class: a custom pipeline subclassing FillMaskPipeline
@@ -110,6 +120,12 @@ class PipelineRunner:
             self.kind = "feature-extraction"
         elif isinstance(self.pipe, transformers.FillMaskPipeline):
             self.kind = "fill-mask"
+        if self.kind == "feature-extraction":
+            declared_pooling, declared_normalize = declared_embedding(self.model)
+            self.pooling = (declared_pooling if self._pooling_setting == "auto"
+                            else self._pooling_setting)
+            self.normalize = (declared_normalize if self._normalize_setting is None
+                              else self._normalize_setting)
         limits = [
             getattr(self.pipe.model.config, "max_position_embeddings", None),
             getattr(self.pipe.tokenizer, "model_max_length", None) if self.pipe.tokenizer else None,
@@ -148,7 +164,19 @@ class PipelineRunner:
         return None
 
     # -- running (inference thread) ---------------------------------------------------------
-    def __call__(self, inputs: list, parameters: dict) -> list:
+    @property
+    def pooling_description(self) -> str:
+        """What READY announces: "mean+normalize", "cls", or "" (no embeddings)."""
+        if not self.pooling:
+            return ""
+        return self.pooling + ("+normalize" if self.normalize else "")
+
+    def __call__(self, inputs: list, parameters: dict) -> RunOutput:
+        embed = bool(parameters.get(EMBED_KEY))
+        if EMBED_KEY in parameters:
+            parameters = {k: v for k, v in parameters.items() if k != EMBED_KEY}
+        if embed and not self.pooling:
+            raise BadInput(f"this worker serves {self.task}, which has no sentence embeddings")
         self._check_parameters(parameters)
         lengths = self._token_lengths(inputs, parameters)
         if len(inputs) == 1:
@@ -159,7 +187,24 @@ class PipelineRunner:
             outputs = self._call_pipeline(inputs, parameters, batch_size=len(inputs))
         if self.kind == "feature-extraction":
             outputs = [self._trim_padding(out, n) for out, n in zip(outputs, lengths)]
-        return [to_wire(out) for out in outputs]
+            if embed:
+                outputs = [self._pool(out) for out in outputs]
+        return RunOutput([to_wire(out) for out in outputs], [n or 0 for n in lengths])
+
+    def _pool(self, tokens: Any) -> Any:
+        """[1, tokens, hidden] (already trimmed: no padding rows) -> [hidden] float32."""
+        import torch
+
+        tokens = tokens[0].float()
+        if self.pooling == "cls":
+            vector = tokens[0]
+        elif self.pooling == "max":
+            vector = tokens.max(dim=0).values
+        else:
+            vector = tokens.mean(dim=0)
+        if self.normalize:
+            vector = torch.nn.functional.normalize(vector, dim=0)
+        return vector
 
     def _call_pipeline(self, inputs: Any, parameters: dict, **extra: Any) -> Any:
         if self.kind == "feature-extraction":
@@ -240,3 +285,30 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if type(exc).__name__ == "OutOfMemoryError":
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def declared_embedding(model_dir: str) -> tuple[str, bool]:
+    """The pooling a sentence-transformers model declares (modules.json, 1_Pooling/config.json)
+    and whether it normalises; mean without normalisation when it declares nothing."""
+    root = Path(model_dir)
+    try:
+        modules = json.loads((root / "modules.json").read_text())
+    except (OSError, ValueError):
+        return "mean", False
+    pooling, normalize = "mean", False
+    for module in modules if isinstance(modules, list) else []:
+        kind = str(module.get("type", ""))
+        if kind.endswith("Normalize"):
+            normalize = True
+        elif kind.endswith("Pooling"):
+            try:
+                config = json.loads((root / module.get("path", "") / "config.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if config.get("pooling_mode_cls_token"):
+                pooling = "cls"
+            elif config.get("pooling_mode_max_tokens"):
+                pooling = "max"
+            elif config.get("pooling_mode_mean_tokens"):
+                pooling = "mean"
+    return pooling, normalize

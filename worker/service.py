@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,7 @@ from protocol.messages import (
 )
 from worker.batcher import Batcher, BatchStats, WorkItem
 from worker.config import WorkerConfig
-from worker.runner import PipelineRunner, classify_error, is_out_of_memory
+from worker.runner import EMBED_KEY, PipelineRunner, classify_error, is_out_of_memory
 
 log = logging.getLogger("batchwire.worker")
 
@@ -132,11 +133,15 @@ class WorkerService:
     def _handle(self, message: Message) -> None:
         if isinstance(message, Request):
             now = time.monotonic()
+            parameters = message.parameters
+            if message.embed:
+                # Embedding requests batch apart from token-level ones with equal parameters.
+                parameters = {**parameters, EMBED_KEY: True}
             self.batcher.submit(WorkItem(
                 request_id=message.request_id,
                 inputs=message.inputs,
-                parameters=message.parameters,
-                parameter_key=parameter_key(message.parameters),
+                parameters=parameters,
+                parameter_key=parameter_key(parameters),
                 admitted_at=now - message.waited_ms / 1000.0,
                 deadline=now + message.budget_ms / 1000.0,
             ))
@@ -164,7 +169,7 @@ class WorkerService:
     def _send_result(self, item: WorkItem, output: Any, stats: BatchStats) -> None:
         try:
             frame = Result(item.request_id, output, stats.batch_size, stats.queue_ms,
-                           stats.inference_ms)
+                           stats.inference_ms, stats.batch_id, stats.tokens)
             self._send(frame)
         except (TypeError, ValueError) as exc:  # output msgpack cannot carry
             self._send_error(item, classify_error(exc))
@@ -181,6 +186,8 @@ class WorkerService:
             device=self.config.device,
             capacity=self.config.capacity,
             max_batch_size=self.config.max_batch_size,
+            host=socket.gethostname(),
+            pooling=self.runner.pooling_description,
         )
 
     async def _heartbeat_loop(self) -> None:

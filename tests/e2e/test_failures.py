@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import urllib.request
 
 import aiohttp
 
@@ -32,6 +33,11 @@ async def test_kill_9_a_worker_mid_burst_loses_nothing(start_server, tiny_model_
     # The supervisor restarts the dead worker.
     wait_for(lambda: len(server.info()["workers"]) == 2 and
              victim not in {w["pid"] for w in server.info()["workers"]}, 60, "a replacement")
+    with urllib.request.urlopen(server.url + "/metrics", timeout=5) as resp:
+        scrape = resp.read().decode()
+    assert "batchwire_worker_restarts_total 1.0" in scrape
+    requeued = float(scrape.split("batchwire_requests_requeued_total ")[1].split()[0])
+    assert requeued >= 1
 
 
 async def test_sigterm_under_load_answers_every_admitted_request(start_server, tiny_model_dir):

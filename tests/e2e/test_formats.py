@@ -65,3 +65,54 @@ async def test_api_key_guards_every_route_but_the_probes(start_server, tiny_mode
         async with session.get(server.url + "/info", headers=good) as resp:
             info = await resp.json()
     assert info["config"]["api_key"] == "***"
+
+
+async def test_openai_embeddings_rank_by_meaning_with_the_default_minilm(start_server):
+    server = start_server([])
+    texts = ["a cat sits on the mat", "a kitten rests on a rug", "stock markets fell sharply"]
+    async with aiohttp.ClientSession() as session:
+        status, headers, body = await post(session, server.url + "/v1/embeddings",
+                                           json={"input": texts, "model": "minilm"})
+        assert status == 200, body
+        status, _, single = await post(session, server.url + "/v1/embeddings",
+                                       json={"input": texts[0]})
+        assert status == 200
+        bad, _, err = await post(session, server.url + "/v1/embeddings", json={"input": []})
+        assert bad == 400 and err["error"]["code"] == "bad_input"
+    assert body["object"] == "list" and body["model"] == "minilm"
+    assert [d["index"] for d in body["data"]] == [0, 1, 2]
+    assert all(d["object"] == "embedding" for d in body["data"])
+    vectors = np.array([d["embedding"] for d in body["data"]], dtype=np.float64)
+    assert vectors.shape == (3, 384)
+    # all-MiniLM-L6-v2 declares mean pooling + normalisation: unit vectors.
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    cat_kitten, cat_market = vectors[0] @ vectors[1], vectors[0] @ vectors[2]
+    assert cat_kitten > cat_market + 0.2, (cat_kitten, cat_market)
+    np.testing.assert_allclose(single["data"][0]["embedding"], vectors[0], atol=1e-6)
+    # [CLS] + words + [SEP] for each input.
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] == 8 + 8 + 6
+    assert int(headers["X-Batch-Size"]) >= 1
+
+
+async def test_embeddings_on_a_fill_mask_server_say_what_is_needed(start_server, tiny_model_dir):
+    server = start_server(["--model", str(tiny_model_dir)])
+    async with aiohttp.ClientSession() as session:
+        status, _, body = await post(session, server.url + "/v1/embeddings", json={"input": "x"})
+        reserved, _, body2 = await post(session, server.url + "/predict", json={
+            "inputs": "a [MASK]", "parameters": {"batchwire:embed": True}})
+        # Metrics after some traffic: histograms of batch size and requests by route/status.
+        async with session.get(server.url + "/metrics") as resp:
+            assert resp.status == 200
+            assert resp.content_type == "text/plain"
+            scrape = await resp.text()
+    assert status == 400 and "feature-extraction" in body["error"]["message"]
+    assert reserved == 400 and "reserved" in body2["error"]["message"]
+    for name in ("batchwire_requests_total", "batchwire_request_duration_seconds_bucket",
+                 "batchwire_queue_depth", "batchwire_queue_wait_seconds_bucket",
+                 "batchwire_batch_size_bucket", "batchwire_inference_seconds_bucket",
+                 "batchwire_workers", "batchwire_rejected_total", "batchwire_worker_restarts_total",
+                 "batchwire_requests_requeued_total", "batchwire_requests_cancelled_total"):
+        assert name in scrape, name
+    assert 'batchwire_requests_total{route="/v1/embeddings",status="400"} 1.0' in scrape
+    assert 'batchwire_rejected_total{reason="bad_input"} 2.0' in scrape
+    assert 'batchwire_workers{state="ready"} 1.0' in scrape

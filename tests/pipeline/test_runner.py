@@ -123,7 +123,7 @@ def test_fill_mask_batch_equals_unbatched(fill_runner, fill_pipe, parameters):
     lengths = {n_tokens(fill_runner, t) for t in FILL_MASK_INPUTS}
     assert len(lengths) >= 4, "inputs must differ in length so the batch is padded"
 
-    outputs = fill_runner(list(FILL_MASK_INPUTS), dict(parameters))
+    outputs = fill_runner(list(FILL_MASK_INPUTS), dict(parameters)).outputs
 
     assert len(outputs) == len(FILL_MASK_INPUTS)
     for text, got in zip(FILL_MASK_INPUTS, outputs):
@@ -150,7 +150,7 @@ def test_feature_extraction_batch_equals_unbatched(fe_pair):
     lengths = [n_tokens(runner, t) for t in FEATURE_INPUTS]
     assert max(lengths) >= 5 * min(lengths)
 
-    outputs = runner(list(FEATURE_INPUTS), {})
+    outputs = runner(list(FEATURE_INPUTS), {}).outputs
 
     assert len(outputs) == len(FEATURE_INPUTS)
     for text, n, got in zip(FEATURE_INPUTS, lengths, outputs):
@@ -166,12 +166,12 @@ def test_feature_extraction_batch_equals_unbatched(fe_pair):
 # -- 3. one-item batch --------------------------------------------------------------------------
 @pytest.mark.parametrize("text", ["Paris is the [MASK] of France.", "Hello [MASK] world [MASK] again."])
 def test_fill_mask_one_item_batch_equals_unbatched(fill_runner, fill_pipe, text):
-    (got,) = fill_runner([text], {})
+    (got,) = fill_runner([text], {}).outputs
     assert_same_fill_mask(got, fill_pipe(text))
 
 
 def test_feature_extraction_one_item_batch_equals_unbatched(tiny_fe_runner, tiny_fe_pipe):
-    (got,) = tiny_fe_runner([LONG_TEXT], {})
+    (got,) = tiny_fe_runner([LONG_TEXT], {}).outputs
     want = np.array(tiny_fe_pipe(LONG_TEXT))
     assert got.to_numpy().shape == want.shape
     np.testing.assert_allclose(got.to_numpy(), want, atol=1e-4, rtol=0)
@@ -199,18 +199,18 @@ def test_too_long_input_with_truncation_succeeds(tiny_fe_runner, tiny_fe_pipe):
     """The tokenizer (MiniLM's) allows 512 tokens but the tiny model only 128 positions:
     truncation must cut to the model's limit, not the tokenizer's."""
     long_text = "word " * 200
-    outputs = tiny_fe_runner([SHORT_TEXT, long_text], {"truncation": True})
+    outputs = tiny_fe_runner([SHORT_TEXT, long_text], {"truncation": True}).outputs
     short, long = (o.to_numpy() for o in outputs)
     assert long.shape == (1, TINY_LIMIT, 32)
     assert short.shape == (1, n_tokens(tiny_fe_runner, SHORT_TEXT), 32)
     want = np.array(tiny_fe_pipe(long_text, tokenize_kwargs={"truncation": True, "max_length": TINY_LIMIT}))
     np.testing.assert_allclose(long, want, atol=1e-4, rtol=0)
-    (alone,) = tiny_fe_runner([long_text], {"truncation": True})
+    (alone,) = tiny_fe_runner([long_text], {"truncation": True}).outputs
     assert alone.to_numpy().shape == (1, TINY_LIMIT, 32)
 
 
 def test_truncation_on_real_model(minilm_runner):
-    (out,) = minilm_runner(["word " * 600], {"truncation": True})
+    (out,) = minilm_runner(["word " * 600], {"truncation": True}).outputs
     assert out.to_numpy().shape == (1, 512, 384)
 
 
@@ -221,7 +221,7 @@ def test_parameters_are_not_mutated(tiny_fe_runner, tiny_fe_pipe):
     parameters = {"truncation": True, "tokenize_kwargs": {"max_length": 6}}
     snapshot = json.loads(json.dumps(parameters))
     for _ in range(2):  # the same dict, reused, still works
-        outputs = tiny_fe_runner([LONG_TEXT, SHORT_TEXT], parameters)
+        outputs = tiny_fe_runner([LONG_TEXT, SHORT_TEXT], parameters).outputs
         assert parameters == snapshot
         assert outputs[0].to_numpy().shape == (1, 6, 32)
         assert outputs[1].to_numpy().shape == (1, n_tokens(tiny_fe_runner, SHORT_TEXT), 32)
@@ -374,3 +374,46 @@ def test_warm_up_returns_duration(request, name):
     duration = runner.warm_up(4)
     assert isinstance(duration, float)
     assert 0 < duration <= time.monotonic() - started
+
+
+# -- sentence embeddings (REQUEST.embed) ----------------------------------------------------
+def test_minilm_declares_mean_pooling_with_normalisation(minilm_runner):
+    assert (minilm_runner.pooling, minilm_runner.normalize) == ("mean", True)
+    assert minilm_runner.pooling_description == "mean+normalize"
+
+
+def test_embeddings_match_sentence_transformers(minilm_runner):
+    """The pooled vector is what sentence-transformers itself computes for the model."""
+    from sentence_transformers import SentenceTransformer
+
+    from worker.runner import EMBED_KEY
+
+    texts = ["a cat sits on the mat", "stock markets fell sharply after the announcement", "hi"]
+    result = minilm_runner(list(texts), {EMBED_KEY: True})
+    reference = SentenceTransformer(minilm_runner.model, device="cpu").encode(texts)
+    for out, ref in zip(result.outputs, reference):
+        vector = out.to_numpy()
+        assert vector.shape == (384,)
+        np.testing.assert_allclose(vector, ref, atol=1e-5)
+    tokenizer = minilm_runner.pipe.tokenizer
+    assert list(result.tokens) == [len(tokenizer(t)["input_ids"]) for t in texts]
+
+
+def test_embedding_on_a_fill_mask_worker_is_a_clear_400(fill_runner):
+    from worker.runner import EMBED_KEY
+
+    assert fill_runner.pooling_description == ""
+    with pytest.raises(BadInput, match="no sentence embeddings"):
+        fill_runner(["a [MASK]"], {EMBED_KEY: True})
+
+
+def test_declared_embedding_reads_sentence_transformers_files(tmp_path):
+    from worker.runner import declared_embedding
+
+    assert declared_embedding(str(tmp_path)) == ("mean", False)  # nothing declared
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_cls_token": true}')
+    (tmp_path / "modules.json").write_text(
+        '[{"path": "", "type": "sentence_transformers.models.Transformer"},'
+        ' {"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]')
+    assert declared_embedding(str(tmp_path)) == ("cls", False)

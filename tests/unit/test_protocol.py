@@ -78,6 +78,9 @@ def assert_rejected(raw: bytes, match: str | None = None) -> ProtocolError:
 SAMPLES = [
     Ready("w-1", 4242, "sentence-transformers/all-MiniLM-L6-v2", "feature-extraction",
           "cuda:0", 8, 32),
+    Ready("w-2", 1, "m", "feature-extraction", "cpu", 2, 1, "gpu-host-3", "mean+normalize"),
+    Request(9, "embed me", {}, 100.0, 1.0, True),
+    Result(9, None, 2, 0.5, 3.0, 17, 12),
     Request(7, "hello", {"truncation": True, "top_k": 3}, 1500.0, 12.5),
     Request(0, ["a", "b"], {}, 0.0, 0.0),
     Request(2**64 - 1, {"nested": [1, {"x": None}]}, {"p": [1.5, -2]}, 1e-3, 0.0),
@@ -129,11 +132,13 @@ def test_field_order_on_the_wire():
     # Built by keyword, so a swap of two same-typed fields in a dataclass is caught too.
     expected = [
         (Ready(worker_id="w", pid=12, model="m", task="t", device="cpu", capacity=2,
-               max_batch_size=16), [1, 1, "w", 12, "m", "t", "cpu", 2, 16]),
+               max_batch_size=16, host="h", pooling="mean"),
+         [1, 1, "w", 12, "m", "t", "cpu", 2, 16, "h", "mean"]),
         (Request(request_id=5, inputs="in", parameters={"k": 1}, budget_ms=30.0,
-                 waited_ms=2.5), [1, 2, 5, "in", {"k": 1}, 30.0, 2.5]),
-        (Result(request_id=5, output="out", batch_size=3, queue_ms=1.25, inference_ms=4.5),
-         [1, 3, 5, "out", 3, 1.25, 4.5]),
+                 waited_ms=2.5, embed=True), [1, 2, 5, "in", {"k": 1}, 30.0, 2.5, True]),
+        (Result(request_id=5, output="out", batch_size=3, queue_ms=1.25, inference_ms=4.5,
+                batch_id=9, tokens=11),
+         [1, 3, 5, "out", 3, 1.25, 4.5, 9, 11]),
         (Error(request_id=5, code="bad_input", message="nope"), [1, 4, 5, "bad_input", "nope"]),
         (Cancel(request_id=5), [1, 5, 5]),
         (Heartbeat(), [1, 6]),
@@ -144,7 +149,7 @@ def test_field_order_on_the_wire():
         assert decode(msgpack.packb(parts, use_bin_type=True)) == message
     ext = msgpack.ExtType(1, msgpack.packb(["<i8", [1], nd.data], use_bin_type=True))
     assert encode(Result(1, nd, 1, 0.0, 0.0)) == msgpack.packb(
-        [1, 3, 1, ext, 1, 0.0, 0.0], use_bin_type=True
+        [1, 3, 1, ext, 1, 0.0, 0.0, 0, 0], use_bin_type=True
     )
 
 
@@ -465,11 +470,11 @@ def test_frame_that_is_not_a_message_array(raw):
         (MessageType.HEARTBEAT, [None]),
         (MessageType.CANCEL, []),
         (MessageType.CANCEL, [1, 2]),
-        (MessageType.DISCONNECT, []),  # the dataclass default does not make the field optional
         (MessageType.DISCONNECT, ["a", "b"]),
         (MessageType.ERROR, [1, "model_error"]),
         (MessageType.REQUEST, [1, "x", {}, 1.0]),
-        (MessageType.RESULT, [1, "x", 1, 0.0, 0.0, 0.0]),
+        (MessageType.RESULT, [1, "x", 1, 0.0, 0.0, 0, 0, 0]),
+        (MessageType.REQUEST, [1, "x", {}, 1.0, 0.0, False, 1]),
         (MessageType.READY, ["w", 1, "m", "t", "cpu", 1]),
     ],
 )
@@ -843,3 +848,15 @@ def test_error_hierarchy():
             assert issubclass(cls, (errors.ServerError, errors.ProtocolError)), code
     assert issubclass(ProtocolVersionMismatch, ProtocolError)
     assert ProtocolVersionMismatch(2).code == "protocol_error"
+
+
+def test_trailing_fields_with_defaults_may_be_left_off():
+    """A field added at the end with a default keeps older peers' frames decodable."""
+    assert decode(msgpack.packb([1, 3, 5, "out", 2, 1.0, 3.0])) == Result(5, "out", 2, 1.0, 3.0)
+    assert decode(msgpack.packb([1, 2, 5, "in", {}, 9.0, 0.0])).embed is False
+    assert decode(msgpack.packb([1, 7])) == Disconnect("")
+    ready = decode(msgpack.packb([1, 1, "w", 1, "m", "t", "cpu", 2, 1]))
+    assert (ready.host, ready.pooling) == ("", "")
+    # ...but never a field without a default.
+    with pytest.raises(ProtocolError, match="fields, got"):
+        decode(msgpack.packb([1, 3, 5, "out", 2, 1.0]))

@@ -1,0 +1,113 @@
+"""Prometheus metrics of the gateway, from prometheus_client.
+
+Counters and histograms are updated as things happen; gauges of live state (queue depth,
+workers by state) and the broker's and supervisor's running counts are read at scrape time
+by a collector, so they can never drift from the truth. Batch size and inference time come
+from the workers' own reports, observed once per batch (RESULTs carry the batch id).
+
+Each app gets its own registry, so several gateways in one process (tests) never collide.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+if TYPE_CHECKING:
+    from gateway.broker import Broker
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: From 0.1 ms: the gateway's own overhead and a tiny model live down there.
+SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                   0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# *_created series double the scrape for no use here (Prometheus tracks resets itself).
+disable_created_metrics()
+
+REJECT_REASONS = {
+    "overloaded": "overload",
+    "deadline_exceeded": "deadline",
+    "no_workers": "no_workers",
+    "draining": "draining",
+}
+
+
+class GatewayMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("batchwire_requests", "HTTP requests answered, by route and status",
+                                ["route", "status"], registry=r)
+        self.request_duration = Histogram(
+            "batchwire_request_duration_seconds", "Time from request to answer, by route",
+            ["route"], buckets=SECONDS_BUCKETS, registry=r)
+        self.queue_wait = Histogram(
+            "batchwire_queue_wait_seconds",
+            "Time an item waited from admission until its batch started (worker-reported)",
+            buckets=SECONDS_BUCKETS, registry=r)
+        self.batch_size = Histogram("batchwire_batch_size", "Items per pipeline call",
+                                    buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.inference = Histogram("batchwire_inference_seconds",
+                                   "Pipeline time per batch (worker-reported)",
+                                   buckets=SECONDS_BUCKETS, registry=r)
+        self.rejected = Counter("batchwire_rejected", "Requests refused, by reason", ["reason"],
+                                registry=r)
+        for reason in (*REJECT_REASONS.values(), "bad_input"):
+            self.rejected.labels(reason)
+        self._live: _LiveCollector | None = None
+
+    def watch(self, broker: "Broker", restarts: Callable[[], int] = lambda: 0) -> None:
+        """Read live state from this broker (and supervisor restart count) at scrape time."""
+        self._live = _LiveCollector(broker, restarts)
+        self.registry.register(self._live)
+
+    def set_restarts(self, restarts: Callable[[], int]) -> None:
+        if self._live is not None:
+            self._live.restarts = restarts
+
+    def observe_response(self, route: str, status: int, seconds: float, error_code: str | None) -> None:
+        self.requests.labels(route, str(status)).inc()
+        self.request_duration.labels(route).observe(seconds)
+        if error_code in REJECT_REASONS:
+            self.rejected.labels(REJECT_REASONS[error_code]).inc()
+        elif 400 <= status < 500 and error_code not in ("unauthorized", "cancelled"):
+            self.rejected.labels("bad_input").inc()
+
+    def observe_batch(self, batch_size: int, inference_ms: float) -> None:
+        self.batch_size.observe(batch_size)
+        self.inference.observe(inference_ms / 1000.0)
+
+    def observe_queue_wait(self, queue_ms: float) -> None:
+        self.queue_wait.observe(queue_ms / 1000.0)
+
+    def scrape(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _LiveCollector:
+    def __init__(self, broker: "Broker", restarts: Callable[[], int]):
+        self.broker = broker
+        self.restarts = restarts
+
+    def collect(self) -> Iterable:
+        broker = self.broker
+        yield GaugeMetricFamily("batchwire_queue_depth", "Requests waiting for a worker",
+                                value=broker.queue_depth)
+        workers = GaugeMetricFamily("batchwire_workers", "Connected workers by state",
+                                    labels=["state"])
+        busy = sum(1 for w in broker.workers.values() if w.in_flight)
+        workers.add_metric(["ready"], len(broker.workers) - busy)
+        workers.add_metric(["busy"], busy)
+        yield workers
+        yield CounterMetricFamily("batchwire_worker_restarts", "Local worker processes restarted",
+                                  value=self.restarts())
+        yield CounterMetricFamily("batchwire_requests_requeued",
+                                  "Requests moved off a worker that died or left",
+                                  value=broker.requeued)
+        yield CounterMetricFamily("batchwire_requests_cancelled",
+                                  "Requests withdrawn because the client went away",
+                                  value=broker.cancelled)
