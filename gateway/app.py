@@ -55,6 +55,8 @@ OPEN_ROUTES = frozenset({"/health", "/ready"})
 #: Parameter names the gateway and worker use among themselves; clients may not send them.
 RESERVED_PARAMETER_PREFIX = "batchwire:"
 METRICS = web.AppKey("metrics", GatewayMetrics)
+#: The local worker supervisor under `batchwire serve` (None for `batchwire gateway`).
+SUPERVISOR = web.AppKey("supervisor", object)
 _MAX_REQUEST_ID = 128
 
 
@@ -416,6 +418,8 @@ async def handle_info(request: web.Request) -> web.Response:
         "zmq_endpoint": broker.endpoint,
         "draining": broker.draining,
         "workers": workers,
+        "local_workers": (request.app[SUPERVISOR].describe()
+                          if request.app.get(SUPERVISOR) is not None else []),
         "config": {k: ("***" if k == "api_key" and v else v) for k, v in vars(config).items()},
     })
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ from protocol.messages import (
 log = logging.getLogger("batchwire.gateway.broker")
 
 MISSED_HEARTBEATS = 3
+LOCAL_HOST = socket.gethostname()
 #: A request on this many workers that died is not retried again: it may be what kills them.
 MAX_CRASHES = 2
 
@@ -320,7 +322,7 @@ class Broker:
         orphans = [p for p in worker.in_flight.values() if not p.done]
         worker.in_flight.clear()
         worker.suspect = None
-        if crashed:
+        if crashed and worker.info.host in ("", LOCAL_HOST):
             self.on_worker_dead(worker.info.pid, reason)
         log.warning("worker %s (pid %d) lost: %s; %d request(s) to requeue",
                     worker.info.worker_id, worker.info.pid, reason, len(orphans))
@@ -339,7 +341,8 @@ class Broker:
     def worker_process_exited(self, pid: int, reason: str) -> None:
         """A local worker process died (the supervisor saw it): act now, not after heartbeats."""
         for worker in list(self.workers.values()):
-            if worker.info.pid == pid:
+            # The host check keeps a remote worker that happens to share the pid safe.
+            if worker.info.pid == pid and worker.info.host in ("", LOCAL_HOST):
                 self.worker_lost(worker, reason)
 
     def _register(self, identity: bytes, ready: Ready) -> None:

@@ -8,9 +8,11 @@ import os
 import signal
 import tempfile
 
+import zmq
+
 from aiohttp import web
 
-from gateway.app import AccessLogger, create_app
+from gateway.app import SUPERVISOR, AccessLogger, create_app
 from gateway.broker import Broker
 from gateway.config import GatewayConfig, ServeConfig
 from gateway.supervisor import Supervisor
@@ -27,31 +29,52 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
     broker = Broker(endpoint, max_queue=config.max_queue,
                     heartbeat_interval_s=config.heartbeat_interval_s,
                     batch_timeout_s=config.batch_timeout_s)
-    await broker.start()
+    try:
+        await broker.start()
+    except zmq.ZMQError as exc:
+        log.critical("cannot bind the worker endpoint %s: %s", endpoint, exc)
+        return 2
     log.info("broker bound to %s", endpoint)
+
+    stop = asyncio.Event()
+    exit_code = 0
+
+    def give_up(reason: str) -> None:
+        nonlocal exit_code
+        log.critical("%s: stopping", reason)
+        exit_code = 2
+        stop.set()
 
     supervisor = None
     if serve is not None:
         supervisor = Supervisor(serve.workers, endpoint, config.heartbeat_interval_s,
                                 config.batch_timeout_s, config.log_level,
                                 on_exit=broker.worker_process_exited,
-                                log_format=config.log_format)
+                                log_format=config.log_format, on_give_up=give_up)
         broker.on_worker_dead = supervisor.kill
         broker.metrics.set_restarts(lambda: supervisor.restarts)
-        await supervisor.start()
 
     app = create_app(config, broker)
+    app[SUPERVISOR] = supervisor
     # handler_cancellation: a client that disconnects cancels its handler, which withdraws
     # the request from the broker and tells the worker to skip it.
     runner = web.AppRunner(app, handler_cancellation=True, access_log_class=AccessLogger,
                            access_log=logging.getLogger("batchwire.access"))
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
-    await site.start()
-    log.info("listening on http://%s:%d (pid %d)", config.host, config.port, os.getpid())
+    try:
+        await site.start()
+    except OSError as exc:
+        log.critical("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
+        stop.set()
+        exit_code = 2
+    else:
+        log.info("listening on http://%s:%d (pid %d)", config.host, config.port, os.getpid())
+        if supervisor is not None:
+            await supervisor.start()
 
-    stop = asyncio.Event()
     signals_seen = 0
+    drain_task: asyncio.Task | None = None
 
     def on_signal(sig: signal.Signals) -> None:
         nonlocal signals_seen
@@ -62,13 +85,13 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
         else:
             log.warning("%s again: stopping now", sig.name)
             broker.draining = True
-            drain_task.cancel() if drain_task else None
+            if drain_task is not None:
+                drain_task.cancel()
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
 
-    drain_task: asyncio.Task | None = None
     await stop.wait()
     drain_task = asyncio.create_task(broker.drain(config.drain_timeout_s))
     try:
@@ -86,4 +109,4 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
             os.unlink(os.path.join(ipc_dir, name))
         os.rmdir(ipc_dir)
     log.info("stopped")
-    return 0
+    return exit_code

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from gateway.config import WorkerLaunchConfig
+from worker.config import EXIT_CANNOT_LOAD
 
 log = logging.getLogger("batchwire.gateway.supervisor")
 
@@ -65,13 +66,17 @@ class WorkerSlot:
     env: dict[str, str]
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
+    #: starting | running | restarting | failed (cannot load the model: not retried)
+    state: str = "starting"
+    last_exit: str = ""
 
 
 class Supervisor:
     def __init__(self, launch: WorkerLaunchConfig, endpoint: str, heartbeat_interval_s: float,
                  batch_timeout_s: float, log_level: str, on_exit: Callable[[int, str], None],
-                 log_format: str = "text"):
+                 log_format: str = "text", on_give_up: Callable[[str], None] = lambda r: None):
         self.log_format = log_format
+        self.on_give_up = on_give_up
         self.launch = launch
         self.endpoint = endpoint
         self.on_exit = on_exit
@@ -127,11 +132,21 @@ class Supervisor:
         while not self._stopping:
             started = time.monotonic()
             slot.process = await asyncio.create_subprocess_exec(*slot.argv, env=slot.env)
+            slot.state = "running"
             code = await slot.process.wait()
             if self._stopping:
                 return
             reason = f"process {slot.process.pid} exited with code {code}"
+            slot.last_exit = reason
             self.on_exit(slot.process.pid, reason)
+            if code == EXIT_CANNOT_LOAD:
+                slot.state = "failed"
+                log.critical("worker-%d cannot load its model (see its log above); not "
+                             "restarting it", slot.index)
+                if all(s.state == "failed" for s in self.slots):
+                    self.on_give_up("no worker could load the model")
+                return
+            slot.state = "restarting"
             failures = 0 if time.monotonic() - started > STABLE_AFTER_S else failures + 1
             delay = min(BACKOFF_MAX_S, BACKOFF_START_S * 2 ** max(failures - 1, 0))
             slot.restarts += 1
@@ -148,6 +163,15 @@ class Supervisor:
             if slot.process is not None and slot.process.pid == pid and slot.process.returncode is None:
                 log.warning("killing worker-%d (pid %d): %s", slot.index, pid, reason)
                 _signal(slot.process, signal.SIGKILL)
+
+    def describe(self) -> list[dict]:
+        """The local worker processes, for /info."""
+        return [
+            {"slot": s.index, "device": s.device, "state": s.state, "restarts": s.restarts,
+             "pid": s.process.pid if s.process and s.process.returncode is None else None,
+             "last_exit": s.last_exit}
+            for s in self.slots
+        ]
 
     @property
     def restarts(self) -> int:

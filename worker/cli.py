@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from protocol.logs import setup_logging
-from worker.config import WorkerConfig, parse
+from worker.config import EXIT_CANNOT_LOAD, WorkerConfig, parse
 
 log = logging.getLogger("batchwire.worker")
 
@@ -25,7 +25,7 @@ def run(config: WorkerConfig) -> int:
                                 pooling=config.pooling, normalize=config.normalize)
     except ValueError as exc:
         log.error("%s", exc)
-        return 2
+        return EXIT_CANNOT_LOAD
     # One inference thread: the pipeline is used from this thread only, loading included.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
     log.info("loading %s (%s) on %s", runner.model, runner.task, config.device)
@@ -36,7 +36,7 @@ def run(config: WorkerConfig) -> int:
         log.error("could not load %s (%s) on %s: %s: %s", runner.model, runner.task,
                   config.device, type(exc).__name__, exc)
         executor.shutdown(wait=False)
-        return 2
+        return EXIT_CANNOT_LOAD
     log.info("loaded in %.1f s, warmed up in %.2f s", loaded, warmed)
     try:
         asyncio.run(WorkerService(config, runner, executor).run())

@@ -14,6 +14,9 @@ DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_MAX_DELAY_MS = 2.0
 DEFAULT_HEARTBEAT_S = 1.0
 DEFAULT_BATCH_TIMEOUT_S = 60.0
+#: Exit status of a worker that cannot load its model (bad path, task, device): restarting it
+#: cannot help, so `batchwire serve` stops instead of retrying forever.
+EXIT_CANNOT_LOAD = 2
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -248,8 +249,13 @@ async def test_two_workers_share_the_load_and_env_vars_configure(start_server, t
                                          for _ in range(60)))
     assert all(status == 200 for status, _, _ in replies)
     assert max(int(h["X-Batch-Size"]) for _, h, _ in replies) <= 3
-    answered = [w["answered"] for w in server.info()["workers"]]
+    info = server.info()
+    answered = [w["answered"] for w in info["workers"]]
     assert all(n > 0 for n in answered), answered
+    assert all(w["batches"] >= 1 and w["host"] for w in info["workers"])
+    local = info["local_workers"]
+    assert [s["state"] for s in local] == ["running", "running"]
+    assert {s["pid"] for s in local} == {w["pid"] for w in info["workers"]}
 
 
 async def test_default_model_is_minilm_feature_extraction(start_server):
@@ -262,3 +268,23 @@ async def test_default_model_is_minilm_feature_extraction(start_server):
     assert status == 200
     # [1 sequence][tokens: [CLS] hello world [SEP]][384 floats]
     assert len(answer) == 1 and len(answer[0]) == 4 and len(answer[0][0]) == 384
+
+
+def test_a_model_that_cannot_load_stops_serve_with_a_clear_error(start_server, tmp_path):
+    server = start_server(["--model", str(tmp_path / "no-such-model"), "--task", "fill-mask",
+                           "--workers", "2"], wait_ready=False)
+    # Restarting cannot fix a wrong path: serve gives up instead of looping forever.
+    assert server.proc.wait(120) == 2
+    log = server.log_text()
+    assert "could not load" in log and "no-such-model" in log
+    assert "no worker could load the model" in log
+    assert log.count("not restarting it") == 2
+
+
+def test_port_in_use_is_a_one_line_error(tiny_model_dir, fill_mask_server):
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(fill_mask_server.port),
+         "--model", str(tiny_model_dir)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "cannot listen on" in out.stderr and "Traceback" not in out.stderr
+    assert "starting worker" not in out.stderr  # nothing heavy starts before the port is bound
