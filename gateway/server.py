@@ -102,7 +102,8 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
         pass
     await broker.close()
     if supervisor is not None:
-        await supervisor.stop()
+        # Forced (second signal): workers get one second before SIGKILL, not ten.
+        await supervisor.stop(timeout_s=1.0 if signals_seen > 1 else 10.0)
     await runner.cleanup()
     if ipc_dir is not None:
         for name in os.listdir(ipc_dir):

@@ -83,7 +83,7 @@ class WorkerService:
         self._socket = sock
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop, f"signal {sig.name}")
+            loop.add_signal_handler(sig, self._on_signal, sig)
         self._send(self._ready())
         log.info("worker %s ready on %s: %s (%s) on %s, capacity %d, max batch %d, max delay %.1f ms",
                  self.config.worker_id, self.config.connect, self.runner.model, self.runner.task,
@@ -113,6 +113,15 @@ class WorkerService:
         if not self._stopping.is_set():
             self._stop_reason = reason
             self._stopping.set()
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._stopping.is_set() and self._stop_reason.startswith("signal"):
+            # A second signal while the last batch is still running: whoever sent it will
+            # not wait for that batch (it may hang), so leave now.
+            log.warning("%s again while finishing: exiting now", sig.name)
+            logging.shutdown()
+            os._exit(1)
+        self.stop(f"signal {sig.name}")
 
     _stop_reason = ""
 

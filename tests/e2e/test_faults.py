@@ -69,3 +69,55 @@ async def test_hung_model_call_is_detected_and_its_requests_run_elsewhere(start_
     # The hanging input took down one worker, then the one it was retried on: 500, once.
     assert status == 500 and body["error"]["code"] == "worker_crashed", body
     assert server.log_text().count("past --batch-timeout-s") == 2
+
+
+async def test_second_sigterm_forces_a_prompt_exit(start_server, fault_model_dir):
+    """A drain that would wait on a hung model call is cut short by a second SIGTERM."""
+    import signal
+    import time
+
+    server = start_server(fault_args(fault_model_dir, "--drain-timeout-s", "600",
+                                     "--batch-timeout-s", "600"))
+    async with aiohttp.ClientSession() as session:
+        hung = asyncio.ensure_future(post(session, server.url + "/", data=b"HANG [MASK]"))
+
+        async def holding():
+            return (await info_async(session, server))["in_flight"] == 1
+        await wait_for_async(holding, 10, "the hanging request to be in flight")
+        server.proc.send_signal(signal.SIGTERM)
+        await wait_for_async(lambda: _ready_is(session, server, 503), 10, "draining")
+        forced_at = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        status, _, body = await hung
+    assert status == 503 and body["error"]["code"] == "draining"
+    assert await asyncio.to_thread(server.proc.wait, 30) == 0
+    assert time.monotonic() - forced_at < 10
+    assert server.stop() == 0  # also checks no worker process was left behind
+
+
+async def test_drain_timeout_bounds_the_wait(start_server, fault_model_dir):
+    import signal
+    import time
+
+    server = start_server(fault_args(fault_model_dir, "--drain-timeout-s", "1",
+                                     "--batch-timeout-s", "600"))
+    async with aiohttp.ClientSession() as session:
+        hung = asyncio.ensure_future(post(session, server.url + "/", data=b"HANG [MASK]"))
+
+        async def holding():
+            return (await info_async(session, server))["in_flight"] == 1
+        await wait_for_async(holding, 10, "the hanging request to be in flight")
+        sent_at = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        status, _, body = await hung
+        answered_after = time.monotonic() - sent_at
+    assert status == 503 and body["error"]["code"] == "draining"
+    assert 0.9 <= answered_after < 5, answered_after
+    assert await asyncio.to_thread(server.proc.wait, 30) == 0
+    assert "drain timeout: 1 request(s) still in flight" in server.log_text()
+    assert server.stop() == 0
+
+
+async def _ready_is(session, server, status: int) -> bool:
+    async with session.get(server.url + "/ready") as resp:
+        return resp.status == status

@@ -119,6 +119,8 @@ async def test_bad_timeout_header_is_400(fill_mask_server, header):
      "parameters"),
     ("/predict", {"json": {"inputs": "a [MASK]", "parameters": {"bogus": 1}}}, 422,
      "invalid_parameters", "bogus"),
+    ("/predict", {"json": {"inputs": "a [MASK]", "parameters": {"top_k": "x"}}}, 400,
+     "bad_input", "top_k"),
     ("/", {"data": b"no mask in this text"}, 400, "bad_input", "mask"),
     ("/", {"data": b""}, 400, "bad_input", "empty"),
     ("/", {"data": b"\xff\xfe [MASK]"}, 400, "bad_input", "UTF-8"),
