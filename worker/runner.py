@@ -212,7 +212,16 @@ class PipelineRunner:
             extra["return_tensors"] = True
         # Copied: some _sanitize_parameters write into nested dicts (feature-extraction puts
         # "truncation" into tokenize_kwargs), which would corrupt the caller's parameters.
-        return self.pipe(inputs, **copy.deepcopy(parameters), **extra)
+        try:
+            return self.pipe(inputs, **copy.deepcopy(parameters), **extra)
+        except TypeError as exc:
+            # Inputs reach us as strings or objects the gateway checked; a TypeError with
+            # parameters set is a parameter of the wrong type (top_k="x" -> torch.topk).
+            if parameters:
+                raise InvalidParameters(
+                    f"the {self.task} pipeline cannot use parameters {parameters}: {exc}; "
+                    "check their types") from None
+            raise
 
     def _check_parameters(self, parameters: dict) -> None:
         sanitize = getattr(self.pipe, "_sanitize_parameters", None)
