@@ -198,10 +198,10 @@ class Batcher:
 
     async def _run_isolating(self, batch: list[WorkItem]) -> None:
         loop = asyncio.get_running_loop()
-        started = self._busy_since = self.clock()
+        self._busy_since = self.clock()
         try:
-            outputs = await loop.run_in_executor(
-                self.executor, self.runner, [it.inputs for it in batch], batch[0].parameters
+            outputs, started, finished = await loop.run_in_executor(
+                self.executor, self._timed_run, [it.inputs for it in batch], batch[0].parameters
             )
             tokens: Sequence[int] = [0] * len(batch)
             if isinstance(outputs, RunOutput):
@@ -231,7 +231,6 @@ class Batcher:
             await self._run_isolating(batch[:half])
             await self._run_isolating(batch[half:])
             return
-        finished = self.clock()
         self.batches_run += 1
         inference_ms = (finished - started) * 1000.0
         for item, output, count in zip(batch, outputs, tokens):
@@ -239,6 +238,13 @@ class Batcher:
                                self.batches_run, count)
             self._by_id.pop(item.request_id, None)
             self.on_result(item, output, stats)
+
+    def _timed_run(self, inputs: list, parameters: dict) -> tuple[Any, float, float]:
+        """Runs in the inference thread and times the call there, so inference_ms is the
+        model's time, not the model's time plus however late the event loop woke up."""
+        started = self.clock()
+        outputs = self.runner(inputs, parameters)
+        return outputs, started, self.clock()
 
     def _finish_error(self, item: WorkItem, error: BatchwireError) -> None:
         self._by_id.pop(item.request_id, None)
