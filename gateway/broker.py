@@ -31,7 +31,7 @@ import zmq
 import zmq.asyncio
 
 from gateway.metrics import GatewayMetrics
-from protocol import codec
+from protocol import codec, curve
 from protocol.errors import (
     BatchwireError,
     Cancelled,
@@ -117,6 +117,8 @@ class Broker:
         heartbeat_interval_s: float = 1.0,
         batch_timeout_s: float = 60.0,
         metrics: GatewayMetrics | None = None,
+        curve_secret_key: str | None = None,
+        curve_authorized_keys: str | None = None,
         context: zmq.asyncio.Context | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -124,6 +126,11 @@ class Broker:
         self.max_queue = max_queue
         self.heartbeat_interval_s = heartbeat_interval_s
         self.batch_timeout_s = batch_timeout_s
+        self.curve_secret_key = curve_secret_key
+        self.curve_authorized_keys = curve_authorized_keys
+        #: Public keys admitted besides those in curve_authorized_keys (serve's own workers).
+        self.extra_worker_keys: set[bytes] = set()
+        self._authenticator = None
         self.metrics = metrics or GatewayMetrics()
         self.metrics.watch(self)
         self.clock = clock
@@ -154,12 +161,36 @@ class Broker:
         # A restarted worker process reconnecting under a known identity takes it over.
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         sock.setsockopt(zmq.LINGER, 0)
+        self._apply_curve(sock)
         sock.bind(self.endpoint)
         self._socket = sock
         self._tasks = [
             asyncio.create_task(self._receive_loop(), name="broker-receive"),
             asyncio.create_task(self._heartbeat_loop(), name="broker-heartbeat"),
         ]
+
+    def _apply_curve(self, sock: zmq.Socket) -> None:
+        curve.warn_if_plain(self.endpoint, bool(self.curve_secret_key), log, "gateway")
+        if not self.curve_secret_key:
+            return
+        import zmq.auth.asyncio
+
+        public, secret = curve.load_keypair(self.curve_secret_key)
+        # The authenticator answers ZAP requests for every CURVE handshake on this context,
+        # before the broker sees a single frame from the peer.
+        self._authenticator = zmq.auth.asyncio.AsyncioAuthenticator(self._ctx, log=log)
+        self._authenticator.start()
+        if self.curve_authorized_keys:
+            keys = curve.load_authorized(self.curve_authorized_keys) | self.extra_worker_keys
+            log.info("CURVE on: %d authorized worker key(s) from %s", len(keys),
+                     self.curve_authorized_keys)
+            self._authenticator.configure_curve_callback("*", curve.KeySet(keys))
+        else:
+            log.info("CURVE on: any worker holding the gateway's public key is admitted")
+            self._authenticator.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+        sock.curve_server = True
 
     async def close(self) -> None:
         for worker in list(self.workers.values()):
@@ -172,6 +203,9 @@ class Broker:
         if self._socket is not None:
             self._socket.close(linger=500)
             self._socket = None
+        if self._authenticator is not None:
+            self._authenticator.stop()
+            self._authenticator = None
 
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new requests and wait for the admitted ones; True if all were answered."""

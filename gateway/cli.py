@@ -22,6 +22,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from protocol.logs import setup_logging
 
     command, config = parse(argv)
+    if command == "keygen":
+        from protocol import curve
+
+        public, secret = curve.generate(config.directory, config.name)
+        print(f"public key: {public}\nsecret key: {secret} (keep it private)")
+        return 0
     gateway_config = config.gateway if command == "serve" else config
     setup_logging(gateway_config.log_level, "gateway", gateway_config.log_format)
     try:

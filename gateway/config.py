@@ -27,6 +27,8 @@ class GatewayConfig:
     log_level: str = "INFO"
     log_format: str = "text"
     api_key: str | None = None
+    curve_secret_key: str | None = None
+    curve_authorized_keys: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,11 @@ def _add_gateway_flags(flags: Flags, *, serve: bool) -> None:
     flags.add("--log-level", default="INFO", help="logging level")
     flags.add("--log-format", default="text", choices=LOG_FORMATS,
               help="text for people, json for log pipelines (one object per line)")
+    flags.add("--curve-secret-key", default=None,
+              help="the gateway's CURVE .key_secret file (batchwire keygen): encrypt and "
+              "authenticate the worker link")
+    flags.add("--curve-authorized-keys", default=None,
+              help="directory of workers' public .key files; only those workers are admitted")
     flags.add("--api-key", default=None,
               help="require 'Authorization: Bearer KEY' on every route but /health and /ready")
 
@@ -109,6 +116,11 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
 
     # Parsed by worker.config; listed here so `batchwire --help` shows it.
     sub.add_parser("worker", help="one model worker connecting to a gateway", add_help=False)
+
+    keygen = sub.add_parser("keygen", help="write a CURVE key pair (NAME.key, NAME.key_secret)",
+                            formatter_class=fmt)
+    keygen.add_argument("directory", help="where to write the key files")
+    keygen.add_argument("--name", default="batchwire", help="file name stem")
     return parser
 
 
@@ -128,6 +140,8 @@ def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
         log_level=args.log_level,
         log_format=args.log_format,
         api_key=args.api_key or None,
+        curve_secret_key=args.curve_secret_key,
+        curve_authorized_keys=args.curve_authorized_keys,
     )
 
 
@@ -152,6 +166,8 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
 def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None):
     """-> (command, config) for serve and gateway."""
     args = build_parser(environ).parse_args(argv)
+    if args.command == "keygen":
+        return "keygen", args
     if args.command == "serve":
         return "serve", serve_config_from_args(args)
     return "gateway", gateway_config_from_args(args)

@@ -16,6 +16,7 @@ from gateway.app import SUPERVISOR, AccessLogger, create_app
 from gateway.broker import Broker
 from gateway.config import GatewayConfig, ServeConfig
 from gateway.supervisor import Supervisor
+from protocol import curve
 
 log = logging.getLogger("batchwire.gateway")
 
@@ -28,11 +29,25 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
         endpoint = f"ipc://{ipc_dir}/workers.sock"
     broker = Broker(endpoint, max_queue=config.max_queue,
                     heartbeat_interval_s=config.heartbeat_interval_s,
-                    batch_timeout_s=config.batch_timeout_s)
+                    batch_timeout_s=config.batch_timeout_s,
+                    curve_secret_key=config.curve_secret_key,
+                    curve_authorized_keys=config.curve_authorized_keys)
+    local_worker_args: list[str] = []
+    if serve is not None and config.curve_secret_key:
+        # serve's own workers get a fresh key pair in a private (0700) directory, admitted
+        # alongside any --curve-authorized-keys.
+        keys_dir = tempfile.mkdtemp(prefix="batchwire-keys-")
+        public, secret = curve.generate(keys_dir, "local-worker")
+        broker.extra_worker_keys.add(curve.load_public(public))
+        local_worker_args = ["--curve-server-key", config.curve_secret_key,
+                             "--curve-secret-key", str(secret)]
     try:
         await broker.start()
     except zmq.ZMQError as exc:
         log.critical("cannot bind the worker endpoint %s: %s", endpoint, exc)
+        return 2
+    except (OSError, ValueError) as exc:
+        log.critical("cannot read CURVE keys: %s", exc)
         return 2
     log.info("broker bound to %s", endpoint)
 
@@ -50,7 +65,8 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
         supervisor = Supervisor(serve.workers, endpoint, config.heartbeat_interval_s,
                                 config.batch_timeout_s, config.log_level,
                                 on_exit=broker.worker_process_exited,
-                                log_format=config.log_format, on_give_up=give_up)
+                                log_format=config.log_format, on_give_up=give_up,
+                                extra_args=local_worker_args)
         broker.on_worker_dead = supervisor.kill
         broker.metrics.set_restarts(lambda: supervisor.restarts)
 

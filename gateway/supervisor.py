@@ -74,8 +74,10 @@ class WorkerSlot:
 class Supervisor:
     def __init__(self, launch: WorkerLaunchConfig, endpoint: str, heartbeat_interval_s: float,
                  batch_timeout_s: float, log_level: str, on_exit: Callable[[int, str], None],
-                 log_format: str = "text", on_give_up: Callable[[str], None] = lambda r: None):
+                 log_format: str = "text", on_give_up: Callable[[str], None] = lambda r: None,
+                 extra_args: list[str] | None = None):
         self.log_format = log_format
+        self.extra_args = list(extra_args or [])
         self.on_give_up = on_give_up
         self.launch = launch
         self.endpoint = endpoint
@@ -107,6 +109,7 @@ class Supervisor:
             "--parent-pid", str(os.getpid()),
             "--log-level", log_level,
             "--log-format", self.log_format,
+            *self.extra_args,
         ]
         if launch.model:
             argv += ["--model", launch.model]

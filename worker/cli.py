@@ -8,6 +8,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
+from protocol import curve
 from protocol.logs import setup_logging
 from worker.config import EXIT_CANNOT_LOAD, WorkerConfig, parse
 
@@ -19,6 +20,14 @@ def run(config: WorkerConfig) -> int:
     from worker.service import WorkerService
 
     setup_logging(config.log_level, config.worker_id, config.log_format)
+    try:  # before the slow model load: a wrong key path should fail in a second
+        if config.curve_server_key:
+            curve.load_public(config.curve_server_key)
+        if config.curve_secret_key:
+            curve.load_keypair(config.curve_secret_key)
+    except (OSError, ValueError) as exc:
+        log.error("cannot read CURVE keys: %s", exc)
+        return EXIT_CANNOT_LOAD
     try:
         runner = PipelineRunner(config.model, config.task, config.device, config.torch_threads,
                                 trust_remote_code=config.trust_remote_code,

@@ -36,6 +36,8 @@ class WorkerConfig:
     trust_remote_code: bool
     pooling: str
     normalize: bool | None
+    curve_server_key: str | None
+    curve_secret_key: str | None
     parent_pid: int
     log_level: str
     log_format: str
@@ -92,6 +94,11 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     flags.add("--batch-timeout-s", type=positive_float, default=DEFAULT_BATCH_TIMEOUT_S,
               help="a batch computing longer than this marks the worker stuck: it exits and "
               "its requests run elsewhere")
+    flags.add("--curve-server-key", default=None,
+              help="the gateway's public CURVE key file (.key): connect encrypted")
+    flags.add("--curve-secret-key", default=None,
+              help="this worker's .key_secret file (default with --curve-server-key: a fresh "
+              "key pair, which a gateway with --curve-authorized-keys will refuse)")
     flags.add("--log-level", default="INFO", help="logging level")
     flags.add("--log-format", default="text", choices=LOG_FORMATS,
               help="text for people, json for log pipelines")
@@ -119,6 +126,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         trust_remote_code=args.trust_remote_code,
         pooling=args.pooling,
         normalize={"auto": None, "yes": True, "no": False}[args.normalize],
+        curve_server_key=args.curve_server_key,
+        curve_secret_key=args.curve_secret_key,
         parent_pid=args.parent_pid,
         log_level=args.log_level,
         log_format=args.log_format,

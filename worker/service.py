@@ -21,7 +21,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from protocol import codec
+from protocol import codec, curve
 from protocol.errors import BatchwireError, ProtocolError
 from protocol.messages import (
     Cancel,
@@ -79,6 +79,7 @@ class WorkerService:
         # Reconnect quickly when a gateway restarts on the same endpoint.
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        self._apply_curve(sock)
         sock.connect(self.config.connect)
         self._socket = sock
         loop = asyncio.get_running_loop()
@@ -108,6 +109,19 @@ class WorkerService:
         log.info("worker %s leaving (%s); %d queued request(s) handed back to the gateway",
                  self.config.worker_id, self._stop_reason, len(abandoned))
         sock.close(linger=2000)
+
+    def _apply_curve(self, sock: zmq.Socket) -> None:
+        config = self.config
+        curve.warn_if_plain(config.connect, bool(config.curve_server_key), log, "worker")
+        if not config.curve_server_key:
+            return
+        sock.curve_serverkey = curve.load_public(config.curve_server_key)
+        if config.curve_secret_key:
+            public, secret = curve.load_keypair(config.curve_secret_key)
+        else:
+            public, secret = zmq.curve_keypair()
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
 
     def stop(self, reason: str) -> None:
         if not self._stopping.is_set():

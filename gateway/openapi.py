@@ -1,0 +1,476 @@
+"""The gateway's OpenAPI 3.0.3 document, served at ``GET /openapi.json``.
+
+:func:`openapi_document` describes every route of :mod:`gateway.app` as it really behaves
+for one :class:`~gateway.config.GatewayConfig` (``--max-inputs`` bounds the input lists,
+``--api-key`` adds the bearer scheme), and ``tests/e2e/test_openapi.py`` fuzzes a running
+server from the served document with schemathesis, so the two cannot drift apart quietly.
+
+This module imports nothing from :mod:`gateway.app` (which wires the handler in); the
+handler is a closure over the config: ``make_openapi_handler(config)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from gateway.config import GatewayConfig
+from protocol.errors import (
+    BadInput,
+    BodyTooLarge,
+    DeadlineExceeded,
+    Draining,
+    InvalidParameters,
+    MethodNotAllowed,
+    ModelError,
+    NoWorkers,
+    NotFound,
+    Overloaded,
+    Unauthorized,
+    UnsupportedMediaType,
+    WorkerCrashed,
+)
+
+OPENAPI_VERSION = "3.0.3"
+#: Routes that answer without an API key (mirrors gateway.app.OPEN_ROUTES).
+OPEN_PATHS = ("/health", "/ready")
+#: Errors a client can see, in the order the docs list them (Cancelled only reaches logs).
+CLIENT_VISIBLE_ERRORS = (BadInput, Unauthorized, NotFound, MethodNotAllowed, BodyTooLarge,
+                         UnsupportedMediaType, InvalidParameters, ModelError, WorkerCrashed,
+                         Overloaded, NoWorkers, Draining, DeadlineExceeded)
+_REF = "#/components/"
+
+
+_RESPONSE_HEADERS = {
+    "X-Request-Id": ({"type": "string"}, "The request's id: the client's X-Request-Id if sane "
+                     "(printable ASCII, 1-128 characters), else a fresh one."),
+    "X-Batch-Size": ({"type": "integer", "minimum": 1},
+                     "Items in the largest pipeline call this request rode in."),
+    "X-Queue-Time-Ms": ({"type": "number", "minimum": 0},
+                        "Milliseconds from admission until the batch started."),
+    "X-Inference-Time-Ms": ({"type": "number", "minimum": 0},
+                            "Milliseconds the batch's pipeline call took."),
+    "Server-Timing": ({"type": "string"},
+                      "queue;dur=..., inference;dur=..., total;dur=... (milliseconds)."),
+    "Retry-After": ({"type": "integer", "minimum": 0}, "Seconds to wait before retrying."),
+    "WWW-Authenticate": ({"type": "string"}, "Bearer"),
+}
+
+
+def response_header(name: str, required: bool = True) -> dict:
+    """A Header Object, inline: OpenAPI 3.0 ignores siblings of $ref such as required."""
+    schema, description = _RESPONSE_HEADERS[name]
+    return {"description": description, "required": required, "schema": dict(schema)}
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("batchwire")
+    except Exception:  # noqa: BLE001 - not installed (a source checkout on PYTHONPATH)
+        return "0.0.0"
+
+
+def _ref(kind: str, name: str) -> dict:
+    return {"$ref": f"{_REF}{kind}/{name}"}
+
+
+def _error_codes_table() -> str:
+    rows = "\n".join(f"| `{cls.code}` | {cls.status} | {(cls.__doc__ or '').strip()} |"
+                     for cls in CLIENT_VISIBLE_ERRORS)
+    return ("| code | status | meaning |\n| --- | --- | --- |\n" + rows +
+            f"\n| `internal_error` | 500 | an unexpected gateway error (see the server log) |")
+
+
+def _components(config: GatewayConfig) -> dict:
+    text = {
+        "type": "string", "minLength": 1, "pattern": r"\S",
+        "description": "Text to run the model on; not empty or only whitespace.",
+    }
+    item = {"oneOf": [text, {"type": "object", "description": "A structured input, e.g. "
+                             '{"question": ..., "context": ...} for question-answering.'}]}
+    schemas: dict[str, Any] = {
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["code", "message"],
+                    "properties": {
+                        "code": {"type": "string", "description": "Machine-readable code; "
+                                 "see the table in the API description."},
+                        "message": {"type": "string", "description": "What went wrong and, for "
+                                    "4xx, what to change."},
+                        "traceback": {"type": "string", "description": "Only with --debug, on "
+                                      "internal errors."},
+                    },
+                },
+            },
+        },
+        "Text": text,
+        "Input": item,
+        "PredictRequest": {
+            "type": "object",
+            "required": ["inputs"],
+            "additionalProperties": False,
+            "properties": {
+                "inputs": {
+                    "description": "One input (answered with its output) or a list (answered "
+                                   "with a list of outputs in the same order; admitted all or "
+                                   "nothing).",
+                    "oneOf": [
+                        text,
+                        {"type": "object"},
+                        {"type": "array", "minItems": 1, "maxItems": config.max_inputs,
+                         "items": item},
+                    ],
+                },
+                "parameters": {
+                    "type": "object", "nullable": True,
+                    "description": "Keyword arguments of the pipeline call (e.g. top_k for "
+                                   "fill-mask); ones the pipeline refuses give 422. Names "
+                                   "starting with 'batchwire:' are reserved (400).",
+                },
+            },
+        },
+        "PipelineOutput": {
+            "description": "The pipeline's output as JSON (for a list of inputs, a list of "
+                           "outputs in order). Arrays (embeddings, logits) are nested lists of "
+                           "numbers.",
+        },
+        "EmbeddingsRequest": {
+            "type": "object",
+            "required": ["input"],
+            "additionalProperties": False,
+            "properties": {
+                "input": {"oneOf": [
+                    text,
+                    {"type": "array", "minItems": 1, "maxItems": config.max_inputs,
+                     "items": text},
+                ]},
+                "model": {"type": "string", "description": "Echoed in the answer; the server "
+                          "runs its one model whatever this says."},
+                "encoding_format": {"type": "string", "enum": ["float"]},
+                "user": {"type": "string", "description": "Accepted and ignored."},
+            },
+        },
+        "EmbeddingsResponse": {
+            "type": "object",
+            "required": ["object", "data", "model", "usage"],
+            "properties": {
+                "object": {"type": "string", "enum": ["list"]},
+                "data": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["object", "index", "embedding"],
+                        "properties": {
+                            "object": {"type": "string", "enum": ["embedding"]},
+                            "index": {"type": "integer", "minimum": 0},
+                            "embedding": {"type": "array", "items": {"type": "number"}},
+                        },
+                    },
+                },
+                "model": {"type": "string", "nullable": True},
+                "usage": {
+                    "type": "object",
+                    "required": ["prompt_tokens", "total_tokens"],
+                    "properties": {
+                        "prompt_tokens": {"type": "integer", "minimum": 0},
+                        "total_tokens": {"type": "integer", "minimum": 0},
+                    },
+                },
+            },
+        },
+        "Health": {
+            "type": "object", "required": ["status"],
+            "properties": {"status": {"type": "string", "enum": ["ok"]}},
+        },
+        "Ready": {
+            "type": "object", "required": ["ready", "workers"],
+            "properties": {
+                "ready": {"type": "boolean", "enum": [True]},
+                "workers": {"type": "integer", "minimum": 1},
+            },
+        },
+        "NotReady": {
+            "type": "object", "required": ["ready", "reason", "workers"],
+            "properties": {
+                "ready": {"type": "boolean", "enum": [False]},
+                "reason": {"type": "string", "enum": ["draining", "no_workers"]},
+                "workers": {"type": "integer", "minimum": 0},
+            },
+        },
+        "Info": {
+            "type": "object",
+            "required": ["model", "task", "protocol_version", "workers", "config"],
+            "properties": {
+                "model": {"type": "string", "nullable": True},
+                "task": {"type": "string", "nullable": True},
+                "protocol_version": {"type": "integer"},
+                "uptime_s": {"type": "number"},
+                "queue_depth": {"type": "integer", "minimum": 0},
+                "in_flight": {"type": "integer", "minimum": 0},
+                "requeued": {"type": "integer", "minimum": 0},
+                "zmq_endpoint": {"type": "string"},
+                "draining": {"type": "boolean"},
+                "workers": {"type": "array", "items": {
+                    "type": "object",
+                    "description": "A connected worker: id, pid, host, device, model, task, "
+                                   "state, capacity, in_flight, answered, batches, uptime_s.",
+                    "required": ["id", "pid", "device", "state"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "pid": {"type": "integer"},
+                        "host": {"type": "string"},
+                        "device": {"type": "string"},
+                        "model": {"type": "string"},
+                        "task": {"type": "string"},
+                        "state": {"type": "string"},
+                        "capacity": {"type": "integer"},
+                        "max_batch_size": {"type": "integer"},
+                        "in_flight": {"type": "integer", "minimum": 0},
+                        "answered": {"type": "integer", "minimum": 0},
+                        "skipped": {"type": "integer", "minimum": 0},
+                        "batches": {"type": "integer", "minimum": 0},
+                        "uptime_s": {"type": "number"},
+                        "pooling": {"type": "string"},
+                    },
+                }},
+                "local_workers": {"type": "array", "items": {"type": "object"},
+                                  "description": "The worker processes `batchwire serve` "
+                                                 "supervises (empty under `batchwire gateway`)."},
+                "config": {"type": "object", "description": "The effective gateway config; "
+                           "api_key shows as \"***\" when set."},
+            },
+        },
+    }
+
+    def error(description: str, *extra_headers: str) -> dict:
+        return {
+            "description": description,
+            "headers": {name: response_header(name) for name in ("X-Request-Id", *extra_headers)},
+            "content": {"application/json": {"schema": _ref("schemas", "Error")}},
+        }
+
+    responses = {
+        "BadInput": error("bad_input: the body, an input or X-Timeout-Ms is invalid, or the "
+                          "pipeline rejects the input (e.g. too many tokens)."),
+        "Unauthorized": error("unauthorized: the Authorization: Bearer key is missing or "
+                              "wrong.", "WWW-Authenticate"),
+        "BodyTooLarge": error(f"body_too_large: the body is over --max-body-bytes "
+                              f"({config.max_body_bytes} bytes)."),
+        "UnsupportedMediaType": error("unsupported_media_type: this route does not read that "
+                                      "Content-Type."),
+        "InvalidParameters": error("invalid_parameters: the pipeline refuses the parameters."),
+        "ServerError": error("model_error (the pipeline raised on a valid request), "
+                             "worker_crashed (the worker died holding it) or internal_error."),
+        "Unavailable": error("overloaded (queue full), no_workers (no worker ready yet) or "
+                             "draining (shutting down).", "Retry-After"),
+        "DeadlineExceeded": error("deadline_exceeded: the request's deadline (X-Timeout-Ms or "
+                                  "--timeout-ms) passed."),
+    }
+
+    parameters = {
+        "X-Timeout-Ms": {
+            "name": "X-Timeout-Ms", "in": "header", "required": False,
+            "description": "This request's deadline in milliseconds from arrival, instead of "
+                           f"--timeout-ms ({config.timeout_ms:g}); past it the answer is 504. "
+                           "Not a positive finite number: 400.",
+            "schema": {"type": "number", "minimum": 0, "exclusiveMinimum": True},
+        },
+        "X-Request-Id": {
+            "name": "X-Request-Id", "in": "header", "required": False,
+            "description": "Echoed in the answer and the access log when it is 1-128 "
+                           "printable ASCII characters; otherwise a fresh id replaces it.",
+            "schema": {"type": "string"},
+        },
+    }
+    components: dict[str, Any] = {"schemas": schemas, "responses": responses,
+                                  "parameters": parameters}
+    if config.api_key:
+        components["securitySchemes"] = {
+            "bearerAuth": {"type": "http", "scheme": "bearer",
+                           "description": "The key given to --api-key (BATCHWIRE_API_KEY), "
+                                          "compared in constant time."},
+        }
+    return components
+
+
+def _inference_operation(config: GatewayConfig, *, operation_id: str, summary: str,
+                         description: str, request_body: dict, ok: dict,
+                         invalid_parameters: bool = True) -> dict:
+    timing = {name: response_header(name) for name in
+              ("X-Request-Id", "X-Batch-Size", "X-Queue-Time-Ms", "X-Inference-Time-Ms",
+               "Server-Timing")}
+    responses: dict[str, Any] = {
+        "200": {**ok, "headers": timing},
+        "400": _ref("responses", "BadInput"),
+        "413": _ref("responses", "BodyTooLarge"),
+        "415": _ref("responses", "UnsupportedMediaType"),
+        "500": _ref("responses", "ServerError"),
+        "503": _ref("responses", "Unavailable"),
+        "504": _ref("responses", "DeadlineExceeded"),
+    }
+    if invalid_parameters:
+        responses["422"] = _ref("responses", "InvalidParameters")
+    if config.api_key:
+        responses["401"] = _ref("responses", "Unauthorized")
+    return {
+        "operationId": operation_id,
+        "summary": summary,
+        "description": description,
+        "parameters": [_ref("parameters", "X-Timeout-Ms"), _ref("parameters", "X-Request-Id")],
+        "requestBody": request_body,
+        "responses": dict(sorted(responses.items())),
+    }
+
+
+def _simple_get(config: GatewayConfig, path: str, *, operation_id: str, summary: str,
+                description: str, responses: dict) -> dict:
+    responses = dict(responses)
+    operation: dict[str, Any] = {"operationId": operation_id, "summary": summary,
+                                 "description": description}
+    if config.api_key:
+        if path in OPEN_PATHS:
+            operation["security"] = []
+        else:
+            responses["401"] = _ref("responses", "Unauthorized")
+    operation["responses"] = dict(sorted(responses.items()))
+    return operation
+
+
+def openapi_document(config: GatewayConfig) -> dict:
+    """The OpenAPI 3.0.3 document of every route this gateway serves, for this config."""
+    structured = {"schema": _ref("schemas", "PredictRequest")}
+    any_json = {"schema": _ref("schemas", "PipelineOutput")}
+    pipeline_ok = {
+        "description": "The pipeline's output: JSON, or msgpack when Accept asks for "
+                       "application/msgpack (arrays then travel as raw bytes).",
+        "content": {"application/json": any_json, "application/msgpack": any_json},
+    }
+    root = _inference_operation(
+        config, operation_id="infer", summary="Run the model on the raw body text",
+        description=(
+            "The guide's contract: `curl -X POST -d \"test [MASK]\" http://host:port/`. A "
+            "text/plain or application/x-www-form-urlencoded body (what `curl -d` sends), or "
+            "one without a Content-Type, is the input text itself (UTF-8, not blank). "
+            "application/json and application/msgpack bodies are read as on /predict. Any "
+            "other Content-Type: 415."
+        ),
+        request_body={
+            "required": True,
+            "content": {
+                "text/plain": {"schema": _ref("schemas", "Text")},
+                "application/x-www-form-urlencoded": {"schema": _ref("schemas", "Text")},
+                "application/json": structured,
+                "application/msgpack": structured,
+            },
+        },
+        ok=pipeline_ok,
+    )
+    predict = _inference_operation(
+        config, operation_id="predict", summary="Run the model on one input or a list",
+        description=(
+            '`{"inputs": ..., "parameters": {...}}` as JSON or msgpack. A list of inputs is '
+            "batched item by item and answered as a list in order; at most --max-inputs "
+            f"({config.max_inputs}) items."
+        ),
+        request_body={"required": True, "content": {"application/json": structured,
+                                                   "application/msgpack": structured}},
+        ok=pipeline_ok,
+    )
+    embeddings = _inference_operation(
+        config, operation_id="create_embeddings", summary="OpenAI-compatible sentence "
+        "embeddings",
+        description=(
+            "For feature-extraction models: token embeddings pooled as the model declares "
+            "(sentence-transformers modules.json / 1_Pooling/config.json) or as --pooling "
+            "says, L2-normalised where declared. Other tasks answer 400."
+        ),
+        request_body={"required": True, "content": {
+            "application/json": {"schema": _ref("schemas", "EmbeddingsRequest")}}},
+        ok={"description": "One embedding per input, in order.",
+            "content": {"application/json": {"schema": _ref("schemas", "EmbeddingsResponse")},
+                        "application/msgpack": {"schema": _ref("schemas",
+                                                               "EmbeddingsResponse")}}},
+        invalid_parameters=False,
+    )
+
+    paths = {
+        "/": {"post": root},
+        "/predict": {"post": predict},
+        "/v1/embeddings": {"post": embeddings},
+        "/health": {"get": _simple_get(
+            config, "/health", operation_id="health", summary="Liveness",
+            description="200 while the gateway process is alive. Never needs an API key.",
+            responses={"200": {"description": "Alive.", "content": {
+                "application/json": {"schema": _ref("schemas", "Health")}}}})},
+        "/ready": {"get": _simple_get(
+            config, "/ready", operation_id="ready", summary="Readiness",
+            description="200 once at least one worker is ready; 503 before that and while "
+                        "draining. Never needs an API key.",
+            responses={
+                "200": {"description": "Ready to serve.", "content": {
+                    "application/json": {"schema": _ref("schemas", "Ready")}}},
+                "503": {"description": "Not ready: no worker yet, or draining.",
+                        "headers": {"Retry-After": response_header("Retry-After")},
+                        "content": {"application/json": {"schema": _ref("schemas",
+                                                                         "NotReady")}}},
+            })},
+        "/info": {"get": _simple_get(
+            config, "/info", operation_id="info", summary="Model, workers and effective config",
+            description="Model, task, protocol version, queue, each connected worker and the "
+                        "effective config (the API key masked).",
+            responses={"200": {"description": "What this server runs.", "content": {
+                "application/json": {"schema": _ref("schemas", "Info")}}}})},
+        "/metrics": {"get": _simple_get(
+            config, "/metrics", operation_id="metrics", summary="Prometheus metrics",
+            description="The Prometheus text exposition format (prometheus_client).",
+            responses={"200": {"description": "batchwire_* metrics.", "content": {
+                "text/plain": {"schema": {"type": "string"}}}}})},
+        "/openapi.json": {"get": _simple_get(
+            config, "/openapi.json", operation_id="openapi", summary="This document",
+            description="The OpenAPI document of this server, for its config.",
+            responses={"200": {"description": "OpenAPI 3.0.3.", "content": {
+                "application/json": {"schema": {"type": "object"}}}}})},
+    }
+
+    document: dict[str, Any] = {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "batchwire",
+            "version": _version(),
+            "description": (
+                "A Hugging Face transformers pipeline behind HTTP with deadline-bounded "
+                "dynamic batching.\n\nEvery error is JSON "
+                '`{"error": {"code": "...", "message": "..."}}`. Codes:\n\n'
+                + _error_codes_table() +
+                "\n\nAny route also answers 404 (not_found) for an unknown path and 405 "
+                "(method_not_allowed, with Allow) for a method it does not take; GET routes "
+                "answer HEAD too."
+            ),
+        },
+        "paths": paths,
+        "components": _components(config),
+    }
+    if config.api_key:
+        document["security"] = [{"bearerAuth": []}]
+    return document
+
+
+def make_openapi_handler(config: GatewayConfig) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """``GET /openapi.json``: the document for this config, built once and served as is."""
+    body = orjson.dumps(openapi_document(config))
+
+    async def handle_openapi(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    return handle_openapi
+
+
+__all__ = ["OPENAPI_VERSION", "make_openapi_handler", "openapi_document"]
