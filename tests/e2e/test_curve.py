@@ -162,3 +162,16 @@ def test_a_worker_on_another_host_answers_through_the_network(two_hosts, tmp_pat
             f.close()
     assert gateway.returncode == 0 and worker.returncode == 0, \
         (tmp_path / "gateway.log").read_text() + (tmp_path / "worker.log").read_text()
+
+
+async def test_serve_with_curve_admits_its_own_workers(start_server, tmp_path, tiny_model_dir):
+    keygen(tmp_path / "keys", "gateway")
+    (tmp_path / "authorized").mkdir()  # no remote worker is listed
+    server = start_server(["--model", str(tiny_model_dir),
+                           "--zmq-bind", f"tcp://127.0.0.1:{free_port()}",
+                           "--curve-secret-key", str(tmp_path / "keys" / "gateway.key_secret"),
+                           "--curve-authorized-keys", str(tmp_path / "authorized")])
+    async with aiohttp.ClientSession() as session:
+        status, _, _ = await post(session, server.url + "/", data=b"own [MASK]")
+    assert status == 200
+    assert "CURVE on: 1 authorized worker key(s)" in server.log_text()
