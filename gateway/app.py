@@ -41,7 +41,9 @@ log = logging.getLogger("batchwire.gateway")
 BROKER = web.AppKey("broker", Broker)
 CONFIG = web.AppKey("config", GatewayConfig)
 STARTED = web.AppKey("started", float)
-REQUEST_ID = "request_id"
+# Typed request/response storage keys where aiohttp has them (3.13+), plain strings before.
+REQUEST_ID = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"
+ERROR_CODE = web.ResponseKey("error_code", str) if hasattr(web, "ResponseKey") else "error_code"
 
 #: Bodies POST / reads as the input text itself, as the guide's server does. curl -d sends
 #: application/x-www-form-urlencoded, so that is text here too.
@@ -101,7 +103,7 @@ def error_response(request: web.Request, error: BatchwireError, status: int | No
     if error.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     response = json_response({"error": body}, status=status or error.status, headers=headers)
-    response["error_code"] = error.code  # read by the metrics middleware
+    response[ERROR_CODE] = error.code  # read by the metrics middleware
     return response
 
 
@@ -132,7 +134,7 @@ async def metrics_middleware(request: web.Request, handler) -> web.StreamRespons
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     request.app[METRICS].observe_response(route, response.status, time.monotonic() - started,
-                                          response.get("error_code"))
+                                          response.get(ERROR_CODE))
     return response
 
 
@@ -166,7 +168,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return response
     except (asyncio.CancelledError, ConnectionResetError):
         raise
-    except Exception as exc:  # noqa: BLE001 - the client gets a clean 500, the log the details
+    except Exception:  # noqa: BLE001 - the client gets a clean 500, the log the details
         log.exception("internal error on %s %s (request %s)", request.method, request.path,
                       request[REQUEST_ID])
         error = BatchwireError(f"internal server error; see the server log for request "

@@ -193,6 +193,7 @@ class Broker:
         sock.curve_server = True
 
     async def close(self) -> None:
+        self.draining = True  # nothing new is admitted once the workers are told to go
         for worker in list(self.workers.values()):
             self._send(worker.identity, Disconnect(reason="gateway shutting down"))
         for task in self._tasks:
@@ -235,7 +236,9 @@ class Broker:
             raise Draining("the server is shutting down; retry on another instance")
         if not self.workers:
             raise NoWorkers("no model worker is ready yet; retry shortly")
-        free = sum(max(w.free, 0) for w in self.workers.values())
+        # After every dispatch, either the queue is empty or no credit can be used (a suspect
+        # at the head waits for an idle worker): free credit only helps an empty queue.
+        free = 0 if self._queued else sum(max(w.free, 0) for w in self.workers.values())
         if self._queued + max(len(inputs) - free, 0) > self.max_queue:
             raise Overloaded(
                 f"the server is at capacity ({self._queued} requests queued); retry shortly"
@@ -257,7 +260,8 @@ class Broker:
             self._pending[pending.request_id] = pending
             self._enqueue(pending)
             admitted.append(pending)
-        self._idle.clear()
+        if admitted:
+            self._idle.clear()
         self._dispatch()
         return admitted
 
@@ -270,6 +274,8 @@ class Broker:
         self._finish(pending, error=Cancelled("the client disconnected"))
         if worker is not None and pending.request_id in worker.in_flight:
             self._send(worker.identity, Cancel(pending.request_id))
+        else:
+            self._dispatch()  # it may have been a suspect blocking the queue's head
 
     # -- queue and dispatch -------------------------------------------------------------------
     def _enqueue(self, pending: PendingRequest, front: bool = False) -> None:
@@ -320,6 +326,8 @@ class Broker:
             "the request did not finish within its time budget; raise X-Timeout-Ms or retry"))
         if worker is not None and pending.request_id in worker.in_flight:
             self._send(worker.identity, Cancel(pending.request_id))
+        else:
+            self._dispatch()  # it may have been a suspect blocking the queue's head
 
     def _finish(self, pending: PendingRequest, *, result: Result | None = None,
                 error: BatchwireError | None = None) -> None:

@@ -27,7 +27,8 @@ class Flags:
     def add(self, flag: str, *, default: Any = None, help: str, **kwargs: Any) -> None:
         env = self.env_name(flag)
         self.env_names.append(env)
-        if env in self.environ:
+        # Empty counts as unset: compose and Kubernetes set every listed variable, often to "".
+        if self.environ.get(env, "").strip():
             # argparse applies `type` to string defaults, so env values are parsed and
             # validated exactly like flags.
             default = self.environ[env]

@@ -87,6 +87,30 @@ async def wait_for_async(predicate, timeout: float, message: str, interval: floa
         await asyncio.sleep(interval)
 
 
+async def post(session, url: str, **kwargs):
+    """POST and read the whole answer: (status, headers, parsed JSON body or None)."""
+    async with session.post(url, **kwargs) as resp:
+        body = await resp.read()
+        return resp.status, resp.headers.copy(), json.loads(body) if body else None
+
+
+def burst(session, url: str, count: int, prefix: str) -> list:
+    """Start `count` concurrent POSTs of distinct fill-mask texts; returns their futures."""
+    import asyncio
+
+    return [asyncio.ensure_future(post(session, url + "/", data=f"{prefix} {i} [MASK]".encode()))
+            for i in range(count)]
+
+
+async def wait_worker_busy(session, server: "Server | str", pid: int, timeout: float = 30) -> None:
+    """Until the worker with this pid holds unanswered requests (so killing or stopping it
+    really strands work that must be requeued)."""
+    async def busy() -> bool:
+        info = await info_async(session, server)
+        return any(w["pid"] == pid and w["in_flight"] for w in info["workers"])
+    await wait_for_async(busy, timeout, f"worker {pid} to hold requests", 0.002)
+
+
 async def info_async(session, server: "Server | str") -> dict:
     url = server if isinstance(server, str) else server.url
     async with session.get(url + "/info") as resp:
@@ -140,7 +164,7 @@ class Server:
             kids = children_of(self.proc.pid)
             self.proc.send_signal(signal.SIGTERM)
             try:
-                code = self.proc.wait(STOP_TIMEOUT_S)
+                self.proc.wait(STOP_TIMEOUT_S)
             finally:
                 if self.proc.poll() is None:
                     for pid in children_of(self.proc.pid):
@@ -180,3 +204,62 @@ def start_server(tmp_path_factory):
 def fill_mask_server(start_server, tiny_model_dir) -> Server:
     """One worker serving the tiny fill-mask model with default batching settings."""
     return start_server(["--model", str(tiny_model_dir), "--workers", "1"])
+
+
+class Proc:
+    """A `batchwire gateway` or `batchwire worker` subprocess with its log."""
+
+    def __init__(self, args: list[str], log_path):
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", *args], env=env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"did not exit on {sig}:\n{self.log_text()}")
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def procs():
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        if p.proc.poll() is None:
+            p.stop(signal.SIGKILL)
+
+
+def start_gateway(procs, tmp_path, port: int, zmq_port: int, *extra: str) -> Proc:
+    p = Proc(["gateway", "--port", str(port), "--zmq-bind", f"tcp://127.0.0.1:{zmq_port}",
+              *extra], tmp_path / f"gateway-{len(procs)}.log")
+    procs.append(p)
+    return p
+
+
+def start_worker(procs, tmp_path, zmq_port: int, model, *extra: str) -> Proc:
+    p = Proc(["worker", "--connect", f"tcp://127.0.0.1:{zmq_port}", "--model", str(model),
+              "--worker-id", f"remote-{len(procs)}", *extra], tmp_path / f"worker-{len(procs)}.log")
+    procs.append(p)
+    return p
+
+
+def workers_ready(url: str, n: int):
+    def check():
+        try:
+            status, body = http_get(url + "/info")
+        except OSError:
+            return False
+        return status == 200 and len(body["workers"]) == n
+    return check

@@ -13,9 +13,7 @@ import uuid
 import aiohttp
 import pytest
 
-from tests.e2e.conftest import free_port, http_get, wait_for
-from tests.e2e.test_resilience import Proc, procs, start_gateway, start_worker  # noqa: F401
-from tests.e2e.test_serve import post
+from tests.e2e.conftest import free_port, http_get, post, start_gateway, start_worker, wait_for
 
 
 def keygen(directory, name) -> None:

@@ -10,8 +10,14 @@ import urllib.request
 
 import aiohttp
 
-from tests.e2e.conftest import http_get, info_async, wait_for, wait_for_async
-from tests.e2e.test_serve import post
+from tests.e2e.conftest import (
+    burst,
+    info_async,
+    post,
+    wait_for,
+    wait_for_async,
+    wait_worker_busy,
+)
 
 
 async def test_kill_9_a_worker_mid_burst_loses_nothing(start_server, tiny_model_dir):
@@ -20,17 +26,12 @@ async def test_kill_9_a_worker_mid_burst_loses_nothing(start_server, tiny_model_
     wait_for(lambda: len(server.info()["workers"]) == 2, 60, "both workers")
     victim = server.info()["workers"][0]["pid"]
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        burst = [asyncio.ensure_future(post(session, server.url + "/", data=f"burst {i} [MASK]".encode()))
-                 for i in range(150)]
-        # Kill once the victim holds work, so its in-flight requests must be requeued.
-        async def victim_busy():
-            workers = {w["pid"]: w for w in (await info_async(session, server))["workers"]}
-            return victim in workers and workers[victim]["in_flight"] > 0
-        await wait_for_async(victim_busy, 30, "the victim worker to hold requests", 0.002)
+        requests = burst(session, server.url, 150, "burst")
+        await wait_worker_busy(session, server, victim)
         os.kill(victim, signal.SIGKILL)
-        replies = await asyncio.gather(*burst)
+        replies = await asyncio.gather(*requests)
     statuses = [status for status, _, _ in replies]
-    assert statuses == [200] * len(burst), [r for r in replies if r[0] != 200][:3]
+    assert statuses == [200] * len(requests), [r for r in replies if r[0] != 200][:3]
     # The supervisor restarts the dead worker.
     wait_for(lambda: len(server.info()["workers"]) == 2 and
              victim not in {w["pid"] for w in server.info()["workers"]}, 60, "a replacement")
@@ -45,8 +46,7 @@ async def test_sigterm_under_load_answers_every_admitted_request(start_server, t
     server = start_server(["--model", str(tiny_model_dir), "--max-batch-size", "2",
                            "--max-delay-ms", "5"])
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        burst = [asyncio.ensure_future(post(session, server.url + "/", data=f"drain {i} [MASK]".encode()))
-                 for i in range(80)]
+        requests = burst(session, server.url, 80, "drain")
         async def loaded():
             return (await info_async(session, server))["in_flight"] > 10
         await wait_for_async(loaded, 30, "requests in flight", 0.002)
@@ -58,7 +58,7 @@ async def test_sigterm_under_load_answers_every_admitted_request(start_server, t
         await wait_for_async(not_ready, 10, "/ready to go 503")
         status, headers, body = await post(session, server.url + "/", data=b"late [MASK]")
         assert status == 503 and body["error"]["code"] == "draining"
-        replies = await asyncio.gather(*burst, return_exceptions=True)
+        replies = await asyncio.gather(*requests, return_exceptions=True)
     # Admitted requests are all answered 200; only requests that arrived after SIGTERM
     # are refused, and those with 503 draining.
     for reply in replies:

@@ -8,7 +8,7 @@ import aiohttp
 
 from tests.conftest import FAULT_TASK
 from tests.e2e.conftest import info_async, wait_for, wait_for_async
-from tests.e2e.test_serve import post
+from tests.e2e.conftest import post
 
 
 def fault_args(fault_model_dir, *extra: str) -> list[str]:
@@ -79,11 +79,7 @@ async def test_second_sigterm_forces_a_prompt_exit(start_server, fault_model_dir
     server = start_server(fault_args(fault_model_dir, "--drain-timeout-s", "600",
                                      "--batch-timeout-s", "600"))
     async with aiohttp.ClientSession() as session:
-        hung = asyncio.ensure_future(post(session, server.url + "/", data=b"HANG [MASK]"))
-
-        async def holding():
-            return (await info_async(session, server))["in_flight"] == 1
-        await wait_for_async(holding, 10, "the hanging request to be in flight")
+        hung = await start_hung_request(session, server)
         server.proc.send_signal(signal.SIGTERM)
         await wait_for_async(lambda: _ready_is(session, server, 503), 10, "draining")
         forced_at = time.monotonic()
@@ -102,11 +98,7 @@ async def test_drain_timeout_bounds_the_wait(start_server, fault_model_dir):
     server = start_server(fault_args(fault_model_dir, "--drain-timeout-s", "1",
                                      "--batch-timeout-s", "600"))
     async with aiohttp.ClientSession() as session:
-        hung = asyncio.ensure_future(post(session, server.url + "/", data=b"HANG [MASK]"))
-
-        async def holding():
-            return (await info_async(session, server))["in_flight"] == 1
-        await wait_for_async(holding, 10, "the hanging request to be in flight")
+        hung = await start_hung_request(session, server)
         sent_at = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         status, _, body = await hung
@@ -116,6 +108,16 @@ async def test_drain_timeout_bounds_the_wait(start_server, fault_model_dir):
     assert await asyncio.to_thread(server.proc.wait, 30) == 0
     assert "drain timeout: 1 request(s) still in flight" in server.log_text()
     assert server.stop() == 0
+
+
+async def start_hung_request(session, server) -> asyncio.Future:
+    """A request whose model call never returns, once the gateway holds it in flight."""
+    hung = asyncio.ensure_future(post(session, server.url + "/", data=b"HANG [MASK]"))
+
+    async def holding():
+        return (await info_async(session, server))["in_flight"] == 1
+    await wait_for_async(holding, 10, "the hanging request to be in flight")
+    return hung
 
 
 async def _ready_is(session, server, status: int) -> bool:

@@ -8,7 +8,7 @@ import aiohttp
 import msgpack
 import numpy as np
 
-from tests.e2e.test_serve import post
+from tests.e2e.conftest import post
 
 
 async def test_msgpack_request_and_response(start_server, tiny_model_dir):

@@ -6,77 +6,26 @@ import asyncio
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import aiohttp
 import msgpack
-import pytest
 import zmq
 
 from tests.conftest import FAULT_TASK
-from tests.e2e.conftest import free_port, http_get, info_async, wait_for, wait_for_async
-from tests.e2e.test_serve import post
-
-
-class Proc:
-    """A `batchwire gateway` or `batchwire worker` subprocess with its log."""
-
-    def __init__(self, args: list[str], log_path):
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", *args], env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(f"did not exit on {sig}:\n{self.log_text()}")
-        self._log.close()
-        return self.proc.returncode
-
-
-@pytest.fixture
-def procs():
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        if p.proc.poll() is None:
-            p.stop(signal.SIGKILL)
-
-
-def start_gateway(procs, tmp_path, port: int, zmq_port: int, *extra: str) -> Proc:
-    p = Proc(["gateway", "--port", str(port), "--zmq-bind", f"tcp://127.0.0.1:{zmq_port}",
-              *extra], tmp_path / f"gateway-{len(procs)}.log")
-    procs.append(p)
-    return p
-
-
-def start_worker(procs, tmp_path, zmq_port: int, model, *extra: str) -> Proc:
-    p = Proc(["worker", "--connect", f"tcp://127.0.0.1:{zmq_port}", "--model", str(model),
-              "--worker-id", f"remote-{len(procs)}", *extra], tmp_path / f"worker-{len(procs)}.log")
-    procs.append(p)
-    return p
-
-
-def workers_ready(url: str, n: int):
-    def check():
-        try:
-            status, body = http_get(url + "/info")
-        except OSError:
-            return False
-        return status == 200 and len(body["workers"]) == n
-    return check
+from tests.e2e.conftest import (
+    burst,
+    free_port,
+    http_get,
+    info_async,
+    post,
+    start_gateway,
+    start_worker,
+    wait_for,
+    workers_ready,
+    wait_for_async,
+    wait_worker_busy,
+)
 
 
 async def test_gateway_restart_finds_running_workers_again(procs, tmp_path, tiny_model_dir):
@@ -108,15 +57,10 @@ async def test_sigterm_on_a_lone_worker_finishes_and_leaves_cleanly(procs, tmp_p
     staying = start_worker(procs, tmp_path, zmq_port, tiny_model_dir, "--max-batch-size", "2")
     wait_for(workers_ready(url, 2), 90, "two workers")
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        burst = [asyncio.ensure_future(post(session, url + "/", data=f"w {i} [MASK]".encode()))
-                 for i in range(100)]
-
-        async def leaving_busy():
-            info = await info_async(session, url)
-            return any(w["pid"] == leaving.proc.pid and w["in_flight"] for w in info["workers"])
-        await wait_for_async(leaving_busy, 30, "the leaving worker to hold work", 0.002)
+        requests = burst(session, url, 100, "w")
+        await wait_worker_busy(session, url, leaving.proc.pid)
         leaving.proc.send_signal(signal.SIGTERM)
-        replies = await asyncio.gather(*burst)
+        replies = await asyncio.gather(*requests)
     assert [s for s, _, _ in replies] == [200] * 100
     assert leaving.proc.wait(30) == 0  # one SIGTERM is enough: it exits by itself, cleanly
     assert "leaving (signal SIGTERM)" in leaving.log_text()
@@ -131,16 +75,11 @@ async def test_sigstopped_worker_is_declared_dead_and_its_requests_complete_else
     wait_for(lambda: len(server.info()["workers"]) == 2, 60, "both workers")
     victim = server.info()["workers"][0]["pid"]
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        burst = [asyncio.ensure_future(post(session, server.url + "/", data=f"s {i} [MASK]".encode()))
-                 for i in range(100)]
-
-        async def victim_busy():
-            info = await info_async(session, server)
-            return any(w["pid"] == victim and w["in_flight"] for w in info["workers"])
-        await wait_for_async(victim_busy, 30, "the victim to hold work", 0.002)
+        requests = burst(session, server.url, 100, "s")
+        await wait_worker_busy(session, server, victim)
         os.kill(victim, signal.SIGSTOP)
         stopped_at = time.monotonic()
-        replies = await asyncio.gather(*burst)
+        replies = await asyncio.gather(*requests)
         finished_in = time.monotonic() - stopped_at
     assert [s for s, _, _ in replies] == [200] * 100
     # 3 missed 1 s heartbeats, then requeue: a few seconds, not the 30 s request timeout.

@@ -8,18 +8,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.e2e.conftest import http_get, wait_for
-
-
-async def post(session: aiohttp.ClientSession, url: str, **kwargs) -> tuple[int, Any, Any]:
-    async with session.post(url, **kwargs) as resp:
-        body = await resp.read()
-        return resp.status, resp.headers.copy(), json.loads(body) if body else None
+from tests.e2e.conftest import http_get, post, wait_for
 
 
 @pytest.fixture(scope="module")

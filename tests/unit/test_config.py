@@ -72,3 +72,10 @@ def test_supervisor_argv_parses_with_the_worker_parser(monkeypatch):
         assert cfg.exit_on_disconnect and cfg.trust_remote_code
         assert cfg.batch_timeout_s == 12.0 and cfg.torch_threads >= 1
         assert slot.env["OMP_NUM_THREADS"] == str(cfg.torch_threads)
+
+
+def test_empty_env_values_count_as_unset():
+    _, cfg = gateway_config.parse(["serve"], environ={"BATCHWIRE_MAX_BATCH_SIZE": "",
+                                                      "BATCHWIRE_API_KEY": "  "})
+    assert cfg.workers.max_batch_size == worker_config.DEFAULT_MAX_BATCH_SIZE
+    assert cfg.gateway.api_key is None

@@ -1,0 +1,754 @@
+"""The gateway broker over real ZeroMQ sockets, with fake workers driven by the test.
+
+Each test binds a :class:`gateway.broker.Broker` ROUTER on an ipc:// endpoint in its own
+tmp_path and connects DEALER sockets from this process that speak the wire protocol by
+hand: they send READY, read REQUEST/CANCEL/HEARTBEAT frames, and answer RESULT/ERROR when
+the test says so. No worker processes, no model.
+
+Synchronisation is never a sleep. Frames on one DEALER-ROUTER pipe stay in order both ways,
+and the broker answers every READY with a HEARTBEAT (after anything it sent that worker
+before), so :meth:`FakeWorker.sync` (re-send READY, wait for that HEARTBEAT) is a barrier:
+once it returns, the broker has handled every frame this worker sent before it and this
+worker has received every frame the broker sent it before. Tests that need it keep the
+broker's heartbeat interval long so no periodic HEARTBEAT can pass for the barrier's reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from typing import Any, Callable
+
+import msgpack
+import pytest
+import zmq
+import zmq.asyncio
+
+from gateway.broker import MAX_CRASHES, Broker, PendingRequest
+from protocol import codec
+from protocol.errors import (
+    BatchwireError,
+    Cancelled,
+    DeadlineExceeded,
+    Draining,
+    ModelError,
+    NoWorkers,
+    Overloaded,
+    WorkerCrashed,
+)
+from protocol.messages import (
+    PROTOCOL_VERSION,
+    Cancel,
+    Disconnect,
+    Error,
+    Heartbeat,
+    Message,
+    MessageType,
+    Ready,
+    Request,
+    Result,
+)
+
+#: Generous bound on anything that should happen "now": only reached when a test fails.
+WAIT_S = 5.0
+#: Long enough that the broker's periodic heartbeat never fires inside a test.
+QUIET_HEARTBEAT_S = 60.0
+
+
+async def wait_until(predicate: Callable[[], Any], what: str, timeout: float = WAIT_S):
+    """Poll a condition of the broker's state, yielding to the loop, with a deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+async def outcome(pending: PendingRequest, timeout: float = WAIT_S) -> Any:
+    """The future's result, or the exception it raised (returned, not raised)."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(pending.future), timeout)
+    except BatchwireError as exc:
+        return exc
+
+
+def ids(pendings: list[PendingRequest]) -> list[int]:
+    return [p.request_id for p in pendings]
+
+
+class FakeWorker:
+    """A DEALER in the test process that speaks the worker side of the protocol."""
+
+    _pids = itertools.count(3_900_001)
+
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, name: str, capacity: int):
+        self.name = name
+        self.identity = f"fake-{name}/{uuid.uuid4().hex[:8]}".encode()
+        self.pid = next(self._pids)
+        self.ready = Ready(worker_id=name, pid=self.pid, model="fake-model", task="fill-mask",
+                           device="cpu", capacity=capacity, max_batch_size=capacity)
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, self.identity)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.requests: list[Request] = []
+        self.cancels: list[int] = []
+        self.heartbeats = 0
+        self.disconnects: list[Disconnect] = []
+        self._changed = asyncio.Condition()
+        self._reader = asyncio.create_task(self._read(), name=f"fake-worker-{name}")
+        self.closed = False
+
+    async def _read(self) -> None:
+        while True:
+            message = codec.decode(await self.sock.recv())
+            if isinstance(message, Request):
+                self.requests.append(message)
+            elif isinstance(message, Cancel):
+                self.cancels.append(message.request_id)
+            elif isinstance(message, Heartbeat):
+                self.heartbeats += 1
+            elif isinstance(message, Disconnect):
+                self.disconnects.append(message)
+            else:
+                raise AssertionError(f"a worker got {message!r} from the broker")
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def wait(self, predicate: Callable[[], bool], what: str, timeout: float = WAIT_S):
+        try:
+            async with self._changed:
+                await asyncio.wait_for(self._changed.wait_for(predicate), timeout)
+        except asyncio.TimeoutError:
+            if self._reader.done() and self._reader.exception() is not None:
+                raise self._reader.exception()
+            raise AssertionError(f"worker {self.name}: timed out after {timeout:.1f} s "
+                                 f"waiting for {what}") from None
+
+    async def wait_requests(self, n: int) -> list[Request]:
+        await self.wait(lambda: len(self.requests) >= n, f"{n} request(s), has "
+                        f"{[r.request_id for r in self.requests]}")
+        return list(self.requests)
+
+    def request_ids(self) -> list[int]:
+        return [r.request_id for r in self.requests]
+
+    async def send(self, message: Message) -> None:
+        await self.sock.send(codec.encode(message))
+
+    async def send_raw(self, *frames: bytes) -> None:
+        await self.sock.send_multipart(list(frames))
+
+    async def sync(self) -> None:
+        """Barrier: (re-)send READY and wait for the HEARTBEAT the broker answers it with."""
+        seen = self.heartbeats
+        await self.send(self.ready)
+        await self.wait(lambda: self.heartbeats > seen, "the broker's reply to READY")
+
+    register = sync
+
+    async def answer(self, request_id: int, output: Any = None, *, batch_id: int = 0,
+                     batch_size: int = 1) -> None:
+        await self.send(Result(request_id=request_id, output=output, batch_size=batch_size,
+                               queue_ms=1.0, inference_ms=2.0, batch_id=batch_id))
+
+    async def fail(self, request_id: int, code: str, message: str = "") -> None:
+        await self.send(Error(request_id=request_id, code=code, message=message or code))
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+        self.sock.close(linger=0)
+
+
+class Harness:
+    """Makes the broker and fake workers of one test, and closes all of them."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str):
+        self.ctx = ctx
+        self.endpoint = endpoint
+        self.brokers: list[Broker] = []
+        self.workers: list[FakeWorker] = []
+        #: (pid, reason) of every on_worker_dead call.
+        self.deaths: list[tuple[int, str]] = []
+
+    async def broker(self, *, max_queue: int = 16, heartbeat_interval_s: float = QUIET_HEARTBEAT_S,
+                     batch_timeout_s: float = 60.0) -> Broker:
+        broker = Broker(self.endpoint, max_queue=max_queue,
+                        heartbeat_interval_s=heartbeat_interval_s,
+                        batch_timeout_s=batch_timeout_s, context=self.ctx)
+        # Fake pids: record instead of letting anything act on them.
+        broker.on_worker_dead = lambda pid, reason: self.deaths.append((pid, reason))
+        self.brokers.append(broker)
+        await broker.start()
+        return broker
+
+    def peer(self, name: str, capacity: int = 1) -> FakeWorker:
+        worker = FakeWorker(self.ctx, self.endpoint, name, capacity)
+        self.workers.append(worker)
+        return worker
+
+    async def worker(self, broker: Broker, name: str, capacity: int) -> FakeWorker:
+        """A fake worker, registered: the broker has it in ``workers`` when this returns."""
+        worker = self.peer(name, capacity)
+        await worker.register()
+        assert broker.workers[worker.identity].info.capacity == capacity
+        return worker
+
+    async def aclose(self) -> None:
+        for broker in self.brokers:
+            await broker.close()
+        for worker in self.workers:
+            await worker.close()
+
+
+@pytest.fixture
+async def h(tmp_path):
+    ctx = zmq.asyncio.Context()
+    harness = Harness(ctx, f"ipc://{tmp_path}/b.sock")
+    try:
+        yield harness
+    finally:
+        await harness.aclose()
+        ctx.destroy(linger=0)
+
+
+def handle(broker: Broker, worker: FakeWorker):
+    return broker.workers[worker.identity]
+
+
+# -- 1. credit --------------------------------------------------------------------------------
+async def test_credit_caps_unanswered_requests_per_worker(h):
+    broker = await h.broker()
+    w = await h.worker(broker, "a", capacity=2)
+
+    p = broker.submit_many(["x1", "x2", "x3"], {"top_k": 1}, 5.0)
+    got = await w.wait_requests(2)
+    await w.sync()
+    assert w.request_ids() == ids(p[:2]), "the third request went out beyond the credit"
+    assert [r.inputs for r in got] == ["x1", "x2"]
+    assert got[0].parameters == {"top_k": 1}
+    assert 0 < got[0].budget_ms <= 5000.0 and got[0].waited_ms >= 0.0
+    assert broker.queue_depth == 1
+    assert set(handle(broker, w).in_flight) == set(ids(p[:2]))
+    assert not p[2].future.done()
+
+    await w.answer(p[1].request_id, "y2")  # answering either one frees a slot
+    assert (await outcome(p[1])).output == "y2"
+    got = await w.wait_requests(3)
+    assert got[2].request_id == p[2].request_id and got[2].inputs == "x3"
+    assert broker.queue_depth == 0
+    await w.sync()
+    assert len(w.requests) == 3
+
+    await w.answer(p[0].request_id, "y1")
+    await w.answer(p[2].request_id, "y3")
+    assert [(await outcome(x)).output for x in p] == ["y1", "y2", "y3"]
+    assert handle(broker, w).in_flight == {}
+    assert broker.in_flight == 0
+
+
+# -- 2. most free credit first ---------------------------------------------------------------
+async def test_dispatch_goes_to_the_worker_with_most_free_credit(h):
+    broker = await h.broker()
+    a = await h.worker(broker, "a", capacity=4)
+    first = broker.submit_many(["a1", "a2", "a3"], {}, 5.0)
+    await a.wait_requests(3)
+    b = await h.worker(broker, "b", capacity=4)  # joins later, so it is the second choice on ties
+
+    nxt = broker.submit_many(["n1"], {}, 5.0)
+    await b.wait_requests(1)
+    assert b.request_ids() == ids(nxt)
+    # B (free 3) still beats A (free 1).
+    more = broker.submit_many(["n2", "n3"], {}, 5.0)
+    await b.wait_requests(3)
+    await a.sync()
+    await b.sync()
+    assert a.request_ids() == ids(first)
+    assert b.request_ids() == ids(nxt + more)
+    assert handle(broker, a).free == 1 and handle(broker, b).free == 1
+
+
+# -- 3. exactly once --------------------------------------------------------------------------
+async def test_duplicate_answers_resolve_once_and_free_credit_once(h, caplog):
+    caplog.set_level(logging.WARNING, logger="batchwire.gateway.broker")
+    broker = await h.broker()
+    w = await h.worker(broker, "a", capacity=2)
+    p = broker.submit_many(["x1", "x2", "x3"], {}, 5.0)
+    await w.wait_requests(2)
+
+    r1 = p[0].request_id
+    await w.answer(r1, "first")
+    await w.answer(r1, "second")  # duplicate
+    await w.fail(r1, "model_error")  # and a late error for the same id
+    await w.wait_requests(3)  # the real slot freed by the first answer
+    await w.sync()  # the broker has handled both duplicates
+
+    assert (await outcome(p[0])).output == "first"
+    worker = handle(broker, w)
+    assert set(worker.in_flight) == {p[1].request_id, p[2].request_id}
+    assert worker.answered == 1
+    assert broker.queue_depth == 0
+    # Had a duplicate freed a second slot, this one would go out now.
+    q = broker.submit_many(["x4"], {}, 5.0)
+    await w.sync()
+    assert broker.queue_depth == 1 and len(w.requests) == 3
+    await w.answer(p[1].request_id, "two")
+    got = await w.wait_requests(4)
+    assert got[3].request_id == q[0].request_id
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+# -- 4. deadline ------------------------------------------------------------------------------
+async def test_deadline_answers_504_cancels_on_worker_and_keeps_credit_until_answered(h):
+    broker = await h.broker()
+    w = await h.worker(broker, "a", capacity=1)
+
+    started = time.monotonic()
+    (p,) = broker.submit_many(["slow"], {}, 0.05)
+    (req,) = await w.wait_requests(1)
+    assert req.budget_ms <= 50.0
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(p.future, WAIT_S)
+    elapsed = time.monotonic() - started
+    assert 0.04 <= elapsed < 1.0, f"deadline of 0.05 s fired after {elapsed:.3f} s"
+    await w.wait(lambda: p.request_id in w.cancels, "a CANCEL for the expired request")
+    assert broker.in_flight == 0
+
+    # The worker may still be computing it: the slot stays taken.
+    assert p.request_id in handle(broker, w).in_flight
+    (q,) = broker.submit_many(["next"], {}, 5.0)
+    await w.sync()
+    assert broker.queue_depth == 1 and len(w.requests) == 1
+
+    await w.fail(p.request_id, "cancelled", "skipped")
+    got = await w.wait_requests(2)
+    assert got[1].request_id == q.request_id
+    assert handle(broker, w).skipped == 1
+    assert isinstance(p.future.exception(), DeadlineExceeded)  # unchanged by the late answer
+    await w.answer(q.request_id, "ok")
+    assert (await outcome(q)).output == "ok"
+
+
+# -- 5. admission -----------------------------------------------------------------------------
+async def test_admission_without_workers_is_no_workers(h):
+    broker = await h.broker()
+    with pytest.raises(NoWorkers) as info:
+        broker.submit_many(["x"], {}, 5.0)
+    assert info.value.retry_after == 1 and info.value.status == 503
+    assert broker.queue_depth == 0 and broker.in_flight == 0
+
+
+async def test_admission_refuses_a_list_that_does_not_fit_as_a_whole(h):
+    broker = await h.broker(max_queue=2)
+    w = await h.worker(broker, "a", capacity=1)
+
+    # 1 free slot + 2 queue places: 4 items do not fit, and none of them is admitted.
+    with pytest.raises(Overloaded) as info:
+        broker.submit_many(["a", "b", "c", "d"], {}, 5.0)
+    assert info.value.retry_after == 1 and info.value.status == 503
+    await w.sync()
+    assert broker.queue_depth == 0 and broker.in_flight == 0 and w.requests == []
+
+    # 3 items fit exactly.
+    p = broker.submit_many(["a", "b", "c"], {}, 5.0)
+    await w.wait_requests(1)
+    assert broker.queue_depth == 2 and broker.in_flight == 3
+
+    with pytest.raises(Overloaded) as info:
+        broker.submit_many(["e"], {}, 5.0)
+    assert info.value.retry_after == 1
+    await w.sync()
+    assert broker.queue_depth == 2 and broker.in_flight == 3 and len(w.requests) == 1
+
+    # The admitted ones are served in order.
+    for i, pending in enumerate(p):
+        await w.wait_requests(i + 1)
+        await w.answer(pending.request_id, i)
+    assert [(await outcome(x)).output for x in p] == [0, 1, 2]
+    assert w.request_ids() == ids(p)
+
+
+async def test_admission_while_draining_is_draining(h):
+    broker = await h.broker()
+    w = await h.worker(broker, "a", capacity=1)
+    (p,) = broker.submit_many(["x"], {}, 5.0)
+    await w.wait_requests(1)
+
+    assert await broker.drain(0.05) is False  # p is still out
+    assert broker.draining
+    with pytest.raises(Draining) as info:
+        broker.submit_many(["y"], {}, 5.0)
+    assert info.value.retry_after == 1 and info.value.status == 503
+    assert broker.queue_depth == 0 and broker.in_flight == 1
+
+    drain = asyncio.create_task(broker.drain(WAIT_S))
+    await w.answer(p.request_id, "done")
+    assert await asyncio.wait_for(drain, WAIT_S) is True
+    assert (await outcome(p)).output == "done"
+    await w.sync()
+    assert len(w.requests) == 1
+
+
+# -- 6. worker death: requeue -----------------------------------------------------------------
+async def test_worker_death_requeues_its_requests_in_order_at_the_front(h):
+    broker = await h.broker()
+    a = await h.worker(broker, "a", capacity=2)
+    p = broker.submit_many(["r1", "r2", "r3", "r4"], {}, 5.0)
+    await a.wait_requests(2)
+    assert a.request_ids() == ids(p[:2]) and broker.queue_depth == 2
+
+    broker.worker_process_exited(a.pid, "exit code -9")
+    assert h.deaths == [(a.pid, "exit code -9")]
+    assert a.identity not in broker.workers
+    assert broker.queue_depth == 4 and broker.requeued == 2
+    assert not any(x.future.done() for x in p)
+    assert [x.crashes for x in p] == [1, 1, 0, 0]
+
+    b = await h.worker(broker, "b", capacity=4)
+    # r1 and r2 were on a worker that died: each runs alone, the queue keeps its order.
+    for i, pending in enumerate(p[:2]):
+        await b.wait_requests(i + 1)
+        await b.sync()
+        assert b.request_ids() == ids(p[: i + 1])
+        await b.answer(pending.request_id, f"b{i + 1}")
+    got = await b.wait_requests(4)
+    assert [r.request_id for r in got] == ids(p)
+    assert [r.inputs for r in got] == ["r1", "r2", "r3", "r4"]
+    await b.answer(p[2].request_id, "b3")
+    await b.answer(p[3].request_id, "b4")
+    assert [(await outcome(x)).output for x in p] == ["b1", "b2", "b3", "b4"]
+    assert broker.queue_depth == 0 and broker.in_flight == 0
+
+
+# -- 7. poison isolation ----------------------------------------------------------------------
+async def test_suspect_runs_alone_and_a_second_death_answers_worker_crashed(h):
+    broker = await h.broker()
+    a = await h.worker(broker, "a", capacity=2)
+    (suspect,) = broker.submit_many(["poison"], {}, 5.0)
+    await a.wait_requests(1)
+    b = await h.worker(broker, "b", capacity=4)
+    (r2,) = broker.submit_many(["r2"], {}, 5.0)
+    await b.wait_requests(1)
+    assert b.request_ids() == [r2.request_id]
+
+    broker.worker_process_exited(a.pid, "killed")
+    assert suspect.crashes == 1 and not suspect.future.done()
+    # B has free credit but holds r2: the suspect waits for a worker holding nothing.
+    await b.sync()
+    assert b.request_ids() == [r2.request_id] and broker.queue_depth == 1
+
+    await b.answer(r2.request_id, "fine")
+    assert (await outcome(r2)).output == "fine"
+    got = await b.wait_requests(2)
+    assert got[1].request_id == suspect.request_id
+    assert handle(broker, b).suspect is suspect and handle(broker, b).free == 0
+
+    # While B holds the suspect it gets nothing else, whatever its capacity.
+    others = broker.submit_many(["r3", "r4"], {}, 5.0)
+    await b.sync()
+    assert b.request_ids() == [r2.request_id, suspect.request_id]
+    assert broker.queue_depth == 2
+    c = await h.worker(broker, "c", capacity=4)
+    await c.wait_requests(2)
+    assert c.request_ids() == ids(others)
+
+    broker.worker_process_exited(b.pid, "killed again")
+    assert isinstance(await outcome(suspect), WorkerCrashed)
+    assert suspect.crashes == MAX_CRASHES
+    assert [pid for pid, _ in h.deaths] == [a.pid, b.pid]
+    # Other requests are unaffected.
+    await c.answer(others[0].request_id, "c3")
+    await c.answer(others[1].request_id, "c4")
+    assert [(await outcome(x)).output for x in others] == ["c3", "c4"]
+    await c.sync()
+    assert suspect.request_id not in c.request_ids()
+    assert broker.queue_depth == 0 and broker.in_flight == 0
+
+
+# -- 8. heartbeat timeout -----------------------------------------------------------------------
+async def test_silent_worker_is_declared_dead_and_its_requests_move(h):
+    interval = 0.1
+    broker = await h.broker(heartbeat_interval_s=interval)
+    silent = h.peer("silent", capacity=2)
+    last_heard = time.monotonic()  # before its READY, so at or before the broker's last_seen
+    await silent.register()
+    p = broker.submit_many(["r1", "r2"], {}, 5.0)
+    await silent.wait_requests(2)
+
+    live = await h.worker(broker, "live", capacity=2)
+
+    async def keep_alive() -> None:
+        while True:
+            await live.send(Heartbeat())
+            await asyncio.sleep(interval / 2)
+
+    beating = asyncio.create_task(keep_alive())
+    try:
+        await wait_until(lambda: silent.identity not in broker.workers,
+                         "the silent worker to be declared dead")
+        elapsed = time.monotonic() - last_heard
+        assert 3 * interval < elapsed < 1.5, f"declared dead after {elapsed:.2f} s"
+        assert h.deaths and h.deaths[0][0] == silent.pid and "no message" in h.deaths[0][1]
+        assert broker.requeued == 2
+
+        for i, pending in enumerate(p):
+            await live.wait_requests(i + 1)
+            await live.answer(pending.request_id, f"live{i + 1}")
+        assert [(await outcome(x)).output for x in p] == ["live1", "live2"]
+        assert live.identity in broker.workers, "a worker that keeps beating was dropped"
+        assert live.heartbeats >= 2  # the broker's own periodic heartbeats reach it
+    finally:
+        beating.cancel()
+        await asyncio.gather(beating, return_exceptions=True)
+
+
+# -- 9. protocol version mismatch ---------------------------------------------------------------
+def frame(version: Any, message: Message) -> bytes:
+    """A message as encoded by a peer speaking protocol ``version``."""
+    fields = msgpack.unpackb(codec.encode(message), raw=False)[2:]
+    return msgpack.packb([version, int(message.TYPE), *fields], use_bin_type=True)
+
+
+async def test_peer_of_another_protocol_version_is_refused(h, caplog):
+    caplog.set_level(logging.ERROR, logger="batchwire.gateway.broker")
+    broker = await h.broker()
+    stranger = h.peer("v99", capacity=8)
+    await stranger.send_raw(frame(99, stranger.ready))
+    await wait_until(lambda: any("refusing peer" in r.getMessage() for r in caplog.records),
+                     "the broker to refuse the version-99 peer")
+    assert broker.workers == {}
+    with pytest.raises(NoWorkers):
+        broker.submit_many(["x"], {}, 5.0)
+
+    good = await h.worker(broker, "good", capacity=1)
+    (p,) = broker.submit_many(["x"], {}, 5.0)
+    await good.wait_requests(1)
+    # A version-99 RESULT, even from the registered worker, is dropped.
+    await good.send_raw(frame(99, Result(p.request_id, "v99", 1, 0.0, 0.0)))
+    await stranger.send_raw(frame(99, Result(p.request_id, "v99", 1, 0.0, 0.0)))
+    await good.sync()
+    assert not p.future.done()
+    await good.answer(p.request_id, "v1")
+    assert (await outcome(p)).output == "v1"
+
+    assert list(broker.workers) == [good.identity]
+    assert stranger.requests == [] and stranger.heartbeats == 0
+    # Logged once per peer, however many frames it sends.
+    refused = [r.getMessage() for r in caplog.records if "refusing peer" in r.getMessage()]
+    assert sum(repr(stranger.identity) in m for m in refused) == 1, refused
+    assert sum(repr(good.identity) in m for m in refused) == 1, refused
+
+
+# -- 10. garbage and strangers ------------------------------------------------------------------
+GARBAGE = [
+    b"",
+    b"\xc1",  # never valid msgpack
+    b"plain text, not msgpack",
+    msgpack.packb({"version": 1}),
+    msgpack.packb([PROTOCOL_VERSION]),
+    msgpack.packb([PROTOCOL_VERSION, 99]),  # unknown type
+    msgpack.packb(["1", int(MessageType.RESULT), 1, None, 1, 0.0, 0.0]),  # version not an int
+    msgpack.packb([PROTOCOL_VERSION, int(MessageType.RESULT), "1", None, 1, 0.0, 0.0]),
+    msgpack.packb([PROTOCOL_VERSION, int(MessageType.RESULT), 1]),  # too few fields
+    msgpack.packb([PROTOCOL_VERSION, int(MessageType.ERROR), 1, "cancelled", "m", "extra"]),
+    msgpack.packb([PROTOCOL_VERSION, int(MessageType.HEARTBEAT)]) + b"\x00",  # trailing data
+]
+
+
+async def test_garbage_frames_and_unknown_identities_are_ignored(h, caplog):
+    caplog.set_level(logging.WARNING, logger="batchwire.gateway.broker")
+    broker = await h.broker()
+    a = await h.worker(broker, "a", capacity=2)
+    (p,) = broker.submit_many(["x"], {}, 5.0)
+    await a.wait_requests(1)
+    rid = p.request_id
+
+    # A stranger answers A's request, sends junk, then a READY with capacity 0 and a
+    # multi-frame message; only its final valid READY registers it.
+    stranger = h.peer("stranger", capacity=3)
+    await stranger.answer(rid, "forged")
+    await stranger.fail(rid, "model_error")
+    await stranger.send(Disconnect("not even registered"))
+    for junk in GARBAGE:
+        await stranger.send_raw(junk)
+    await stranger.send(Ready(worker_id="zero", pid=1, model="m", task="t", device="cpu",
+                              capacity=0, max_batch_size=1))
+    await stranger.send_raw(codec.encode(stranger.ready), b"second frame")
+    await stranger.send_raw(b"", codec.encode(stranger.ready))  # REQ-style delimiter
+    await stranger.register()  # the broker has handled everything above
+    assert handle(broker, stranger).info.capacity == 3
+    assert not p.future.done()
+    # Registered now, but the request is not its to answer.
+    await stranger.answer(rid, "forged again")
+    await stranger.sync()
+    assert stranger.heartbeats == 2, "a malformed READY was answered as if registered"
+    assert not p.future.done()
+    assert handle(broker, stranger).answered == 0
+
+    # The owner sends junk too; its request stays held, then its real answer counts.
+    for junk in GARBAGE:
+        await a.send_raw(junk)
+    split = codec.encode(Result(rid, "split", 1, 0.0, 0.0))
+    await a.send_raw(split, b"extra frame")
+    await a.send_raw(b"", split)
+    await a.sync()
+    assert not p.future.done() and rid in handle(broker, a).in_flight
+    await a.answer(rid, "real")
+    assert (await outcome(p)).output == "real"
+
+    # The broker still works: new requests are dispatched and answered.
+    q = broker.submit_many(["y", "z"], {}, 5.0)
+    await wait_until(lambda: len(a.requests) + len(stranger.requests) == 3, "both new requests")
+    for worker in (a, stranger):
+        for req in worker.requests:
+            if req.request_id != rid:
+                await worker.answer(req.request_id, req.inputs)
+    assert [(await outcome(x)).output for x in q] == ["y", "z"]
+    assert not any(t.done() for t in broker._tasks), "a broker task died"
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+# -- 11. clean leave ----------------------------------------------------------------------------
+async def test_disconnect_requeues_without_counting_a_crash(h):
+    broker = await h.broker()
+    a = await h.worker(broker, "a", capacity=2)
+    p = broker.submit_many(["r1", "r2"], {}, 5.0)
+    await a.wait_requests(2)
+
+    await a.send(Disconnect(reason="SIGTERM"))
+    await wait_until(lambda: a.identity not in broker.workers, "A to be forgotten")
+    assert h.deaths == [], "a clean leave must not be reported as a dead process"
+    assert broker.requeued == 2 and broker.queue_depth == 2
+    assert [x.crashes for x in p] == [0, 0]
+
+    # Not suspects: a new worker gets both at once.
+    b = await h.worker(broker, "b", capacity=4)
+    await b.wait_requests(2)
+    assert b.request_ids() == ids(p)
+    assert handle(broker, b).suspect is None
+
+    # One real death after the clean leave is the first crash: retried, not 500.
+    broker.worker_process_exited(b.pid, "killed")
+    assert [x.crashes for x in p] == [1, 1]
+    assert not any(x.future.done() for x in p)
+    c = await h.worker(broker, "c", capacity=4)
+    for i, pending in enumerate(p):
+        await c.wait_requests(i + 1)
+        await c.sync()
+        assert c.request_ids() == ids(p[: i + 1]), "suspects must run one at a time"
+        await c.answer(pending.request_id, f"c{i + 1}")
+    assert [(await outcome(x)).output for x in p] == ["c1", "c2"]
+
+
+async def test_error_answers_resolve_with_the_workers_error(h):
+    broker = await h.broker()
+    w = await h.worker(broker, "a", capacity=2)
+    p = broker.submit_many(["x", "y"], {}, 5.0)
+    await w.wait_requests(2)
+    await w.fail(p[0].request_id, "model_error", "boom")
+    await w.fail(p[1].request_id, "no_such_code", "odd")
+    first, second = await outcome(p[0]), await outcome(p[1])
+    assert isinstance(first, ModelError) and first.message == "boom"
+    assert type(second) is BatchwireError and second.code == "no_such_code"
+    assert handle(broker, w).in_flight == {}
+
+
+async def test_cancel_withdraws_and_tells_the_worker(h):
+    broker = await h.broker()
+    w = await h.worker(broker, "a", capacity=1)
+    p = broker.submit_many(["x", "queued"], {}, 5.0)
+    await w.wait_requests(1)
+    broker.cancel(p[1])  # still queued: nothing to tell the worker
+    broker.cancel(p[0])
+    assert isinstance(await outcome(p[0]), Cancelled) and isinstance(await outcome(p[1]), Cancelled)
+    await w.wait(lambda: w.cancels == [p[0].request_id], "a CANCEL")
+    assert broker.queue_depth == 0 and broker.in_flight == 0 and broker.cancelled == 2
+    await w.fail(p[0].request_id, "cancelled")
+    await w.sync()
+    assert w.request_ids() == [p[0].request_id] and handle(broker, w).in_flight == {}
+
+
+# -- 12. metrics ----------------------------------------------------------------------------------
+async def test_results_of_one_batch_count_as_one_batch(h):
+    broker = await h.broker()
+    w = await h.worker(broker, "a", capacity=4)
+
+    def sample(name: str) -> float:
+        return broker.metrics.registry.get_sample_value(name) or 0.0
+
+    assert sample("batchwire_batch_size_count") == 0
+    p = broker.submit_many(["x1", "x2", "x3"], {}, 5.0)
+    await w.wait_requests(3)
+    await w.answer(p[0].request_id, 1, batch_id=7, batch_size=2)
+    await w.answer(p[1].request_id, 2, batch_id=7, batch_size=2)
+    await outcome(p[0])
+    await outcome(p[1])
+    assert sample("batchwire_batch_size_count") == 1
+    assert sample("batchwire_batch_size_sum") == 2
+    assert sample("batchwire_inference_seconds_count") == 1
+    assert sample("batchwire_queue_wait_seconds_count") == 2  # one per item
+
+    await w.answer(p[2].request_id, 3, batch_id=8, batch_size=1)
+    await outcome(p[2])
+    await w.answer(p[2].request_id, 3, batch_id=9, batch_size=1)  # duplicate: not observed
+    await w.sync()
+    assert sample("batchwire_batch_size_count") == 2
+    assert sample("batchwire_batch_size_sum") == 3
+    assert sample("batchwire_queue_wait_seconds_count") == 3
+    assert handle(broker, w).batches == 2
+    text = broker.metrics.scrape().decode()
+    assert "\nbatchwire_batch_size_count 2.0\n" in text
+
+
+# -- found bugs ------------------------------------------------------------------------------------
+async def _suspect_at_head_of_queue(h, broker: Broker, suspect_timeout: float = 5.0):
+    """A suspect queued at the head, waiting for an idle worker, while worker B (capacity 4)
+    holds one request and so has 3 free slots. Returns (B, suspect, B's request)."""
+    a = await h.worker(broker, "a", capacity=1)
+    (suspect,) = broker.submit_many(["poison"], {}, suspect_timeout)
+    await a.wait_requests(1)
+    b = await h.worker(broker, "b", capacity=4)
+    (busy,) = broker.submit_many(["long"], {}, 5.0)
+    await b.wait_requests(1)
+    broker.worker_process_exited(a.pid, "killed")
+    assert broker.queue_depth == 1 and handle(broker, b).free == 3
+    return b, suspect, busy
+
+
+async def test_queue_bound_holds_while_a_suspect_blocks_the_head(h):
+    broker = await h.broker(max_queue=1)
+    b, suspect, busy = await _suspect_at_head_of_queue(h, broker)
+    # The queue is full (1 of 1). Admitting 3 more "into B's free credit" only queues them
+    # behind the suspect, which dispatch will not pass.
+    with pytest.raises(Overloaded):
+        broker.submit_many(["x", "y", "z"], {}, 5.0)
+    await b.sync()
+    assert broker.queue_depth <= broker.max_queue
+
+
+@pytest.mark.parametrize("how", ["cancel", "deadline"])
+async def test_requests_behind_a_settled_suspect_are_dispatched(h, how):
+    broker = await h.broker()
+    b, suspect, busy = await _suspect_at_head_of_queue(
+        h, broker, suspect_timeout=0.5 if how == "deadline" else 5.0)
+    (behind,) = broker.submit_many(["behind"], {}, 5.0)
+    await b.sync()
+    assert broker.queue_depth == 2 and len(b.requests) == 1
+    if how == "cancel":
+        broker.cancel(suspect)
+    assert isinstance(await outcome(suspect), (Cancelled, DeadlineExceeded))
+    # B holds one request and has 3 free slots: "behind" should go out now, not when B
+    # happens to answer "long".
+    await b.wait(lambda: len(b.requests) == 2, "the request queued behind the suspect",
+                 timeout=1.0)
+    assert b.requests[1].request_id == behind.request_id
