@@ -23,6 +23,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from gateway.broker import Broker, PendingRequest
 from gateway.config import GatewayConfig
+from gateway import kserve
 from gateway.metrics import GatewayMetrics
 from protocol.errors import (
     BadInput,
@@ -53,7 +54,7 @@ TEXT_TYPES = frozenset({
 JSON_TYPE = "application/json"
 MSGPACK_TYPE = "application/msgpack"
 #: Routes that answer without an API key: probes must work for orchestrators.
-OPEN_ROUTES = frozenset({"/health", "/ready"})
+OPEN_ROUTES = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready"})
 #: Parameter names the gateway and worker use among themselves; clients may not send them.
 RESERVED_PARAMETER_PREFIX = "batchwire:"
 METRICS = web.AppKey("metrics", GatewayMetrics)
@@ -465,6 +466,8 @@ def create_app(config: GatewayConfig, broker: Broker) -> web.Application:
     app.router.add_get("/info", handle_info)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_post("/v1/embeddings", handle_embeddings)
+    # Last: the v2 routes take every method under /v2/ (so a wrong one gets a v2-shaped 405).
+    kserve.register(app, model_name=config.model_name)
     return app
 
 

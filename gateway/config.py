@@ -29,6 +29,7 @@ class GatewayConfig:
     api_key: str | None = None
     curve_secret_key: str | None = None
     curve_authorized_keys: str | None = None
+    model_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,9 @@ def _add_gateway_flags(flags: Flags, *, serve: bool) -> None:
               "authenticate the worker link")
     flags.add("--curve-authorized-keys", default=None,
               help="directory of workers' public .key files; only those workers are admitted")
+    flags.add("--model-name", default=None,
+              help="name the KServe v2 routes answer to (/v2/models/NAME), besides the "
+              "model directory's own name")
     flags.add("--api-key", default=None,
               help="require 'Authorization: Bearer KEY' on every route but /health and /ready")
 
@@ -142,6 +146,7 @@ def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
         api_key=args.api_key or None,
         curve_secret_key=args.curve_secret_key,
         curve_authorized_keys=args.curve_authorized_keys,
+        model_name=args.model_name or None,
     )
 
 
