@@ -752,3 +752,34 @@ async def test_requests_behind_a_settled_suspect_are_dispatched(h, how):
     await b.wait(lambda: len(b.requests) == 2, "the request queued behind the suspect",
                  timeout=1.0)
     assert b.requests[1].request_id == behind.request_id
+
+
+async def test_a_worker_that_heartbeats_but_never_answers_is_declared_stuck(h):
+    """The gateway's backstop for a hung model call: heartbeats alone do not keep a worker
+    that holds work without progress; its requests run elsewhere."""
+    broker = await h.broker(heartbeat_interval_s=0.1, batch_timeout_s=0.3)
+    stuck = await h.worker(broker, "stuck", capacity=2)
+    (pending,) = broker.submit_many(["x"], {}, 10.0)
+    await stuck.wait_requests(1)
+
+    alive = [stuck]
+
+    async def keep_heartbeating():
+        # Both fake workers beat like real ones (the broker drops a silent one at 0.3 s).
+        while True:
+            for worker in alive:
+                await worker.send(Heartbeat())
+            await asyncio.sleep(0.05)  # the fake workers' heartbeat period, not a wait
+    beating = asyncio.create_task(keep_heartbeating())
+    try:
+        healthy = await h.worker(broker, "healthy", capacity=2)
+        alive.append(healthy)
+        (moved,) = await healthy.wait_requests(1)
+        assert moved.request_id == pending.request_id
+        assert stuck.identity not in broker.workers
+        assert any(pid == stuck.pid and "stuck" in reason for pid, reason in h.deaths)
+        await healthy.answer(moved.request_id, "done")
+        assert (await asyncio.wait_for(pending.future, WAIT_S)).output == "done"
+    finally:
+        beating.cancel()
+        await asyncio.gather(beating, return_exceptions=True)
