@@ -10,6 +10,18 @@ The JSON encoding of the outputs (``json.dumps``, as Starlette's ``JSONResponse`
 timed separately and reported as ``items_per_s_with_json``: for token-level
 feature-extraction it is a large part of what a JSON-answering server must pay per item.
 
+Feature-extraction is called with ``return_tensors=True``: ``items_per_s`` is then the
+model's own rate, without the pipeline's default ``tensor.tolist()`` (the strictest bar for
+a server that ships arrays as raw bytes). The ``tolist()`` a list-answering server pays is
+timed separately (``items_per_s_as_lists``: the pipeline's default call), and
+``items_per_s_with_json`` counts ``tolist()`` + ``json.dumps``. Batched outputs are padded
+to the batch's longest input; each item is cut back to its own tokens (a view, untimed
+token counts computed once up front) so the JSON sizes are those of real answers.
+
+``--pooling mean`` adds, inside the timed model call, the sentence-embedding pooling that
+the embeddings workload's servers do: the mean of each input's token vectors, L2-normalised
+(all-MiniLM-L6-v2's declared pooling; :func:`benchmarks.reference_server.mean_pool`).
+
 Usage: ``python -m benchmarks.ceiling --model DIR --task fill-mask --workload varied``.
 """
 
@@ -33,21 +45,43 @@ def _json_dumps(outputs) -> int:
                           separators=(",", ":")).encode("utf-8"))
 
 
+def _tolist(outputs) -> list:
+    return [out.tolist() if hasattr(out, "tolist") else out for out in outputs]
+
+
 def measure(pipe, inputs: Sequence[str], *, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
             seconds_per_size: float = 2.0, max_items_per_size: int = 2048,
-            with_json: bool = True) -> dict:
+            with_json: bool = True, pooling: str | None = None) -> dict:
     """Items/s of ``pipe`` at each batch size, each bounded by time and item count."""
+    tensors = getattr(pipe, "task", None) == "feature-extraction"
+    if pooling and not tensors:
+        raise ValueError("pooling needs a feature-extraction pipeline")
+    lengths = None
+    if tensors:
+        # Each input's own token count (untimed): to cut batch padding off, as a server must.
+        lengths = [len(ids) for ids in pipe.tokenizer(list(inputs))["input_ids"]]
+    if pooling:
+        from benchmarks.reference_server import mean_pool
     results = []
     for bs in batch_sizes:
-        def call(i: int):
-            batch = [inputs[(i + k) % len(inputs)] for k in range(bs)]
+        def call(i: int, bs: int = bs):
+            idx = [(i + k) % len(inputs) for k in range(bs)]
+            batch = [inputs[j] for j in idx]
+            if not tensors:
+                if bs == 1:
+                    return [pipe(batch[0])]
+                return pipe(batch, batch_size=bs)
             if bs == 1:
-                return [pipe(batch[0])]
-            return pipe(batch, batch_size=bs)
+                outs = [pipe(batch[0], return_tensors=True)]
+            else:
+                outs = pipe(batch, batch_size=bs, return_tensors=True)
+            if pooling:
+                return [mean_pool(out, lengths[j]) for out, j in zip(outs, idx)]
+            return [out[:, :lengths[j]] for out, j in zip(outs, idx)]
 
         call(0)  # warm this shape once, untimed
         items = calls = 0
-        model_s = json_s = 0.0
+        model_s = json_s = lists_s = 0.0
         out_bytes = 0
         cpu0 = time.process_time()
         while True:
@@ -55,8 +89,12 @@ def measure(pipe, inputs: Sequence[str], *, batch_sizes: Sequence[int] = DEFAULT
             outputs = call(items)
             t1 = time.perf_counter()
             if with_json:
+                if tensors and not pooling:
+                    outputs = _tolist(outputs)
+                    lists_s += time.perf_counter() - t1
+                t2 = time.perf_counter()
                 out_bytes += _json_dumps(outputs)
-                json_s += time.perf_counter() - t1
+                json_s += time.perf_counter() - t2
             model_s += t1 - t0
             items += bs
             calls += 1
@@ -70,11 +108,15 @@ def measure(pipe, inputs: Sequence[str], *, batch_sizes: Sequence[int] = DEFAULT
             "seconds": round(model_s, 4),
             "items_per_s": round(items / model_s, 3),
             "ms_per_call": round(model_s / calls * 1000.0, 3),
-            "cpu_util": round(cpu_s / (model_s + json_s), 3) if model_s + json_s else None,
+            "cpu_util": (round(cpu_s / (model_s + lists_s + json_s), 3)
+                         if model_s + lists_s + json_s else None),
         }
+        if with_json and tensors and not pooling:
+            row["tolist_s"] = round(lists_s, 4)
+            row["items_per_s_as_lists"] = round(items / (model_s + lists_s), 3)
         if with_json:
             row["json_s"] = round(json_s, 4)
-            row["items_per_s_with_json"] = round(items / (model_s + json_s), 3)
+            row["items_per_s_with_json"] = round(items / (model_s + lists_s + json_s), 3)
             row["json_bytes_per_item"] = round(out_bytes / items, 1)
         results.append(row)
         print(f"[ceiling] batch {bs:3d}: {row['items_per_s']:9.2f} items/s "
@@ -88,6 +130,14 @@ def measure(pipe, inputs: Sequence[str], *, batch_sizes: Sequence[int] = DEFAULT
                                       None),
         "best_items_per_s_with_json": (max(r["items_per_s_with_json"] for r in results)
                                        if with_json else None),
+        "best_items_per_s_as_lists": (max(r["items_per_s_as_lists"] for r in results)
+                                      if with_json and tensors and not pooling else None),
+        "unbatched_items_per_s_with_json": next(
+            (r.get("items_per_s_with_json") for r in results if r["batch_size"] == 1), None),
+        "outputs": ("pooled: one L2-normalised mean vector per input" if pooling
+                    else "tensors (return_tensors=True), trimmed to each input's tokens"
+                    if tensors else "the pipeline's default Python objects"),
+        "pooling": pooling,
     }
 
 
@@ -122,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds-per-size", type=float, default=2.0)
     parser.add_argument("--max-items-per-size", type=int, default=2048)
     parser.add_argument("--no-json", action="store_true", help="skip timing json.dumps")
+    parser.add_argument("--pooling", choices=("none", "mean"), default="none",
+                        help="feature-extraction: pool each output to one sentence embedding "
+                        "(mean, then L2-normalised) inside the timed call")
     parser.add_argument("--json-out", default=None, help="write the report here (else stdout)")
     args = parser.parse_args(argv)
 
@@ -137,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = run(args.model, args.task, inputs,
                  batch_sizes=[int(x) for x in args.batch_sizes.split(",") if x.strip()],
                  seconds_per_size=args.seconds_per_size,
-                 max_items_per_size=args.max_items_per_size, with_json=not args.no_json)
+                 max_items_per_size=args.max_items_per_size, with_json=not args.no_json,
+                 pooling=None if args.pooling == "none" else args.pooling)
     report["workload"] = args.workload
     text = json.dumps(report, indent=2)
     if args.json_out:

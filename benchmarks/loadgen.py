@@ -16,6 +16,14 @@ JSON: throughput, p50/p90/p99/max latency of 200 answers, counts by status, the 
 ``ceiling`` measures the generator against a trivial aiohttp server that answers a
 constant: no server can be measured faster than that on the same machine.
 
+``decode`` makes the generator parse every 200 answer as a real client would, so that the
+client-side cost of an answer format is paid (and counted in the generator's CPU time)
+alike for every server: ``"json"`` is ``json.loads``; ``"msgpack"`` is ``msgpack.unpackb``
+with every ``{"dtype", "shape", "data"}`` array (batchwire's ``Accept: application/msgpack``
+form) turned into a numpy array by ``numpy.frombuffer(...).reshape(shape)``. ``check``
+(see :func:`answer_check`) then verifies the answer's shape; a 200 whose body does not
+parse or check is counted as ``bad-answer``, not as a success.
+
 Usage::
 
     python -m benchmarks.loadgen run --url http://127.0.0.1:8000/ -c 8 --duration 10
@@ -42,6 +50,76 @@ DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_GRACE_S = 15.0
 DEFAULT_MAX_REQUESTS = 100_000
 TEXT_HEADERS = {"Content-Type": "text/plain; charset=utf-8"}
+MSGPACK_TYPE = "application/msgpack"
+DECODERS = ("none", "json", "msgpack")
+
+
+# -- parsing answers as a client would ---------------------------------------------------
+def _msgpack_array_hook(obj: dict):
+    # batchwire's msgpack arrays: {"dtype": "<f4", "shape": [...], "data": raw bytes}.
+    if len(obj) == 3 and isinstance(obj.get("data"), bytes) and "dtype" in obj \
+            and "shape" in obj:
+        import numpy as np
+
+        return np.frombuffer(obj["data"], dtype=np.dtype(obj["dtype"])).reshape(obj["shape"])
+    return obj
+
+
+def make_decoder(kind: str | None):
+    """``bytes -> object`` for ``kind`` (``json``, ``msgpack``), None for ``none``/None."""
+    if kind in (None, "none"):
+        return None
+    if kind == "json":
+        return json.loads
+    if kind == "msgpack":
+        import msgpack
+
+        def decode_msgpack(payload: bytes):
+            return msgpack.unpackb(payload, raw=False, object_hook=_msgpack_array_hook)
+
+        return decode_msgpack
+    raise ValueError(f"unknown decoder {kind!r}; known: {', '.join(DECODERS)}")
+
+
+def _dims(obj) -> tuple[int, ...]:
+    """The shape of a numpy array or of a nested list (from its first elements)."""
+    shape = getattr(obj, "shape", None)
+    if shape is not None:
+        return tuple(shape)
+    dims = []
+    while isinstance(obj, list):
+        dims.append(len(obj))
+        if not obj:
+            break
+        obj = obj[0]
+    return tuple(dims)
+
+
+def answer_check(answer: str | None, hidden: int | None):
+    """``object -> bool``: does a parsed answer have the workload's shape?
+
+    * ``tokens``: token-level feature-extraction, ``[1, tokens, hidden]``;
+    * ``embeddings``: one vector of ``hidden`` floats, bare (``[...]``) or OpenAI-shaped
+      (``{"data": [{"embedding": [...]}]}``);
+    * anything else (``fill-mask``, None): parsed is enough.
+    """
+    if answer == "tokens" and hidden:
+        def check_tokens(obj) -> bool:
+            dims = _dims(obj)
+            return len(dims) == 3 and dims[0] == 1 and dims[1] > 0 and dims[2] == hidden
+
+        return check_tokens
+    if answer == "embeddings" and hidden:
+        def check_embedding(obj) -> bool:
+            if isinstance(obj, dict):
+                data = obj.get("data")
+                if not isinstance(data, list) or len(data) != 1:
+                    return False
+                obj = data[0].get("embedding") if isinstance(data[0], dict) else None
+            return _dims(obj) == (hidden,)
+
+        return check_embedding
+    return None
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float | None:
@@ -105,13 +183,22 @@ class Recorder:
 
 
 async def _one(session: aiohttp.ClientSession, url: str, body: bytes, rec: Recorder,
-               started: float, headers: dict) -> None:
+               started: float, headers: dict, decode=None, check=None) -> None:
     status, batch, nbytes = "", None, 0
     try:
         async with session.post(url, data=body, headers=headers) as resp:
             payload = await resp.read()
             status, nbytes = str(resp.status), len(payload)
             batch = resp.headers.get("X-Batch-Size")
+        if decode is not None and status == "200":
+            # Parsed on the event loop, inside the timed request: a client's real cost.
+            try:
+                parsed = decode(payload)
+            except Exception:  # noqa: BLE001 - any parser's error: not the promised answer
+                status = "bad-answer"
+            else:
+                if check is not None and not check(parsed):
+                    status = "bad-answer"
     except asyncio.TimeoutError:
         status = "timeout"
     except aiohttp.ClientError as exc:
@@ -131,6 +218,14 @@ def _session(limit: int, timeout_s: float) -> aiohttp.ClientSession:
                                  auto_decompress=False)
 
 
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+def embeddings_bodies(texts: Sequence[str]) -> list[bytes]:
+    """OpenAI ``POST /v1/embeddings`` bodies: ``{"input": text}`` per text."""
+    return [json.dumps({"input": t}).encode("utf-8") for t in texts]
+
+
 def _bodies(inputs: Sequence[str | bytes]) -> list[bytes]:
     if not inputs:
         raise ValueError("no inputs to send")
@@ -140,12 +235,14 @@ def _bodies(inputs: Sequence[str | bytes]) -> list[bytes]:
 async def closed_loop(url: str, inputs: Sequence[str | bytes], *, concurrency: int,
                       duration_s: float, max_requests: int = DEFAULT_MAX_REQUESTS,
                       timeout_s: float = DEFAULT_TIMEOUT_S, grace_s: float = DEFAULT_GRACE_S,
-                      headers: dict | None = None) -> dict:
+                      headers: dict | None = None, decode: str | None = None,
+                      check=None) -> dict:
     """``concurrency`` clients back to back until ``duration_s`` or ``max_requests``."""
     if concurrency < 1 or duration_s <= 0 or max_requests < 1:
         raise ValueError("concurrency, duration and max_requests must be positive")
     bodies = _bodies(inputs)
     headers = headers or TEXT_HEADERS
+    decoder = make_decoder(decode)
     rec = Recorder()
     issued = itertools.count()
     async with _session(concurrency, timeout_s) as session:
@@ -158,7 +255,7 @@ async def closed_loop(url: str, inputs: Sequence[str | bytes], *, concurrency: i
                 if n >= max_requests:
                     return
                 await _one(session, url, bodies[n % len(bodies)], rec, time.perf_counter(),
-                           headers)
+                           headers, decoder, check)
 
         tasks = [asyncio.create_task(client()) for _ in range(concurrency)]
         _, pending = await asyncio.wait(tasks, timeout=duration_s + grace_s)
@@ -170,7 +267,7 @@ async def closed_loop(url: str, inputs: Sequence[str | bytes], *, concurrency: i
     elapsed = (rec.last_end or t1) - t0
     out = rec.summary(elapsed_s=elapsed, cpu_s=cpu1 - cpu0)
     out.update(mode="closed", url=url, concurrency=concurrency, duration_s=duration_s,
-               max_requests=max_requests,
+               max_requests=max_requests, decode=decode or "none",
                stopped_by="max_requests" if next(issued) > max_requests else "duration",
                wall_s=round(t1 - t0, 4))
     return out
@@ -179,12 +276,14 @@ async def closed_loop(url: str, inputs: Sequence[str | bytes], *, concurrency: i
 async def open_loop(url: str, inputs: Sequence[str | bytes], *, rate: float, duration_s: float,
                     max_requests: int = DEFAULT_MAX_REQUESTS, max_in_flight: int = 1024,
                     timeout_s: float = DEFAULT_TIMEOUT_S, grace_s: float = DEFAULT_GRACE_S,
-                    headers: dict | None = None) -> dict:
+                    headers: dict | None = None, decode: str | None = None,
+                    check=None) -> dict:
     """Send at ``rate`` per second for ``duration_s`` (at most ``max_requests`` sends)."""
     if rate <= 0 or duration_s <= 0 or max_requests < 1:
         raise ValueError("rate, duration and max_requests must be positive")
     bodies = _bodies(inputs)
     headers = headers or TEXT_HEADERS
+    decoder = make_decoder(decode)
     rec = Recorder()
     total = min(max_requests, max(1, int(rate * duration_s)))
     lags: list[float] = []
@@ -202,7 +301,7 @@ async def open_loop(url: str, inputs: Sequence[str | bytes], *, rate: float, dur
                 continue
             # Latency from the scheduled time: a late send is the server's backlog too.
             task = asyncio.create_task(_one(session, url, bodies[i % len(bodies)], rec,
-                                            scheduled, headers))
+                                            scheduled, headers, decoder, check))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         sent_by = time.perf_counter()
@@ -216,6 +315,7 @@ async def open_loop(url: str, inputs: Sequence[str | bytes], *, rate: float, dur
     out = rec.summary(elapsed_s=elapsed, cpu_s=cpu1 - cpu0)
     lags.sort()
     out.update(mode="open", url=url, rate=rate, offered=total, duration_s=duration_s,
+               decode=decode or "none",
                max_requests=max_requests, max_in_flight=max_in_flight,
                send_lag_ms={"p50": round(percentile(lags, 50) * 1000, 3),
                             "p99": round(percentile(lags, 99) * 1000, 3),
@@ -305,6 +405,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--task", default="fill-mask")
     run.add_argument("--inputs", type=int, default=512, help="distinct inputs to cycle")
     run.add_argument("--max-tokens", type=int, default=128, help="limit for --workload mixed")
+    run.add_argument("--decode", choices=DECODERS, default="none",
+                     help="parse every answer as a client would (msgpack: arrays via "
+                     "numpy.frombuffer)")
+    run.add_argument("--accept", default=None,
+                     help="Accept header, e.g. application/msgpack")
+    run.add_argument("--embeddings", action="store_true",
+                     help='send {"input": text} as JSON (for POST /v1/embeddings)')
 
     ceiling = sub.add_parser("ceiling", help="the generator against a trivial server")
     ceiling.add_argument("-c", "--concurrency", type=int, default=64)
@@ -327,14 +434,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if urlsplit(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
             parser.error("--url must point at this machine (127.0.0.1)")
         inputs = _inputs_from_args(args)
+        headers = dict(TEXT_HEADERS)
+        if args.embeddings:
+            inputs = embeddings_bodies(inputs)
+            headers = dict(JSON_HEADERS)
+        if args.accept:
+            headers["Accept"] = args.accept
+        common = {"timeout_s": args.timeout, "grace_s": args.grace, "headers": headers,
+                  "decode": args.decode}
         if args.rate is not None:
             coro = open_loop(args.url, inputs, rate=args.rate, duration_s=args.duration,
                              max_requests=args.max_requests, max_in_flight=args.max_in_flight,
-                             timeout_s=args.timeout, grace_s=args.grace)
+                             **common)
         else:
             coro = closed_loop(args.url, inputs, concurrency=args.concurrency,
                                duration_s=args.duration, max_requests=args.max_requests,
-                               timeout_s=args.timeout, grace_s=args.grace)
+                               **common)
         result = asyncio.run(coro)
     json.dump(result, sys.stdout, indent=2)
     print()

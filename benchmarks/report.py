@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SERVER_ORDER = ("batchwire", "guide", "guide-batching")
-COLORS = {"batchwire": "tab:blue", "guide": "tab:red", "guide-batching": "tab:orange"}
+SERVER_ORDER = ("batchwire", "batchwire-msgpack", "guide", "guide-batching")
+COLORS = {"batchwire": "tab:blue", "batchwire-msgpack": "tab:cyan", "guide": "tab:red",
+          "guide-batching": "tab:orange"}
 
 
 def _fmt(x: Any, digits: int = 1) -> str:
@@ -110,51 +111,80 @@ def ceiling_table(ceiling: dict | None) -> list[str]:
         return ["Not measured in this run (`--no-ceiling`)."]
     if "error" in ceiling:
         return [f"Failed: {ceiling['error']}"]
-    lines = ["| batch size | items/s | ms per call | items/s incl. `json.dumps` "
-             "| JSON bytes per item |",
-             "|---:|---:|---:|---:|---:|"]
+    lists = any("items_per_s_as_lists" in row for row in ceiling["batch_sizes"])
+    if lists:
+        lines = ["| batch size | items/s (tensors) | ms per call | items/s as lists "
+                 "(`tolist()`) | items/s incl. `tolist()` + `json.dumps` | JSON bytes per item |",
+                 "|---:|---:|---:|---:|---:|---:|"]
+    else:
+        lines = ["| batch size | items/s | ms per call | items/s incl. `json.dumps` "
+                 "| JSON bytes per item |",
+                 "|---:|---:|---:|---:|---:|"]
     for row in ceiling["batch_sizes"]:
         best = " **(best)**" if row["batch_size"] == ceiling["best_batch_size"] else ""
+        as_lists = f"{_fmt(row.get('items_per_s_as_lists'))} | " if lists else ""
         lines.append(f"| {row['batch_size']}{best} | {_fmt(row['items_per_s'])} | "
-                     f"{_fmt(row['ms_per_call'])} | {_fmt(row.get('items_per_s_with_json'))} | "
+                     f"{_fmt(row['ms_per_call'])} | {as_lists}"
+                     f"{_fmt(row.get('items_per_s_with_json'))} | "
                      f"{_fmt(row.get('json_bytes_per_item'), 0)} |")
     gain = _ratio(ceiling["best_items_per_s"], ceiling.get("unbatched_items_per_s"))
     lines += ["", f"Best: batch {ceiling['best_batch_size']}, "
               f"{ceiling['best_items_per_s']:,.1f} items/s"
               + (f", {gain:.2f} × the unbatched rate" if gain else "")
               + f" (torch threads: {ceiling.get('torch_threads')})."]
+    if ceiling.get("best_items_per_s_with_json"):
+        lines[-1] += (f" With `json.dumps` of the answers: best "
+                      f"{ceiling['best_items_per_s_with_json']:,.1f} items/s.")
+    if ceiling.get("outputs"):
+        lines[-1] += f" Outputs timed: {ceiling['outputs']}."
     return lines
 
 
 def server_table(workload: dict) -> list[str]:
     best = _ceiling_best(workload.get("ceiling"))
     lines = ["| server | load | req/s | × ceiling | p50 ms | p90 ms | p99 ms | max ms | "
-             "mean batch | statuses | CPU server / loadgen / others |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "mean batch | KB per answer | statuses | CPU server / loadgen / others | "
+             "load avg 1 min |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
     servers = workload["servers"]
     for name in [s for s in SERVER_ORDER if s in servers]:
         entry = servers[name]
         if not entry.get("points") and entry.get("error"):
-            lines.append(f"| {name} | failed | | | | | | | | {entry['error'].splitlines()[0]} | |")
+            lines.append(f"| {name} | failed | | | | | | | | | "
+                         f"{entry['error'].splitlines()[0]} | | |")
             continue
         for p in entry["points"]:
             load = f"C={p['concurrency']}" if p["mode"] == "closed" else f"{p['rate']:g}/s open"
             lat = p["latency_ms"]
             cpu = p.get("cpu_cores", {})
+            kb = p["bytes_received"] / p["requests"] / 1000 if p.get("requests") else None
+            la = p.get("load_average_1min")
             lines.append(
                 f"| {name} | {load} | {_fmt(p['throughput_rps'])} | "
                 f"{_fmt(_ratio(p['throughput_rps'], best), 2)} | {_fmt(lat['p50'])} | "
                 f"{_fmt(lat['p90'])} | {_fmt(lat['p99'])} | {_fmt(lat['max'])} | "
-                f"{_fmt(p.get('mean_batch_size'))} | {_statuses(p)} | "
+                f"{_fmt(p.get('mean_batch_size'))} | {_fmt(kb)} | {_statuses(p)} | "
                 f"{_fmt(cpu.get('server'), 2)} / {_fmt(cpu.get('loadgen'), 2)} / "
-                f"{_fmt(cpu.get('others'), 2)} |")
+                f"{_fmt(cpu.get('others'), 2)} | "
+                f"{' → '.join(f'{x:.2f}' for x in la) if la else '–'} |")
         if entry.get("error"):
-            lines.append(f"| {name} | error | | | | | | | | {entry['error'].splitlines()[0]} | |")
+            lines.append(f"| {name} | error | | | | | | | | | {entry['error'].splitlines()[0]} "
+                         f"| | |")
     lines += ["", "× ceiling: the server's requests/s over the raw pipeline's items/s at its best "
               "batch size, in this run. CPU columns are in cores (CPU seconds per second): the "
               "server's whole process tree, the load generator, and everything else on the "
               "machine. Mean batch is batchwire's X-Batch-Size header (the guide's servers do "
-              "not report it)."]
+              "not report it). Load average: the machine's 1-minute load before → after the "
+              "point."]
+    if any(p.get("decode", "none") != "none" for e in servers.values()
+           for p in e.get("points", [])):
+        lines[-1] += (" Every answer was parsed by the load generator (see each server's "
+                      "request below) inside its timed request; `bad-answer` counts 200s that "
+                      "did not parse or had the wrong shape.")
+    requests = [(name, servers[name].get("request")) for name in SERVER_ORDER
+                if name in servers and servers[name].get("request")]
+    if requests:
+        lines += [""] + [f"- `{name}`: {how}" for name, how in requests]
     return lines
 
 
@@ -174,6 +204,34 @@ def ratio_lines(workload: dict) -> list[str]:
             out.append(f"- C={high}: batchwire throughput = "
                        f"{b['throughput_rps'] / g['throughput_rps']:.2f} × the guide's server; "
                        f"p99 {b['latency_ms']['p99']:.1f} ms vs {g['latency_ms']['p99']:.1f} ms.")
+    ceiling = workload.get("ceiling") or {}
+    if high is not None and workload.get("answer") == "tokens":
+        b, m, g = _point_at(bw, high), _point_at(servers.get("batchwire-msgpack"), high), \
+            _point_at(guide, high)
+        with_json = ceiling.get("best_items_per_s_with_json") if "error" not in ceiling else None
+        def verdict(r: float, target: float) -> str:
+            # The targets are stated at C=64.
+            if high != 64:
+                return ""
+            return f" (target ≥ {target:g} at C=64: {'met' if r >= target else 'not met'})"
+
+        if b and g and g["throughput_rps"]:
+            r = b["throughput_rps"] / g["throughput_rps"]
+            out.append(f"- C={high}: batchwire JSON = {r:.2f} × the guide's server"
+                       f"{verdict(r, 2)}.")
+        if m and best:
+            r = m["throughput_rps"] / best
+            out.append(f"- C={high}: batchwire msgpack = {r:.2f} × the raw pipeline at its best "
+                       f"batch size{verdict(r, 0.8)}.")
+        if m and b and b["throughput_rps"]:
+            out.append(f"- C={high}: batchwire msgpack = "
+                       f"{m['throughput_rps'] / b['throughput_rps']:.2f} × batchwire JSON.")
+        if with_json:
+            for label, pt in (("batchwire JSON", b), ("the guide's server", g)):
+                if pt:
+                    out.append(f"- C={high}: {label} = {pt['throughput_rps'] / with_json:.2f} × "
+                               f"the raw pipeline + `json.dumps` at its best batch size "
+                               f"({with_json:,.1f} items/s).")
     if 1 in cs:
         b, g = _point_at(bw, 1), _point_at(guide, 1)
         if b and g and b["latency_ms"]["p50"] is not None and g["latency_ms"]["p50"] is not None:
@@ -226,6 +284,9 @@ def plot_workload(workload: dict, path: Path) -> Path | None:
         if ceiling.get("unbatched_items_per_s"):
             axes[0].axhline(ceiling["unbatched_items_per_s"], color="gray", linestyle=":",
                             label="raw pipeline, batch 1")
+        if workload.get("answer") == "tokens" and ceiling.get("best_items_per_s_with_json"):
+            axes[0].axhline(ceiling["best_items_per_s_with_json"], color="brown",
+                            linestyle="-.", label="raw pipeline + json.dumps, best batch")
     axes[0].set_ylim(bottom=0)
     axes[0].legend(fontsize=8, loc="best")
     fig.suptitle(f"{workload['name']}: {workload['description']}", fontsize=10)
@@ -251,7 +312,9 @@ def render_markdown(results: dict, plots: dict[str, Path]) -> str:
                   f"Model `{m['key']}`: {m['description']} ({m['task']}, "
                   f"max {m['max_tokens']} tokens). Inputs: {w['inputs']} distinct texts of "
                   f"{w['input_words']['min']}-{w['input_words']['max']} words "
-                  f"(mean {w['input_words']['mean']}), sent raw to `POST /`.", "",
+                  f"(mean {w['input_words']['mean']})"
+                  + (", sent raw to `POST /`." if w.get("answer", "fill-mask") == "fill-mask"
+                     else "; requests as listed under the servers table."), "",
                   "### Ceiling: the raw pipeline in one process", ""]
         lines += ceiling_table(w.get("ceiling"))
         lines += ["", "### Servers", ""] + server_table(w)

@@ -10,12 +10,31 @@
    and a measured closed-loop point (:mod:`benchmarks.loadgen`), bounded by ``--duration``
    and ``--max-requests``; then stop it (SIGTERM, wait, SIGKILL).
 
+A "server" in the results is a server process seen by one kind of client. ``batchwire``
+and ``batchwire-msgpack`` are the same batchwire process (started once per workload),
+asked for JSON and for msgpack (``Accept: application/msgpack``) answers. Every answer is
+parsed by the load generator as a client would (``json.loads``; ``msgpack.unpackb`` and
+``numpy.frombuffer`` for arrays) and its shape checked, so the client's side of each
+format is paid alike; a 200 that does not parse or check counts as ``bad-answer``.
+
+Workload kinds (``Workload.answer``):
+
+* ``fill-mask``: raw text to ``POST /`` on every server;
+* ``tokens``: token-level feature-extraction, raw text to ``POST /``; answers are
+  ``[1, tokens, hidden]`` float arrays (batchwire JSON, batchwire msgpack, the guide's JSON);
+* ``embeddings``: one pooled vector per input. batchwire: ``POST /v1/embeddings`` with
+  ``{"input": text}`` (pooled as the model declares: mean + normalize for
+  all-MiniLM-L6-v2); the guide's servers, which have no pooling, run with
+  ``--pooling mean`` (:mod:`benchmarks.reference_server`: the same pooling after the
+  pipeline, the guide's architecture otherwise), and the ceiling pools alike.
+
 Once per run the load generator's own ceiling is measured against a trivial aiohttp server.
 Everything lands in ``<out>/results.json``; ``<out>/report.md`` holds docs-ready tables and
 ``<out>/*.png`` the plots. Server logs and raw ceiling reports go to ``<out>/raw/``.
 
-``--quick`` is the end-to-end check the test suite runs: the tiny model only, concurrency
-1 and 8, about a second per point.
+``--quick`` is the end-to-end check the test suite runs: the tiny model only (fill-mask on
+every server at concurrency 1 and 8, and one token-level feature-extraction point at
+concurrency 8 through batchwire's JSON and msgpack answers), about a second per point.
 
 CPU accounting per point (all in cores, i.e. CPU seconds per wall second): the server's
 process tree, the load generator, and the rest of the machine ("others": anything else
@@ -51,12 +70,21 @@ from benchmarks.procs import (
 )
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
-SERVERS = ("batchwire", "guide", "guide-batching")
+#: Result rows: (server process, answer format the client asks for).
+SERVER_SPECS = {
+    "batchwire": ("batchwire", "json"),
+    "batchwire-msgpack": ("batchwire", "msgpack"),
+    "guide": ("guide", "json"),
+    "guide-batching": ("guide-batching", "json"),
+}
+SERVERS = tuple(SERVER_SPECS)
 SERVER_LABELS = {
     "batchwire": "batchwire",
+    "batchwire-msgpack": "batchwire, msgpack answers",
     "guide": "guide reference (Starlette, per request)",
     "guide-batching": "guide batching variant (1 ms drain)",
 }
+JSON_ROWS = ("batchwire", "guide", "guide-batching")
 
 
 @dataclass(frozen=True)
@@ -65,6 +93,10 @@ class Workload:
     model: str  # a key of benchmarks.models
     shape: str  # varied | mixed
     description: str
+    #: fill-mask | tokens (token-level feature-extraction) | embeddings (pooled vectors)
+    answer: str = "fill-mask"
+    #: The result rows this workload has (msgpack only where answers are arrays).
+    servers: tuple[str, ...] = JSON_ROWS
 
 
 WORKLOADS = {
@@ -74,17 +106,36 @@ WORKLOADS = {
                  "fill-mask (the guide's task) on a MiniLM-sized BERT, sentences of 5-40 words"),
         Workload("fill-mask-minilm-mixed", "minilm-fill-mask", "mixed",
                  "fill-mask on a MiniLM-sized BERT, lengths spread up to the 512-token limit"),
-        Workload("features-minilm-varied", "minilm-features", "varied",
-                 "token-level feature-extraction (all-MiniLM-L6-v2): large float answers, "
-                 "sentences of 5-40 words"),
-        Workload("features-minilm-mixed", "minilm-features", "mixed",
-                 "token-level feature-extraction, lengths spread up to the 512-token limit"),
+        Workload("embeddings-minilm-varied", "minilm-features", "varied",
+                 "sentence embeddings (all-MiniLM-L6-v2, mean pooling + L2 normalisation): "
+                 "one 384-float vector per input, sentences of 5-40 words",
+                 answer="embeddings"),
+        Workload("embeddings-minilm-mixed", "minilm-features", "mixed",
+                 "sentence embeddings (all-MiniLM-L6-v2), lengths spread up to the "
+                 "512-token limit", answer="embeddings"),
+        Workload("feature-extraction-minilm-varied", "minilm-features", "varied",
+                 "token-level feature-extraction (all-MiniLM-L6-v2): [1, tokens, 384] float "
+                 "answers, sentences of 5-40 words", answer="tokens", servers=SERVERS),
+        Workload("feature-extraction-minilm-mixed", "minilm-features", "mixed",
+                 "token-level feature-extraction (all-MiniLM-L6-v2), lengths spread up to "
+                 "the 512-token limit", answer="tokens", servers=SERVERS),
         Workload("fill-mask-tiny-varied", "tiny-fill-mask", "varied",
                  "the tiny random fill-mask model: the servers' own overhead"),
+        Workload("feature-extraction-tiny-varied", "tiny-features", "varied",
+                 "token-level feature-extraction on the tiny random model ([1, tokens, 32] "
+                 "floats): the answer path's own overhead", answer="tokens", servers=SERVERS),
     )
 }
-DEFAULT_WORKLOADS = tuple(WORKLOADS)
-QUICK_WORKLOADS = ("fill-mask-tiny-varied",)
+#: Earlier names, still accepted by --workloads.
+WORKLOAD_ALIASES = {
+    "features-minilm-varied": "feature-extraction-minilm-varied",
+    "features-minilm-mixed": "feature-extraction-minilm-mixed",
+}
+DEFAULT_WORKLOADS = tuple(w for w in WORKLOADS if w != "feature-extraction-tiny-varied")
+QUICK_WORKLOADS = ("fill-mask-tiny-varied", "feature-extraction-tiny-varied")
+#: --quick trims its token-level check to one batchwire process (JSON and msgpack answers)
+#: at the highest concurrency: one server start instead of three keeps --quick near a minute.
+QUICK_TRIM = {"feature-extraction-tiny-varied": ("batchwire", "batchwire-msgpack")}
 
 
 def _csv_ints(text: str) -> list[int]:
@@ -106,8 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny model, concurrency 1 and 8, ~1 s points: an end-to-end check")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
     p.add_argument("--workloads", type=_csv, default=None,
-                   help=f"comma list of {', '.join(WORKLOADS)} (default: all; --quick: tiny)")
-    p.add_argument("--servers", type=_csv, default=list(SERVERS), help="comma list")
+                   help=f"comma list of {', '.join(WORKLOADS)} (default: all but "
+                   f"feature-extraction-tiny-varied; --quick: {', '.join(QUICK_WORKLOADS)})")
+    p.add_argument("--servers", type=_csv, default=list(SERVERS),
+                   help=f"comma list of {', '.join(SERVERS)} (default: all; each workload "
+                   "runs those it has: batchwire-msgpack only where answers are arrays)")
     p.add_argument("--concurrency", type=_csv_ints, default=None,
                    help="closed-loop client counts (default 1,8,32,64,128; --quick 1,8)")
     p.add_argument("--rates", type=_csv_floats, default=[],
@@ -155,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     quick = args.quick
+    default_workloads = args.workloads is None
     defaults = {
         "workloads": list(QUICK_WORKLOADS if quick else DEFAULT_WORKLOADS),
         "concurrency": [1, 8] if quick else [1, 8, 32, 64, 128],
@@ -177,6 +232,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     else:
         args.ceiling_max_items = 4096
         args.loadgen_ceiling_duration = 3.0
+    # Only the default quick set is trimmed; naming workloads with --quick runs them whole.
+    args.trim = QUICK_TRIM if quick and default_workloads else {}
+    args.workloads = [WORKLOAD_ALIASES.get(w, w) for w in args.workloads]
     unknown = [w for w in args.workloads if w not in WORKLOADS]
     if unknown:
         raise SystemExit(f"unknown workload(s) {unknown}; known: {', '.join(WORKLOADS)}")
@@ -244,8 +302,9 @@ def subprocess_env(args: argparse.Namespace) -> dict[str, str]:
     return bench_env()
 
 
-def server_argv(name: str, model, port: int, args: argparse.Namespace) -> list[str]:
-    if name == "batchwire":
+def server_argv(process: str, model, port: int, args: argparse.Namespace,
+                workload: Workload) -> list[str]:
+    if process == "batchwire":
         threads = ["--torch-threads", str(args.torch_threads)] if args.torch_threads > 0 else []
         return [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1",
                 "--port", str(port), "--model", model.path, "--task", model.task,
@@ -256,25 +315,61 @@ def server_argv(name: str, model, port: int, args: argparse.Namespace) -> list[s
                 "--log-level", "WARNING", *threads, *shlex.split(args.bw_args)]
     argv = [sys.executable, "-m", "benchmarks.reference_server", "--model", model.path,
             "--task", model.task, "--port", str(port)]
-    if name == "guide-batching":
+    if process == "guide-batching":
         argv += ["--batching", "--max-batch-size", str(args.guide_max_batch_size)]
+    if workload.answer == "embeddings":
+        argv += ["--pooling", "mean"]  # not in the guide: see reference_server's docstring
     return argv
 
 
-def measure_point(server: ServerProcess, inputs: list[str], args: argparse.Namespace, *,
+@dataclass(frozen=True)
+class Client:
+    """What one result row sends and how it reads the answers."""
+
+    path: str
+    bodies: list[bytes]
+    headers: dict[str, str]
+    decode: str  # loadgen decoder: json | msgpack
+    check: object  # loadgen.answer_check(...) or None
+    describe: str
+
+
+def client_for(server: str, workload: Workload, model, inputs: list[str]) -> Client:
+    process, fmt = SERVER_SPECS[server]
+    check = loadgen.answer_check(workload.answer, model.hidden_size)
+    if workload.answer == "embeddings" and process == "batchwire":
+        return Client("/v1/embeddings", loadgen.embeddings_bodies(inputs),
+                      dict(loadgen.JSON_HEADERS), "json", check,
+                      'POST /v1/embeddings {"input": text} (JSON); answers parsed with '
+                      "json.loads")
+    headers = dict(loadgen.TEXT_HEADERS)
+    if fmt == "msgpack":
+        headers["Accept"] = loadgen.MSGPACK_TYPE
+        how = ("POST / raw text, Accept: application/msgpack; answers parsed with "
+               "msgpack.unpackb + numpy.frombuffer")
+    else:
+        how = "POST / raw text; answers parsed with json.loads"
+    return Client("/", [x.encode("utf-8") for x in inputs], headers, fmt, check, how)
+
+
+def measure_point(server: ServerProcess, client: Client, args: argparse.Namespace, *,
                   concurrency: int | None = None, rate: float | None = None) -> dict:
-    url = server.base_url + "/"
-    common = dict(timeout_s=args.timeout, grace_s=args.grace)
+    url = server.base_url + client.path
+    common = dict(timeout_s=args.timeout, grace_s=args.grace, headers=client.headers,
+                  decode=client.decode, check=client.check)
     warm_c = concurrency or max(1, min(64, int(rate or 1)))
     # Warm-up: untimed, same shape of load (also absorbs a previous point's leftovers).
-    asyncio.run(loadgen.closed_loop(url, inputs, concurrency=warm_c, duration_s=args.warmup,
+    asyncio.run(loadgen.closed_loop(url, client.bodies, concurrency=warm_c,
+                                    duration_s=args.warmup,
                                     max_requests=max(warm_c * 4, 50), **common))
     server_cpu0, machine0 = server.cpu_seconds(), machine_cpu_seconds()
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if rate is not None:
-        result = asyncio.run(loadgen.open_loop(url, inputs, rate=rate, duration_s=args.duration,
+        result = asyncio.run(loadgen.open_loop(url, client.bodies, rate=rate,
+                                               duration_s=args.duration,
                                                max_requests=args.max_requests, **common))
     else:
-        result = asyncio.run(loadgen.closed_loop(url, inputs, concurrency=concurrency,
+        result = asyncio.run(loadgen.closed_loop(url, client.bodies, concurrency=concurrency,
                                                  duration_s=args.duration,
                                                  max_requests=args.max_requests, **common))
     server_cpu1, machine1 = server.cpu_seconds(), machine_cpu_seconds()
@@ -289,39 +384,68 @@ def measure_point(server: ServerProcess, inputs: list[str], args: argparse.Names
             # Everything else on the box during the point (other jobs, the kernel's share).
             cpu["others"] = round(max(0.0, busy - cpu["server"] - cpu["loadgen"]), 3)
     result["cpu_cores"] = cpu
+    if load0 is not None:
+        result["load_average_1min"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
     return result
 
 
-def run_server(name: str, model, inputs: list[str], args: argparse.Namespace,
-               raw_dir: Path, workload: str) -> dict:
+def run_process(process: str, rows: list[str], model, workload: Workload, inputs: list[str],
+                args: argparse.Namespace, raw_dir: Path) -> dict[str, dict]:
+    """Start one server process, measure each of its result ``rows`` in turn, stop it."""
     port = free_port()
-    argv = server_argv(name, model, port, args)
-    server = ServerProcess(name, argv, port, raw_dir / f"{workload}.{name}.log",
+    argv = server_argv(process, model, port, args, workload)
+    server = ServerProcess(process, argv, port, raw_dir / f"{workload.name}.{process}.log",
                            env=subprocess_env(args))
-    entry: dict = {"server": name, "label": SERVER_LABELS[name],
-                   "argv": [Path(a).name if i == 0 else a for i, a in enumerate(argv)],
-                   "points": []}
-    print(f"[bench] {workload}: starting {name} on port {port}", file=sys.stderr)
+    concurrency = args.concurrency
+    if workload.name in args.trim:
+        concurrency = [max(args.concurrency)]
+    entries: dict[str, dict] = {}
+    for name in rows:
+        client = client_for(name, workload, model, inputs)
+        entries[name] = {"server": name, "label": SERVER_LABELS[name], "process": process,
+                         "argv": [Path(a).name if i == 0 else a for i, a in enumerate(argv)],
+                         "request": client.describe, "points": []}
+    print(f"[bench] {workload.name}: starting {process} on port {port}", file=sys.stderr)
+    current = rows[0]
     try:
         server.start()
-        entry["ready_after_s"] = round(server.wait_ready(args.ready_timeout,
-                                                         inputs[0].encode("utf-8")), 2)
-        for c in args.concurrency:
-            point = measure_point(server, inputs, args, concurrency=c)
-            entry["points"].append(point)
-            _log_point(workload, name, f"C={c}", point)
-            if not server.alive():
-                raise ServerFailed(f"{name} died during the C={c} point:\n{server.log_tail()}")
-        for rate in args.rates:
-            point = measure_point(server, inputs, args, rate=rate)
-            entry["points"].append(point)
-            _log_point(workload, name, f"rate={rate:g}/s", point)
+        ready = round(server.wait_ready(args.ready_timeout, inputs[0].encode("utf-8")), 2)
+        for name in rows:
+            current = name
+            entry = entries[name]
+            entry["ready_after_s"] = ready
+            client = client_for(name, workload, model, inputs)
+            for c in concurrency:
+                point = measure_point(server, client, args, concurrency=c)
+                entry["points"].append(point)
+                _log_point(workload.name, name, f"C={c}", point)
+                if not server.alive():
+                    raise ServerFailed(f"{process} died during the C={c} point:\n"
+                                       f"{server.log_tail()}")
+            for rate in args.rates:
+                point = measure_point(server, client, args, rate=rate)
+                entry["points"].append(point)
+                _log_point(workload.name, name, f"rate={rate:g}/s", point)
     except ServerFailed as exc:
-        entry["error"] = str(exc)
-        print(f"[bench] {workload}: {name} FAILED: {exc}", file=sys.stderr)
+        # The row being measured failed, and every row after it never ran.
+        for name in rows[rows.index(current):]:
+            entries[name]["error"] = str(exc)
+        print(f"[bench] {workload.name}: {process} FAILED: {exc}", file=sys.stderr)
     finally:
-        entry["exit_code"] = server.stop()
-    return entry
+        code = server.stop()
+        for entry in entries.values():
+            entry["exit_code"] = code
+    return entries
+
+
+def workload_rows(workload: Workload, args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """[(process, [result rows])] in --servers order, rows of one process together."""
+    wanted = args.trim.get(workload.name, workload.servers)
+    names = [s for s in args.servers if s in workload.servers and s in wanted]
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(SERVER_SPECS[name][0], []).append(name)
+    return list(groups.items())
 
 
 def _log_point(workload: str, server: str, label: str, point: dict) -> None:
@@ -339,6 +463,8 @@ def run_ceiling(model, workload: Workload, args: argparse.Namespace, raw_dir: Pa
             "--batch-sizes", ",".join(map(str, args.batch_sizes)),
             "--seconds-per-size", str(args.ceiling_seconds),
             "--max-items-per-size", str(args.ceiling_max_items), "--json-out", str(out)]
+    if workload.answer == "embeddings":
+        argv += ["--pooling", "mean"]
     print(f"[bench] {workload.name}: ceiling", file=sys.stderr)
     limit = 120 + len(args.batch_sizes) * (args.ceiling_seconds * 4 + 60)
     try:
@@ -389,6 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "max_delay_ms": args.bw_max_delay_ms, "max_queue": args.bw_max_queue,
                           "extra": args.bw_args},
             "guide_batching_max_batch_size": args.guide_max_batch_size,
+            "quick_trim": {w: {"servers": list(rows), "concurrency": [max(args.concurrency)]}
+                           for w, rows in args.trim.items() if w in args.workloads},
             "torch_threads": args.torch_threads,
             "omp_env": {k: v for k, v in os.environ.items()
                         if k.startswith(("OMP_", "MKL_", "KMP_"))},
@@ -420,7 +548,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         inputs = make_inputs(workload.shape, args.inputs, task=model.task,
                              max_tokens=model.max_tokens)
         entry: dict = {"name": name, "description": workload.description,
-                       "shape": workload.shape, "model": asdict(model),
+                       "shape": workload.shape, "answer": workload.answer,
+                       "model": asdict(model),
                        "inputs": len(inputs),
                        "input_words": {"min": min(len(x.split()) for x in inputs),
                                        "max": max(len(x.split()) for x in inputs),
@@ -435,10 +564,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"[bench] {name}: ceiling FAILED: {entry['ceiling']['error']}",
                       file=sys.stderr)
                 failed = True
-        for server_name in args.servers:
-            entry["servers"][server_name] = run_server(server_name, model, inputs, args,
-                                                       raw_dir, name)
-            failed = failed or "error" in entry["servers"][server_name]
+        for process, rows in workload_rows(workload, args):
+            entry["servers"].update(run_process(process, rows, model, workload, inputs, args,
+                                                raw_dir))
+            failed = failed or any("error" in entry["servers"][r] for r in rows)
             save()
             if failed and not args.keep_going:
                 break

@@ -1,7 +1,9 @@
 """The benchmark suite runs end to end on its tiny configuration (``--quick``).
 
 Speed is asserted in the benchmark report, never here: this only checks that every server
-starts, answers 200s under load, and that results.json, report.md and a PNG are written.
+starts, answers 200s under load (each answer parsed by the load generator: JSON, and for the
+token-level workload also msgpack arrays through numpy.frombuffer), and that results.json,
+report.md and a PNG are written.
 starlette, uvicorn and matplotlib are part of the test install: if they are missing the
 test fails (it does not skip), because the benchmark could not run.
 """
@@ -18,6 +20,12 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVERS = ("batchwire", "guide", "guide-batching")
+#: --quick's result rows per workload: the token-level check runs one batchwire process,
+#: asked for JSON and for msgpack answers.
+QUICK_ROWS = {
+    "fill-mask-tiny-varied": SERVERS,
+    "feature-extraction-tiny-varied": ("batchwire", "batchwire-msgpack"),
+}
 #: --quick takes about a minute on a busy 2-core machine; past this something hangs.
 TIMEOUT_S = 170
 
@@ -55,13 +63,14 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     assert results["command"].startswith("python -m benchmarks.run")
     assert results["loadgen_ceiling"]["throughput_rps"] > 0
 
-    assert results["workloads"], "no workload ran"
+    assert [w["name"] for w in results["workloads"]] == list(QUICK_ROWS), "wrong workloads"
     for workload in results["workloads"]:
         ceiling = workload["ceiling"]
         assert "error" not in ceiling, ceiling
         assert ceiling["best_items_per_s"] > 0
         assert [r["batch_size"] for r in ceiling["batch_sizes"]] == [1, 2, 4, 8, 16, 32, 64]
-        for name in SERVERS:
+        assert sorted(workload["servers"]) == sorted(QUICK_ROWS[workload["name"]])
+        for name in QUICK_ROWS[workload["name"]]:
             server = workload["servers"][name]
             assert "error" not in server, server.get("error")
             assert server["points"], f"{name}: no points"
@@ -71,11 +80,13 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
                 assert point["statuses"].get("200", 0) > 0, (where, point["statuses"])
                 assert point["ok"] == point["statuses"]["200"], where
                 assert point["latency_ms"]["p50"] is not None, where
+                assert point["decode"] == ("msgpack" if name.endswith("msgpack") else "json")
+                assert "bad-answer" not in point["statuses"], (where, point["statuses"])
         # batchwire says how big its batches were.
         assert all(p["mean_batch_size"] >= 1 for p in workload["servers"]["batchwire"]["points"])
 
     report = (out / "report.md").read_text()
-    for name in SERVERS:
+    for name in (*SERVERS, "batchwire-msgpack"):
         assert f"| {name} |" in report
     assert "## Machine and command" in report
     pngs = list(out.glob("*.png"))
