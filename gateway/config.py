@@ -46,6 +46,7 @@ class WorkerLaunchConfig:
     trust_remote_code: bool = False
     pooling: str = "auto"
     normalize: str = "auto"
+    fixed_delay: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
             trust_remote_code=args.trust_remote_code,
             pooling=args.pooling,
             normalize=args.normalize,
+            fixed_delay=args.fixed_delay,
         ),
     )
 

@@ -34,8 +34,6 @@ from protocol.errors import (
 )
 
 OPENAPI_VERSION = "3.0.3"
-#: Routes that answer without an API key (mirrors gateway.app.OPEN_ROUTES).
-OPEN_PATHS = ("/health", "/ready")
 #: Errors a client can see, in the order the docs list them (Cancelled only reaches logs).
 CLIENT_VISIBLE_ERRORS = (BadInput, Unauthorized, NotFound, MethodNotAllowed, BodyTooLarge,
                          UnsupportedMediaType, InvalidParameters, ModelError, WorkerCrashed,
@@ -72,6 +70,14 @@ def _version() -> str:
         return version("batchwire")
     except Exception:  # noqa: BLE001 - not installed (a source checkout on PYTHONPATH)
         return "0.0.0"
+
+
+def open_paths() -> frozenset[str]:
+    """The routes that answer without an API key: gateway.app's own list, read at call time
+    (gateway.app imports this module; by the time a document is built it is loaded)."""
+    from gateway.app import OPEN_ROUTES
+
+    return frozenset(OPEN_ROUTES)
 
 
 def _ref(kind: str, name: str) -> dict:
@@ -336,12 +342,241 @@ def _simple_get(config: GatewayConfig, path: str, *, operation_id: str, summary:
     operation: dict[str, Any] = {"operationId": operation_id, "summary": summary,
                                  "description": description}
     if config.api_key:
-        if path in OPEN_PATHS:
+        if path in open_paths():
             operation["security"] = []
         else:
             responses["401"] = _ref("responses", "Unauthorized")
     operation["responses"] = dict(sorted(responses.items()))
     return operation
+
+
+# -- KServe Open Inference Protocol v2 (gateway/kserve.py) -----------------------------------
+def _v2_error(description: str, *extra_headers: str) -> dict:
+    return {
+        "description": description,
+        "headers": {name: response_header(name) for name in ("X-Request-Id", *extra_headers)},
+        "content": {"application/json": {"schema": _ref("schemas", "V2Error")}},
+    }
+
+
+def _v2_components(config: GatewayConfig) -> tuple[dict, dict]:
+    """(schemas, responses) of the v2 routes."""
+    tensor_fields = {
+        "name": {"type": "string"},
+        "datatype": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": -1}},
+    }
+    schemas = {
+        "V2Error": {
+            "type": "object", "required": ["error"],
+            "properties": {"error": {"type": "string"}},
+            "description": "The protocol's error shape (not batchwire's).",
+        },
+        "V2ServerMetadata": {
+            "type": "object", "required": ["name", "version", "extensions"],
+            "properties": {"name": {"type": "string"}, "version": {"type": "string"},
+                           "extensions": {"type": "array", "items": {"type": "string"}}},
+        },
+        "V2Live": {"type": "object", "required": ["live"],
+                   "properties": {"live": {"type": "boolean", "enum": [True]}}},
+        "V2Ready": {"type": "object", "required": ["ready"],
+                    "properties": {"ready": {"type": "boolean"}}},
+        "V2ModelReady": {"type": "object", "required": ["name", "ready"],
+                         "properties": {"name": {"type": "string"},
+                                        "ready": {"type": "boolean"}}},
+        "V2ModelMetadata": {
+            "type": "object", "required": ["name", "versions", "platform", "inputs", "outputs"],
+            "properties": {
+                "name": {"type": "string"},
+                "versions": {"type": "array", "items": {"type": "string"}, "maxItems": 0},
+                "platform": {"type": "string"},
+                "inputs": {"type": "array", "items": {
+                    "type": "object", "required": ["name", "datatype", "shape"],
+                    "properties": tensor_fields}},
+                "outputs": {"type": "array", "items": {
+                    "type": "object", "required": ["name", "datatype", "shape"],
+                    "properties": tensor_fields}},
+            },
+        },
+        "V2Data": {
+            "type": "array",
+            "description": "The strings, flat or nested row-major.",
+            "items": {"oneOf": [{"type": "string"}, {"$ref": f"{_REF}schemas/V2Data"}]},
+        },
+        "V2InferRequest": {
+            "type": "object",
+            "required": ["inputs"],
+            "additionalProperties": False,
+            "properties": {
+                "id": {"type": "string", "nullable": True,
+                       "description": "Echoed as the answer's id (else X-Request-Id)."},
+                "parameters": {"type": "object", "nullable": True,
+                               "description": "The pipeline's keyword arguments, less the "
+                                              "codec hints content_type and headers."},
+                "inputs": {
+                    "type": "array", "minItems": 1, "maxItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "shape", "datatype", "data"],
+                        "additionalProperties": False,
+                        "description": "One BYTES tensor of n strings: shape [n] or [n, 1], "
+                                       f"1 <= n <= --max-inputs ({config.max_inputs}), each "
+                                       "string not blank.",
+                        "properties": {
+                            "name": {"type": "string"},
+                            "shape": {"type": "array", "minItems": 1, "maxItems": 2,
+                                      "items": {"type": "integer", "minimum": 0}},
+                            "datatype": {"type": "string", "enum": ["BYTES"]},
+                            "parameters": {"type": "object", "nullable": True},
+                            "data": _ref("schemas", "V2Data"),
+                        },
+                    },
+                },
+                "outputs": {
+                    "type": "array", "nullable": True,
+                    "items": {
+                        "type": "object", "required": ["name"],
+                        "properties": {
+                            "name": {"type": "string", "pattern": r"^output(_[0-9]+)?$"},
+                            "parameters": {"type": "object", "nullable": True},
+                        },
+                    },
+                },
+            },
+        },
+        "V2InferResponse": {
+            "type": "object", "required": ["model_name", "id", "outputs"],
+            "properties": {
+                "model_name": {"type": "string"},
+                "id": {"type": "string"},
+                "outputs": {"type": "array", "items": {
+                    "type": "object", "required": ["name", "datatype", "shape", "data"],
+                    "properties": {**tensor_fields, "data": {"type": "array"}},
+                    "description": "Arrays: one FP32/... tensor \"output\" [n, *item_shape] "
+                                   "(or \"output_i\" per item when shapes differ). Anything "
+                                   "else: one BYTES tensor \"output\" [n], each element the "
+                                   "item's /predict JSON as a string.",
+                }},
+            },
+        },
+    }
+    responses = {
+        "V2BadInput": _v2_error("The request is malformed, or the pipeline rejects an input."),
+        "V2NotFound": _v2_error("No such model (or version: there are none)."),
+        "V2BodyTooLarge": _v2_error("The body is over --max-body-bytes."),
+        "V2UnsupportedMediaType": _v2_error("Not application/json."),
+        "V2InvalidParameters": _v2_error("The pipeline refuses the parameters."),
+        "V2ServerError": _v2_error("The model or the gateway failed."),
+        "V2Unavailable": _v2_error("No worker ready (no model known yet), queue full or "
+                                   "draining.", "Retry-After"),
+        "V2DeadlineExceeded": _v2_error("The request's deadline passed."),
+    }
+    return schemas, responses
+
+
+def _v2_operation(config: GatewayConfig, path: str, *, operation_id: str, summary: str,
+                  responses: dict, description: str = "", request_body: dict | None = None,
+                  parameters: list | None = None) -> dict:
+    operation: dict[str, Any] = {"operationId": operation_id, "summary": summary,
+                                 "tags": ["KServe v2"]}
+    if description:
+        operation["description"] = description
+    if parameters:
+        operation["parameters"] = parameters
+    if request_body:
+        operation["requestBody"] = request_body
+    responses = dict(responses)
+    if config.api_key:
+        if path in open_paths():
+            operation["security"] = []
+        else:
+            responses["401"] = _ref("responses", "Unauthorized")
+    operation["responses"] = dict(sorted(responses.items()))
+    return operation
+
+
+def _v2_paths(config: GatewayConfig) -> dict:
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+            "description": "The model's name: the basename of --model, the full model "
+                           "string, or --model-name" +
+                           (f" ({config.model_name})" if config.model_name else "") + "."}
+    version = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+
+    def json_ok(description: str, schema: str) -> dict:
+        return {"description": description,
+                "content": {"application/json": {"schema": _ref("schemas", schema)}}}
+
+    def not_ready(schema: str) -> dict:
+        return {"description": "Not ready: no worker yet, or draining.",
+                "headers": {"Retry-After": response_header("Retry-After")},
+                "content": {"application/json": {"schema": _ref("schemas", schema)}}}
+
+    metadata = _v2_operation(
+        config, "/v2", operation_id="v2_server_metadata", summary="Server metadata",
+        responses={"200": json_ok("Server name, version, extensions (none).",
+                                  "V2ServerMetadata")})
+    unversioned = ("batchwire serves one unversioned model: every versioned path answers "
+                   "404 naming the unversioned one.")
+    unavailable = _ref("responses", "V2Unavailable")
+    not_found = _ref("responses", "V2NotFound")
+    timing = {h: response_header(h) for h in ("X-Request-Id", "X-Batch-Size",
+                                               "X-Queue-Time-Ms", "X-Inference-Time-Ms",
+                                               "Server-Timing")}
+    return {
+        "/v2": {"get": metadata},
+        "/v2/": {"get": {**metadata, "operationId": "v2_server_metadata_slash"}},
+        "/v2/health/live": {"get": _v2_operation(
+            config, "/v2/health/live", operation_id="v2_live", summary="Server liveness",
+            responses={"200": json_ok("Alive.", "V2Live")})},
+        "/v2/health/ready": {"get": _v2_operation(
+            config, "/v2/health/ready", operation_id="v2_ready", summary="Server readiness",
+            responses={"200": json_ok("Ready.", "V2Ready"), "503": not_ready("V2Ready")})},
+        "/v2/models/{name}": {"get": _v2_operation(
+            config, "/v2/models/{name}", operation_id="v2_model_metadata",
+            summary="Model metadata", parameters=[name],
+            responses={"200": json_ok("The model's name, platform, input and output tensors.",
+                                      "V2ModelMetadata"),
+                       "404": not_found, "503": unavailable})},
+        "/v2/models/{name}/ready": {"get": _v2_operation(
+            config, "/v2/models/{name}/ready", operation_id="v2_model_ready",
+            summary="Model readiness", parameters=[name],
+            responses={"200": json_ok("Ready.", "V2ModelReady"),
+                       "404": not_found, "503": not_ready("V2ModelReady")})},
+        "/v2/models/{name}/infer": {"post": _v2_operation(
+            config, "/v2/models/{name}/infer", operation_id="v2_infer", summary="Inference",
+            description="One BYTES tensor of n strings in; each string is one pipeline input "
+                        "(batched like /predict's list), with the same deadlines "
+                        "(X-Timeout-Ms) and timing headers. Errors in the v2 shape.",
+            parameters=[name, _ref("parameters", "X-Timeout-Ms"),
+                        _ref("parameters", "X-Request-Id")],
+            request_body={"required": True, "content": {
+                "application/json": {"schema": _ref("schemas", "V2InferRequest")}}},
+            responses={
+                "200": {**json_ok("One output tensor (or one per item).", "V2InferResponse"),
+                        "headers": timing},
+                "400": _ref("responses", "V2BadInput"), "404": not_found,
+                "413": _ref("responses", "V2BodyTooLarge"),
+                "415": _ref("responses", "V2UnsupportedMediaType"),
+                "422": _ref("responses", "V2InvalidParameters"),
+                "500": _ref("responses", "V2ServerError"), "503": unavailable,
+                "504": _ref("responses", "V2DeadlineExceeded"),
+            })},
+        "/v2/models/{name}/versions/{version}": {"get": _v2_operation(
+            config, "/v2/models/{name}/versions/{version}",
+            operation_id="v2_model_version_metadata", summary="Versioned metadata (none)",
+            description=unversioned, parameters=[name, version],
+            responses={"404": not_found, "503": unavailable})},
+        "/v2/models/{name}/versions/{version}/ready": {"get": _v2_operation(
+            config, "/v2/models/{name}/versions/{version}/ready",
+            operation_id="v2_model_version_ready", summary="Versioned readiness (none)",
+            description=unversioned, parameters=[name, version],
+            responses={"404": not_found, "503": unavailable})},
+        "/v2/models/{name}/versions/{version}/infer": {"post": _v2_operation(
+            config, "/v2/models/{name}/versions/{version}/infer",
+            operation_id="v2_model_version_infer", summary="Versioned inference (none)",
+            description=unversioned, parameters=[name, version],
+            responses={"404": not_found, "503": unavailable})},
+    }
 
 
 def openapi_document(config: GatewayConfig) -> dict:
@@ -440,6 +675,10 @@ def openapi_document(config: GatewayConfig) -> dict:
                 "application/json": {"schema": {"type": "object"}}}}})},
     }
 
+    components = _components(config)
+    v2_schemas, v2_responses = _v2_components(config)
+    components["schemas"].update(v2_schemas)
+    components["responses"].update(v2_responses)
     document: dict[str, Any] = {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -452,11 +691,14 @@ def openapi_document(config: GatewayConfig) -> dict:
                 + _error_codes_table() +
                 "\n\nAny route also answers 404 (not_found) for an unknown path and 405 "
                 "(method_not_allowed, with Allow) for a method it does not take; GET routes "
-                "answer HEAD too."
+                "answer HEAD too.\n\nThe /v2 routes (tag \"KServe v2\") are KServe's Open "
+                "Inference Protocol; they answer errors in that protocol's shape "
+                '`{"error": "message"}`, 404 for any other /v2 path and 405 for a wrong '
+                "method, except the 401 of a missing API key, which comes in batchwire's."
             ),
         },
-        "paths": paths,
-        "components": _components(config),
+        "paths": {**paths, **_v2_paths(config)},
+        "components": components,
     }
     if config.api_key:
         document["security"] = [{"bearerAuth": []}]

@@ -118,6 +118,8 @@ class Supervisor:
         if launch.trust_remote_code:
             argv += ["--trust-remote-code"]
         argv += ["--pooling", launch.pooling, "--normalize", launch.normalize]
+        if launch.fixed_delay:
+            argv += ["--fixed-delay"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHWIRE_")}
         if device == "cpu":
             # Each CPU worker gets its share of the cores; more threads only contend.

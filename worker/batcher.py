@@ -13,6 +13,11 @@ The policy, in one place:
 * Cancelled and expired items are answered as such and never computed.
 * A batch that raises is split in halves and retried, so one bad input fails alone and its
   neighbours still get results. Every submitted item gets exactly one outcome.
+* Adaptive (the worker's default): a batch that is not full waits only when there is
+  evidence of concurrent demand (the last batch held several items, or items arrived while
+  it ran) and arrivals are dense (a moving average of their gaps is under ``max_delay``).
+  A lone request on a quiet worker, or a single client's closed loop, runs at once instead
+  of paying ``max_delay``; under load batches fill as above. ``max_delay`` stays the bound.
 * An out-of-memory error also splits the batch, and lowers the effective batch size to the
   half that is retried, so the worker stops asking the device for what it cannot hold.
 """
@@ -85,6 +90,8 @@ class Batcher:
     classify_error: Callable[[BaseException], BatchwireError] = field(
         default=lambda exc: exc if isinstance(exc, BatchwireError) else ModelError(str(exc))
     )
+    #: Wait for a batch to fill only when arrivals suggest more is coming (see module doc).
+    adaptive: bool = False
     #: Tells an out-of-memory error from other failures (the runner knows torch; we do not).
     is_out_of_memory: Callable[[BaseException], bool] = field(default=lambda exc: False)
     clock: Callable[[], float] = time.monotonic
@@ -101,11 +108,24 @@ class Batcher:
         self._closing = False
         #: Lowered after an out-of-memory error; never above max_batch_size.
         self.effective_batch_size = self.max_batch_size
+        self._last_arrival: float | None = None
+        #: Exponential moving average of the gap between arrivals (None until two arrive).
+        self._gap: float | None = None
+        self._arrived_while_busy = False
+        #: Did the last batch show concurrent demand (several items, or arrivals meanwhile)?
+        self._concurrent = False
         self.batches_run = 0
         self.items_skipped = 0
 
     # -- feeding (called from the I/O loop) -------------------------------------------
     def submit(self, item: WorkItem) -> None:
+        now = self.clock()
+        if self._last_arrival is not None:
+            gap = now - self._last_arrival
+            self._gap = gap if self._gap is None else 0.7 * self._gap + 0.3 * gap
+        self._last_arrival = now
+        if self._busy_since is not None:
+            self._arrived_while_busy = True
         self._queue.append(item)
         self._by_id[item.request_id] = item
         self._wakeup.set()
@@ -159,7 +179,7 @@ class Batcher:
                 continue
             oldest = min(self._queue, key=lambda it: it.admitted_at)
             group = [it for it in self._queue if it.parameter_key == oldest.parameter_key]
-            close_at = oldest.admitted_at + self.max_delay_s
+            close_at = oldest.admitted_at + self._wait_for_more()
             limit = self.effective_batch_size
             if len(group) >= limit or self.clock() >= close_at:
                 group.sort(key=lambda it: it.admitted_at)
@@ -173,6 +193,16 @@ class Batcher:
             except asyncio.TimeoutError:
                 pass
         return []
+
+    def _wait_for_more(self) -> float:
+        """How long the oldest item may wait for the batch to fill."""
+        if not self.adaptive:
+            return self.max_delay_s
+        if not self._concurrent or self._gap is None or self._last_arrival is None:
+            return 0.0  # nothing suggests another item is coming soon
+        # A stream that went quiet counts as slow: the gap so far is at least this long.
+        expected_gap = max(self._gap, self.clock() - self._last_arrival)
+        return self.max_delay_s if expected_gap < self.max_delay_s else 0.0
 
     def _drop_dead_items(self) -> None:
         now = self.clock()
@@ -191,10 +221,12 @@ class Batcher:
         self._queue = alive
 
     async def _execute(self, batch: list[WorkItem]) -> None:
+        self._arrived_while_busy = False
         try:
             await self._run_isolating(batch)
         finally:
             self._busy_since = None
+            self._concurrent = len(batch) > 1 or self._arrived_while_busy
 
     async def _run_isolating(self, batch: list[WorkItem]) -> None:
         loop = asyncio.get_running_loop()

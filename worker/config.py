@@ -38,6 +38,7 @@ class WorkerConfig:
     normalize: bool | None
     curve_server_key: str | None
     curve_secret_key: str | None
+    fixed_delay: bool
     parent_pid: int
     log_level: str
     log_format: str
@@ -66,6 +67,10 @@ def add_model_flags(flags: Flags) -> None:
               "sentence-transformers files declare, else mean)")
     flags.add("--normalize", default="auto", choices=("auto", "yes", "no"),
               help="L2-normalise sentence embeddings (auto: as the model declares)")
+    flags.add("--fixed-delay", action="store_true", default=False,
+              help="always hold a batch that is not full for the whole --max-delay-ms; by "
+              "default a lone request on a quiet worker runs at once and the window is used "
+              "only while more requests are arriving")
     flags.add("--torch-threads", type=int, default=0,
               help="torch intra-op threads per worker (0: torch's default for a lone worker; "
               "serve divides the cores among CPU workers)")
@@ -128,6 +133,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         normalize={"auto": None, "yes": True, "no": False}[args.normalize],
         curve_server_key=args.curve_server_key,
         curve_secret_key=args.curve_secret_key,
+        fixed_delay=args.fixed_delay,
         parent_pid=args.parent_pid,
         log_level=args.log_level,
         log_format=args.log_format,

@@ -68,6 +68,7 @@ class WorkerService:
             on_error=self._send_error,
             classify_error=classify_error,
             is_out_of_memory=is_out_of_memory,
+            adaptive=not config.fixed_delay,
         )
 
     # -- lifecycle ----------------------------------------------------------------------

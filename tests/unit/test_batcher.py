@@ -208,6 +208,7 @@ async def make_batcher():
         max_batch_size: int = 8,
         max_delay: float = 0.05,
         classify_error: Callable[[BaseException], BatchwireError] | None = None,
+        adaptive: bool = False,
     ) -> Harness:
         runner = runner or Runner()
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-inference")
@@ -227,6 +228,7 @@ async def make_batcher():
             max_delay_s=max_delay,
             on_result=on_result,
             on_error=on_error,
+            adaptive=adaptive,
             **extra,
         )
         harness = Harness(batcher, runner, executor)
@@ -867,3 +869,37 @@ async def test_close_finishes_running_batch_but_starts_no_other(make_batcher):
     for it in running:
         assert h.only(it.request_id).output == expected_output(it)
     assert not any(it.request_id in h.outcomes for it in queued)
+
+
+# -- adaptive wait ------------------------------------------------------------------------------
+
+
+async def test_adaptive_lone_requests_on_a_quiet_worker_do_not_wait(make_batcher):
+    """Spaced-out arrivals (a closed loop at C=1): each runs at once, not after max_delay."""
+    h = make_batcher(max_batch_size=8, max_delay=0.5, adaptive=True)
+    for rid in range(4):
+        item = make_item(rid)
+        h.submit(item)
+        await h.answered_all([item])
+        assert h.only(rid).stats.queue_ms < 250, h.only(rid).stats  # far under 500 ms
+
+
+async def test_adaptive_waits_to_fill_while_arrivals_are_dense(make_batcher):
+    h = make_batcher(max_batch_size=4, max_delay=0.3, adaptive=True)
+    dense = [make_item(rid) for rid in range(3)]
+    h.submit(*dense)  # three arrivals close together: short gaps
+    await h.answered_all(dense)
+    # The next lone item is held for company, and one that joins it shares its batch.
+    first, second = make_item(10), make_item(11)
+    h.submit(first)
+    h.submit(second)
+    await h.answered_all([first, second])
+    assert h.only(10).stats.batch_size == 2 and h.only(11).stats.batch_size == 2
+
+
+async def test_fixed_delay_holds_a_lone_item_for_the_whole_window(make_batcher):
+    h = make_batcher(max_batch_size=8, max_delay=0.15, adaptive=False)
+    item = make_item(1)
+    h.submit(item)
+    await h.answered_all([item])
+    assert h.only(1).stats.queue_ms >= 150 - TOL * 1000
