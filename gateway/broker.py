@@ -146,7 +146,6 @@ class Broker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._refused_peers: set[bytes] = set()
-        self.on_worker_change: Callable[[], None] = lambda: None
         #: Called with (pid, reason) when a worker is declared dead or stuck, so the
         #: supervisor can end a local process that may still be hanging around.
         self.on_worker_dead: Callable[[int, str], None] = lambda pid, reason: None
@@ -225,9 +224,6 @@ class Broker:
     @property
     def in_flight(self) -> int:
         return len(self._pending)
-
-    def ready_workers(self) -> list[WorkerHandle]:
-        return list(self.workers.values())
 
     def submit_many(self, inputs: list, parameters: dict, timeout_s: float,
                     embed: bool = False) -> list[PendingRequest]:
@@ -377,7 +373,6 @@ class Broker:
             else:
                 self.requeued += 1
                 self._enqueue(pending, front=True)
-        self.on_worker_change()
         self._dispatch()
 
     def worker_process_exited(self, pid: int, reason: str) -> None:
@@ -398,7 +393,6 @@ class Broker:
             log.info("worker %s ready: pid %d, %s (%s) on %s, capacity %d",
                      ready.worker_id, ready.pid, ready.model, ready.task, ready.device,
                      ready.capacity)
-            self.on_worker_change()
         self._send(identity, Heartbeat())
         self._dispatch()
 

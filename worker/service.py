@@ -57,6 +57,7 @@ class WorkerService:
         self.identity = f"{config.worker_id}/{uuid.uuid4().hex[:8]}".encode()
         self._socket: zmq.asyncio.Socket | None = None
         self._stopping = asyncio.Event()
+        self._stop_reason = ""
         self._last_heard = time.monotonic()
         self._gateway_known = False
         self.batcher = Batcher(
@@ -137,8 +138,6 @@ class WorkerService:
             logging.shutdown()
             os._exit(1)
         self.stop(f"signal {sig.name}")
-
-    _stop_reason = ""
 
     # -- receiving ----------------------------------------------------------------------
     async def _receive_loop(self) -> None:
