@@ -152,8 +152,8 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
             raise
         mapped: BatchwireError
         if exc.status == 404:
-            mapped = NotFound(f"no route {request.method} {request.path}; "
-                              "POST / or /predict, GET /health, /ready or /info")
+            mapped = NotFound(f"no route {request.method} {request.path}; see GET /openapi.json "
+                              "for every route")
         elif exc.status == 405:
             allowed = exc.headers.get("Allow", "")
             mapped = MethodNotAllowed(f"{request.method} is not allowed on {request.path}; "
@@ -220,9 +220,11 @@ def _structured_payload(body: bytes, content_type: str, config: GatewayConfig) -
     if "inputs" not in payload:
         raise BadInput('the body needs "inputs": a string, an object, or a list of them')
     inputs = payload["inputs"]
-    parameters = payload.get("parameters") or {}
+    parameters = payload.get("parameters")
+    parameters = {} if parameters is None else parameters
     if not isinstance(parameters, dict):
-        raise BadInput('"parameters" must be a JSON object of pipeline arguments')
+        raise BadInput(f'"parameters" must be a JSON object of pipeline arguments, not '
+                       f"{_json_type(parameters)}")
     reserved = sorted(k for k in parameters if k.startswith(RESERVED_PARAMETER_PREFIX))
     if reserved:
         raise BadInput(f"parameter names starting with {RESERVED_PARAMETER_PREFIX!r} are "
@@ -337,6 +339,9 @@ async def handle_embeddings(request: web.Request) -> web.Response:
     if unknown:
         raise BadInput(f"unknown field(s) {unknown}; /v1/embeddings takes input, model, "
                        "encoding_format, user")
+    for name in ("model", "user"):
+        if name in payload and not isinstance(payload[name], (str, type(None))):
+            raise BadInput(f'"{name}" must be a string, not {_json_type(payload[name])}')
     if payload.get("encoding_format", "float") != "float":
         raise BadInput('only "encoding_format": "float" is supported')
     if "dimensions" in payload:
@@ -466,6 +471,9 @@ def create_app(config: GatewayConfig, broker: Broker) -> web.Application:
     app.router.add_get("/info", handle_info)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_post("/v1/embeddings", handle_embeddings)
+    from gateway.openapi import make_openapi_handler  # reads this module's tables
+
+    app.router.add_get("/openapi.json", make_openapi_handler(config))
     # Last: the v2 routes take every method under /v2/ (so a wrong one gets a v2-shaped 405).
     kserve.register(app, model_name=config.model_name)
     return app

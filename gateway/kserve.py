@@ -355,7 +355,8 @@ def _parse_outputs(outputs: Any) -> set[str] | None:
         if not _OUTPUT_NAME.fullmatch(output["name"]):
             raise BadInput(f'"outputs"[{i}] asks for {output["name"]!r}; this model\'s output '
                            f'is "{OUTPUT_NAME}" (or "{OUTPUT_NAME}_<i>" per item)')
-        parameters = output.get("parameters") or {}
+        parameters = output.get("parameters")
+        parameters = {} if parameters is None else parameters
         if not isinstance(parameters, dict):
             raise BadInput(f'"outputs"[{i}]["parameters"] must be an object')
         for extension in ("binary_data", "classification"):
@@ -397,7 +398,8 @@ def _parse_request(request: web.Request, body: bytes,
         raise BadInput(f'"inputs" holds {len(inputs)} tensors; this model takes exactly one '
                        "BYTES tensor of n strings")
     texts = _parse_input(inputs[0], max_inputs)
-    parameters = payload.get("parameters") or {}
+    parameters = payload.get("parameters")
+    parameters = {} if parameters is None else parameters
     if not isinstance(parameters, dict):
         raise BadInput(f'"parameters" must be an object of pipeline arguments, not '
                        f"{_kind(parameters)}")
@@ -482,19 +484,20 @@ def register(app: web.Application, *, model_name: str | None = None) -> None:
         ("GET", "/v2/", server_metadata),
         ("GET", "/v2/health/live", server_live),
         ("GET", "/v2/health/ready", server_ready),
-        # Versioned paths first: {name:.+} below would otherwise take "x/versions/1".
-        ("GET", "/v2/models/{name:.+}/versions/{version}/ready", versioned),
-        ("POST", "/v2/models/{name:.+}/versions/{version}/infer", versioned),
-        ("GET", "/v2/models/{name:.+}/versions/{version}", versioned),
+        # Versioned paths first: the name pattern below would otherwise take "x/versions/1".
+        # [\s\S] rather than ".": a name holding a newline must still get a v2-shaped 404.
+        ("GET", "/v2/models/{name:[\\s\\S]+}/versions/{version}/ready", versioned),
+        ("POST", "/v2/models/{name:[\\s\\S]+}/versions/{version}/infer", versioned),
+        ("GET", "/v2/models/{name:[\\s\\S]+}/versions/{version}", versioned),
         # .+ : a full model string may hold slashes (a path, an org/name hub id).
-        ("GET", "/v2/models/{name:.+}/ready", model_ready),
-        ("POST", "/v2/models/{name:.+}/infer", infer),
-        ("GET", "/v2/models/{name:.+}", model_metadata),
+        ("GET", "/v2/models/{name:[\\s\\S]+}/ready", model_ready),
+        ("POST", "/v2/models/{name:[\\s\\S]+}/infer", infer),
+        ("GET", "/v2/models/{name:[\\s\\S]+}", model_metadata),
     ]
     for method, path, handler in routes:
         # Every method: a wrong one is answered 405 in the v2 shape by _v2_route.
         app.router.add_route("*", path, _v2_route(method, handler))
-    app.router.add_route("*", "/v2/{tail:.*}", _v2_route("*", unknown_route))
+    app.router.add_route("*", "/v2/{tail:[\\s\\S]*}", _v2_route("*", unknown_route))
 
 
 __all__ = ["MODEL_NAME", "register"]

@@ -496,10 +496,11 @@ def _v2_operation(config: GatewayConfig, path: str, *, operation_id: str, summar
 
 
 def _v2_paths(config: GatewayConfig) -> dict:
+    model_name = getattr(config, "model_name", None)
     name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
             "description": "The model's name: the basename of --model, the full model "
                            "string, or --model-name" +
-                           (f" ({config.model_name})" if config.model_name else "") + "."}
+                           (f" ({model_name})" if model_name else "") + "."}
     version = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
 
     def json_ok(description: str, schema: str) -> dict:

@@ -214,14 +214,20 @@ class PipelineRunner:
         # "truncation" into tokenize_kwargs), which would corrupt the caller's parameters.
         try:
             return self.pipe(inputs, **copy.deepcopy(parameters), **extra)
-        except TypeError as exc:
-            # Inputs reach us as strings or objects the gateway checked; a TypeError with
-            # parameters set is a parameter of the wrong type (top_k="x" -> torch.topk).
-            if parameters:
-                raise InvalidParameters(
-                    f"the {self.task} pipeline cannot use parameters {parameters}: {exc}; "
-                    "check their types") from None
-            raise
+        except Exception as exc:
+            if not parameters or is_out_of_memory(exc):
+                raise
+            # Blame the parameters only if the same input runs without them (top_k="x",
+            # top_k=-1 ...); otherwise the input is at fault and the error stands. This costs
+            # a second call, on the failure path only.
+            try:
+                self.pipe(inputs, **extra)
+            except Exception:
+                raise exc from None
+            raise InvalidParameters(
+                f"the {self.task} pipeline cannot use parameters {parameters}: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            ) from None
 
     def _check_parameters(self, parameters: dict) -> None:
         sanitize = getattr(self.pipe, "_sanitize_parameters", None)
@@ -240,8 +246,11 @@ class PipelineRunner:
         if tokenizer is None or not all(isinstance(x, str) for x in inputs):
             return [None] * len(inputs)
         kwargs: dict[str, Any] = {}
-        kwargs.update(parameters.get("tokenize_kwargs") or {})
-        kwargs.update(parameters.get("tokenizer_kwargs") or {})
+        for name in ("tokenize_kwargs", "tokenizer_kwargs"):
+            value = parameters.get(name)
+            if value is not None and not isinstance(value, dict):
+                raise InvalidParameters(f"{name} must be an object of tokenizer arguments")
+            kwargs.update(value or {})
         if "truncation" in parameters:
             kwargs["truncation"] = parameters["truncation"]
         try:
