@@ -74,7 +74,8 @@ def machine_section(results: dict) -> list[str]:
     bw = cfg["batchwire"]
     lines.append(f"| per point | {cfg['warmup_s']} s warm-up, then {cfg['duration_s']} s or "
                  f"{cfg['max_requests']} requests, closed loop; {cfg['inputs']} distinct inputs |")
-    lines.append(f"| batchwire | {bw['workers']} worker(s), max batch {bw['max_batch_size']}, "
+    max_batch = bw["max_batch_size"] or "default (8 on cpu)"
+    lines.append(f"| batchwire | {bw['workers']} worker(s), max batch {max_batch}, "
                  f"max delay {bw['max_delay_ms']} ms {bw.get('extra') or ''} |")
     threads = cfg.get("torch_threads")
     default = "each server's default (torch: one per core; batchwire: cores / workers)"

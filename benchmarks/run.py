@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after a server fails, go on with the others (default: yes; "
                    "--quick: no, stop at the first failure)")
     p.add_argument("--bw-workers", type=int, default=1, help="batchwire --workers")
-    p.add_argument("--bw-max-batch-size", type=int, default=32, help="batchwire --max-batch-size")
+    p.add_argument("--bw-max-batch-size", type=int, default=0,
+                   help="batchwire --max-batch-size (0: batchwire's own device default)")
     p.add_argument("--bw-max-delay-ms", type=float, default=2.0, help="batchwire --max-delay-ms")
     p.add_argument("--bw-max-queue", type=int, default=4096, help="batchwire --max-queue")
     p.add_argument("--bw-args", default="", help="extra batchwire serve flags (one string)")
@@ -309,7 +310,8 @@ def server_argv(process: str, model, port: int, args: argparse.Namespace,
         return [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1",
                 "--port", str(port), "--model", model.path, "--task", model.task,
                 "--workers", str(args.bw_workers),
-                "--max-batch-size", str(args.bw_max_batch_size),
+                *(["--max-batch-size", str(args.bw_max_batch_size)]
+                  if args.bw_max_batch_size > 0 else []),
                 "--max-delay-ms", str(args.bw_max_delay_ms),
                 "--max-queue", str(args.bw_max_queue),
                 "--log-level", "WARNING", *threads, *shlex.split(args.bw_args)]

@@ -40,7 +40,8 @@ class WorkerLaunchConfig:
     task: str | None = None
     workers: int = 1
     devices: str = "auto"
-    max_batch_size: int = 32
+    #: None: each worker's device default (worker.config.default_max_batch_size).
+    max_batch_size: int | None = None
     max_delay_ms: float = 2.0
     torch_threads: int = 0
     trust_remote_code: bool = False

@@ -101,7 +101,6 @@ class Supervisor:
             "--connect", self.endpoint,
             "--device", device,
             "--worker-id", f"worker-{index}",
-            "--max-batch-size", str(launch.max_batch_size),
             "--max-delay-ms", str(launch.max_delay_ms),
             "--heartbeat-interval-s", str(heartbeat_s),
             "--batch-timeout-s", str(batch_timeout_s),
@@ -115,6 +114,8 @@ class Supervisor:
             argv += ["--model", launch.model]
         if launch.task:
             argv += ["--task", launch.task]
+        if launch.max_batch_size:
+            argv += ["--max-batch-size", str(launch.max_batch_size)]
         if launch.trust_remote_code:
             argv += ["--trust-remote-code"]
         argv += ["--pooling", launch.pooling, "--normalize", launch.normalize]

@@ -77,5 +77,13 @@ def test_supervisor_argv_parses_with_the_worker_parser(monkeypatch):
 def test_empty_env_values_count_as_unset():
     _, cfg = gateway_config.parse(["serve"], environ={"BATCHWIRE_MAX_BATCH_SIZE": "",
                                                       "BATCHWIRE_API_KEY": "  "})
-    assert cfg.workers.max_batch_size == worker_config.DEFAULT_MAX_BATCH_SIZE
+    assert cfg.workers.max_batch_size is None  # each worker's device default
     assert cfg.gateway.api_key is None
+
+
+def test_max_batch_size_defaults_by_device():
+    cpu = worker_config.parse(["--connect", "ipc:///tmp/x"], environ={})
+    gpu = worker_config.parse(["--connect", "ipc:///tmp/x", "--device", "cuda:0"], environ={})
+    assert (cpu.max_batch_size, cpu.capacity) == (worker_config.DEFAULT_MAX_BATCH_SIZE_CPU,
+                                                  2 * worker_config.DEFAULT_MAX_BATCH_SIZE_CPU)
+    assert gpu.max_batch_size == worker_config.DEFAULT_MAX_BATCH_SIZE_GPU
