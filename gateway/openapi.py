@@ -25,8 +25,8 @@ from protocol.errors import (
     InvalidParameters,
     MethodNotAllowed,
     ModelError,
-    NoWorkers,
     NotFound,
+    NoWorkers,
     Overloaded,
     Unauthorized,
     UnsupportedMediaType,
@@ -80,6 +80,17 @@ def open_paths() -> frozenset[str]:
     return frozenset(OPEN_ROUTES)
 
 
+def _with_security(config: GatewayConfig, path: str, operation: dict, responses: dict) -> dict:
+    """With --api-key, every route but the open ones needs the bearer token (401 without)."""
+    if config.api_key:
+        if path in open_paths():
+            operation["security"] = []
+        else:
+            responses["401"] = _ref("responses", "Unauthorized")
+    operation["responses"] = dict(sorted(responses.items()))
+    return operation
+
+
 def _ref(kind: str, name: str) -> dict:
     return {"$ref": f"{_REF}{kind}/{name}"}
 
@@ -88,7 +99,7 @@ def _error_codes_table() -> str:
     rows = "\n".join(f"| `{cls.code}` | {cls.status} | {(cls.__doc__ or '').strip()} |"
                      for cls in CLIENT_VISIBLE_ERRORS)
     return ("| code | status | meaning |\n| --- | --- | --- |\n" + rows +
-            f"\n| `internal_error` | 500 | an unexpected gateway error (see the server log) |")
+            "\n| `internal_error` | 500 | an unexpected gateway error (see the server log) |")
 
 
 def _components(config: GatewayConfig) -> dict:
@@ -341,13 +352,7 @@ def _simple_get(config: GatewayConfig, path: str, *, operation_id: str, summary:
     responses = dict(responses)
     operation: dict[str, Any] = {"operationId": operation_id, "summary": summary,
                                  "description": description}
-    if config.api_key:
-        if path in open_paths():
-            operation["security"] = []
-        else:
-            responses["401"] = _ref("responses", "Unauthorized")
-    operation["responses"] = dict(sorted(responses.items()))
-    return operation
+    return _with_security(config, path, operation, responses)
 
 
 # -- KServe Open Inference Protocol v2 (gateway/kserve.py) -----------------------------------
@@ -486,13 +491,7 @@ def _v2_operation(config: GatewayConfig, path: str, *, operation_id: str, summar
     if request_body:
         operation["requestBody"] = request_body
     responses = dict(responses)
-    if config.api_key:
-        if path in open_paths():
-            operation["security"] = []
-        else:
-            responses["401"] = _ref("responses", "Unauthorized")
-    operation["responses"] = dict(sorted(responses.items()))
-    return operation
+    return _with_security(config, path, operation, responses)
 
 
 def _v2_paths(config: GatewayConfig) -> dict:

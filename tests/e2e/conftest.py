@@ -73,13 +73,16 @@ def wait_for(predicate, timeout: float, message: str, interval: float = 0.05):
 
 
 async def wait_for_async(predicate, timeout: float, message: str, interval: float = 0.02):
-    """Like wait_for, for async tests: the predicate is a coroutine function, and polling
-    yields to the event loop so the test's own requests keep moving."""
+    """Like wait_for, for async tests: the predicate may be a plain or a coroutine function,
+    and polling yields to the event loop so the test's own requests keep moving."""
     import asyncio
+    import inspect
 
     deadline = time.monotonic() + timeout
     while True:
-        value = await predicate()
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:

@@ -51,6 +51,7 @@ from protocol.messages import (
     Request,
     Result,
 )
+from tests.e2e.conftest import wait_for_async
 
 #: Generous bound on anything that should happen "now": only reached when a test fails.
 WAIT_S = 5.0
@@ -60,14 +61,7 @@ QUIET_HEARTBEAT_S = 60.0
 
 async def wait_until(predicate: Callable[[], Any], what: str, timeout: float = WAIT_S):
     """Poll a condition of the broker's state, yielding to the loop, with a deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
-        await asyncio.sleep(0.005)
+    return await wait_for_async(predicate, timeout, what, interval=0.005)
 
 
 async def outcome(pending: PendingRequest, timeout: float = WAIT_S) -> Any:
