@@ -21,10 +21,11 @@ import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from gateway import kserve
 from gateway.broker import Broker, PendingRequest
 from gateway.config import GatewayConfig
-from gateway import kserve
 from gateway.metrics import GatewayMetrics
+from protocol import codec
 from protocol.errors import (
     BadInput,
     BatchwireError,
@@ -34,7 +35,6 @@ from protocol.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from protocol import codec
 from protocol.messages import PROTOCOL_VERSION, NDArray, Result
 
 log = logging.getLogger("batchwire.gateway")
@@ -198,20 +198,28 @@ def _text_input(body: bytes) -> str:
     return text
 
 
+def load_json_body(body: bytes, example: str) -> Any:
+    """A JSON body, or a 400 that shows ``example`` when it is empty."""
+    if not body.strip():
+        raise BadInput(f"the body is empty; send {example}")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadInput(f"the body is not valid JSON: {exc}") from None
+
+
 def _structured_payload(body: bytes, content_type: str, config: GatewayConfig) -> tuple[Any, dict]:
     """``{"inputs", "parameters"}`` from a JSON or msgpack body, validated."""
-    if not body.strip():
-        raise BadInput('the body is empty; send {"inputs": "...", "parameters": {...}}')
+    example = '{"inputs": "...", "parameters": {...}}'
     if content_type == MSGPACK_TYPE:
+        if not body.strip():
+            raise BadInput(f"the body is empty; send {example}")
         try:
             payload = codec.decode_client(body, config.max_body_bytes)
         except ValueError as exc:
             raise BadInput(f"the body is not valid msgpack: {exc}") from None
     else:
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise BadInput(f"the body is not valid JSON: {exc}") from None
+        payload = load_json_body(body, example)
     if not isinstance(payload, dict):
         raise BadInput('the body must be a JSON object like {"inputs": "...", "parameters": {}}')
     unknown = sorted(set(payload) - {"inputs", "parameters"})
@@ -224,7 +232,7 @@ def _structured_payload(body: bytes, content_type: str, config: GatewayConfig) -
     parameters = {} if parameters is None else parameters
     if not isinstance(parameters, dict):
         raise BadInput(f'"parameters" must be a JSON object of pipeline arguments, not '
-                       f"{_json_type(parameters)}")
+                       f"{json_type(parameters)}")
     reserved = sorted(k for k in parameters if k.startswith(RESERVED_PARAMETER_PREFIX))
     if reserved:
         raise BadInput(f"parameter names starting with {RESERVED_PARAMETER_PREFIX!r} are "
@@ -241,13 +249,15 @@ def _structured_payload(body: bytes, content_type: str, config: GatewayConfig) -
             if not item.strip():
                 raise BadInput(f"{where} is an empty string; send text to run the model on")
         elif not isinstance(item, dict):
-            raise BadInput(f"{where} must be a string or an object, not {_json_type(item)}")
+            raise BadInput(f"{where} must be a string or an object, not {json_type(item)}")
     return inputs, parameters
 
 
-def _json_type(value: Any) -> str:
-    return {bool: "a boolean", int: "a number", float: "a number", list: "a list",
-            type(None): "null"}.get(type(value), type(value).__name__)
+def json_type(value: Any) -> str:
+    """How a client would name this JSON value's type, for error messages."""
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "an object", type(None): "null"}.get(type(value),
+                                                                        type(value).__name__)
 
 
 def _timeout_s(request: web.Request) -> float:
@@ -327,12 +337,7 @@ async def handle_embeddings(request: web.Request) -> web.Response:
     if request.content_type not in (JSON_TYPE, "application/octet-stream", ""):
         raise UnsupportedMediaType(f"POST /v1/embeddings reads application/json, not "
                                    f"{request.content_type}")
-    if not body.strip():
-        raise BadInput('the body is empty; send {"input": "text" or ["text", ...]}')
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadInput(f"the body is not valid JSON: {exc}") from None
+    payload = load_json_body(body, '{"input": "text" or ["text", ...]}')
     if not isinstance(payload, dict) or "input" not in payload:
         raise BadInput('the body must be a JSON object with "input": a string or a list of them')
     unknown = sorted(set(payload) - {"input", "model", "encoding_format", "user", "dimensions"})
@@ -341,7 +346,7 @@ async def handle_embeddings(request: web.Request) -> web.Response:
                        "encoding_format, user")
     for name in ("model", "user"):
         if name in payload and not isinstance(payload[name], (str, type(None))):
-            raise BadInput(f'"{name}" must be a string, not {_json_type(payload[name])}')
+            raise BadInput(f'"{name}" must be a string, not {json_type(payload[name])}')
     if payload.get("encoding_format", "float") != "float":
         raise BadInput('only "encoding_format": "float" is supported')
     if "dimensions" in payload:

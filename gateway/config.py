@@ -6,8 +6,8 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from protocol.logs import LOG_FORMATS
 from protocol.flags import Flags, non_negative_float, positive_float, positive_int
+from protocol.logs import add_logging_flags
 from worker.config import add_model_flags
 
 
@@ -81,9 +81,7 @@ def _add_gateway_flags(flags: Flags, *, serve: bool) -> None:
               "requests are requeued and it is replaced")
     flags.add("--debug", action="store_true", default=False,
               help="include tracebacks of internal errors in responses")
-    flags.add("--log-level", default="INFO", help="logging level")
-    flags.add("--log-format", default="text", choices=LOG_FORMATS,
-              help="text for people, json for log pipelines (one object per line)")
+    add_logging_flags(flags)
     flags.add("--curve-secret-key", default=None,
               help="the gateway's CURVE .key_secret file (batchwire keygen): encrypt and "
               "authenticate the worker link")

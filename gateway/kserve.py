@@ -73,7 +73,6 @@ from collections.abc import Awaitable, Callable
 from importlib import metadata
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 # Module import, attributes read at request time: create_app may import this module while
@@ -266,16 +265,10 @@ async def unknown_route(request: web.Request, tail: str) -> web.Response:
 
 
 # -- inference -----------------------------------------------------------------------------
-def _kind(value: Any) -> str:
-    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
-            list: "a list", dict: "an object", type(None): "null"}.get(type(value),
-                                                                        type(value).__name__)
-
-
 def _flatten(data: Any, where: str) -> list:
     """Nested row-major data, flat. A loop, not recursion: JSON nests up to 1024 deep."""
     if not isinstance(data, list):
-        raise BadInput(f"{where} must be a list of strings, not {_kind(data)}")
+        raise BadInput(f"{where} must be a list of strings, not {bw.json_type(data)}")
     flat: list = []
     stack = [iter(data)]
     while stack:
@@ -292,7 +285,7 @@ def _flatten(data: Any, where: str) -> list:
 def _parse_input(tensor: Any, max_inputs: int) -> list[str]:
     if not isinstance(tensor, dict):
         raise BadInput(f'"inputs"[0] must be an object {{"name", "shape", "datatype", "data"}},'
-                       f" not {_kind(tensor)}")
+                       f" not {bw.json_type(tensor)}")
     missing = [k for k in ("name", "shape", "datatype", "data") if k not in tensor]
     if missing:
         raise BadInput(f'"inputs"[0] lacks {missing}; send {{"name": "{INPUT_NAME}", '
@@ -303,14 +296,14 @@ def _parse_input(tensor: Any, max_inputs: int) -> list[str]:
                        f"{sorted(_INPUT_FIELDS)}")
     name = tensor["name"]
     if not isinstance(name, str):
-        raise BadInput(f'"inputs"[0]["name"] must be a string, not {_kind(name)}')
+        raise BadInput(f'"inputs"[0]["name"] must be a string, not {bw.json_type(name)}')
     where = f"input {name!r}"
     if tensor["datatype"] != "BYTES":
         raise BadInput(f"{where} has datatype {tensor['datatype']!r}; this model takes text: "
                        'send it as datatype "BYTES" with one string per element')
     parameters = tensor.get("parameters")
     if parameters is not None and not isinstance(parameters, dict):
-        raise BadInput(f'{where}: "parameters" must be an object, not {_kind(parameters)}')
+        raise BadInput(f'{where}: "parameters" must be an object, not {bw.json_type(parameters)}')
     if parameters and "binary_data_size" in parameters:
         raise BadInput(f"{where} uses the binary tensor data extension, which this server "
                        'does not support; send the strings in "data" as JSON')
@@ -333,7 +326,7 @@ def _parse_input(tensor: Any, max_inputs: int) -> list[str]:
                        f"{max_inputs} per request (--max-inputs)")
     for i, text in enumerate(data):
         if not isinstance(text, str):
-            raise BadInput(f'{where}: "data"[{i}] is {_kind(text)}; BYTES data are strings, '
+            raise BadInput(f'{where}: "data"[{i}] is {bw.json_type(text)}; BYTES data are strings, '
                            "one text per element")
         if not text.strip():
             raise BadInput(f'{where}: "data"[{i}] is an empty string; send text to run the '
@@ -346,7 +339,7 @@ def _parse_outputs(outputs: Any) -> set[str] | None:
         return None
     if not isinstance(outputs, list):
         raise BadInput(f'"outputs" must be a list of {{"name": ...}} objects, not '
-                       f"{_kind(outputs)}")
+                       f"{bw.json_type(outputs)}")
     names = set()
     for i, output in enumerate(outputs):
         if not isinstance(output, dict) or not isinstance(output.get("name"), str):
@@ -373,23 +366,18 @@ def _parse_request(request: web.Request, body: bytes,
     if "Inference-Header-Content-Length" in request.headers:
         raise BadInput("the binary tensor data extension is not supported; send the whole "
                        "request as JSON")
-    if not body.strip():
-        raise BadInput('the body is empty; send {"inputs": [{"name": "text", "shape": [1], '
-                       '"datatype": "BYTES", "data": ["..."]}]}')
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadInput(f"the body is not valid JSON: {exc}") from None
+    payload = bw.load_json_body(body, '{"inputs": [{"name": "text", "shape": [1], '
+                                      '"datatype": "BYTES", "data": ["..."]}]}')
     if not isinstance(payload, dict):
         raise BadInput(f"the body must be a JSON object (an inference request), not "
-                       f"{_kind(payload)}")
+                       f"{bw.json_type(payload)}")
     unknown = sorted(set(payload) - _REQUEST_FIELDS)
     if unknown:
         raise BadInput(f"unknown field(s) {unknown}; an inference request takes "
                        f"{sorted(_REQUEST_FIELDS)}")
     request_id = payload.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise BadInput(f'"id" must be a string, not {_kind(request_id)}')
+        raise BadInput(f'"id" must be a string, not {bw.json_type(request_id)}')
     inputs = payload.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise BadInput('"inputs" must be a list holding one input tensor: [{"name": "text", '
@@ -402,7 +390,7 @@ def _parse_request(request: web.Request, body: bytes,
     parameters = {} if parameters is None else parameters
     if not isinstance(parameters, dict):
         raise BadInput(f'"parameters" must be an object of pipeline arguments, not '
-                       f"{_kind(parameters)}")
+                       f"{bw.json_type(parameters)}")
     if parameters.get("binary_data_output"):
         raise BadInput('"binary_data_output" asks for the binary tensor data extension, which '
                        "this server does not support")

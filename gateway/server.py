@@ -9,7 +9,6 @@ import signal
 import tempfile
 
 import zmq
-
 from aiohttp import web
 
 from gateway.app import SUPERVISOR, AccessLogger, create_app

@@ -10,6 +10,13 @@ import time
 LOG_FORMATS = ("text", "json")
 
 
+def add_logging_flags(flags) -> None:
+    """--log-level and --log-format, the same for every batchwire process."""
+    flags.add("--log-level", default="INFO", help="logging level")
+    flags.add("--log-format", default="text", choices=LOG_FORMATS,
+              help="text for people, json for log pipelines (one object per line)")
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, process_name: str):
         super().__init__()

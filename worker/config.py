@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from protocol.logs import LOG_FORMATS
 from protocol.flags import Flags, non_negative_float, positive_float, positive_int
+from protocol.logs import add_logging_flags
 
 #: CPU throughput peaks at small batches (measured: fill-mask best at 4-8, 15 % lower at 32;
 #: padding and attention grow with the batch's longest input); a GPU wants bigger ones.
@@ -112,9 +112,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     flags.add("--curve-secret-key", default=None,
               help="this worker's .key_secret file (default with --curve-server-key: a fresh "
               "key pair, which a gateway with --curve-authorized-keys will refuse)")
-    flags.add("--log-level", default="INFO", help="logging level")
-    flags.add("--log-format", default="text", choices=LOG_FORMATS,
-              help="text for people, json for log pipelines")
+    add_logging_flags(flags)
     add_model_flags(flags)
     parser.epilog = "Every flag reads its default from the environment variable named beside it."
     return parser
