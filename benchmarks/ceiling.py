@@ -168,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--inputs", type=int, default=512, help="distinct inputs to cycle")
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="limit for --workload mixed (default: the model's)")
+    parser.add_argument("--min-tokens", type=int, default=None,
+                        help="shortest input for --workload mixed, special tokens included "
+                        "(default: 5 words)")
     parser.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)))
     parser.add_argument("--seconds-per-size", type=float, default=2.0)
     parser.add_argument("--max-items-per-size", type=int, default=2048)
@@ -186,13 +189,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pathlib import Path
 
         max_tokens = _max_tokens(Path(args.model))
-    inputs = make_inputs(args.workload, args.inputs, task=args.task, max_tokens=max_tokens)
+    inputs = make_inputs(args.workload, args.inputs, task=args.task, max_tokens=max_tokens,
+                         min_tokens=args.min_tokens)
     report = run(args.model, args.task, inputs,
                  batch_sizes=[int(x) for x in args.batch_sizes.split(",") if x.strip()],
                  seconds_per_size=args.seconds_per_size,
                  max_items_per_size=args.max_items_per_size, with_json=not args.no_json,
                  pooling=None if args.pooling == "none" else args.pooling)
     report["workload"] = args.workload
+    if args.workload == "mixed":
+        report["input_tokens"] = [args.min_tokens, max_tokens]
     text = json.dumps(report, indent=2)
     if args.json_out:
         with open(args.json_out, "w") as fh:

@@ -10,9 +10,29 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SERVER_ORDER = ("batchwire", "batchwire-msgpack", "guide", "guide-batching")
-COLORS = {"batchwire": "tab:blue", "batchwire-msgpack": "tab:cyan", "guide": "tab:red",
-          "guide-batching": "tab:orange"}
+SERVER_ORDER = ("batchwire", "batchwire-count", "batchwire-msgpack", "guide", "guide-batching")
+COLORS = {"batchwire": "tab:blue", "batchwire-count": "tab:green",
+          "batchwire-msgpack": "tab:cyan", "guide": "tab:red", "guide-batching": "tab:orange"}
+#: Colours for --bw-variant rows, in the order they appear.
+EXTRA_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:gray")
+#: The baseline of the token-aware batching table (issue 7).
+COUNT_ROW = "batchwire-count"
+
+
+def ordered_rows(servers: dict) -> list[str]:
+    """Result rows in report order: batchwire's rows (its batching variants among them),
+    then the guide's."""
+    known = [s for s in SERVER_ORDER if s in servers]
+    extra = [s for s in servers if s not in SERVER_ORDER]
+    return ([s for s in known if s.startswith("batchwire")] + extra
+            + [s for s in known if not s.startswith("batchwire")])
+
+
+def _color(name: str, servers: dict) -> str | None:
+    if name in COLORS:
+        return COLORS[name]
+    extra = [s for s in servers if s not in COLORS]
+    return EXTRA_COLORS[extra.index(name) % len(EXTRA_COLORS)]
 
 
 def _fmt(x: Any, digits: int = 1) -> str:
@@ -77,6 +97,11 @@ def machine_section(results: dict) -> list[str]:
     max_batch = bw["max_batch_size"] or "default (8 on cpu)"
     lines.append(f"| batchwire | {bw['workers']} worker(s), max batch {max_batch}, "
                  f"max delay {bw['max_delay_ms']} ms {bw.get('extra') or ''} |")
+    variants = bw.get("variants") or {}
+    if variants:
+        lines.append("| batchwire batching variants | "
+                     + "; ".join(f"`{name}`: + `{' '.join(flags)}`"
+                                 for name, flags in variants.items()) + " |")
     threads = cfg.get("torch_threads")
     default = "each server's default (torch: one per core; batchwire: cores / workers)"
     lines.append(f"| torch threads | {threads or default}"
@@ -148,7 +173,7 @@ def server_table(workload: dict) -> list[str]:
              "load avg 1 min |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
     servers = workload["servers"]
-    for name in [s for s in SERVER_ORDER if s in servers]:
+    for name in ordered_rows(servers):
         entry = servers[name]
         if not entry.get("points") and entry.get("error"):
             lines.append(f"| {name} | failed | | | | | | | | | "
@@ -182,8 +207,8 @@ def server_table(workload: dict) -> list[str]:
         lines[-1] += (" Every answer was parsed by the load generator (see each server's "
                       "request below) inside its timed request; `bad-answer` counts 200s that "
                       "did not parse or had the wrong shape.")
-    requests = [(name, servers[name].get("request")) for name in SERVER_ORDER
-                if name in servers and servers[name].get("request")]
+    requests = [(name, servers[name].get("request")) for name in ordered_rows(servers)
+                if servers[name].get("request")]
     if requests:
         lines += [""] + [f"- `{name}`: {how}" for name, how in requests]
     return lines
@@ -242,6 +267,83 @@ def ratio_lines(workload: dict) -> list[str]:
     return out
 
 
+def _batching_rows(servers: dict) -> list[str]:
+    """batchwire's JSON rows that differ in batching: ``batchwire`` and its variants."""
+    return [s for s in ordered_rows(servers)
+            if s == "batchwire" or s == COUNT_ROW or servers[s].get("variant_flags")]
+
+
+def _batching_note(name: str, entry: dict) -> str:
+    flags = entry.get("variant_flags")
+    how = (f"the run's batchwire flags + `{' '.join(flags)}`" if flags
+           else "batchwire's own batching (token-aware by default: a token budget and length "
+           "buckets), with the run's batchwire flags")
+    info = entry.get("batching")
+    if info:
+        settings = "; ".join(", ".join(f"{k} {v}" for k, v in w.items()) for w in info)
+        how += f"; its workers report (`GET /info`): {settings}"
+    return f"- `{name}`: {how}."
+
+
+def batching_table(workload: dict) -> list[str]:
+    """Token-aware (``batchwire``) against count-only (``batchwire-count``) batching, and
+    the guide's rows, point by point on the same inputs: issue 7's comparison."""
+    servers = workload["servers"]
+    bw_rows = _batching_rows(servers)
+    if "batchwire" not in servers or len(bw_rows) < 2:
+        return []
+    rows = bw_rows + [s for s in ("guide", "guide-batching") if s in servers]
+    count, guide = servers.get(COUNT_ROW), servers.get("guide")
+    cs = sorted({p["concurrency"] for name in rows for p in _closed_points(servers[name])})
+    lines = ["| C | server | req/s | × count-only | × guide | p50 ms | p99 ms | "
+             "p99 × count-only | mean batch | statuses |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for c in cs:
+        base, g = _point_at(count, c), _point_at(guide, c)
+        for name in rows:
+            p = _point_at(servers[name], c)
+            if p is None:
+                error = servers[name].get("error")
+                lines.append(f"| {c} | {name} | failed | | | | | | | "
+                             f"{error.splitlines()[0] if error else 'not measured'} |")
+                continue
+            lat = p["latency_ms"]
+            p99_ratio = (_ratio(lat["p99"], base["latency_ms"]["p99"])
+                         if base and lat["p99"] is not None else None)
+            lines.append(
+                f"| {c} | {name} | {_fmt(p['throughput_rps'])} | "
+                f"{_fmt(_ratio(p['throughput_rps'], base and base['throughput_rps']), 2)} | "
+                f"{_fmt(_ratio(p['throughput_rps'], g and g['throughput_rps']), 2)} | "
+                f"{_fmt(lat['p50'])} | {_fmt(lat['p99'])} | {_fmt(p99_ratio, 2)} | "
+                f"{_fmt(p.get('mean_batch_size'))} | {_statuses(p)} |")
+    lines += ["", "× count-only and × guide: this row's requests/s over `batchwire-count`'s "
+              "and the guide's at the same concurrency, in this run; p99 × count-only below 1 "
+              "is a lower tail. Mean batch: items per batch as batchwire reports it "
+              "(X-Batch-Size). Batching of each batchwire row:", ""]
+    lines += [_batching_note(name, servers[name]) for name in bw_rows]
+    summary = []
+    for c in cs:
+        t, b, g = _point_at(servers["batchwire"], c), _point_at(count, c), _point_at(guide, c)
+        if not t:
+            continue
+        parts = []
+        if b and b["throughput_rps"]:
+            parts.append(f"token-aware = {t['throughput_rps'] / b['throughput_rps']:.2f} × "
+                         f"count-only throughput")
+            if t["latency_ms"]["p99"] is not None and b["latency_ms"]["p99"]:
+                parts.append(f"p99 {t['latency_ms']['p99']:.0f} vs "
+                             f"{b['latency_ms']['p99']:.0f} ms "
+                             f"({t['latency_ms']['p99'] / b['latency_ms']['p99']:.2f} ×)")
+        if g and g["throughput_rps"]:
+            parts.append(f"{t['throughput_rps'] / g['throughput_rps']:.2f} × the guide's "
+                         f"throughput")
+        if parts:
+            summary.append(f"- C={c}: " + "; ".join(parts) + ".")
+    if summary:
+        lines += [""] + summary
+    return lines
+
+
 def plot_workload(workload: dict, path: Path) -> Path | None:
     import matplotlib
 
@@ -258,14 +360,14 @@ def plot_workload(workload: dict, path: Path) -> Path | None:
     panels = (("throughput_rps", "throughput (requests/s)"), ("p50", "p50 latency (ms)"),
               ("p99", "p99 latency (ms)"))
     for ax, (key, title) in zip(axes, panels):
-        for name in [s for s in SERVER_ORDER if s in servers]:
+        for name in ordered_rows(servers):
             pts = _closed_points(servers[name])
             xs = [p["concurrency"] for p in pts]
             ys = [p[key] if key == "throughput_rps" else p["latency_ms"][key] for p in pts]
             pairs = [(x, y) for x, y in zip(xs, ys) if y is not None]
             if pairs:
                 ax.plot(*zip(*pairs), marker="o", label=servers[name].get("label", name),
-                        color=COLORS.get(name))
+                        color=_color(name, servers))
         ax.set_xscale("log", base=2)
         ax.set_xticks(concurrencies)
         ax.xaxis.set_major_formatter(ScalarFormatter())
@@ -313,12 +415,18 @@ def render_markdown(results: dict, plots: dict[str, Path]) -> str:
                   f"Model `{m['key']}`: {m['description']} ({m['task']}, "
                   f"max {m['max_tokens']} tokens). Inputs: {w['inputs']} distinct texts of "
                   f"{w['input_words']['min']}-{w['input_words']['max']} words "
-                  f"(mean {w['input_words']['mean']})"
+                  f"(mean {w['input_words']['mean']}"
+                  + (f"; {w['input_tokens']['min']}-{w['input_tokens']['max']} tokens with "
+                     f"[CLS] and [SEP], mean {w['input_tokens']['mean']}"
+                     if w.get("input_tokens") else "") + ")"
                   + (", sent raw to `POST /`." if w.get("answer", "fill-mask") == "fill-mask"
                      else "; requests as listed under the servers table."), "",
                   "### Ceiling: the raw pipeline in one process", ""]
         lines += ceiling_table(w.get("ceiling"))
         lines += ["", "### Servers", ""] + server_table(w)
+        batching = batching_table(w)
+        if batching:
+            lines += ["", "### Token-aware vs count-only batching", ""] + batching
         ratios = ratio_lines(w)
         if ratios:
             lines += ["", "### Ratios", ""] + ratios

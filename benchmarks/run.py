@@ -17,6 +17,19 @@ parsed by the load generator as a client would (``json.loads``; ``msgpack.unpack
 ``numpy.frombuffer`` for arrays) and its shape checked, so the client's side of each
 format is paid alike; a 200 that does not parse or check counts as ``bad-answer``.
 
+Batching variants are batchwire processes of their own, started with the run's batchwire
+flags plus the variant's, and measured on the same inputs as ``batchwire`` (JSON answers):
+
+* ``batchwire-count``: count-only batching, ``--max-batch-tokens 0 --no-length-buckets``
+  (no token budget, no length buckets), against ``batchwire``'s token-aware default
+  (issue 7). The ``*-mixed400`` workloads (5-400 tokens, run only when named) have it by
+  default; any other workload when ``--servers`` names it.
+* ``--bw-variant NAME='FLAGS'`` (repeatable) adds a row ``batchwire-NAME`` to every workload,
+  e.g. ``--bw-variant tok2k='--max-batch-tokens 2048'`` to compare token budgets.
+
+Where a workload has ``batchwire`` and ``batchwire-count``, the report adds a table of the
+two (and the guide) point by point: throughput, p50, p99 and their ratios.
+
 Workload kinds (``Workload.answer``):
 
 * ``fill-mask``: raw text to ``POST /`` on every server;
@@ -54,6 +67,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -74,6 +88,7 @@ DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
 SERVER_SPECS = {
     "batchwire": ("batchwire", "json"),
     "batchwire-msgpack": ("batchwire", "msgpack"),
+    "batchwire-count": ("batchwire-count", "json"),
     "guide": ("guide", "json"),
     "guide-batching": ("guide-batching", "json"),
 }
@@ -81,10 +96,19 @@ SERVERS = tuple(SERVER_SPECS)
 SERVER_LABELS = {
     "batchwire": "batchwire",
     "batchwire-msgpack": "batchwire, msgpack answers",
+    "batchwire-count": "batchwire, count-only batching (no token budget, no length buckets)",
     "guide": "guide reference (Starlette, per request)",
     "guide-batching": "guide batching variant (1 ms drain)",
 }
+#: Batchwire batching variants: process name -> the flags added after the run's batchwire
+#: flags (argparse keeps the last of a repeated flag, so these win over --bw-args).
+BW_VARIANTS = {"batchwire-count": ("--max-batch-tokens", "0", "--no-length-buckets")}
 JSON_ROWS = ("batchwire", "guide", "guide-batching")
+#: Where answers are arrays, batchwire is also asked for msgpack.
+ARRAY_ROWS = ("batchwire", "batchwire-msgpack", "guide", "guide-batching")
+#: Issue 7's rows: token-aware (batchwire's default) and count-only batching, and the guide.
+TOKEN_ROWS = ("batchwire", "batchwire-count", "guide", "guide-batching")
+MIXED400_TOKENS = (5, 400)
 
 
 @dataclass(frozen=True)
@@ -95,8 +119,22 @@ class Workload:
     description: str
     #: fill-mask | tokens (token-level feature-extraction) | embeddings (pooled vectors)
     answer: str = "fill-mask"
-    #: The result rows this workload has (msgpack only where answers are arrays).
+    #: The result rows this workload runs by default (msgpack only where answers are
+    #: arrays). ``--servers`` may also name the batchwire batching variants.
     servers: tuple[str, ...] = JSON_ROWS
+    #: ``mixed`` only: (shortest, longest) input in tokens, special tokens included
+    #: (None: 5 words up to the model's limit).
+    tokens: tuple[int, int] | None = None
+
+    def input_tokens(self, model_max_tokens: int) -> tuple[int | None, int]:
+        """(min_tokens, max_tokens) for :func:`benchmarks.workloads.make_inputs`."""
+        if self.tokens is None:
+            return None, model_max_tokens
+        lo, hi = self.tokens
+        if hi > model_max_tokens:
+            raise SystemExit(f"{self.name}: {hi} tokens is past the model's limit "
+                             f"({model_max_tokens})")
+        return lo, hi
 
 
 WORKLOADS = {
@@ -115,15 +153,26 @@ WORKLOADS = {
                  "512-token limit", answer="embeddings"),
         Workload("feature-extraction-minilm-varied", "minilm-features", "varied",
                  "token-level feature-extraction (all-MiniLM-L6-v2): [1, tokens, 384] float "
-                 "answers, sentences of 5-40 words", answer="tokens", servers=SERVERS),
+                 "answers, sentences of 5-40 words", answer="tokens", servers=ARRAY_ROWS),
         Workload("feature-extraction-minilm-mixed", "minilm-features", "mixed",
                  "token-level feature-extraction (all-MiniLM-L6-v2), lengths spread up to "
-                 "the 512-token limit", answer="tokens", servers=SERVERS),
+                 "the 512-token limit", answer="tokens", servers=ARRAY_ROWS),
+        # Issue 7 (token-aware batching): lengths spread evenly over 5-400 tokens, where
+        # padding a batch to its longest input costs the most; batchwire's token-aware default
+        # against its count-only batching, on the same inputs.
+        Workload("fill-mask-minilm-mixed400", "minilm-fill-mask", "mixed",
+                 "fill-mask on a MiniLM-sized BERT, lengths spread evenly over 5-400 tokens: "
+                 "token-aware against count-only batching (issue 7)",
+                 servers=TOKEN_ROWS, tokens=MIXED400_TOKENS),
+        Workload("embeddings-minilm-mixed400", "minilm-features", "mixed",
+                 "sentence embeddings (all-MiniLM-L6-v2), lengths spread evenly over 5-400 "
+                 "tokens: token-aware against count-only batching (issue 7)",
+                 answer="embeddings", servers=TOKEN_ROWS, tokens=MIXED400_TOKENS),
         Workload("fill-mask-tiny-varied", "tiny-fill-mask", "varied",
                  "the tiny random fill-mask model: the servers' own overhead"),
         Workload("feature-extraction-tiny-varied", "tiny-features", "varied",
                  "token-level feature-extraction on the tiny random model ([1, tokens, 32] "
-                 "floats): the answer path's own overhead", answer="tokens", servers=SERVERS),
+                 "floats): the answer path's own overhead", answer="tokens", servers=ARRAY_ROWS),
     )
 }
 #: Earlier names, still accepted by --workloads.
@@ -131,7 +180,12 @@ WORKLOAD_ALIASES = {
     "features-minilm-varied": "feature-extraction-minilm-varied",
     "features-minilm-mixed": "feature-extraction-minilm-mixed",
 }
-DEFAULT_WORKLOADS = tuple(w for w in WORKLOADS if w != "feature-extraction-tiny-varied")
+#: Issue 7's comparison runs only when named: at 5-400 tokens a CPU answers a few requests a
+#: second, so its points need longer durations and grace than the suite's defaults (see
+#: docs/benchmarks.md for the command).
+OPT_IN_WORKLOADS = ("feature-extraction-tiny-varied", "fill-mask-minilm-mixed400",
+                    "embeddings-minilm-mixed400")
+DEFAULT_WORKLOADS = tuple(w for w in WORKLOADS if w not in OPT_IN_WORKLOADS)
 QUICK_WORKLOADS = ("fill-mask-tiny-varied", "feature-extraction-tiny-varied")
 #: --quick trims its token-level check to one batchwire process (JSON and msgpack answers)
 #: at the highest concurrency: one server start instead of three keeps --quick near a minute.
@@ -158,10 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
     p.add_argument("--workloads", type=_csv, default=None,
                    help=f"comma list of {', '.join(WORKLOADS)} (default: all but "
-                   f"feature-extraction-tiny-varied; --quick: {', '.join(QUICK_WORKLOADS)})")
-    p.add_argument("--servers", type=_csv, default=list(SERVERS),
-                   help=f"comma list of {', '.join(SERVERS)} (default: all; each workload "
-                   "runs those it has: batchwire-msgpack only where answers are arrays)")
+                   f"{', '.join(OPT_IN_WORKLOADS)}; --quick: {', '.join(QUICK_WORKLOADS)})")
+    p.add_argument("--servers", type=_csv, default=None,
+                   help=f"comma list of {', '.join(SERVERS)} (default: each workload's own "
+                   "rows: batchwire-msgpack only where answers are arrays, batchwire-count "
+                   "only on the *-mixed400 workloads). A named row runs on every workload "
+                   "that can have it: batchwire-count on all, batchwire-msgpack where "
+                   "answers are arrays")
     p.add_argument("--concurrency", type=_csv_ints, default=None,
                    help="closed-loop client counts (default 1,8,32,64,128; --quick 1,8)")
     p.add_argument("--rates", type=_csv_floats, default=[],
@@ -195,7 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batchwire --max-batch-size (0: batchwire's own device default)")
     p.add_argument("--bw-max-delay-ms", type=float, default=2.0, help="batchwire --max-delay-ms")
     p.add_argument("--bw-max-queue", type=int, default=4096, help="batchwire --max-queue")
-    p.add_argument("--bw-args", default="", help="extra batchwire serve flags (one string)")
+    p.add_argument("--bw-args", default="",
+                   help="extra batchwire serve flags (one string), for every batchwire process "
+                   "(batching variants included)")
+    p.add_argument("--bw-variant", action="append", default=[], metavar="NAME=FLAGS",
+                   help="add a result row batchwire-NAME on every workload: a batchwire process "
+                   "of its own with the batchwire flags plus FLAGS (one string), e.g. "
+                   "tok2k='--max-batch-tokens 2048'. Repeatable. (batchwire-count is built in: "
+                   f"{' '.join(BW_VARIANTS['batchwire-count'])})")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch intra-op threads for every server and the ceiling alike "
                    "(OMP_NUM_THREADS, and batchwire's --torch-threads); 0: each one's default "
@@ -239,9 +303,23 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     unknown = [w for w in args.workloads if w not in WORKLOADS]
     if unknown:
         raise SystemExit(f"unknown workload(s) {unknown}; known: {', '.join(WORKLOADS)}")
-    unknown = [s for s in args.servers if s not in SERVERS]
-    if unknown:
-        raise SystemExit(f"unknown server(s) {unknown}; known: {', '.join(SERVERS)}")
+    args.variants = dict(BW_VARIANTS)
+    args.user_variants = []
+    for spec in args.bw_variant:
+        name, sep, flags = spec.partition("=")
+        row = f"batchwire-{name.strip()}"
+        if not sep or not name.strip() or not name.strip().replace("-", "").isalnum():
+            raise SystemExit(f"--bw-variant {spec!r}: use NAME=FLAGS, NAME of letters, digits "
+                             "and dashes")
+        if row in SERVER_SPECS or row in args.variants:
+            raise SystemExit(f"--bw-variant {spec!r}: row {row} already exists")
+        args.variants[row] = tuple(shlex.split(flags))
+        args.user_variants.append(row)
+    if args.servers is not None:
+        known = (*SERVERS, *args.user_variants)
+        unknown = [s for s in args.servers if s not in known]
+        if unknown:
+            raise SystemExit(f"unknown server(s) {unknown}; known: {', '.join(known)}")
     if min(args.concurrency, default=1) < 1 or args.duration <= 0 or args.max_requests < 1:
         raise SystemExit("concurrency, --duration and --max-requests must be positive")
     return args
@@ -303,9 +381,26 @@ def subprocess_env(args: argparse.Namespace) -> dict[str, str]:
     return bench_env()
 
 
+def is_batchwire(process: str, args: argparse.Namespace) -> bool:
+    return process == "batchwire" or process in args.variants
+
+
+def row_spec(name: str, args: argparse.Namespace) -> tuple[str, str]:
+    """(process, answer format) of result row ``name``."""
+    if name in SERVER_SPECS:
+        return SERVER_SPECS[name]
+    return name, "json"  # a --bw-variant row: its own batchwire process
+
+
+def row_label(name: str, args: argparse.Namespace) -> str:
+    if name in SERVER_LABELS:
+        return SERVER_LABELS[name]
+    return f"batchwire {shlex.join(args.variants[name])}"
+
+
 def server_argv(process: str, model, port: int, args: argparse.Namespace,
                 workload: Workload) -> list[str]:
-    if process == "batchwire":
+    if is_batchwire(process, args):
         threads = ["--torch-threads", str(args.torch_threads)] if args.torch_threads > 0 else []
         return [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1",
                 "--port", str(port), "--model", model.path, "--task", model.task,
@@ -314,7 +409,8 @@ def server_argv(process: str, model, port: int, args: argparse.Namespace,
                   if args.bw_max_batch_size > 0 else []),
                 "--max-delay-ms", str(args.bw_max_delay_ms),
                 "--max-queue", str(args.bw_max_queue),
-                "--log-level", "WARNING", *threads, *shlex.split(args.bw_args)]
+                "--log-level", "WARNING", *threads, *shlex.split(args.bw_args),
+                *args.variants.get(process, ())]
     argv = [sys.executable, "-m", "benchmarks.reference_server", "--model", model.path,
             "--task", model.task, "--port", str(port)]
     if process == "guide-batching":
@@ -336,10 +432,11 @@ class Client:
     describe: str
 
 
-def client_for(server: str, workload: Workload, model, inputs: list[str]) -> Client:
-    process, fmt = SERVER_SPECS[server]
+def client_for(server: str, workload: Workload, model, inputs: list[str],
+               args: argparse.Namespace) -> Client:
+    process, fmt = row_spec(server, args)
     check = loadgen.answer_check(workload.answer, model.hidden_size)
-    if workload.answer == "embeddings" and process == "batchwire":
+    if workload.answer == "embeddings" and is_batchwire(process, args):
         return Client("/v1/embeddings", loadgen.embeddings_bodies(inputs),
                       dict(loadgen.JSON_HEADERS), "json", check,
                       'POST /v1/embeddings {"input": text} (JSON); answers parsed with '
@@ -403,20 +500,25 @@ def run_process(process: str, rows: list[str], model, workload: Workload, inputs
         concurrency = [max(args.concurrency)]
     entries: dict[str, dict] = {}
     for name in rows:
-        client = client_for(name, workload, model, inputs)
-        entries[name] = {"server": name, "label": SERVER_LABELS[name], "process": process,
+        client = client_for(name, workload, model, inputs, args)
+        entries[name] = {"server": name, "label": row_label(name, args), "process": process,
                          "argv": [Path(a).name if i == 0 else a for i, a in enumerate(argv)],
                          "request": client.describe, "points": []}
+        if process in args.variants:
+            entries[name]["variant_flags"] = list(args.variants[process])
     print(f"[bench] {workload.name}: starting {process} on port {port}", file=sys.stderr)
     current = rows[0]
     try:
         server.start()
         ready = round(server.wait_ready(args.ready_timeout, inputs[0].encode("utf-8")), 2)
+        info = batching_info(server) if is_batchwire(process, args) else None
         for name in rows:
             current = name
             entry = entries[name]
             entry["ready_after_s"] = ready
-            client = client_for(name, workload, model, inputs)
+            if info is not None:
+                entry["batching"] = info
+            client = client_for(name, workload, model, inputs, args)
             for c in concurrency:
                 point = measure_point(server, client, args, concurrency=c)
                 entry["points"].append(point)
@@ -440,14 +542,39 @@ def run_process(process: str, rows: list[str], model, workload: Workload, inputs
     return entries
 
 
+def available_rows(workload: Workload, args: argparse.Namespace) -> tuple[str, ...]:
+    """The rows ``workload`` can have: its own, and every batchwire batching variant."""
+    return tuple(dict.fromkeys((*workload.servers, *args.variants)))
+
+
 def workload_rows(workload: Workload, args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    """[(process, [result rows])] in --servers order, rows of one process together."""
-    wanted = args.trim.get(workload.name, workload.servers)
-    names = [s for s in args.servers if s in workload.servers and s in wanted]
+    """[(process, [result rows])] in --servers order, rows of one process together.
+
+    Without --servers, the workload's own rows; every --bw-variant row runs either way.
+    """
+    selected = list(workload.servers if args.servers is None else args.servers)
+    selected += [v for v in args.user_variants if v not in selected]
+    available = available_rows(workload, args)
+    wanted = args.trim.get(workload.name, available)
+    names = [s for s in selected if s in available and s in wanted]
     groups: dict[str, list[str]] = {}
     for name in names:
-        groups.setdefault(SERVER_SPECS[name][0], []).append(name)
+        groups.setdefault(row_spec(name, args)[0], []).append(name)
     return list(groups.items())
+
+
+def batching_info(server: ServerProcess) -> list[dict] | None:
+    """The batching settings each worker reports at ``GET /info`` (max batch size, and
+    whatever token-budget / length-bucket fields it has), or None if it does not answer."""
+    try:
+        with urllib.request.urlopen(server.base_url + "/info", timeout=5) as resp:
+            workers = json.loads(resp.read()).get("workers") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    keep = ("device", "max_batch_size", "capacity")
+    return [{k: v for k, v in w.items()
+             if k in keep or "token" in k or "bucket" in k or "batching" in k}
+            for w in workers if isinstance(w, dict)]
 
 
 def _log_point(workload: str, server: str, label: str, point: dict) -> None:
@@ -459,9 +586,11 @@ def _log_point(workload: str, server: str, label: str, point: dict) -> None:
 
 def run_ceiling(model, workload: Workload, args: argparse.Namespace, raw_dir: Path) -> dict:
     out = raw_dir / f"{workload.name}.ceiling.json"
+    min_tokens, max_tokens = workload.input_tokens(model.max_tokens)
     argv = [sys.executable, "-m", "benchmarks.ceiling", "--model", model.path,
             "--task", model.task, "--workload", workload.shape,
-            "--inputs", str(args.inputs), "--max-tokens", str(model.max_tokens),
+            "--inputs", str(args.inputs), "--max-tokens", str(max_tokens),
+            *(["--min-tokens", str(min_tokens)] if min_tokens is not None else []),
             "--batch-sizes", ",".join(map(str, args.batch_sizes)),
             "--seconds-per-size", str(args.ceiling_seconds),
             "--max-items-per-size", str(args.ceiling_max_items), "--json-out", str(out)]
@@ -499,7 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
 
     from benchmarks.models import get_model
-    from benchmarks.workloads import make_inputs
+    from benchmarks.workloads import make_inputs, tokens_by_construction
 
     results: dict = {
         "schema": 1,
@@ -508,14 +637,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "note": args.note,
         "machine": machine_facts(),
         "config": {
-            "quick": args.quick, "workloads": args.workloads, "servers": args.servers,
+            "quick": args.quick, "workloads": args.workloads,
+            "servers": args.servers,  # None: each workload's own rows
             "concurrency": args.concurrency, "rates": args.rates, "duration_s": args.duration,
             "warmup_s": args.warmup, "max_requests": args.max_requests, "grace_s": args.grace,
             "timeout_s": args.timeout, "inputs": args.inputs, "batch_sizes": args.batch_sizes,
             "ceiling_seconds_per_size": args.ceiling_seconds,
             "batchwire": {"workers": args.bw_workers, "max_batch_size": args.bw_max_batch_size,
                           "max_delay_ms": args.bw_max_delay_ms, "max_queue": args.bw_max_queue,
-                          "extra": args.bw_args},
+                          "extra": args.bw_args,
+                          "variants": {k: list(v) for k, v in args.variants.items()}},
             "guide_batching_max_batch_size": args.guide_max_batch_size,
             "quick_trim": {w: {"servers": list(rows), "concurrency": [max(args.concurrency)]}
                            for w, rows in args.trim.items() if w in args.workloads},
@@ -547,16 +678,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.workloads:
         workload = WORKLOADS[name]
         model = get_model(workload.model)
+        min_tokens, max_tokens = workload.input_tokens(model.max_tokens)
         inputs = make_inputs(workload.shape, args.inputs, task=model.task,
-                             max_tokens=model.max_tokens)
+                             max_tokens=max_tokens, min_tokens=min_tokens)
+        words = [len(x.split()) for x in inputs]
+        tokens = [tokens_by_construction(x) for x in inputs]
         entry: dict = {"name": name, "description": workload.description,
                        "shape": workload.shape, "answer": workload.answer,
                        "model": asdict(model),
                        "inputs": len(inputs),
-                       "input_words": {"min": min(len(x.split()) for x in inputs),
-                                       "max": max(len(x.split()) for x in inputs),
-                                       "mean": round(sum(len(x.split()) for x in inputs)
-                                                     / len(inputs), 1)},
+                       "input_words": {"min": min(words), "max": max(words),
+                                       "mean": round(sum(words) / len(words), 1)},
+                       # By construction (every word one token), checked against MiniLM's
+                       # tokenizer once, not in the run.
+                       "input_tokens": {"min": min(tokens), "max": max(tokens),
+                                        "mean": round(sum(tokens) / len(tokens), 1)},
                        "ceiling": None, "servers": {}}
         results["workloads"].append(entry)
         if not args.no_ceiling:

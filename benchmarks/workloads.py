@@ -3,7 +3,8 @@
 Two shapes, both built from a fixed word list with a seeded RNG (no tokenizer needed):
 
 * ``varied``: sentences of 5-40 words, the size of a typical request;
-* ``mixed``: lengths spread evenly from 5 words up to the model's position limit.
+* ``mixed``: lengths spread evenly from 5 words up to the model's position limit, or over
+  a given token range (``min_tokens``/``max_tokens``: issue 7's 5-400 tokens).
 
 Every word in :data:`WORDS` is a single token in the BERT uncased vocabulary (MiniLM's and
 the tiny model's), so a sentence of ``n`` words with its final period is ``n + 1`` tokens,
@@ -76,10 +77,13 @@ def mixed_lengths(count: int, max_tokens: int, *, mask: bool = False, seed: int 
                   min_words: int = 5) -> list[str]:
     """``count`` texts whose lengths spread evenly from ``min_words`` words to the limit.
 
-    The longest is exactly ``max_tokens`` tokens with special tokens; lengths are a shuffled
-    even spread rather than random draws, so a short run still sees the whole range.
+    The longest is exactly ``max_tokens`` tokens with special tokens, the shortest
+    ``min_words + 3``; lengths are a shuffled even spread rather than random draws, so a
+    short run still sees the whole range.
     """
     max_words = max_tokens - _EXTRA_TOKENS
+    if min_words < 1:
+        raise ValueError(f"min_words={min_words}: every text needs a word")
     if max_words < min_words:
         raise ValueError(f"max_tokens={max_tokens} leaves no room for {min_words} words")
     rng = random.Random(seed)
@@ -92,14 +96,27 @@ def mixed_lengths(count: int, max_tokens: int, *, mask: bool = False, seed: int 
     return [_sentence(rng, n, mask) for n in lengths]
 
 
-def make_inputs(kind: str, count: int, *, task: str, max_tokens: int) -> list[str]:
-    """The inputs of workload shape ``kind`` (``varied`` or ``mixed``) for ``task``."""
+def make_inputs(kind: str, count: int, *, task: str, max_tokens: int,
+                min_tokens: int | None = None) -> list[str]:
+    """The inputs of workload shape ``kind`` (``varied`` or ``mixed``) for ``task``.
+
+    ``mixed`` spans ``min_tokens`` (default: 5 words, 8 tokens) to ``max_tokens`` tokens,
+    special tokens included; ``varied`` ignores both.
+    """
     mask = task == "fill-mask"
     if kind == "varied":
         return varied_sentences(count, mask=mask)
     if kind == "mixed":
-        return mixed_lengths(count, max_tokens, mask=mask)
+        min_words = 5 if min_tokens is None else min_tokens - _EXTRA_TOKENS
+        return mixed_lengths(count, max_tokens, mask=mask, min_words=min_words)
     raise ValueError(f"unknown workload shape {kind!r}: use varied or mixed")
+
+
+def tokens_by_construction(text: str) -> int:
+    """Tokens (special tokens included) of a text made here: its words, then the final
+    period, [CLS] and [SEP]. Exact for these generators' texts only (every word is one token).
+    """
+    return len(text.split()) + _EXTRA_TOKENS
 
 
 def token_counts(texts: Iterable[str], tokenizer) -> list[int]:

@@ -289,11 +289,13 @@ async def _run(request: web.Request, items: list, parameters: dict,
         raise
     total_ms = (time.monotonic() - started) * 1000.0
     batch = max(r.batch_size for r in results)
+    batch_tokens = max(r.batch_tokens for r in results)
     queue_ms = max(r.queue_ms for r in results)
     inference_ms = max(r.inference_ms for r in results)
     headers = {
         "X-Request-Id": request[REQUEST_ID],
         "X-Batch-Size": str(batch),
+        "X-Batch-Tokens": str(batch_tokens),
         "X-Queue-Time-Ms": f"{queue_ms:.3f}",
         "X-Inference-Time-Ms": f"{inference_ms:.3f}",
         "Server-Timing": f"queue;dur={queue_ms:.3f}, inference;dur={inference_ms:.3f}, "
@@ -409,6 +411,7 @@ async def handle_info(request: web.Request) -> web.Response:
             "state": "ready",
             "capacity": w.info.capacity,
             "max_batch_size": w.info.max_batch_size,
+            "max_batch_tokens": w.info.max_batch_tokens,
             "in_flight": len(w.in_flight),
             "answered": w.answered,
             "skipped": w.skipped,

@@ -468,7 +468,8 @@ class Broker:
         if result.batch_id != worker.last_batch_id:
             worker.last_batch_id = result.batch_id
             worker.batches += 1
-            self.metrics.observe_batch(result.batch_size, result.inference_ms)
+            self.metrics.observe_batch(result.batch_size, result.inference_ms, result.batch_tokens,
+                                       result.padding_ratio)
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -43,6 +43,9 @@ class WorkerLaunchConfig:
     #: None: each worker's device default (worker.config.default_max_batch_size).
     max_batch_size: int | None = None
     max_delay_ms: float = 2.0
+    #: None: each worker's device default (worker.config.default_max_batch_tokens).
+    max_batch_tokens: int | None = None
+    length_buckets: bool = True
     torch_threads: int = 0
     trust_remote_code: bool = False
     pooling: str = "auto"
@@ -160,6 +163,8 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
             devices=args.devices,
             max_batch_size=args.max_batch_size,
             max_delay_ms=args.max_delay_ms,
+            max_batch_tokens=args.max_batch_tokens,
+            length_buckets=not args.no_length_buckets,
             torch_threads=args.torch_threads,
             trust_remote_code=args.trust_remote_code,
             pooling=args.pooling,

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from gateway.broker import Broker
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BATCH_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 #: From 0.1 ms: the gateway's own overhead and a tiny model live down there.
 SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -51,6 +53,13 @@ class GatewayMetrics:
             buckets=SECONDS_BUCKETS, registry=r)
         self.batch_size = Histogram("batchwire_batch_size", "Items per pipeline call",
                                     buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.batch_tokens = Histogram(
+            "batchwire_batch_tokens",
+            "Padded tokens per pipeline call: its longest input's tokens x its items",
+            buckets=BATCH_TOKEN_BUCKETS, registry=r)
+        self.padding_ratio = Histogram(
+            "batchwire_padding_ratio", "Share of a pipeline call's padded tokens that was padding",
+            buckets=RATIO_BUCKETS, registry=r)
         self.inference = Histogram("batchwire_inference_seconds",
                                    "Pipeline time per batch (worker-reported)",
                                    buckets=SECONDS_BUCKETS, registry=r)
@@ -77,9 +86,13 @@ class GatewayMetrics:
         elif 400 <= status < 500 and error_code not in ("unauthorized", "cancelled"):
             self.rejected.labels("bad_input").inc()
 
-    def observe_batch(self, batch_size: int, inference_ms: float) -> None:
+    def observe_batch(self, batch_size: int, inference_ms: float, batch_tokens: int,
+                      padding_ratio: float) -> None:
         self.batch_size.observe(batch_size)
         self.inference.observe(inference_ms / 1000.0)
+        if batch_tokens:  # inputs without tokens (not text) have nothing to pad
+            self.batch_tokens.observe(batch_tokens)
+            self.padding_ratio.observe(padding_ratio)
 
     def observe_queue_wait(self, queue_ms: float) -> None:
         self.queue_wait.observe(queue_ms / 1000.0)

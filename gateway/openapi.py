@@ -46,6 +46,9 @@ _RESPONSE_HEADERS = {
                      "(printable ASCII, 1-128 characters), else a fresh one."),
     "X-Batch-Size": ({"type": "integer", "minimum": 1},
                      "Items in the largest pipeline call this request rode in."),
+    "X-Batch-Tokens": ({"type": "integer", "minimum": 0},
+                       "Padded tokens (longest input x items) of the largest pipeline call "
+                       "this request rode in; 0 when the inputs are not text."),
     "X-Queue-Time-Ms": ({"type": "number", "minimum": 0},
                         "Milliseconds from admission until the batch started."),
     "X-Inference-Time-Ms": ({"type": "number", "minimum": 0},
@@ -55,6 +58,10 @@ _RESPONSE_HEADERS = {
     "Retry-After": ({"type": "integer", "minimum": 0}, "Seconds to wait before retrying."),
     "WWW-Authenticate": ({"type": "string"}, "Bearer"),
 }
+
+#: What every answered inference carries (gateway.app._run).
+TIMING_HEADERS = ("X-Request-Id", "X-Batch-Size", "X-Batch-Tokens", "X-Queue-Time-Ms",
+                  "X-Inference-Time-Ms", "Server-Timing")
 
 
 def response_header(name: str, required: bool = True) -> dict:
@@ -250,6 +257,9 @@ def _components(config: GatewayConfig) -> dict:
                         "state": {"type": "string"},
                         "capacity": {"type": "integer"},
                         "max_batch_size": {"type": "integer"},
+                        "max_batch_tokens": {"type": "integer", "minimum": 0,
+                                             "description": "padded-token budget of one batch "
+                                             "(0: none)"},
                         "in_flight": {"type": "integer", "minimum": 0},
                         "answered": {"type": "integer", "minimum": 0},
                         "skipped": {"type": "integer", "minimum": 0},
@@ -321,9 +331,7 @@ def _components(config: GatewayConfig) -> dict:
 def _inference_operation(config: GatewayConfig, *, operation_id: str, summary: str,
                          description: str, request_body: dict, ok: dict,
                          invalid_parameters: bool = True) -> dict:
-    timing = {name: response_header(name) for name in
-              ("X-Request-Id", "X-Batch-Size", "X-Queue-Time-Ms", "X-Inference-Time-Ms",
-               "Server-Timing")}
+    timing = {name: response_header(name) for name in TIMING_HEADERS}
     responses: dict[str, Any] = {
         "200": {**ok, "headers": timing},
         "400": _ref("responses", "BadInput"),
@@ -519,9 +527,7 @@ def _v2_paths(config: GatewayConfig) -> dict:
                    "404 naming the unversioned one.")
     unavailable = _ref("responses", "V2Unavailable")
     not_found = _ref("responses", "V2NotFound")
-    timing = {h: response_header(h) for h in ("X-Request-Id", "X-Batch-Size",
-                                               "X-Queue-Time-Ms", "X-Inference-Time-Ms",
-                                               "Server-Timing")}
+    timing = {name: response_header(name) for name in TIMING_HEADERS}
     return {
         "/v2": {"get": metadata},
         "/v2/": {"get": {**metadata, "operationId": "v2_server_metadata_slash"}},

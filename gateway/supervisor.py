@@ -116,6 +116,10 @@ class Supervisor:
             argv += ["--task", launch.task]
         if launch.max_batch_size:
             argv += ["--max-batch-size", str(launch.max_batch_size)]
+        if launch.max_batch_tokens is not None:
+            argv += ["--max-batch-tokens", str(launch.max_batch_tokens)]
+        if not launch.length_buckets:
+            argv += ["--no-length-buckets"]
         if launch.trust_remote_code:
             argv += ["--trust-remote-code"]
         argv += ["--pooling", launch.pooling, "--normalize", launch.normalize]

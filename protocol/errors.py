@@ -11,7 +11,8 @@ Who raises what::
     │   ├── MethodNotAllowed            method_not_allowed 405  gateway routing
     │   ├── BodyTooLarge                body_too_large     413  gateway, before the body is read in full
     │   ├── UnsupportedMediaType        unsupported_media_type 415 gateway
-    │   └── InvalidParameters           invalid_parameters 422  worker: the pipeline refuses the parameters
+    │   ├── InvalidParameters           invalid_parameters 422  worker: the pipeline refuses the parameters
+    │   └── InputTooLong                input_too_long     422  worker: more tokens than the model takes, no truncation asked
     └── ServerError                                       5xx  batchwire or the model failed; details go to the log
         ├── ModelError                  model_error        500  worker: the pipeline raised on a valid request
         ├── WorkerCrashed               worker_crashed     500  gateway: the worker died holding the request
@@ -98,6 +99,13 @@ class InvalidParameters(ClientError):
     status = 422
 
 
+class InputTooLong(ClientError):
+    """The input has more tokens than the model takes, and truncation was not asked for."""
+
+    code = "input_too_long"
+    status = 422
+
+
 class ServerError(BatchwireError):
     status = 500
 
@@ -159,7 +167,7 @@ _BY_CODE: dict[str, type[BatchwireError]] = {
     cls.code: cls
     for cls in (
         ProtocolError, BadInput, Unauthorized, NotFound, MethodNotAllowed, BodyTooLarge,
-        UnsupportedMediaType, InvalidParameters, ModelError, WorkerCrashed,
+        UnsupportedMediaType, InvalidParameters, InputTooLong, ModelError, WorkerCrashed,
         Overloaded, NoWorkers, Draining, DeadlineExceeded, Cancelled,
     )
 }

@@ -88,10 +88,14 @@ class Ready(Message):
     host: str = ""
     #: How this worker pools sentence embeddings (e.g. "mean+normalize"); "" if it cannot.
     pooling: str = ""
+    #: Padded-token budget of one batch (0: batches are bounded by count alone).
+    max_batch_tokens: int = 0
 
     def check(self) -> None:
         if self.capacity < 1 or self.max_batch_size < 1:
             raise ValueError("capacity and max_batch_size must be at least 1")
+        if self.max_batch_tokens < 0:
+            raise ValueError("max_batch_tokens must not be negative")
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +138,14 @@ class Result(Message):
     batch_id: int = 0
     #: The input's token count (0 when the pipeline has no tokenizer).
     tokens: int = 0
+    #: The batch's padded cost: its longest input's tokens x its items.
+    batch_tokens: int = 0
+    #: Share of ``batch_tokens`` that was padding (0.0 to 1.0).
+    padding_ratio: float = 0.0
+
+    def check(self) -> None:
+        if self.batch_tokens < 0 or not 0.0 <= self.padding_ratio <= 1.0:
+            raise ValueError("batch_tokens must be non-negative and padding_ratio in [0, 1]")
 
 
 @dataclass(frozen=True, slots=True)

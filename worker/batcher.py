@@ -4,20 +4,24 @@ The policy, in one place:
 
 * A batch opens when the model is free and at least one item waits. An empty queue starts
   no timer.
-* It closes when it holds ``max_batch_size`` items, or when its **oldest** item has waited
-  ``max_delay`` since gateway admission (``WorkItem.admitted_at`` already counts the time
-  spent queued in the gateway), whichever comes first. ``max_delay = 0`` takes what is there.
+* It closes when it holds ``max_batch_size`` items, or ``max_batch_tokens`` padded tokens
+  (longest input x items: what the padded call really computes), or when its **oldest**
+  item has waited ``max_delay`` since gateway admission (``WorkItem.admitted_at`` already
+  counts the time spent queued in the gateway), whichever comes first. ``max_delay = 0``
+  takes what is there. Token lengths are measured on arrival (``WorkItem.tokens``).
 * Items whose pipeline parameters differ cannot share a call: a batch only takes items of
   the oldest item's parameter set; the others wait for the next batch.
+* Length buckets (``length_buckets``): the batch is built around the oldest item from the
+  queued items of the most similar length, with an aging guard (:mod:`worker.batch_policy`).
 * While a batch computes in the inference thread, the next one fills for free.
 * Cancelled and expired items are answered as such and never computed.
 * A batch that raises is split in halves and retried, so one bad input fails alone and its
   neighbours still get results. Every submitted item gets exactly one outcome.
-* Adaptive (the worker's default): a batch that is not full waits only when there is
-  evidence of concurrent demand (the last batch held several items, or items arrived while
-  it ran) and arrivals are dense (a moving average of their gaps is under ``max_delay``).
-  A lone request on a quiet worker, or a single client's closed loop, runs at once instead
-  of paying ``max_delay``; under load batches fill as above. ``max_delay`` stays the bound.
+* Adaptive (the worker's default): a batch that is not full waits only while the worker's
+  fitted latency model (latency ~ a + b x padded tokens, :mod:`worker.latency_model`) says
+  the next arrival, at the current arrival rate, is worth holding it for. A lone request on
+  a quiet worker, or a single client's closed loop, runs at once instead of paying
+  ``max_delay``; ``max_delay`` stays the hard bound. ``adaptive=False`` is the fixed window.
 * An out-of-memory error also splits the batch, and lowers the effective batch size to the
   half that is retried, so the worker stops asking the device for what it cannot hold.
 """
@@ -38,6 +42,8 @@ from protocol.errors import (
     InvalidParameters,
     ModelError,
 )
+from worker import batch_policy
+from worker.latency_model import LatencyModel, worth_waiting
 
 log = logging.getLogger("batchwire.worker.batcher")
 
@@ -49,9 +55,10 @@ class RunOutput:
     tokens: Sequence[int]
 
 
-#: ``runner(inputs, parameters) -> outputs | RunOutput``: runs in the inference thread,
-#: returns one output per input in order, raises on failure.
-Runner = Callable[[list, dict], "Sequence[Any] | RunOutput"]
+#: ``runner(inputs, parameters, lengths) -> outputs | RunOutput``: runs in the inference
+#: thread, returns one output per input in order, raises on failure. ``lengths`` are the
+#: inputs' token counts measured on arrival (0: unknown), so the runner need not re-measure.
+Runner = Callable[[list, dict, list], "Sequence[Any] | RunOutput"]
 
 
 @dataclass(eq=False, slots=True)
@@ -65,7 +72,11 @@ class WorkItem:
     admitted_at: float
     #: Monotonic time after which nobody waits for the answer any more.
     deadline: float
+    #: Token count, measured on arrival (0: unknown, e.g. an input that is not text).
+    tokens: int = 0
     cancelled: bool = False
+    #: Batches that left this item behind while taking younger ones (the aging guard).
+    passed_over: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +87,9 @@ class BatchStats:
     #: Sequence number of the pipeline call this item ran in (1, 2, ...).
     batch_id: int = 0
     tokens: int = 0
+    #: The batch's padded cost (longest x items) and the share of it that was padding.
+    batch_tokens: int = 0
+    padding_ratio: float = 0.0
 
 
 @dataclass(eq=False)
@@ -94,6 +108,13 @@ class Batcher:
     adaptive: bool = False
     #: Tells an out-of-memory error from other failures (the runner knows torch; we do not).
     is_out_of_memory: Callable[[BaseException], bool] = field(default=lambda exc: False)
+    #: Padded-token budget of one batch; 0: count alone bounds a batch.
+    max_batch_tokens: int = 0
+    #: Batch items of similar length together (see :mod:`worker.batch_policy`).
+    length_buckets: bool = False
+    #: How many of the oldest queued items a batch is chosen from (0: all of them).
+    window: int = 0
+    max_passes: int = batch_policy.DEFAULT_MAX_PASSES
     clock: Callable[[], float] = time.monotonic
 
     def __post_init__(self) -> None:
@@ -101,19 +122,22 @@ class Batcher:
             raise ValueError("max_batch_size must be at least 1")
         if self.max_delay_s < 0:
             raise ValueError("max_delay must not be negative")
+        if self.max_batch_tokens < 0:
+            raise ValueError("max_batch_tokens must not be negative")
         self._queue: list[WorkItem] = []
         self._by_id: dict[int, WorkItem] = {}
         self._wakeup = asyncio.Event()
         self._busy_since: float | None = None
         self._closing = False
-        #: Lowered after an out-of-memory error; never above max_batch_size.
+        #: Lowered after an out-of-memory error; never above the configured limits.
         self.effective_batch_size = self.max_batch_size
+        self.effective_batch_tokens = self.max_batch_tokens
+        self.latency = LatencyModel()
         self._last_arrival: float | None = None
-        #: Exponential moving average of the gap between arrivals (None until two arrive).
+        #: Exponential moving averages of the gap between arrivals (None until two arrive)
+        #: and of the arrivals' token counts.
         self._gap: float | None = None
-        self._arrived_while_busy = False
-        #: Did the last batch show concurrent demand (several items, or arrivals meanwhile)?
-        self._concurrent = False
+        self._arrival_tokens = 0.0
         self.batches_run = 0
         self.items_skipped = 0
 
@@ -124,8 +148,8 @@ class Batcher:
             gap = now - self._last_arrival
             self._gap = gap if self._gap is None else 0.7 * self._gap + 0.3 * gap
         self._last_arrival = now
-        if self._busy_since is not None:
-            self._arrived_while_busy = True
+        self._arrival_tokens = (float(item.tokens) if not self._arrival_tokens
+                                else 0.7 * self._arrival_tokens + 0.3 * item.tokens)
         self._queue.append(item)
         self._by_id[item.request_id] = item
         self._wakeup.set()
@@ -178,31 +202,36 @@ class Batcher:
                 await self._wakeup.wait()
                 continue
             oldest = min(self._queue, key=lambda it: it.admitted_at)
-            group = [it for it in self._queue if it.parameter_key == oldest.parameter_key]
-            close_at = oldest.admitted_at + self._wait_for_more()
-            limit = self.effective_batch_size
-            if len(group) >= limit or self.clock() >= close_at:
-                group.sort(key=lambda it: it.admitted_at)
-                batch = group[:limit]
-                taken = set(map(id, batch))
+            group = sorted((it for it in self._queue if it.parameter_key == oldest.parameter_key),
+                           key=lambda it: it.admitted_at)
+            selection = batch_policy.select(
+                group, max_items=self.effective_batch_size, max_tokens=self.effective_batch_tokens,
+                buckets=self.length_buckets, window=self.window, max_passes=self.max_passes,
+                join_slack=self.latency.fixed_cost_in_tokens())
+            now = self.clock()
+            close_at = oldest.admitted_at + self.max_delay_s
+            if self.adaptive:
+                close_at = min(close_at, now + self._worth_waiting(selection, now))
+            if selection.full or now >= close_at:
+                batch_policy.mark_passed_over(group, selection.items)
+                taken = set(map(id, selection.items))
                 self._queue = [it for it in self._queue if id(it) not in taken]
-                return batch
+                return selection.items
             self._wakeup.clear()
             try:
-                await asyncio.wait_for(self._wakeup.wait(), close_at - self.clock())
+                await asyncio.wait_for(self._wakeup.wait(), close_at - now)
             except asyncio.TimeoutError:
                 pass
         return []
 
-    def _wait_for_more(self) -> float:
-        """How long the oldest item may wait for the batch to fill."""
-        if not self.adaptive:
-            return self.max_delay_s
-        if not self._concurrent or self._gap is None or self._last_arrival is None:
-            return 0.0  # nothing suggests another item is coming soon
-        # A stream that went quiet counts as slow: the gap so far is at least this long.
-        expected_gap = max(self._gap, self.clock() - self._last_arrival)
-        return self.max_delay_s if expected_gap < self.max_delay_s else 0.0
+    def _worth_waiting(self, selection: batch_policy.Selection, now: float) -> float:
+        """How much longer the batch may wait for the next arrival (see latency_model)."""
+        if self._gap is None or self._last_arrival is None:
+            return 0.0  # one arrival so far: nothing says another is coming
+        return worth_waiting(
+            self.latency, count=len(selection.items), longest=max(selection.lengths),
+            newcomer=round(self._arrival_tokens), expected_gap=self._gap,
+            since_last=now - self._last_arrival)
 
     def _drop_dead_items(self) -> None:
         now = self.clock()
@@ -221,21 +250,20 @@ class Batcher:
         self._queue = alive
 
     async def _execute(self, batch: list[WorkItem]) -> None:
-        self._arrived_while_busy = False
         try:
             await self._run_isolating(batch)
         finally:
             self._busy_since = None
-            self._concurrent = len(batch) > 1 or self._arrived_while_busy
 
     async def _run_isolating(self, batch: list[WorkItem]) -> None:
         loop = asyncio.get_running_loop()
         self._busy_since = self.clock()
         try:
+            lengths = [it.tokens for it in batch]
             outputs, started, finished = await loop.run_in_executor(
-                self.executor, self._timed_run, [it.inputs for it in batch], batch[0].parameters
-            )
-            tokens: Sequence[int] = [0] * len(batch)
+                self.executor, self._timed_run, [it.inputs for it in batch], batch[0].parameters,
+                lengths)
+            tokens: Sequence[int] = lengths
             if isinstance(outputs, RunOutput):
                 outputs, tokens = outputs.outputs, outputs.tokens
             count = len(outputs) if hasattr(outputs, "__len__") else None
@@ -248,6 +276,11 @@ class Batcher:
                     self.effective_batch_size = len(batch) - half
                     log.warning("out of memory on a batch of %d; effective batch size is now %d",
                                 len(batch), self.effective_batch_size)
+                cost = max(batch_policy.padded_tokens([it.tokens for it in batch[:half]]),
+                           batch_policy.padded_tokens([it.tokens for it in batch[half:]]))
+                if cost and (not self.effective_batch_tokens or cost < self.effective_batch_tokens):
+                    self.effective_batch_tokens = cost
+                    log.warning("effective token budget is now %d padded tokens", cost)
                 await self._run_isolating(batch[:half])
                 await self._run_isolating(batch[half:])
                 return
@@ -265,17 +298,20 @@ class Batcher:
             return
         self.batches_run += 1
         inference_ms = (finished - started) * 1000.0
+        self.latency.observe(batch_policy.batch_cost(tokens), finished - started)
+        padded = batch_policy.padded_tokens(tokens)
+        padding = 1.0 - sum(tokens) / padded if padded else 0.0
         for item, output, count in zip(batch, outputs, tokens):
             stats = BatchStats(len(batch), (started - item.admitted_at) * 1000.0, inference_ms,
-                               self.batches_run, count)
+                               self.batches_run, count, padded, padding)
             self._by_id.pop(item.request_id, None)
             self.on_result(item, output, stats)
 
-    def _timed_run(self, inputs: list, parameters: dict) -> tuple[Any, float, float]:
+    def _timed_run(self, inputs: list, parameters: dict, lengths: list) -> tuple[Any, float, float]:
         """Runs in the inference thread and times the call there, so inference_ms is the
         model's time, not the model's time plus however late the event loop woke up."""
         started = self.clock()
-        outputs = self.runner(inputs, parameters)
+        outputs = self.runner(inputs, parameters, lengths)
         return outputs, started, self.clock()
 
     def _finish_error(self, item: WorkItem, error: BatchwireError) -> None:

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from protocol.flags import Flags, non_negative_float, positive_float, positive_int
+from protocol.flags import Flags, non_negative_float, non_negative_int, positive_float, positive_int
 from protocol.logs import add_logging_flags
 
 #: CPU throughput peaks at small batches (measured: fill-mask best at 4-8, 15 % lower at 32;
@@ -16,8 +16,23 @@ DEFAULT_MAX_BATCH_SIZE_CPU = 8
 DEFAULT_MAX_BATCH_SIZE_GPU = 32
 
 
+#: Padded tokens per batch. On a CPU the cost of a batch grows with its padded tokens, so the
+#: budget mostly bounds how long one batch holds the model (and the p99 behind it); on a GPU
+#: it bounds activation memory (TEI's default is the same 16384).
+DEFAULT_MAX_BATCH_TOKENS_CPU = 2048
+DEFAULT_MAX_BATCH_TOKENS_GPU = 16384
+#: Capacity, in batches: what the gateway lets a worker hold beyond the batch computing is
+#: the look-ahead that length buckets choose from.
+DEFAULT_CAPACITY_BATCHES = 4
+
+
 def default_max_batch_size(device: str) -> int:
     return DEFAULT_MAX_BATCH_SIZE_CPU if device == "cpu" else DEFAULT_MAX_BATCH_SIZE_GPU
+
+
+def default_max_batch_tokens(device: str) -> int:
+    return DEFAULT_MAX_BATCH_TOKENS_CPU if device == "cpu" else DEFAULT_MAX_BATCH_TOKENS_GPU
+
 DEFAULT_MAX_DELAY_MS = 2.0
 DEFAULT_HEARTBEAT_S = 1.0
 DEFAULT_BATCH_TIMEOUT_S = 60.0
@@ -35,6 +50,8 @@ class WorkerConfig:
     max_batch_size: int
     max_delay_ms: float
     capacity: int
+    max_batch_tokens: int
+    length_buckets: bool
     worker_id: str
     torch_threads: int
     heartbeat_interval_s: float
@@ -64,6 +81,13 @@ def add_model_flags(flags: Flags) -> None:
     flags.add("--max-batch-size", type=positive_int, default=None,
               help=f"most items in one pipeline call (default: {DEFAULT_MAX_BATCH_SIZE_CPU} on "
               f"cpu, {DEFAULT_MAX_BATCH_SIZE_GPU} on a GPU)")
+    flags.add("--max-batch-tokens", type=non_negative_int, default=None,
+              help="most padded tokens (longest input x items) in one pipeline call; 0: no "
+              f"token budget (default: {DEFAULT_MAX_BATCH_TOKENS_CPU} on cpu, "
+              f"{DEFAULT_MAX_BATCH_TOKENS_GPU} on a GPU)")
+    flags.add("--no-length-buckets", action="store_true", default=False,
+              help="fill batches first come, first served, instead of from queued inputs of "
+              "similar token length")
     flags.add("--max-delay-ms", type=non_negative_float, default=DEFAULT_MAX_DELAY_MS,
               help="longest the oldest waiting item is held for a batch to fill, counted "
               "from gateway admission; 0 takes whatever is queued")
@@ -77,8 +101,8 @@ def add_model_flags(flags: Flags) -> None:
               help="L2-normalise sentence embeddings (auto: as the model declares)")
     flags.add("--fixed-delay", action="store_true", default=False,
               help="always hold a batch that is not full for the whole --max-delay-ms; by "
-              "default a lone request on a quiet worker runs at once and the window is used "
-              "only while more requests are arriving")
+              "default the worker waits only while its fitted latency model says the next "
+              "arrival is worth it, so a lone request runs at once")
     flags.add("--torch-threads", type=int, default=0,
               help="torch intra-op threads per worker (0: torch's default for a lone worker; "
               "serve divides the cores among CPU workers)")
@@ -95,7 +119,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
               help="gateway ZeroMQ endpoint, e.g. tcp://gateway:5555 or ipc:///tmp/bw.sock")
     flags.add("--device", default="cpu", help="cpu or cuda:N")
     flags.add("--capacity", type=int, default=0,
-              help="most unanswered requests the gateway may send (0: 2 x max batch size)")
+              help="most unanswered requests the gateway may send; also the look-ahead "
+              f"length buckets choose from (0: {DEFAULT_CAPACITY_BATCHES} x max batch size)")
     flags.add("--worker-id", default="", help="name shown in logs and /info (default: host-pid)")
     flags.add("--exit-on-disconnect", action="store_true", default=False,
               help="exit when the gateway says DISCONNECT (set by `batchwire serve`)")
@@ -129,7 +154,10 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         device=args.device,
         max_batch_size=max_batch_size,
         max_delay_ms=args.max_delay_ms,
-        capacity=args.capacity or 2 * max_batch_size,
+        capacity=args.capacity or DEFAULT_CAPACITY_BATCHES * max_batch_size,
+        max_batch_tokens=(default_max_batch_tokens(args.device) if args.max_batch_tokens is None
+                          else args.max_batch_tokens),
+        length_buckets=not args.no_length_buckets,
         worker_id=args.worker_id or f"{os.uname().nodename}-{os.getpid()}",
         torch_threads=args.torch_threads,
         heartbeat_interval_s=args.heartbeat_interval_s,

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from protocol.errors import BadInput, BatchwireError, InvalidParameters, ModelError
+from protocol.errors import BadInput, BatchwireError, InputTooLong, InvalidParameters, ModelError
 from protocol.messages import NDArray
 from worker.batcher import RunOutput
 
@@ -98,6 +98,10 @@ class PipelineRunner:
         self.pooling = ""
         self.normalize = False
         self.pipe: Any = None
+        #: A second tokenizer for :meth:`measure`, which runs on the I/O loop while the
+        #: inference thread tokenizes: a fast tokenizer's Rust object is not safe to share
+        #: between threads (padding and truncation are set on it per call).
+        self._measuring_tokenizer: Any = None
         self.max_length: int | None = None
         #: What the pipeline is, by class: a custom pipeline subclassing FillMaskPipeline
         #: (loaded with --trust-remote-code) is batched and warmed like fill-mask.
@@ -138,6 +142,8 @@ class PipelineRunner:
             # truncation=True cuts to the tokenizer's limit; when that exceeds the model's
             # position embeddings, "truncated" inputs would still crash the model.
             self.pipe.tokenizer.model_max_length = self.max_length
+        if self.pipe.tokenizer is not None:
+            self._measuring_tokenizer = copy.deepcopy(self.pipe.tokenizer)
         return time.monotonic() - started
 
     def warm_up(self, batch_size: int) -> float:
@@ -171,14 +177,26 @@ class PipelineRunner:
             return ""
         return self.pooling + ("+normalize" if self.normalize else "")
 
-    def __call__(self, inputs: list, parameters: dict) -> RunOutput:
+    def measure(self, input: Any, parameters: dict) -> int:
+        """One input's token count, on arrival (the I/O loop, not the inference thread), so
+        batches can be bounded and bucketed by length; 0 when it has none (not text). Raises
+        :class:`InputTooLong` or :class:`InvalidParameters` for the client at once."""
+        if self._measuring_tokenizer is None or not isinstance(input, str):
+            return 0
+        return self._token_lengths([input], parameters, self._measuring_tokenizer)[0] or 0
+
+    def __call__(self, inputs: list, parameters: dict,
+                 lengths: list[int] | None = None) -> RunOutput:
+        """Run one batch. ``lengths``: the inputs' token counts from :meth:`measure` (0 or
+        None: measure here)."""
         embed = bool(parameters.get(EMBED_KEY))
         if EMBED_KEY in parameters:
             parameters = {k: v for k, v in parameters.items() if k != EMBED_KEY}
         if embed and not self.pooling:
             raise BadInput(f"this worker serves {self.task}, which has no sentence embeddings")
         self._check_parameters(parameters)
-        lengths = self._token_lengths(inputs, parameters)
+        if not lengths or not all(lengths):
+            lengths = self._token_lengths(inputs, parameters, getattr(self.pipe, "tokenizer", None))
         if len(inputs) == 1:
             # Pipelines unwrap a one-item list (fill-mask returns the item's own output), so
             # a batch of one runs exactly as the guide's unbatched call does.
@@ -240,9 +258,8 @@ class PipelineRunner:
                 f"the {self.task} pipeline rejects parameters {sorted(parameters)}: {exc}"
             ) from None
 
-    def _token_lengths(self, inputs: list, parameters: dict) -> list[int | None]:
+    def _token_lengths(self, inputs: list, parameters: dict, tokenizer: Any) -> list[int | None]:
         """Each text input's token count; rejects inputs longer than the model takes."""
-        tokenizer = getattr(self.pipe, "tokenizer", None)
         if tokenizer is None or not all(isinstance(x, str) for x in inputs):
             return [None] * len(inputs)
         kwargs: dict[str, Any] = {}
@@ -263,7 +280,7 @@ class PipelineRunner:
             if too_long:
                 hint = (' or send parameters {"truncation": true}'
                         if self.kind == "feature-extraction" else "")
-                raise BadInput(
+                raise InputTooLong(
                     f"input is {max(too_long)} tokens long but this model takes at most "
                     f"{self.max_length}; shorten it{hint}"
                 )

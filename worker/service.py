@@ -70,6 +70,10 @@ class WorkerService:
             classify_error=classify_error,
             is_out_of_memory=is_out_of_memory,
             adaptive=not config.fixed_delay,
+            max_batch_tokens=config.max_batch_tokens,
+            length_buckets=config.length_buckets,
+            # The look-ahead is what the gateway lets this worker hold: its capacity.
+            window=config.capacity,
         )
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -88,10 +92,12 @@ class WorkerService:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         self._send(self._ready())
-        log.info("worker %s ready on %s: %s (%s) on %s, capacity %d, max batch %d, max delay %.1f ms",
+        log.info("worker %s ready on %s: %s (%s) on %s, capacity %d, max batch %d "
+                 "(%s padded tokens, length buckets %s), max delay %.1f ms",
                  self.config.worker_id, self.config.connect, self.runner.model, self.runner.task,
                  self.config.device, self.config.capacity, self.config.max_batch_size,
-                 self.config.max_delay_ms)
+                 self.config.max_batch_tokens or "no limit on",
+                 "on" if self.config.length_buckets else "off", self.config.max_delay_ms)
         batching = asyncio.create_task(self.batcher.run(), name="batcher")
         tasks = [
             asyncio.create_task(self._receive_loop(), name="receive"),
@@ -160,6 +166,12 @@ class WorkerService:
             if message.embed:
                 # Embedding requests batch apart from token-level ones with equal parameters.
                 parameters = {**parameters, EMBED_KEY: True}
+            try:
+                tokens = self.runner.measure(message.inputs, parameters)
+            except Exception as exc:  # noqa: BLE001 - the client gets the reason, we go on
+                error = classify_error(exc)
+                self._send(Error(message.request_id, error.code, error.message))
+                return
             self.batcher.submit(WorkItem(
                 request_id=message.request_id,
                 inputs=message.inputs,
@@ -167,6 +179,7 @@ class WorkerService:
                 parameter_key=parameter_key(parameters),
                 admitted_at=now - message.waited_ms / 1000.0,
                 deadline=now + message.budget_ms / 1000.0,
+                tokens=tokens,
             ))
         elif isinstance(message, Cancel):
             self.batcher.cancel(message.request_id)
@@ -192,7 +205,8 @@ class WorkerService:
     def _send_result(self, item: WorkItem, output: Any, stats: BatchStats) -> None:
         try:
             frame = Result(item.request_id, output, stats.batch_size, stats.queue_ms,
-                           stats.inference_ms, stats.batch_id, stats.tokens)
+                           stats.inference_ms, stats.batch_id, stats.tokens,
+                           stats.batch_tokens, stats.padding_ratio)
             self._send(frame)
         except (TypeError, ValueError) as exc:  # output msgpack cannot carry
             self._send_error(item, classify_error(exc))
@@ -211,6 +225,7 @@ class WorkerService:
             max_batch_size=self.config.max_batch_size,
             host=socket.gethostname(),
             pooling=self.runner.pooling_description,
+            max_batch_tokens=self.config.max_batch_tokens,
         )
 
     async def _heartbeat_loop(self) -> None:

@@ -6,6 +6,10 @@ token-level workload also msgpack arrays through numpy.frombuffer), and that res
 report.md and a PNG are written.
 starlette, uvicorn and matplotlib are part of the test install: if they are missing the
 test fails (it does not skip), because the benchmark could not run.
+
+The token-aware batching comparison (issue 7) is checked without starting servers: the
+count-only variant's command line, the 5-400-token inputs against the real tokenizer, and
+the report's comparison table from a made-up results.json.
 """
 
 from __future__ import annotations
@@ -93,3 +97,115 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     assert pngs, "no plot written"
     assert all(p.stat().st_size > 1000 for p in pngs)
     assert pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- token-aware vs count-only batching (issue 7), no servers ----------------------------------
+def _resolve(*argv: str):
+    from benchmarks import run
+
+    return run.resolve(run.build_parser().parse_args(list(argv)))
+
+
+def test_count_only_variant_is_batchwire_plus_its_flags():
+    from benchmarks import run
+    from benchmarks.models import BenchModel
+
+    args = _resolve("--bw-args", "--max-batch-tokens 4096", "--bw-variant",
+                    "tok1k=--max-batch-tokens 1024")
+    model = BenchModel("m", "/model", "fill-mask", 512, "a model", 32)
+    workload = run.WORKLOADS["fill-mask-minilm-mixed400"]
+    token_aware = run.server_argv("batchwire", model, 8000, args, workload)
+    count_only = run.server_argv("batchwire-count", model, 8000, args, workload)
+    tok1k = run.server_argv("batchwire-tok1k", model, 8000, args, workload)
+    # The same server and flags; the variant's come last, so they win over --bw-args.
+    assert token_aware[-2:] == ["--max-batch-tokens", "4096"]
+    assert count_only == token_aware + ["--max-batch-tokens", "0", "--no-length-buckets"]
+    assert tok1k == token_aware + ["--max-batch-tokens", "1024"]
+    assert token_aware[1:3] == ["-m", "gateway"]
+
+    # The mixed400 workloads run both by default, each its own process; the variant is a
+    # JSON row asked like batchwire (embeddings: POST /v1/embeddings).
+    assert run.workload_rows(workload, _resolve()) == [
+        ("batchwire", ["batchwire"]), ("batchwire-count", ["batchwire-count"]),
+        ("guide", ["guide"]), ("guide-batching", ["guide-batching"])]
+    embeddings = run.WORKLOADS["embeddings-minilm-mixed400"]
+    assert run.client_for("batchwire-count", embeddings, model, ["x"], args).path == \
+        "/v1/embeddings"
+    # Elsewhere only when asked for; --bw-variant rows always run.
+    varied = run.WORKLOADS["fill-mask-minilm-varied"]
+    assert [p for p, _ in run.workload_rows(varied, _resolve())] == list(run.JSON_ROWS)
+    assert run.workload_rows(varied, _resolve("--servers", "batchwire,batchwire-count")) == [
+        ("batchwire", ["batchwire"]), ("batchwire-count", ["batchwire-count"])]
+    assert run.workload_rows(varied, args)[-1] == ("batchwire-tok1k", ["batchwire-tok1k"])
+
+
+def test_mixed400_inputs_span_5_to_400_tokens():
+    from tokenizers import Tokenizer
+
+    from benchmarks import run
+    from benchmarks.workloads import make_inputs, tokens_by_construction
+    from worker.runner import default_model_path
+
+    tokenizer = Tokenizer.from_file(str(Path(default_model_path()) / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    for name in ("fill-mask-minilm-mixed400", "embeddings-minilm-mixed400"):
+        workload = run.WORKLOADS[name]
+        lo, hi = workload.input_tokens(512)
+        task = "fill-mask" if workload.answer == "fill-mask" else "feature-extraction"
+        inputs = make_inputs(workload.shape, 512, task=task, max_tokens=hi, min_tokens=lo)
+        counts = [len(e.ids) for e in tokenizer.encode_batch(inputs)]
+        assert (min(counts), max(counts)) == (5, 400), name
+        assert counts == [tokens_by_construction(x) for x in inputs], name
+        # An even spread: every 50-token band holds about an eighth of the inputs.
+        bands = [sum(1 for c in counts if b <= c < b + 50) for b in range(0, 400, 50)]
+        assert min(bands) >= 50, bands
+        assert all(x.count("[MASK]") == (task == "fill-mask") for x in inputs)
+
+
+def _point(c: int, rps: float, p50: float, p99: float, batch: float | None = None) -> dict:
+    return {"mode": "closed", "concurrency": c, "throughput_rps": rps, "requests": 100,
+            "bytes_received": 1000, "statuses": {"200": 100},
+            "latency_ms": {"p50": float(p50), "p90": float(p99), "p99": float(p99),
+                           "max": float(p99)},
+            "mean_batch_size": batch, "decode": "json"}
+
+
+def test_report_compares_token_aware_with_count_only():
+    from benchmarks.report import batching_table, render_markdown
+
+    servers = {
+        "batchwire": {"points": [_point(32, 30.0, 900, 1500, 5.1),
+                                 _point(64, 32.0, 1800, 2500, 5.5)],
+                      "batching": [{"device": "cpu", "max_batch_size": 8,
+                                    "max_batch_tokens": 2048}]},
+        "batchwire-count": {"points": [_point(32, 20.0, 1400, 3000, 8.0),
+                                       _point(64, 20.0, 3000, 5000, 8.0)],
+                            "variant_flags": ["--max-batch-tokens", "0", "--no-length-buckets"]},
+        "guide": {"points": [_point(32, 15.0, 2000, 2600), _point(64, 16.0, 4000, 4400)]},
+    }
+    workload = {"name": "fill-mask-minilm-mixed400", "description": "mixed", "answer": "fill-mask",
+                "model": {"key": "minilm-fill-mask", "description": "d", "task": "fill-mask",
+                          "max_tokens": 512},
+                "inputs": 512, "input_words": {"min": 2, "max": 397, "mean": 199.5},
+                "input_tokens": {"min": 5, "max": 400, "mean": 202.5},
+                "ceiling": None, "servers": servers}
+    table = "\n".join(batching_table(workload))
+    assert "| 64 | batchwire | 32.0 | 1.60 | 2.00 | 1,800.0 | 2,500.0 | 0.50 | 5.5 |" in table
+    assert "| 64 | batchwire-count | 20.0 | 1.00 | 1.25 |" in table
+    assert "| 32 | guide | 15.0 | 0.75 | 1.00 |" in table
+    assert "- C=32: token-aware = 1.50 × count-only throughput; p99 1500 vs 3000 ms (0.50 ×)" \
+        in table
+    assert "max_batch_tokens 2048" in table
+    assert "`--max-batch-tokens 0 --no-length-buckets`" in table
+    # Without a count-only row there is no comparison.
+    assert batching_table({**workload, "servers": {"batchwire": servers["batchwire"]}}) == []
+
+    results = {"command": "python -m benchmarks.run", "machine": {}, "workloads": [workload],
+               "config": {"warmup_s": 2, "duration_s": 30, "max_requests": 1, "inputs": 512,
+                          "batchwire": {"workers": 1, "max_batch_size": 0, "max_delay_ms": 2,
+                                        "variants": {"batchwire-count": ["--max-batch-tokens",
+                                                                         "0"]}}}}
+    report = render_markdown(results, {})
+    assert "### Token-aware vs count-only batching" in report
+    assert "5-400 tokens with [CLS] and [SEP]" in report

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from protocol.errors import BadInput, ClientError, InvalidParameters, ModelError
+from protocol.errors import BadInput, ClientError, InputTooLong, InvalidParameters, ModelError
 from protocol.messages import NDArray
 from worker.runner import PipelineRunner, classify_error, default_model_path, infer_task, to_wire
 
@@ -178,21 +178,42 @@ def test_feature_extraction_one_item_batch_equals_unbatched(tiny_fe_runner, tiny
 
 
 # -- 4. inputs longer than the model takes -----------------------------------------------------
-def test_too_long_input_is_bad_input(fill_runner, tiny_fe_runner):
+def test_too_long_input_is_422_input_too_long(fill_runner, tiny_fe_runner):
     assert fill_runner.max_length == TINY_LIMIT
     text = "word " * 200 + "[MASK]"
     n = n_tokens(fill_runner, text)
     assert n > TINY_LIMIT
     for runner, inputs in ((fill_runner, [text]), (fill_runner, ["a [MASK]", text]),
                            (tiny_fe_runner, ["short", "word " * 200])):
-        with pytest.raises(BadInput) as info:
-            runner(inputs, {})
-        message = str(info.value)
-        assert str(n_tokens(runner, inputs[-1])) in message
-        assert str(TINY_LIMIT) in message
-        assert info.value.status == 400
-    with pytest.raises(BadInput, match="truncation"):  # feature-extraction hints at the fix
-        tiny_fe_runner(["word " * 200], {})
+        # On arrival (the worker's I/O loop) and, for callers that did not measure, in the call.
+        for attempt in (lambda: runner.measure(inputs[-1], {}), lambda: runner(inputs, {})):
+            with pytest.raises(InputTooLong) as info:
+                attempt()
+            message = str(info.value)
+            assert str(n_tokens(runner, inputs[-1])) in message
+            assert str(TINY_LIMIT) in message
+            assert info.value.status == 422
+    with pytest.raises(InputTooLong, match="truncation"):  # feature-extraction hints at the fix
+        tiny_fe_runner.measure("word " * 200, {})
+
+
+def test_measure_counts_tokens_as_the_pipeline_does(fill_runner, tiny_fe_runner):
+    for runner, text in ((fill_runner, "Paris is the [MASK] of France."),
+                         (tiny_fe_runner, SHORT_TEXT), (tiny_fe_runner, LONG_TEXT)):
+        assert runner.measure(text, {}) == n_tokens(runner, text)
+        # The count travels to the call, which reports it without tokenizing again.
+        (n,) = runner([text], {}, [runner.measure(text, {})]).tokens
+        assert n == n_tokens(runner, text)
+    assert tiny_fe_runner.measure("word " * 200, {"truncation": True}) == TINY_LIMIT
+    assert tiny_fe_runner.measure({"not": "text"}, {}) == 0
+
+
+def test_measure_uses_its_own_tokenizer(tiny_fe_runner):
+    """measure() runs on the I/O loop while the inference thread tokenizes: sharing one fast
+    tokenizer between threads can raise "Already borrowed" in the Rust backend."""
+    assert tiny_fe_runner._measuring_tokenizer is not tiny_fe_runner.pipe.tokenizer
+    assert tiny_fe_runner._measuring_tokenizer.backend_tokenizer is not (
+        tiny_fe_runner.pipe.tokenizer.backend_tokenizer)
 
 
 def test_too_long_input_with_truncation_succeeds(tiny_fe_runner, tiny_fe_pipe):

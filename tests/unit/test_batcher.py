@@ -1,256 +1,43 @@
 """Unit tests for worker/batcher.py: the deadline-bounded dynamic batching policy.
 
-Everything here is plain asyncio plus a plain-Python runner executed in a real
-single-thread executor (as the worker does): no sockets, no torch. Timing assertions
-use the time the runner is *called*, recorded inside the runner with ``time.monotonic``
-(the batcher's own clock), so they measure the policy and not the test's scheduling.
-Synchronisation is always "wait for a condition, with a timeout"; the only sleeps are
-inside the runner (simulated compute) or the poll step of :func:`wait_until`.
+The harness (a recording plain-Python runner in a real single-thread executor, no sockets,
+no torch; waits on conditions with timeouts) lives in tests/unit/batching_harness.py and
+the ``make_batcher`` fixture in tests/unit/conftest.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 from protocol.errors import (
     BadInput,
-    BatchwireError,
     Cancelled,
     DeadlineExceeded,
     InvalidParameters,
     ModelError,
 )
-from worker.batcher import Batcher, BatchStats, WorkItem
+from tests.unit.batching_harness import (
+    P_A,
+    P_B,
+    TOL,
+    WAIT,
+    Call,
+    Outcome,
+    Runner,
+    default_outputs,
+    expected_output,
+    key_of,
+    make_item,
+    wait_until,
+)
+from worker.batcher import Batcher, WorkItem
 from worker.runner import classify_error as pipeline_classify_error
-
-#: Slack allowed on "it ran at time T" assertions.
-TOL = 0.05
-#: Upper bound on any single wait in these tests.
-WAIT = 5.0
-
-P_A = {"top_k": 1}
-P_B = {"top_k": 5}
-
-
-def key_of(parameters: dict) -> Any:
-    return tuple(sorted(parameters.items()))
-
-
-def default_outputs(inputs: list, parameters: dict) -> list:
-    return [("out", x, parameters.get("top_k")) for x in inputs]
-
-
-def expected_output(item: WorkItem) -> Any:
-    return ("out", item.inputs, item.parameters.get("top_k"))
-
-
-# -- helpers -------------------------------------------------------------------------
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = WAIT, what: str = "") -> None:
-    """Wait for ``condition`` to hold, polling; fail the test if it does not within ``timeout``."""
-
-    async def poll() -> None:
-        while not condition():
-            await asyncio.sleep(0.005)
-
-    try:
-        await asyncio.wait_for(poll(), timeout)
-    except asyncio.TimeoutError:
-        pytest.fail(f"timed out after {timeout}s waiting for {what or condition}")
-
-
-@dataclass
-class Call:
-    started: float
-    inputs: list
-    parameters: dict
-    ended: float | None = None
-
-
-class Runner:
-    """A synchronous ``runner(inputs, parameters) -> outputs`` that records every call.
-
-    ``compute`` produces the outputs (and may raise); ``block_first`` makes the first call
-    park on a threading.Event until :meth:`release` (``first_started`` tells when it is
-    parked); ``duration`` is simulated compute time per call.
-    """
-
-    def __init__(
-        self,
-        compute: Callable[[list, dict], Any] = default_outputs,
-        *,
-        block_first: bool = False,
-        duration: float = 0.0,
-    ):
-        self.compute = compute
-        self.block_first = block_first
-        self.duration = duration
-        self.calls: list[Call] = []
-        self._lock = threading.Lock()
-        self.first_started = threading.Event()
-        self._release = threading.Event()
-
-    def __call__(self, inputs: list, parameters: dict) -> Any:
-        call = Call(time.monotonic(), list(inputs), dict(parameters))
-        with self._lock:
-            self.calls.append(call)
-            first = len(self.calls) == 1
-        try:
-            if self.block_first and first:
-                self.first_started.set()
-                if not self._release.wait(WAIT):
-                    raise RuntimeError("test runner was never released")
-            if self.duration:
-                time.sleep(self.duration)
-            return self.compute(inputs, parameters)
-        finally:
-            call.ended = time.monotonic()
-
-    def release(self) -> None:
-        self._release.set()
-
-    @property
-    def seen_inputs(self) -> list:
-        return [x for call in self.calls for x in call.inputs]
-
-    @property
-    def sizes(self) -> list[int]:
-        return [len(call.inputs) for call in self.calls]
-
-
-@dataclass
-class Outcome:
-    kind: str  # "result" or "error"
-    item: WorkItem
-    output: Any = None
-    stats: BatchStats | None = None
-    error: BatchwireError | None = None
-
-
-@dataclass
-class Harness:
-    batcher: Batcher
-    runner: Runner
-    executor: ThreadPoolExecutor
-    task: asyncio.Task | None = None
-    outcomes: dict[int, list[Outcome]] = field(default_factory=dict)
-
-    def record(self, outcome: Outcome) -> None:
-        self.outcomes.setdefault(outcome.item.request_id, []).append(outcome)
-
-    @property
-    def answered(self) -> int:
-        return len(self.outcomes)
-
-    def only(self, request_id: int) -> Outcome:
-        got = self.outcomes.get(request_id, [])
-        assert len(got) == 1, f"request {request_id} got {len(got)} outcomes: {got}"
-        return got[0]
-
-    def results(self) -> dict[int, Outcome]:
-        return {rid: o[0] for rid, o in self.outcomes.items() if o[0].kind == "result"}
-
-    def errors(self) -> dict[int, Outcome]:
-        return {rid: o[0] for rid, o in self.outcomes.items() if o[0].kind == "error"}
-
-    def submit(self, *items: WorkItem) -> None:
-        for it in items:
-            self.batcher.submit(it)
-
-    async def answered_all(self, items, timeout: float = WAIT) -> None:
-        ids = {it.request_id for it in items}
-        await wait_until(lambda: ids <= self.outcomes.keys(), timeout,
-                         f"outcomes for {len(ids)} requests")
-
-    def assert_exactly_once(self, items) -> None:
-        for it in items:
-            self.only(it.request_id)
-        extra = self.outcomes.keys() - {it.request_id for it in items}
-        assert not extra, f"outcomes for requests never submitted: {extra}"
-
-
-def make_item(
-    rid: int,
-    inputs: Any = None,
-    *,
-    parameters: dict = P_A,
-    admitted_at: float | None = None,
-    deadline: float | None = None,
-) -> WorkItem:
-    now = time.monotonic()
-    return WorkItem(
-        request_id=rid,
-        inputs=f"in-{rid}" if inputs is None else inputs,
-        parameters=parameters,
-        parameter_key=key_of(parameters),
-        admitted_at=now if admitted_at is None else admitted_at,
-        deadline=now + 60.0 if deadline is None else deadline,
-    )
-
-
-@pytest.fixture
-async def make_batcher():
-    """Factory: a started Batcher around a Runner; closed and awaited at teardown."""
-    harnesses: list[Harness] = []
-
-    def factory(
-        runner: Runner | None = None,
-        *,
-        max_batch_size: int = 8,
-        max_delay: float = 0.05,
-        classify_error: Callable[[BaseException], BatchwireError] | None = None,
-        adaptive: bool = False,
-    ) -> Harness:
-        runner = runner or Runner()
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-inference")
-        harness: Harness
-
-        def on_result(item: WorkItem, output: Any, stats: BatchStats) -> None:
-            harness.record(Outcome("result", item, output=output, stats=stats))
-
-        def on_error(item: WorkItem, error: BatchwireError) -> None:
-            harness.record(Outcome("error", item, error=error))
-
-        extra = {} if classify_error is None else {"classify_error": classify_error}
-        batcher = Batcher(
-            runner=runner,
-            executor=executor,
-            max_batch_size=max_batch_size,
-            max_delay_s=max_delay,
-            on_result=on_result,
-            on_error=on_error,
-            adaptive=adaptive,
-            **extra,
-        )
-        harness = Harness(batcher, runner, executor)
-        harness.task = asyncio.create_task(batcher.run(), name="batcher-under-test")
-        harnesses.append(harness)
-        return harness
-
-    yield factory
-
-    failures = []
-    for h in harnesses:
-        h.runner.release()
-        h.batcher.close()
-        try:
-            await asyncio.wait_for(h.task, WAIT)
-        except BaseException as exc:  # noqa: BLE001 - tear every harness down, then report
-            failures.append(exc)
-        finally:
-            h.executor.shutdown(wait=True)
-    if failures:
-        raise failures[0]
-
 
 # -- construction ----------------------------------------------------------------------
 

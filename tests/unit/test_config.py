@@ -37,9 +37,9 @@ def test_help_names_every_env_var(capsys):
         assert name in text
 
 
-def test_worker_capacity_defaults_to_twice_the_batch():
+def test_worker_capacity_defaults_to_four_batches():
     cfg = worker_config.parse(["--connect", "ipc:///tmp/x", "--max-batch-size", "5"], environ={})
-    assert cfg.capacity == 10 and cfg.max_delay_s == pytest.approx(cfg.max_delay_ms / 1000)
+    assert cfg.capacity == 20 and cfg.max_delay_s == pytest.approx(cfg.max_delay_ms / 1000)
     with pytest.raises(SystemExit):
         worker_config.parse([], environ={})  # --connect is required
 
@@ -85,5 +85,19 @@ def test_max_batch_size_defaults_by_device():
     cpu = worker_config.parse(["--connect", "ipc:///tmp/x"], environ={})
     gpu = worker_config.parse(["--connect", "ipc:///tmp/x", "--device", "cuda:0"], environ={})
     assert (cpu.max_batch_size, cpu.capacity) == (worker_config.DEFAULT_MAX_BATCH_SIZE_CPU,
-                                                  2 * worker_config.DEFAULT_MAX_BATCH_SIZE_CPU)
+                                                  4 * worker_config.DEFAULT_MAX_BATCH_SIZE_CPU)
     assert gpu.max_batch_size == worker_config.DEFAULT_MAX_BATCH_SIZE_GPU
+    assert (cpu.max_batch_tokens, gpu.max_batch_tokens) == (
+        worker_config.DEFAULT_MAX_BATCH_TOKENS_CPU, worker_config.DEFAULT_MAX_BATCH_TOKENS_GPU)
+    assert cpu.length_buckets and gpu.length_buckets
+
+
+def test_token_budget_and_buckets_can_be_turned_off():
+    cfg = worker_config.parse(["--connect", "ipc:///tmp/x", "--max-batch-tokens", "0",
+                               "--no-length-buckets"], environ={})
+    assert cfg.max_batch_tokens == 0 and not cfg.length_buckets
+    env = worker_config.parse(["--connect", "ipc:///tmp/x"], environ={
+        "BATCHWIRE_MAX_BATCH_TOKENS": "512", "BATCHWIRE_NO_LENGTH_BUCKETS": "1"})
+    assert env.max_batch_tokens == 512 and not env.length_buckets
+    with pytest.raises(SystemExit):
+        worker_config.parse(["--connect", "ipc:///tmp/x", "--max-batch-tokens", "-1"], environ={})

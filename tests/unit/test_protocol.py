@@ -132,13 +132,13 @@ def test_field_order_on_the_wire():
     # Built by keyword, so a swap of two same-typed fields in a dataclass is caught too.
     expected = [
         (Ready(worker_id="w", pid=12, model="m", task="t", device="cpu", capacity=2,
-               max_batch_size=16, host="h", pooling="mean"),
-         [1, 1, "w", 12, "m", "t", "cpu", 2, 16, "h", "mean"]),
+               max_batch_size=16, host="h", pooling="mean", max_batch_tokens=4096),
+         [1, 1, "w", 12, "m", "t", "cpu", 2, 16, "h", "mean", 4096]),
         (Request(request_id=5, inputs="in", parameters={"k": 1}, budget_ms=30.0,
                  waited_ms=2.5, embed=True), [1, 2, 5, "in", {"k": 1}, 30.0, 2.5, True]),
         (Result(request_id=5, output="out", batch_size=3, queue_ms=1.25, inference_ms=4.5,
-                batch_id=9, tokens=11),
-         [1, 3, 5, "out", 3, 1.25, 4.5, 9, 11]),
+                batch_id=9, tokens=11, batch_tokens=48, padding_ratio=0.25),
+         [1, 3, 5, "out", 3, 1.25, 4.5, 9, 11, 48, 0.25]),
         (Error(request_id=5, code="bad_input", message="nope"), [1, 4, 5, "bad_input", "nope"]),
         (Cancel(request_id=5), [1, 5, 5]),
         (Heartbeat(), [1, 6]),
@@ -149,7 +149,7 @@ def test_field_order_on_the_wire():
         assert decode(msgpack.packb(parts, use_bin_type=True)) == message
     ext = msgpack.ExtType(1, msgpack.packb(["<i8", [1], nd.data], use_bin_type=True))
     assert encode(Result(1, nd, 1, 0.0, 0.0)) == msgpack.packb(
-        [1, 3, 1, ext, 1, 0.0, 0.0, 0, 0], use_bin_type=True
+        [1, 3, 1, ext, 1, 0.0, 0.0, 0, 0, 0, 0.0], use_bin_type=True
     )
 
 
@@ -473,7 +473,7 @@ def test_frame_that_is_not_a_message_array(raw):
         (MessageType.DISCONNECT, ["a", "b"]),
         (MessageType.ERROR, [1, "model_error"]),
         (MessageType.REQUEST, [1, "x", {}, 1.0]),
-        (MessageType.RESULT, [1, "x", 1, 0.0, 0.0, 0, 0, 0]),
+        (MessageType.RESULT, [1, "x", 1, 0.0, 0.0, 0, 0, 0, 0.0, 0]),
         (MessageType.REQUEST, [1, "x", {}, 1.0, 0.0, False, 1]),
         (MessageType.READY, ["w", 1, "m", "t", "cpu", 1]),
     ],
@@ -778,6 +778,7 @@ DOCUMENTED_STATUS = {
     "body_too_large": (errors.BodyTooLarge, 413),
     "unsupported_media_type": (errors.UnsupportedMediaType, 415),
     "invalid_parameters": (errors.InvalidParameters, 422),
+    "input_too_long": (errors.InputTooLong, 422),
     "model_error": (errors.ModelError, 500),
     "worker_crashed": (errors.WorkerCrashed, 500),
     "overloaded": (errors.Overloaded, 503),
