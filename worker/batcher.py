@@ -276,8 +276,8 @@ class Batcher:
                     self.effective_batch_size = len(batch) - half
                     log.warning("out of memory on a batch of %d; effective batch size is now %d",
                                 len(batch), self.effective_batch_size)
-                cost = max(batch_policy.padded_tokens([it.tokens for it in batch[:half]]),
-                           batch_policy.padded_tokens([it.tokens for it in batch[half:]]))
+                cost = max(batch_policy.padded_tokens(lengths[:half]),
+                           batch_policy.padded_tokens(lengths[half:]))
                 if cost and (not self.effective_batch_tokens or cost < self.effective_batch_tokens):
                     self.effective_batch_tokens = cost
                     log.warning("effective token budget is now %d padded tokens", cost)

@@ -14,8 +14,6 @@ from protocol.logs import add_logging_flags
 #: padding and attention grow with the batch's longest input); a GPU wants bigger ones.
 DEFAULT_MAX_BATCH_SIZE_CPU = 8
 DEFAULT_MAX_BATCH_SIZE_GPU = 32
-
-
 #: Padded tokens per batch. On a CPU the cost of a batch grows with its padded tokens, so the
 #: budget mostly bounds how long one batch holds the model (and the p99 behind it); on a GPU
 #: it bounds activation memory (TEI's default is the same 16384).
@@ -24,6 +22,12 @@ DEFAULT_MAX_BATCH_TOKENS_GPU = 16384
 #: Capacity, in batches: what the gateway lets a worker hold beyond the batch computing is
 #: the look-ahead that length buckets choose from.
 DEFAULT_CAPACITY_BATCHES = 4
+DEFAULT_MAX_DELAY_MS = 2.0
+DEFAULT_HEARTBEAT_S = 1.0
+DEFAULT_BATCH_TIMEOUT_S = 60.0
+#: Exit status of a worker that cannot load its model (bad path, task, device): restarting it
+#: cannot help, so `batchwire serve` stops instead of retrying forever.
+EXIT_CANNOT_LOAD = 2
 
 
 def default_max_batch_size(device: str) -> int:
@@ -32,13 +36,6 @@ def default_max_batch_size(device: str) -> int:
 
 def default_max_batch_tokens(device: str) -> int:
     return DEFAULT_MAX_BATCH_TOKENS_CPU if device == "cpu" else DEFAULT_MAX_BATCH_TOKENS_GPU
-
-DEFAULT_MAX_DELAY_MS = 2.0
-DEFAULT_HEARTBEAT_S = 1.0
-DEFAULT_BATCH_TIMEOUT_S = 60.0
-#: Exit status of a worker that cannot load its model (bad path, task, device): restarting it
-#: cannot help, so `batchwire serve` stops instead of retrying forever.
-EXIT_CANNOT_LOAD = 2
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,8 @@ async def test_client_disconnect_makes_the_worker_skip_the_item(start_server, fa
         async def worker_busy():
             return (await info_async(session, server))["workers"][0]["in_flight"] >= 1
         await wait_for_async(worker_busy, 10, "the slow batch to start")
-        # Capacity is 2: this one waits on the worker behind the slow batch.
+        # Capacity is 4 (four batches of one): this one waits on the worker behind the slow
+        # batch.
         async with aiohttp.ClientSession() as leaving_client:
             doomed = asyncio.ensure_future(post(leaving_client, server.url + "/",
                                                 data=b"doomed [MASK]"))
