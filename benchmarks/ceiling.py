@@ -141,7 +141,8 @@ def measure(pipe, inputs: Sequence[str], *, batch_sizes: Sequence[int] = DEFAULT
     }
 
 
-def run(model: str, task: str, inputs: Sequence[str], **kwargs) -> dict:
+def run(model: str, task: str, inputs: Sequence[str], sparse_head: bool = False,
+        **kwargs) -> dict:
     import torch
     import transformers
     from transformers import pipeline
@@ -150,8 +151,16 @@ def run(model: str, task: str, inputs: Sequence[str], **kwargs) -> dict:
     started = time.monotonic()
     pipe = pipeline(task=task, model=model)
     load_s = time.monotonic() - started
+    if sparse_head:
+        # batchwire's fill-mask head (worker/sparse_head.py), on the plain pipeline: the
+        # ceiling of the model as batchwire runs it, not of the stock pipeline.
+        from worker.sparse_head import install
+
+        mask = pipe.tokenizer.mask_token
+        if install(pipe, [f"Paris is the {mask} of France.", f"{mask}."]) is None:
+            raise SystemExit("--sparse-head: the sparse head could not be installed")
     out = measure(pipe, inputs, **kwargs)
-    out.update(model=model, task=task, inputs=len(inputs), load_s=round(load_s, 2),
+    out.update(model=model, task=task, sparse_head=sparse_head, inputs=len(inputs), load_s=round(load_s, 2),
                torch_threads=torch.get_num_threads(), torch=torch.__version__,
                transformers=transformers.__version__, python=platform.python_version(),
                cpu_count=os.cpu_count())
@@ -178,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pooling", choices=("none", "mean"), default="none",
                         help="feature-extraction: pool each output to one sentence embedding "
                         "(mean, then L2-normalised) inside the timed call")
+    parser.add_argument("--sparse-head", action="store_true",
+                        help="fill-mask: compute the vocabulary logits at mask tokens only, as a "
+                        "batchwire worker does by default")
     parser.add_argument("--json-out", default=None, help="write the report here (else stdout)")
     args = parser.parse_args(argv)
 
@@ -191,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_tokens = _max_tokens(Path(args.model))
     inputs = make_inputs(args.workload, args.inputs, task=args.task, max_tokens=max_tokens,
                          min_tokens=args.min_tokens)
-    report = run(args.model, args.task, inputs,
+    report = run(args.model, args.task, inputs, sparse_head=args.sparse_head,
                  batch_sizes=[int(x) for x in args.batch_sizes.split(",") if x.strip()],
                  seconds_per_size=args.seconds_per_size,
                  max_items_per_size=args.max_items_per_size, with_json=not args.no_json,

@@ -83,6 +83,26 @@ def _read_stats() -> dict[int, tuple[int, float]]:
     return stats
 
 
+def _tree(pid: int, stats: dict[int, tuple[int, float]]) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for p, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(p)
+    found, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        found.append(p)
+        stack.extend(children.get(p, ()))
+    return found
+
+
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and its live descendants (empty if it is gone or /proc is missing)."""
+    if not os.path.isdir("/proc"):
+        return []
+    stats = _read_stats()
+    return _tree(pid, stats) if pid in stats else []
+
+
 def tree_cpu_seconds(pid: int) -> float | None:
     """CPU seconds (user + system) used so far by ``pid`` and its live descendants."""
     if not os.path.isdir("/proc"):
@@ -90,15 +110,7 @@ def tree_cpu_seconds(pid: int) -> float | None:
     stats = _read_stats()
     if pid not in stats:
         return None
-    children: dict[int, list[int]] = {}
-    for p, (ppid, _) in stats.items():
-        children.setdefault(ppid, []).append(p)
-    total, stack = 0.0, [pid]
-    while stack:
-        p = stack.pop()
-        total += stats[p][1]
-        stack.extend(children.get(p, ()))
-    return total
+    return sum(stats[p][1] for p in _tree(pid, stats))
 
 
 def machine_cpu_seconds() -> tuple[float, float] | None:

@@ -73,6 +73,7 @@ from pathlib import Path
 from typing import Sequence
 
 from benchmarks import loadgen
+from benchmarks.profiler import PointProfiler, ProfilerUnavailable, py_spy
 from benchmarks.procs import (
     REPO_ROOT,
     ServerFailed,
@@ -267,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "Default 0; --quick 1 (the tiny model gains nothing from threads)")
     p.add_argument("--guide-max-batch-size", type=int, default=64,
                    help="batch cap of the guide's batching variant (0: none, as in the guide)")
+    p.add_argument("--profile", action="store_true",
+                   help="py-spy every server process (and each batchwire worker) during each "
+                   "measured point; summaries in results.json and report.md, collapsed "
+                   "stacks in raw/ (needs py-spy)")
+    p.add_argument("--profile-rate", type=int, default=100,
+                   help="py-spy samples per second with --profile")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--note", default="", help="free text recorded in results.json and report.md")
     return p
@@ -320,6 +327,11 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         unknown = [s for s in args.servers if s not in known]
         if unknown:
             raise SystemExit(f"unknown server(s) {unknown}; known: {', '.join(known)}")
+    if args.profile:
+        try:
+            py_spy()
+        except ProfilerUnavailable as exc:
+            raise SystemExit(str(exc)) from None
     if min(args.concurrency, default=1) < 1 or args.duration <= 0 or args.max_requests < 1:
         raise SystemExit("concurrency, --duration and --max-requests must be positive")
     return args
@@ -452,7 +464,8 @@ def client_for(server: str, workload: Workload, model, inputs: list[str],
 
 
 def measure_point(server: ServerProcess, client: Client, args: argparse.Namespace, *,
-                  concurrency: int | None = None, rate: float | None = None) -> dict:
+                  concurrency: int | None = None, rate: float | None = None,
+                  profile_to: Path | None = None) -> dict:
     url = server.base_url + client.path
     common = dict(timeout_s=args.timeout, grace_s=args.grace, headers=client.headers,
                   decode=client.decode, check=client.check)
@@ -463,6 +476,8 @@ def measure_point(server: ServerProcess, client: Client, args: argparse.Namespac
                                     max_requests=max(warm_c * 4, 50), **common))
     server_cpu0, machine0 = server.cpu_seconds(), machine_cpu_seconds()
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    profiler = (PointProfiler(server.process.pid, profile_to, args.duration,
+                              args.profile_rate).start() if profile_to else None)
     if rate is not None:
         result = asyncio.run(loadgen.open_loop(url, client.bodies, rate=rate,
                                                duration_s=args.duration,
@@ -472,6 +487,8 @@ def measure_point(server: ServerProcess, client: Client, args: argparse.Namespac
                                                  duration_s=args.duration,
                                                  max_requests=args.max_requests, **common))
     server_cpu1, machine1 = server.cpu_seconds(), machine_cpu_seconds()
+    if profiler is not None:
+        result["profile"] = profiler.finish()
     wall = result["wall_s"] or 1e-9
     cpu = {"loadgen": round(result["loadgen_cpu_s"] / wall, 3)}
     if server_cpu0 is not None and server_cpu1 is not None:
@@ -520,7 +537,9 @@ def run_process(process: str, rows: list[str], model, workload: Workload, inputs
                 entry["batching"] = info
             client = client_for(name, workload, model, inputs, args)
             for c in concurrency:
-                point = measure_point(server, client, args, concurrency=c)
+                profile_to = raw_dir / f"{workload.name}.{name}.C{c}" if args.profile else None
+                point = measure_point(server, client, args, concurrency=c,
+                                      profile_to=profile_to)
                 entry["points"].append(point)
                 _log_point(workload.name, name, f"C={c}", point)
                 if not server.alive():

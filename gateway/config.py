@@ -38,7 +38,8 @@ class WorkerLaunchConfig:
 
     model: str | None = None
     task: str | None = None
-    workers: int = 1
+    #: None: ``--workers auto`` (one per visible GPU, else one per usable CPU core).
+    workers: int | None = 1
     devices: str = "auto"
     #: None: each worker's device default (worker.config.default_max_batch_size).
     max_batch_size: int | None = None
@@ -51,6 +52,7 @@ class WorkerLaunchConfig:
     pooling: str = "auto"
     normalize: str = "auto"
     fixed_delay: bool = False
+    sparse_mlm_head: bool = True
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                            formatter_class=fmt, epilog=epilog)
     flags = Flags(serve, environ)
     _add_gateway_flags(flags, serve=True)
-    flags.add("--workers", type=positive_int, default=1, help="local worker processes to run")
+    flags.add("--workers", type=worker_count, default=1,
+              help="local worker processes to run, or auto: one per visible GPU, else one per "
+              "usable CPU core with one torch thread each (each worker holds its own copy of "
+              "the model; on CPU that is the throughput layout, see docs/operations.md)")
     flags.add("--devices", default="auto",
               help="auto, cpu, or a list such as cuda:0,cuda:1 (worker i takes device i mod n)")
     add_model_flags(flags)
@@ -153,6 +158,16 @@ def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
     )
 
 
+def worker_count(text: str) -> int | None:
+    """``--workers``: a positive count, or ``auto`` (None)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return positive_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a count of at least 1 or 'auto', got {text!r}")
+
+
 def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
         gateway=gateway_config_from_args(args),
@@ -170,6 +185,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
             pooling=args.pooling,
             normalize=args.normalize,
             fixed_delay=args.fixed_delay,
+            sparse_mlm_head=not args.dense_mlm_head,
         ),
     )
 

@@ -30,8 +30,11 @@ BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0
 
 
-def resolve_devices(spec: str, count: int) -> list[str]:
-    """One device per worker: ``auto`` uses every visible GPU (via nvidia-smi), else CPU."""
+def resolve_devices(spec: str, count: int | None) -> list[str]:
+    """One device per worker: ``auto`` uses every visible GPU (via nvidia-smi), else CPU.
+
+    ``count`` None (``--workers auto``): one worker per GPU, or one per usable CPU core.
+    """
     if spec == "auto":
         gpus = _visible_gpus()
         devices = [f"cuda:{i}" for i in range(gpus)] or ["cpu"]
@@ -42,7 +45,30 @@ def resolve_devices(spec: str, count: int) -> list[str]:
                 raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda:N")
         if not devices:
             raise ValueError("--devices is empty")
+    if count is None:
+        gpus = list(dict.fromkeys(d for d in devices if d != "cpu"))
+        return gpus + (["cpu"] * usable_cpus() if "cpu" in devices else [])
     return [devices[i % len(devices)] for i in range(count)]
+
+
+def usable_cpus(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """Cores this process may run on: its affinity mask, capped by a cgroup v2 CPU quota.
+
+    A container limited to 2 CPUs on a 64-core host sees 64 in os.cpu_count(); starting 64
+    workers there would oversubscribe it 32 times.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        with open(cpu_max) as fh:
+            quota, period = fh.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
 
 
 def _visible_gpus() -> int:
@@ -84,7 +110,7 @@ class Supervisor:
         self.on_exit = on_exit
         devices = resolve_devices(launch.devices, launch.workers)
         cpu_workers = sum(1 for d in devices if d == "cpu")
-        threads = launch.torch_threads or max(1, (os.cpu_count() or 1) // max(cpu_workers, 1))
+        threads = launch.torch_threads or max(1, usable_cpus() // max(cpu_workers, 1))
         self.slots = [
             self._slot(i, device, threads, heartbeat_interval_s, batch_timeout_s, log_level)
             for i, device in enumerate(devices)
@@ -125,6 +151,8 @@ class Supervisor:
         argv += ["--pooling", launch.pooling, "--normalize", launch.normalize]
         if launch.fixed_delay:
             argv += ["--fixed-delay"]
+        if not launch.sparse_mlm_head:
+            argv += ["--dense-mlm-head"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHWIRE_")}
         if device == "cpu":
             # Each CPU worker gets its share of the cores; more threads only contend.

@@ -60,6 +60,7 @@ class WorkerConfig:
     curve_server_key: str | None
     curve_secret_key: str | None
     fixed_delay: bool
+    sparse_mlm_head: bool
     parent_pid: int
     log_level: str
     log_format: str
@@ -100,6 +101,9 @@ def add_model_flags(flags: Flags) -> None:
               help="always hold a batch that is not full for the whole --max-delay-ms; by "
               "default the worker waits only while its fitted latency model says the next "
               "arrival is worth it, so a lone request runs at once")
+    flags.add("--dense-mlm-head", action="store_true", default=False,
+              help="fill-mask: project every token onto the vocabulary, as the stock pipeline "
+              "does; by default only the mask tokens are (the same answers, checked at load)")
     flags.add("--torch-threads", type=int, default=0,
               help="torch intra-op threads per worker (0: torch's default for a lone worker; "
               "serve divides the cores among CPU workers)")
@@ -166,6 +170,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         curve_server_key=args.curve_server_key,
         curve_secret_key=args.curve_secret_key,
         fixed_delay=args.fixed_delay,
+        sparse_mlm_head=not args.dense_mlm_head,
         parent_pid=args.parent_pid,
         log_level=args.log_level,
         log_format=args.log_format,

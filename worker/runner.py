@@ -16,6 +16,7 @@ from typing import Any
 from protocol.errors import BadInput, BatchwireError, InputTooLong, InvalidParameters, ModelError
 from protocol.messages import NDArray
 from worker.batcher import RunOutput
+from worker import sparse_head
 
 log = logging.getLogger("batchwire.worker.runner")
 
@@ -85,7 +86,7 @@ class PipelineRunner:
 
     def __init__(self, model: str | None, task: str | None, device: str, torch_threads: int = 0,
                  trust_remote_code: bool = False, pooling: str = "auto",
-                 normalize: bool | None = None):
+                 normalize: bool | None = None, sparse_mlm_head: bool = True):
         self.model = model or default_model_path()
         self.task = task or ("feature-extraction" if model is None else infer_task(self.model))
         self.device = device
@@ -98,6 +99,9 @@ class PipelineRunner:
         self.pooling = ""
         self.normalize = False
         self.pipe: Any = None
+        self.sparse_mlm_head = sparse_mlm_head
+        #: The installed fill-mask head that computes logits at mask tokens only, or None.
+        self.sparse_head: Any = None
         #: A second tokenizer for :meth:`measure`, which runs on the I/O loop while the
         #: inference thread tokenizes: a fast tokenizer's Rust object is not safe to share
         #: between threads (padding and truncation are set on it per call).
@@ -144,7 +148,15 @@ class PipelineRunner:
             self.pipe.tokenizer.model_max_length = self.max_length
         if self.pipe.tokenizer is not None:
             self._measuring_tokenizer = copy.deepcopy(self.pipe.tokenizer)
+        if self.kind == "fill-mask" and self.sparse_mlm_head:
+            self.sparse_head = sparse_head.install(self.pipe, self._mask_samples())
         return time.monotonic() - started
+
+    def _mask_samples(self) -> list[str]:
+        """Texts of different lengths, one with two masks, for the sparse head's self-check."""
+        m = self.pipe.tokenizer.mask_token
+        return [f"Paris is the {m} of France.", f"The {m} sat on the mat by the {m} door.",
+                f"{m}.", f"Every morning she walks her dog along the river to the old {m}."]
 
     def warm_up(self, batch_size: int) -> float:
         """Run a real batch so the first client request does not pay for lazy init."""

@@ -134,6 +134,61 @@ def test_fill_mask_batch_equals_unbatched(fill_runner, fill_pipe, parameters):
         assert all(len(c) == parameters.get("top_k", 5) for c in per_mask)
 
 
+def test_fill_mask_runs_its_vocabulary_head_at_mask_tokens_only(fill_runner, fill_pipe):
+    """The sparse head is on by default, projects only the mask rows, and changes no answer
+    (targets included: they index the same logits)."""
+    head = fill_runner.sparse_head
+    assert head is not None, "the sparse masked-LM head was not installed"
+    rows: list[int] = []
+    dense = head._dense
+    head._dense = lambda hidden: (rows.append(hidden.shape[0]), dense(hidden))[1]
+    try:
+        outputs = fill_runner(list(FILL_MASK_INPUTS), {}).outputs
+        targeted = fill_runner(list(FILL_MASK_INPUTS[:3]), {"targets": ["the", "a"]}).outputs
+    finally:
+        head._dense = dense
+    masks = sum(t.count("[MASK]") for t in FILL_MASK_INPUTS)
+    assert rows == [masks, 3], "the head ran on more than the mask tokens"
+    for text, got in zip(FILL_MASK_INPUTS, outputs):
+        assert_same_fill_mask(got, fill_pipe(text))
+    for text, got in zip(FILL_MASK_INPUTS, targeted):
+        assert_same_fill_mask(got, fill_pipe(text, targets=["the", "a"]))
+
+
+def test_dense_mlm_head_flag_keeps_the_stock_head(tiny_model_dir):
+    runner = PipelineRunner(str(tiny_model_dir), None, "cpu", sparse_mlm_head=False)
+    runner.load()
+    decoder = runner.pipe.model.get_output_embeddings()
+    assert runner.sparse_head is None and "forward" not in decoder.__dict__
+
+
+def test_sparse_head_that_changes_answers_is_taken_out(tiny_model_dir, monkeypatch):
+    """The self-check at load: a head that gets the answers wrong never serves."""
+    from worker import sparse_head
+
+    pipe = _reference("fill-mask", str(tiny_model_dir))
+    decoder = pipe.model.get_output_embeddings()
+    want = pipe("Paris is the [MASK] of France.")
+
+    def wrong(self, hidden):
+        # Checked against itself switched off (the stock head), it ranks the vocabulary upside down.
+        return self._dense(hidden) * (-1.0 if self.enabled else 1.0)
+    monkeypatch.setattr(sparse_head.SparseMaskedHead, "_forward", wrong)
+    assert sparse_head.install(pipe, ["Paris is the [MASK] of France.", "[MASK]."]) is None
+    assert "forward" not in decoder.__dict__, "the dense head was not restored"
+    assert_same_fill_mask(pipe("Paris is the [MASK] of France."), want)
+
+
+def test_same_answers_allows_ties_only():
+    from worker.sparse_head import same_answers
+
+    a = [{"token": 1, "score": 0.5}, {"token": 2, "score": 0.2}, {"token": 3, "score": 0.2}]
+    swapped_tie = [a[0], a[2], a[1]]
+    assert same_answers([a], [swapped_tie])
+    assert not same_answers([a], [[a[1], a[0], a[2]]])  # 0.5 vs 0.2: not a tie
+    assert not same_answers([a], [[a[0], a[1], {"token": 3, "score": 0.25}]])
+
+
 # -- 2. feature-extraction: batching is invisible (tiny and real MiniLM) ----------------------
 def test_raw_batched_feature_extraction_pads(fe_pair):
     """Guard for the test below: without batchwire's trim, short items come back padded."""

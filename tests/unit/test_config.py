@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway import config as gateway_config
-from gateway.supervisor import Supervisor, resolve_devices
+from gateway.supervisor import Supervisor, resolve_devices, usable_cpus
 from worker import config as worker_config
 
 
@@ -56,6 +56,41 @@ def test_auto_devices_follow_cuda_visible_devices(monkeypatch):
     assert resolve_devices("auto", 2) == ["cpu", "cpu"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     assert resolve_devices("auto", 3) == ["cuda:0", "cuda:1", "cuda:0"]
+
+
+def test_workers_auto_is_one_per_gpu_or_one_per_core(monkeypatch):
+    _, cfg = gateway_config.parse(["serve", "--workers", "auto"], environ={})
+    assert cfg.workers.workers is None
+    _, cfg = gateway_config.parse(["serve"], environ={"BATCHWIRE_WORKERS": "AUTO"})
+    assert cfg.workers.workers is None
+    _, cfg = gateway_config.parse(["serve"], environ={})
+    assert cfg.workers.workers == 1  # the default: one worker with every core as a thread
+    for bad in ("0", "many"):
+        with pytest.raises(SystemExit):
+            gateway_config.parse(["serve", "--workers", bad], environ={})
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert resolve_devices("auto", None) == ["cuda:0", "cuda:1"]
+    assert resolve_devices("cuda:0,cpu", None) == ["cuda:0", "cpu"] + ["cpu"] * (usable_cpus() - 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert resolve_devices("auto", None) == ["cpu"] * usable_cpus()
+
+    # On CPU each auto worker gets one torch thread: N processes on N cores, no more.
+    launch = gateway_config.WorkerLaunchConfig(model="/m", task="fill-mask", workers=None,
+                                               devices="cpu")
+    sup = Supervisor(launch, "ipc:///tmp/bw.sock", 1.0, 12.0, "INFO", on_exit=lambda *a: None)
+    assert len(sup.slots) == usable_cpus()
+    for slot in sup.slots:
+        cfg = worker_config.parse(slot.argv[3:], environ={})
+        assert cfg.torch_threads == 1 and slot.env["OMP_NUM_THREADS"] == "1"
+
+
+def test_usable_cpus_honours_a_cgroup_quota(tmp_path):
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("150000 100000\n")  # 1.5 CPUs: two workers would each get 0.75
+    assert usable_cpus(str(cpu_max)) == min(2, usable_cpus(str(tmp_path / "absent")))
+    cpu_max.write_text("max 100000\n")
+    assert usable_cpus(str(cpu_max)) == usable_cpus(str(tmp_path / "absent")) >= 1
 
 
 def test_supervisor_argv_parses_with_the_worker_parser(monkeypatch):
