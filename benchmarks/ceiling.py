@@ -156,8 +156,7 @@ def run(model: str, task: str, inputs: Sequence[str], sparse_head: bool = False,
         # ceiling of the model as batchwire runs it, not of the stock pipeline.
         from worker.sparse_head import install
 
-        mask = pipe.tokenizer.mask_token
-        if install(pipe, [f"Paris is the {mask} of France.", f"{mask}."]) is None:
+        if install(pipe) is None:
             raise SystemExit("--sparse-head: the sparse head could not be installed")
     out = measure(pipe, inputs, **kwargs)
     out.update(model=model, task=task, sparse_head=sparse_head, inputs=len(inputs), load_s=round(load_s, 2),

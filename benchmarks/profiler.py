@@ -16,6 +16,7 @@ it). Linux only (it reads the processes' memory, which needs ptrace rights: root
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -61,6 +62,7 @@ def role_of(pid: int, root: int) -> str | None:
     return None  # multiprocessing helpers and the like: not on the request path
 
 
+@functools.lru_cache(maxsize=None)  # a profile repeats the same few hundred files
 def short_path(path: str) -> str:
     """A file as a reader knows it: ``aiohttp/web_protocol.py``, ``gateway/app.py``."""
     if "site-packages/" in path:

@@ -149,14 +149,8 @@ class PipelineRunner:
         if self.pipe.tokenizer is not None:
             self._measuring_tokenizer = copy.deepcopy(self.pipe.tokenizer)
         if self.kind == "fill-mask" and self.sparse_mlm_head:
-            self.sparse_head = sparse_head.install(self.pipe, self._mask_samples())
+            self.sparse_head = sparse_head.install(self.pipe)
         return time.monotonic() - started
-
-    def _mask_samples(self) -> list[str]:
-        """Texts of different lengths, one with two masks, for the sparse head's self-check."""
-        m = self.pipe.tokenizer.mask_token
-        return [f"Paris is the {m} of France.", f"The {m} sat on the mat by the {m} door.",
-                f"{m}.", f"Every morning she walks her dog along the river to the old {m}."]
 
     def warm_up(self, batch_size: int) -> float:
         """Run a real batch so the first client request does not pay for lazy init."""

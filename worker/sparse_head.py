@@ -70,9 +70,15 @@ class SparseMaskedHead:
             del self.decoder.forward
 
 
-def install(pipe: Any, samples: list[str]) -> SparseMaskedHead | None:
+def check_inputs(mask: str) -> list[str]:
+    """Texts of different lengths, one with two masks, for the self-check."""
+    return [f"Paris is the {mask} of France.", f"The {mask} sat on the mat by the {mask} door.",
+            f"{mask}.", f"Every morning she walks her dog along the river to the old {mask}."]
+
+
+def install(pipe: Any, samples: list[str] | None = None) -> SparseMaskedHead | None:
     """Wrap ``pipe``'s masked-LM head if it can be, and keep it only if ``samples`` (texts
-    with a mask token) get the same answers both ways."""
+    with a mask token; default :func:`check_inputs`) get the same answers both ways."""
     import torch
 
     model = getattr(pipe, "model", None)
@@ -84,6 +90,7 @@ def install(pipe: Any, samples: list[str]) -> SparseMaskedHead | None:
                  else f"output embeddings are {type(decoder).__name__}, not a Linear")
         return None
     head = SparseMaskedHead(model, decoder, mask_id)
+    samples = samples or check_inputs(pipe.tokenizer.mask_token)
     try:
         head.enabled = False
         dense = pipe(samples, batch_size=len(samples))
