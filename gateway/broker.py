@@ -32,6 +32,7 @@ import zmq.asyncio
 
 from gateway.metrics import GatewayMetrics
 from protocol import codec, curve
+from protocol.transport import send_now
 from protocol.errors import (
     BatchwireError,
     Cancelled,
@@ -311,7 +312,7 @@ class Broker:
             if not worker.in_flight:
                 worker.last_progress = now
             worker.in_flight[pending.request_id] = pending
-            if not self._send(worker.identity, message):
+            if not self._send(worker.identity, message, undelivered=pending):
                 return  # the worker vanished; _send already requeued its work
 
     def _expire(self, pending: PendingRequest) -> None:
@@ -352,8 +353,10 @@ class Broker:
             self._idle.set()
 
     # -- workers ---------------------------------------------------------------------------
-    def worker_lost(self, worker: WorkerHandle, reason: str, crashed: bool = True) -> None:
-        """Take a worker out of dispatch and requeue, at the front, what it had not answered."""
+    def worker_lost(self, worker: WorkerHandle, reason: str, crashed: bool = True,
+                    undelivered: PendingRequest | None = None) -> None:
+        """Take a worker out of dispatch and requeue, at the front, what it had not answered.
+        ``undelivered``: a request that never reached it, so no crash counts against it."""
         if self.workers.get(worker.identity) is not worker:
             return
         del self.workers[worker.identity]
@@ -365,7 +368,7 @@ class Broker:
         log.warning("worker %s (pid %d) lost: %s; %d request(s) to requeue",
                     worker.info.worker_id, worker.info.pid, reason, len(orphans))
         for pending in reversed(orphans):
-            if crashed:
+            if crashed and pending is not undelivered:
                 pending.crashes += 1
             if pending.crashes >= MAX_CRASHES:
                 self._finish(pending, error=WorkerCrashed(
@@ -397,17 +400,20 @@ class Broker:
         self._dispatch()
 
     # -- socket -----------------------------------------------------------------------------
-    def _send(self, identity: bytes, message: Message) -> bool:
+    def _send(self, identity: bytes, message: Message,
+              undelivered: PendingRequest | None = None) -> bool:
+        """Send now; on failure, take the worker out (see worker_lost) and return False."""
         if self._socket is None:
             return False
         try:
-            self._socket.send_multipart([identity, codec.encode(message)], flags=zmq.NOBLOCK)
+            send_now(self._socket, [identity, codec.encode(message)])
             return True
         except zmq.ZMQError as exc:
             # EHOSTUNREACH (peer gone, ROUTER_MANDATORY) or EAGAIN (its pipe is full).
             worker = self.workers.get(identity)
             if worker is not None:
-                self.worker_lost(worker, f"send failed: {exc.strerror}")
+                self.worker_lost(worker, f"send failed: {exc.strerror}",
+                                 undelivered=undelivered)
             return False
 
     async def _receive_loop(self) -> None:

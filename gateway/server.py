@@ -16,6 +16,7 @@ from gateway.broker import Broker
 from gateway.config import GatewayConfig, ServeConfig
 from gateway.supervisor import Supervisor
 from protocol import curve
+from protocol.heap import freeze_startup_objects
 
 log = logging.getLogger("batchwire.gateway")
 
@@ -85,6 +86,7 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
         exit_code = 2
     else:
         log.info("listening on http://%s:%d (pid %d)", config.host, config.port, os.getpid())
+        freeze_startup_objects()
         if supervisor is not None:
             await supervisor.start()
 

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from protocol import curve
+from protocol.heap import freeze_startup_objects
 from protocol.logs import setup_logging
 from worker.config import EXIT_CANNOT_LOAD, WorkerConfig, parse
 
@@ -48,6 +49,7 @@ def run(config: WorkerConfig) -> int:
         executor.shutdown(wait=False)
         return EXIT_CANNOT_LOAD
     log.info("loaded in %.1f s, warmed up in %.2f s", loaded, warmed)
+    freeze_startup_objects()
     try:
         asyncio.run(WorkerService(config, runner, executor).run())
     finally:

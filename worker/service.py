@@ -22,6 +22,7 @@ import zmq
 import zmq.asyncio
 
 from protocol import codec, curve
+from protocol.transport import send_now
 from protocol.errors import BatchwireError, ProtocolError
 from protocol.messages import (
     Cancel,
@@ -198,9 +199,12 @@ class WorkerService:
         # DEALER queues while the gateway is away; a full queue (HWM) would block, so send
         # without waiting and drop instead: the gateway treats silence as death and requeues.
         try:
-            self._socket.send(codec.encode(message), flags=zmq.NOBLOCK)
+            send_now(self._socket, [codec.encode(message)])
         except zmq.Again:
             log.warning("send queue to the gateway is full; dropped a %s", type(message).__name__)
+        except zmq.ZMQError as exc:
+            log.warning("could not send a %s to the gateway (%s); dropped it",
+                        type(message).__name__, exc.strerror)
 
     def _send_result(self, item: WorkItem, output: Any, stats: BatchStats) -> None:
         try:

@@ -27,7 +27,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from gateway.broker import MAX_CRASHES, Broker, PendingRequest
+from gateway.broker import MAX_CRASHES, Broker, PendingRequest, WorkerHandle
 from protocol import codec
 from protocol.errors import (
     BatchwireError,
@@ -642,6 +642,30 @@ async def test_disconnect_requeues_without_counting_a_crash(h):
         assert c.request_ids() == ids(p[: i + 1]), "suspects must run one at a time"
         await c.answer(pending.request_id, f"c{i + 1}")
     assert [(await outcome(x)).output for x in p] == ["c1", "c2"]
+
+
+async def test_a_send_to_a_vanished_worker_moves_the_request_at_once(h, caplog):
+    """A worker whose connection is gone before the broker noticed: the send fails
+    (EHOSTUNREACH under ROUTER_MANDATORY), and the broker acts on it then and there instead
+    of waiting heartbeats for a request that never left. An asyncio socket reports that
+    failure in the Future its send returns, which the broker must read."""
+    caplog.set_level(logging.WARNING)
+    broker = await h.broker()
+    live = await h.worker(broker, "live", capacity=1)
+    ghost_ready = Ready(worker_id="ghost", pid=3_999_999, model="fake-model", task="fill-mask",
+                        device="cpu", capacity=8, max_batch_size=8)
+    ghost = b"ghost/never-connected"
+    now = time.monotonic()
+    broker.workers[ghost] = WorkerHandle(ghost, ghost_ready, joined_at=now, last_seen=now)
+
+    (p,) = broker.submit_many(["x"], {}, 5.0)  # the ghost has the most credit: tried first
+    assert ghost not in broker.workers, "the vanished worker is still dispatched to"
+    assert h.deaths and h.deaths[0][0] == ghost_ready.pid and "send failed" in h.deaths[0][1]
+    assert p.crashes == 0, "a request that never reached a worker was counted as crashing it"
+    await live.wait_requests(1)
+    await live.answer(p.request_id, "live")
+    assert (await outcome(p)).output == "live"
+    assert "never retrieved" not in caplog.text
 
 
 async def test_error_answers_resolve_with_the_workers_error(h):

@@ -263,6 +263,66 @@ def test_measure_counts_tokens_as_the_pipeline_does(fill_runner, tiny_fe_runner)
     assert tiny_fe_runner.measure({"not": "text"}, {}) == 0
 
 
+COUNT_TEXTS = [SHORT_TEXT, LONG_TEXT, "", "  tabs\tand\nnewlines ", "naïve café 日本語 😀",
+               "Paris is the [MASK] of France.", "[CLS] already [SEP] special"]
+
+
+def test_measure_counts_through_the_rust_backend_when_it_agrees(fill_runner, tiny_fe_runner):
+    for runner in (fill_runner, tiny_fe_runner):
+        assert runner._counting_backend is runner._measuring_tokenizer.backend_tokenizer
+        for text in COUNT_TEXTS:
+            assert runner.measure(text, {}) == n_tokens(runner, text), text
+
+
+def test_measure_after_a_truncating_call_counts_in_full(tiny_fe_runner):
+    """A call with truncation leaves settings on the Rust backend; the next count without
+    truncation must not inherit them (a too-long input would slip through, truncated)."""
+    long = "word " * 200
+    assert tiny_fe_runner.measure(long, {"truncation": True}) == TINY_LIMIT
+    with pytest.raises(InputTooLong):
+        tiny_fe_runner.measure(long, {})
+    assert tiny_fe_runner.measure(LONG_TEXT, {}) == n_tokens(tiny_fe_runner, LONG_TEXT)
+
+
+def test_counting_backend_is_refused_when_the_tokenizer_counts_otherwise(tiny_fe_runner):
+    from worker.runner import counting_backend
+
+    real = tiny_fe_runner._measuring_tokenizer
+
+    class AddsATokenInPython:
+        """A tokenizer whose call adds a token its Rust backend knows nothing about."""
+
+        backend_tokenizer = real.backend_tokenizer
+        mask_token = real.mask_token
+
+        def __call__(self, texts, **kwargs):
+            return {"input_ids": [ids + [0] for ids in real(texts, **kwargs)["input_ids"]]}
+
+    assert counting_backend(AddsATokenInPython()) is None
+    assert counting_backend(real) is real.backend_tokenizer
+
+
+def test_pooling_modes_equal_torch(tiny_fe_runner):
+    """The CPU pooling (numpy) against the same reductions written in torch."""
+    tokens = torch.randn(1, 7, 32) * 3
+    rows = tokens[0]
+    expected = {"mean": rows.mean(dim=0), "cls": rows[0], "max": rows.max(dim=0).values}
+    saved = tiny_fe_runner.pooling, tiny_fe_runner.normalize
+    try:
+        for mode, vector in expected.items():
+            for normalize in (False, True):
+                tiny_fe_runner.pooling, tiny_fe_runner.normalize = mode, normalize
+                want = torch.nn.functional.normalize(vector, dim=0) if normalize else vector
+                got = tiny_fe_runner._pool(tokens)
+                assert got.dtype == np.float32 and got.shape == (32,)
+                np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6,
+                                           err_msg=f"{mode}, normalize={normalize}")
+        # The input is left as it was (cls takes a row of it: a copy, not a view).
+        np.testing.assert_array_equal(tokens[0].numpy(), rows.numpy())
+    finally:
+        tiny_fe_runner.pooling, tiny_fe_runner.normalize = saved
+
+
 def test_measure_uses_its_own_tokenizer(tiny_fe_runner):
     """measure() runs on the I/O loop while the inference thread tokenizes: sharing one fast
     tokenizer between threads can raise "Already borrowed" in the Rust backend."""

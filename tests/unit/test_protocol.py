@@ -861,3 +861,17 @@ def test_trailing_fields_with_defaults_may_be_left_off():
     # ...but never a field without a default.
     with pytest.raises(ProtocolError, match="fields, got"):
         decode(msgpack.packb([1, 3, 5, "out", 2, 1.0]))
+
+
+def test_freeze_startup_objects_takes_them_out_of_the_collectors_reach():
+    import gc
+
+    from protocol.heap import freeze_startup_objects
+
+    survivor = [object() for _ in range(100)]
+    try:
+        frozen = freeze_startup_objects()
+        assert frozen == gc.get_freeze_count() > len(survivor)
+        assert not any(o is survivor for o in gc.get_objects()), "frozen objects are still tracked"
+    finally:
+        gc.unfreeze()
