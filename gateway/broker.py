@@ -147,6 +147,8 @@ class Broker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._refused_peers: set[bytes] = set()
+        #: Workers refused for serving another task than the gateway's (logged once each).
+        self._other_task_peers: set[bytes] = set()
         #: Called with (pid, reason) when a worker is declared dead or stuck, so the
         #: supervisor can end a local process that may still be hanging around.
         self.on_worker_dead: Callable[[int, str], None] = lambda pid, reason: None
@@ -388,6 +390,8 @@ class Broker:
     def _register(self, identity: bytes, ready: Ready) -> None:
         now = self.clock()
         worker = self.workers.get(identity)
+        if worker is None and not self._admissible(identity, ready):
+            return
         if worker is not None:
             worker.info = ready
             worker.last_seen = now
@@ -398,6 +402,29 @@ class Broker:
                      ready.capacity)
         self._send(identity, Heartbeat())
         self._dispatch()
+
+    def _admissible(self, identity: bytes, ready: Ready) -> bool:
+        """One gateway serves one task: a worker of another task would answer some of the
+        clients' requests in another shape. It is refused (logged once) for as long as
+        workers of the other task remain; it keeps announcing itself, so it joins once they
+        are gone. Another model of the same task is let in with a warning: that is how a
+        rolling upgrade looks."""
+        others = list(self.workers.values())
+        clash = next((w for w in others if w.info.task != ready.task), None)
+        if clash is not None:
+            if identity not in self._other_task_peers:
+                self._other_task_peers.add(identity)
+                log.error("refusing worker %s (pid %d on %s): it serves %s (%s), but this "
+                          "gateway's workers serve %s (%s); start it against a gateway of "
+                          "its own", ready.worker_id, ready.pid, ready.host or "?", ready.task,
+                          ready.model, clash.info.task, clash.info.model)
+            return False
+        if any(w.info.model != ready.model for w in others):
+            log.warning("worker %s serves %s while others serve %s: their answers may differ "
+                        "until one of the two sets leaves", ready.worker_id, ready.model,
+                        sorted({w.info.model for w in others} - {ready.model}))
+        self._other_task_peers.discard(identity)
+        return True
 
     # -- socket -----------------------------------------------------------------------------
     def _send(self, identity: bytes, message: Message,

@@ -16,6 +16,7 @@ broker's heartbeat interval long so no periodic HEARTBEAT can pass for the barri
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -666,6 +667,44 @@ async def test_a_send_to_a_vanished_worker_moves_the_request_at_once(h, caplog):
     await live.answer(p.request_id, "live")
     assert (await outcome(p)).output == "live"
     assert "never retrieved" not in caplog.text
+
+
+async def test_a_worker_of_another_task_is_refused_while_the_gateways_task_is_served(
+        h, caplog):
+    """One gateway serves one task: a feature-extraction worker joining fill-mask workers
+    would answer some clients with vectors instead of candidates. It may join once the
+    others are gone (it keeps announcing itself). Another model of the same task is let in
+    with a warning: a rolling upgrade."""
+    caplog.set_level(logging.WARNING, logger="batchwire.gateway.broker")
+    broker = await h.broker()
+    fill = await h.worker(broker, "fill", capacity=1)
+    features = h.peer("features", capacity=1)
+    features.ready = dataclasses.replace(features.ready, task="feature-extraction")
+    for _ in range(2):
+        await features.send(features.ready)
+    await fill.sync()  # a barrier for the broker's loop, which reads both sockets
+    await wait_until(lambda: "refusing worker features" in caplog.text,
+                     "the broker to refuse the other task's worker")
+    assert list(broker.workers) == [fill.identity]
+    (p,) = broker.submit_many(["x"], {}, 5.0)
+    await fill.wait_requests(1)
+    assert features.requests == []
+    await fill.answer(p.request_id, "candidates")
+    assert (await outcome(p)).output == "candidates"
+
+    upgraded = h.peer("upgraded", capacity=1)
+    upgraded.ready = dataclasses.replace(upgraded.ready, model="fake-model-v2")
+    await upgraded.register()
+    assert upgraded.identity in broker.workers
+    assert "serves fake-model-v2 while others serve ['fake-model']" in caplog.text
+    # Both READYs are long handled by now: the refusal was logged once, not per READY.
+    assert caplog.text.count("refusing worker features") == 1
+
+    for leaving in (fill, upgraded):
+        await leaving.send(Disconnect(reason="SIGTERM"))
+    await wait_until(lambda: not broker.workers, "the fill-mask workers to leave")
+    await features.register()
+    assert list(broker.workers) == [features.identity]
 
 
 async def test_error_answers_resolve_with_the_workers_error(h):
