@@ -32,7 +32,6 @@ import zmq.asyncio
 
 from gateway.metrics import GatewayMetrics
 from protocol import codec, curve
-from protocol.transport import send_now
 from protocol.errors import (
     BatchwireError,
     Cancelled,
@@ -54,6 +53,7 @@ from protocol.messages import (
     Request,
     Result,
 )
+from protocol.transport import send_now
 
 log = logging.getLogger("batchwire.gateway.broker")
 

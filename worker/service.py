@@ -22,7 +22,6 @@ import zmq
 import zmq.asyncio
 
 from protocol import codec, curve
-from protocol.transport import send_now
 from protocol.errors import BatchwireError, ProtocolError
 from protocol.messages import (
     Cancel,
@@ -34,6 +33,7 @@ from protocol.messages import (
     Request,
     Result,
 )
+from protocol.transport import send_now
 from worker.batcher import Batcher, BatchStats, WorkItem
 from worker.config import WorkerConfig
 from worker.runner import EMBED_KEY, PipelineRunner, classify_error, is_out_of_memory
