@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from worker.config import DEFAULT_MAX_BATCH_SIZE_CPU
+
 SERVER_ORDER = ("batchwire", "batchwire-count", "batchwire-msgpack", "guide", "guide-batching")
 COLORS = {"batchwire": "tab:blue", "batchwire-count": "tab:green",
           "batchwire-msgpack": "tab:cyan", "guide": "tab:red", "guide-batching": "tab:orange"}
@@ -94,7 +96,7 @@ def machine_section(results: dict) -> list[str]:
     bw = cfg["batchwire"]
     lines.append(f"| per point | {cfg['warmup_s']} s warm-up, then {cfg['duration_s']} s or "
                  f"{cfg['max_requests']} requests, closed loop; {cfg['inputs']} distinct inputs |")
-    max_batch = bw["max_batch_size"] or "default (8 on cpu)"
+    max_batch = bw["max_batch_size"] or f"default ({DEFAULT_MAX_BATCH_SIZE_CPU} on cpu)"
     lines.append(f"| batchwire | {bw['workers']} worker(s), max batch {max_batch}, "
                  f"max delay {bw['max_delay_ms']} ms {bw.get('extra') or ''} |")
     variants = bw.get("variants") or {}

@@ -16,10 +16,16 @@ each rule is testable on its own.
 * **Aging guard.** The oldest item is always in the batch, so lengths that are rare in the
   traffic, long ones typically, cannot be left behind batch after batch. And no item is
   overtaken in more than ``max_passes`` batches: once younger items have gone before it
-  that often, it is considered first and only items older than itself may join, which
-  bounds what bucketing adds to the tail latency (first come, first served is what
-  minimises it). The aged item still joins only where that is cheaper than a call of its
-  own: forcing it into a batch of other lengths would make every neighbour pay its padding.
+  that often, it is considered before any item that has not aged (aged items in age
+  order), and the batch is then filled by length as usual. Where an aged item cannot join
+  (the slack or the budget turns it away: forcing it into a batch of other lengths would
+  make every neighbour pay its padding), nothing younger than it may join this batch, so
+  it is not overtaken again and soon becomes the oldest. That bounds what bucketing adds
+  to the tail latency (first come, first served is what minimises it) without shrinking
+  the batch: an earlier version let only items older than the aged one join, which under
+  sustained load, where most of the look-ahead has aged, cut batches of 8 to 3-5 and cost
+  more throughput than the buckets saved (docs/benchmarks.md, "Length buckets under
+  sustained load").
 """
 
 from __future__ import annotations
@@ -69,31 +75,33 @@ def select(group: Sequence["WorkItem"], *, max_items: int, max_tokens: int = 0,
     anchor, rest = group[0], list(group[1:window] if window else group[1:])
     order, full = rest, False
     if buckets:
-        aged = next((i for i, it in enumerate(rest) if it.passed_over >= max_passes), None)
-        order = []
-        if aged is not None:
-            # Overtaken often enough: nothing younger may overtake it again. It is considered
-            # first, then only items older than itself; the younger ones go next (so the
-            # batch is full: waiting cannot bring them in).
-            order, full, rest = [rest[aged]], aged < len(rest) - 1, rest[:aged]
+        aged = [it for it in rest if it.passed_over >= max_passes]
+        fresh = [it for it in rest if it.passed_over < max_passes]
         # Stable sort: among equal distances the older item wins.
-        order += sorted(rest, key=lambda it: abs(it.tokens - anchor.tokens))
+        order = aged + sorted(fresh, key=lambda it: abs(it.tokens - anchor.tokens))
     chosen = [anchor]
     longest = anchor.tokens
+    #: Once an aged item is turned away, nothing younger than it may overtake it again.
+    overtake_bound = math.inf
     for item in order:
         if len(chosen) >= max_items:
             break
+        if item.admitted_at > overtake_bound:
+            full = True  # it goes after the aged item: waiting cannot bring it in
+            continue
         padded = max(longest, item.tokens) * (len(chosen) + 1)
         if max_tokens and padded > max_tokens:
             full = True
             if not buckets:
                 break  # first come, first served: nobody overtakes the item turned away
-            continue  # a shorter item further on may still fit
-        if buckets and padded - longest * len(chosen) > item.tokens + join_slack:
+        elif buckets and padded - longest * len(chosen) > item.tokens + join_slack:
             full = True  # cheaper in a batch of its own length: it goes next
+        else:
+            chosen.append(item)
+            longest = max(longest, item.tokens)
             continue
-        chosen.append(item)
-        longest = max(longest, item.tokens)
+        if item.passed_over >= max_passes:
+            overtake_bound = min(overtake_bound, item.admitted_at)
     if len(chosen) >= max_items or (max_tokens and longest * (len(chosen) + 1) > max_tokens):
         full = True  # not even the shortest newcomer could join
     return Selection(chosen, full)

@@ -10,9 +10,13 @@ from typing import Mapping, Sequence
 from protocol.flags import Flags, non_negative_float, non_negative_int, positive_float, positive_int
 from protocol.logs import add_logging_flags
 
-#: CPU throughput peaks at small batches (measured: fill-mask best at 4-8, 15 % lower at 32;
-#: padding and attention grow with the batch's longest input); a GPU wants bigger ones.
-DEFAULT_MAX_BATCH_SIZE_CPU = 8
+#: On two CPU cores with two torch threads the raw pipeline is best at batch 16 on short
+#: inputs (fill-mask, embeddings, token-level features), and with length buckets choosing
+#: similar lengths from a look-ahead of 4 x 16, batchwire at 16 did 1.05-1.18 x its rate at
+#: 8 at C=64 on those workloads, p99 2-13 % higher (docs/benchmarks.md, "Length buckets
+#: under sustained load"). Long inputs are bounded by the token budget, not the count.
+#: A GPU wants bigger batches.
+DEFAULT_MAX_BATCH_SIZE_CPU = 16
 DEFAULT_MAX_BATCH_SIZE_GPU = 32
 #: Padded tokens per batch. On a CPU the cost of a batch grows with its padded tokens, so the
 #: budget mostly bounds how long one batch holds the model (and the p99 behind it); on a GPU

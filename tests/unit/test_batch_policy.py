@@ -236,10 +236,10 @@ def test_nothing_younger_overtakes_an_aged_item():
     # Items 1 and 3 have been passed over enough; 5 has not (3 < 4).
     group = queue(10, 200, 10, 300, 10, 150, passed={1: 4, 3: 5, 5: 3})
     sel = select(group, max_items=3, buckets=True, max_passes=max_passes)
-    # The oldest aged item (1) is considered first; only items older than it may join, and
-    # there are none between the anchor and it. The younger ones go next.
-    assert ids(sel) == [0, 1] and sel.full
-    # An aged item further back: the items older than it are still chosen by length.
+    # The aged items go first, oldest first, ahead of the closer lengths 2 and 4.
+    assert ids(sel) == [0, 1, 3] and sel.full
+    # An aged item further back is taken ahead of the closer lengths; then the batch fills
+    # by length as usual.
     group = queue(10, 200, 10, 12, 300, passed={4: 4})
     sel = select(group, max_items=3, buckets=True, max_passes=max_passes)
     assert ids(sel) == [0, 4, 2] and sel.full
@@ -247,6 +247,26 @@ def test_nothing_younger_overtakes_an_aged_item():
     group = queue(10, 200, 10, 300, 10, 150, passed={1: 4, 3: 5, 5: 3})
     sel = select(group, max_items=3, buckets=True, max_passes=6)
     assert ids(sel) == [0, 2, 4]
+
+
+def test_an_aged_item_that_joins_leaves_room_for_younger_ones():
+    # The guard must not shrink the batch: once the aged item is in, nobody overtakes it by
+    # going with it, so the younger items of the nearest lengths fill the batch.
+    group = queue(20, 21, 30, 20, 20, 20, passed={2: DEFAULT_MAX_PASSES})
+    sel = select(group, max_items=4, buckets=True, join_slack=100)
+    assert ids(sel) == [0, 2, 3, 4] and sel.full
+
+
+def test_an_aged_item_turned_away_stops_every_younger_item():
+    # The aged 300 would pad three 10s to 300: turned away by the slack. Item 1 is older
+    # than it and may still join; 3 and 4 are younger and may not overtake it again.
+    group = queue(10, 12, 300, 10, 10, passed={2: DEFAULT_MAX_PASSES})
+    sel = select(group, max_items=8, buckets=True, join_slack=50)
+    assert ids(sel) == [0, 1] and sel.full
+    # Of two aged items, the younger one turned away stops nobody older than itself.
+    group = queue(10, 11, 12, 300, 10, passed={1: 2, 3: 2})
+    sel = select(group, max_items=8, buckets=True, join_slack=50)
+    assert ids(sel) == [0, 1, 2] and sel.full
 
 
 def test_aged_items_still_respect_the_budget():
@@ -393,3 +413,35 @@ def test_draining_a_queue_answers_every_item_exactly_once(seed):
     assert sorted(taken_in) == list(range(60))
     for rid, b in taken_in.items():
         assert b <= rid + 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sustained_load_keeps_batches_full_and_the_aging_bound(seed):
+    """A look-ahead kept full (new arrivals replace every batch taken), lengths of 8-43
+    tokens, a CPU-like slack: the batches stay full, carry less padding than first come
+    first served, and no item is overtaken more than max_passes times. (An earlier guard
+    let only items older than an aged one join: under this load most of the look-ahead has
+    aged and batches fell to about 3.)"""
+    rng = random.Random(seed)
+    window, max_items = 32, 8
+    group: list[WorkItem] = []
+    arrivals, sizes, padding, fifo_padding = 0, [], [], []
+    for _ in range(300):
+        while len(group) < window:
+            group.append(queue(rng.randint(8, 43))[0])
+            group[-1].request_id = group[-1].admitted_at = arrivals
+            arrivals += 1
+        fifo = select(group, max_items=max_items)
+        sel = select(group, max_items=max_items, max_tokens=2048, buckets=True, window=window,
+                      join_slack=80)
+        check_selection(group, sel, max_items=max_items, max_tokens=2048, buckets=True,
+                        window=window)
+        mark_passed_over(group, sel.items)
+        assert all(it.passed_over <= DEFAULT_MAX_PASSES for it in group)
+        sizes.append(len(sel.items))
+        padding.append(1 - sum(sel.lengths) / padded_tokens(sel.lengths))
+        fifo_padding.append(1 - sum(fifo.lengths) / padded_tokens(fifo.lengths))
+        chosen = set(map(id, sel.items))
+        group = [it for it in group if id(it) not in chosen]
+    assert sum(sizes) / len(sizes) >= 7.5
+    assert sum(padding) < 0.85 * sum(fifo_padding)
