@@ -19,9 +19,10 @@ The policy, in one place:
   neighbours still get results. Every submitted item gets exactly one outcome.
 * Adaptive (the worker's default): a batch that is not full waits only while the worker's
   fitted latency model (latency ~ a + b x padded tokens, :mod:`worker.latency_model`) says
-  the next arrival, at the current arrival rate, is worth holding it for. A lone request on
-  a quiet worker, or a single client's closed loop, runs at once instead of paying
-  ``max_delay``; ``max_delay`` stays the hard bound. ``adaptive=False`` is the fixed window.
+  the next arrival, at the current arrival rate of the batch's own parameter set (only
+  those can join it), is worth holding it for. A lone request on a quiet worker, or a
+  single client's closed loop, runs at once instead of paying ``max_delay``; ``max_delay``
+  stays the hard bound. ``adaptive=False`` is the fixed window.
 * An out-of-memory error also splits the batch, and lowers the effective batch size to the
   half that is retried, so the worker stops asking the device for what it cannot hold.
 """
@@ -79,6 +80,27 @@ class WorkItem:
     passed_over: int = 0
 
 
+#: Parameter sets whose arrival rates are tracked at once; past it the quietest half is
+#: forgotten (a forgotten set starts afresh: its next batch does not wait).
+MAX_ARRIVAL_STREAMS = 256
+
+
+@dataclass(slots=True)
+class ArrivalStream:
+    """Exponential moving averages of one parameter set's arrivals: the gap between them
+    (None until two have arrived) and their token counts."""
+
+    last: float
+    gap: float | None = None
+    tokens: float = 0.0
+
+    def observe(self, now: float, tokens: int) -> None:
+        gap = now - self.last
+        self.gap = gap if self.gap is None else 0.7 * self.gap + 0.3 * gap
+        self.last = now
+        self.tokens = float(tokens) if not self.tokens else 0.7 * self.tokens + 0.3 * tokens
+
+
 @dataclass(frozen=True, slots=True)
 class BatchStats:
     batch_size: int
@@ -133,23 +155,22 @@ class Batcher:
         self.effective_batch_size = self.max_batch_size
         self.effective_batch_tokens = self.max_batch_tokens
         self.latency = LatencyModel()
-        self._last_arrival: float | None = None
-        #: Exponential moving averages of the gap between arrivals (None until two arrive)
-        #: and of the arrivals' token counts.
-        self._gap: float | None = None
-        self._arrival_tokens = 0.0
+        #: Arrival streams by parameter set: a batch can only be joined by items of its own
+        #: parameters, so only their arrivals say whether holding it pays.
+        self._arrivals: dict[Any, ArrivalStream] = {}
         self.batches_run = 0
         self.items_skipped = 0
 
     # -- feeding (called from the I/O loop) -------------------------------------------
     def submit(self, item: WorkItem) -> None:
         now = self.clock()
-        if self._last_arrival is not None:
-            gap = now - self._last_arrival
-            self._gap = gap if self._gap is None else 0.7 * self._gap + 0.3 * gap
-        self._last_arrival = now
-        self._arrival_tokens = (float(item.tokens) if not self._arrival_tokens
-                                else 0.7 * self._arrival_tokens + 0.3 * item.tokens)
+        stream = self._arrivals.get(item.parameter_key)
+        if stream is None:
+            if len(self._arrivals) >= MAX_ARRIVAL_STREAMS:
+                self._forget_quiet_streams()
+            self._arrivals[item.parameter_key] = ArrivalStream(now, tokens=float(item.tokens))
+        else:
+            stream.observe(now, item.tokens)
         self._queue.append(item)
         self._by_id[item.request_id] = item
         self._wakeup.set()
@@ -225,13 +246,19 @@ class Batcher:
         return []
 
     def _worth_waiting(self, selection: batch_policy.Selection, now: float) -> float:
-        """How much longer the batch may wait for the next arrival (see latency_model)."""
-        if self._gap is None or self._last_arrival is None:
+        """How much longer the batch may wait for the next arrival of its own parameter set
+        (see latency_model)."""
+        stream = self._arrivals.get(selection.items[0].parameter_key)
+        if stream is None or stream.gap is None:
             return 0.0  # one arrival so far: nothing says another is coming
         return worth_waiting(
             self.latency, count=len(selection.items), longest=max(selection.lengths),
-            newcomer=round(self._arrival_tokens), expected_gap=self._gap,
-            since_last=now - self._last_arrival)
+            newcomer=round(stream.tokens), expected_gap=stream.gap, since_last=now - stream.last)
+
+    def _forget_quiet_streams(self) -> None:
+        """Bound the per-parameter-set state: keep the most recently active half."""
+        keep = sorted(self._arrivals.items(), key=lambda kv: kv[1].last)[len(self._arrivals) // 2:]
+        self._arrivals = dict(keep)
 
     def _drop_dead_items(self) -> None:
         now = self.clock()

@@ -43,14 +43,15 @@ def queued(lengths, *, start: int = 0, parameters: dict = P_A) -> list[WorkItem]
             for i, n in enumerate(lengths)]
 
 
-def schedule_arrivals(h: Harness, lengths, gap: float, *, start: int) -> list[WorkItem]:
+def schedule_arrivals(h: Harness, lengths, gap: float, *, start: int,
+                      parameters: dict = P_A) -> list[WorkItem]:
     """Items arriving ``gap`` seconds apart from now, each admitted when it arrives; the
     returned list fills as they do."""
     loop = asyncio.get_running_loop()
     arrived: list[WorkItem] = []
 
     def arrive(rid: int, tokens: int) -> None:
-        item = make_item(rid, tokens=tokens)
+        item = make_item(rid, tokens=tokens, parameters=parameters)
         arrived.append(item)
         h.submit(item)
 
@@ -303,6 +304,26 @@ async def test_adaptive_wait_never_exceeds_max_delay(make_batcher):
     assert burst[0].inputs in first.inputs
     assert 1 <= len(first.inputs) < 8
     assert first.started - burst[0].admitted_at <= max_delay + TOL
+
+
+async def test_adaptive_wait_reads_only_arrivals_that_could_join(make_batcher):
+    """A lone item of one parameter set while another set arrives densely: those arrivals
+    cannot join its batch, so they are no reason to hold it. (Reading every arrival as
+    company held it until the other stream stopped, or for max_delay.)"""
+    max_delay = 2.0
+    runner = Runner(cost=GPU_LIKE)
+    h = make_batcher(runner, max_batch_size=8, max_delay=max_delay, adaptive=True,
+                     length_buckets=True, max_batch_tokens=16384)
+    warm = await warm_up(h, tokens=16)
+    lone = make_item(500, tokens=16, parameters=P_A)
+    h.submit(lone)
+    others = schedule_arrivals(h, [16] * 60, 0.01, start=600, parameters=P_B)
+    await all_arrived_and_answered(h, others, 60)
+    await h.answered_all([lone])
+    # At most the wait its own stream justifies (about a / 2 = 75 ms), never the 600 ms the
+    # other stream lasted.
+    assert h.only(500).stats.queue_ms < 300, h.only(500).stats
+    assert runner.calls[warm].inputs == [lone.inputs]
 
 
 async def test_adaptive_cpu_like_does_not_wait(make_batcher):
