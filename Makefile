@@ -11,7 +11,7 @@ PORT ?= 8000
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 
-.PHONY: install serve test bench clean
+.PHONY: install serve test bench gpu-bundle clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
@@ -31,6 +31,20 @@ test: install
 
 bench: install
 	$(PY) -m benchmarks.run
+
+# What the GPU section's run needs on a lent GPU machine that cannot reach a package index
+# (docs/benchmarks.md, "GPU"): the Python 3.12 wheels its image lacks, and MiniLM's tokenizer
+# files for the bert-base build (the MiniLM wheel itself is too big to carry).
+GPU_BUNDLE ?= .gpu
+GPU_WHEELS ?= pyzmq==27.3.0 orjson==3.13.0 starlette==1.10.0 uvicorn==0.54.0
+gpu-bundle: install
+	rm -rf $(GPU_BUNDLE) && mkdir -p $(GPU_BUNDLE)/wheels $(GPU_BUNDLE)/tokenizer
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d $(GPU_BUNDLE)/wheels $(GPU_WHEELS)
+	$(PY) -c "import shutil, sys; from benchmarks.models import TOKENIZER_FILES, tokenizer_source; \
+		[shutil.copy(tokenizer_source() / n, sys.argv[1]) for n in TOKENIZER_FILES]" $(GPU_BUNDLE)/tokenizer
+	du -sh $(GPU_BUNDLE)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

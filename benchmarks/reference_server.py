@@ -62,12 +62,14 @@ from starlette.routing import Route
 MODEL: str | None = None
 TASK: str | None = None
 POOLING: str | None = None  # None (the guide) or "mean" (mean + L2 normalise)
+#: Not in the guide, which runs on the CPU: the GPU section runs every server on the GPU.
+DEVICE: str | None = None
 
 
 def _pipeline():
     from transformers import pipeline
 
-    return pipeline(task=TASK, model=MODEL)
+    return pipeline(task=TASK, model=MODEL, device=DEVICE)
 
 
 # -- --pooling mean: not in the guide (see the module docstring) ------------------------------
@@ -152,7 +154,7 @@ def create_app(batching: bool = False) -> Starlette:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    global MODEL, TASK, MAX_BATCH_SIZE, POOLING
+    global MODEL, TASK, MAX_BATCH_SIZE, POOLING, DEVICE
     parser = argparse.ArgumentParser(prog="python -m benchmarks.reference_server",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,10 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pooling", choices=("none", "mean"), default="none",
                         help="NOT in the guide: answer one sentence embedding per input, the "
                         "mean of its token vectors, L2-normalised (feature-extraction only)")
+    parser.add_argument("--device", default=None,
+                        help="NOT in the guide: the pipeline's device, e.g. cuda (default: "
+                        "the pipeline's own, the CPU)")
     parser.add_argument("--access-log", action="store_true",
                         help="uvicorn's per-request access log (on in `uvicorn server:app`)")
     args = parser.parse_args(argv)
-    MODEL, TASK, MAX_BATCH_SIZE = args.model, args.task, args.max_batch_size
+    MODEL, TASK, MAX_BATCH_SIZE, DEVICE = args.model, args.task, args.max_batch_size, args.device
     POOLING = None if args.pooling == "none" else args.pooling
     if POOLING and TASK not in (None, "feature-extraction"):
         parser.error("--pooling needs --task feature-extraction")

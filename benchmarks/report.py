@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from worker.config import DEFAULT_MAX_BATCH_SIZE_CPU
+from worker.config import DEFAULT_MAX_BATCH_SIZE_CPU, DEFAULT_MAX_BATCH_SIZE_GPU
 
 SERVER_ORDER = ("batchwire", "batchwire-count", "batchwire-msgpack", "guide", "guide-batching")
 COLORS = {"batchwire": "tab:blue", "batchwire-count": "tab:green",
@@ -84,6 +84,9 @@ def machine_section(results: dict) -> list[str]:
         f"| started | {results.get('started_at')} ({_fmt(results.get('elapsed_s'), 0)} s) |",
         f"| CPU | {m.get('cpu_model')}, {m.get('cpu_count')} logical cores "
         f"({m.get('cpus_usable')} usable) |",
+        *([f"| GPU | {'; '.join(m['gpus'])} |"] if m.get("gpus") else []),
+        f"| model device | {results.get('config', {}).get('device') or 'cpu'} (every server "
+        "and the ceiling) |",
         f"| platform | {m.get('platform')}, Python {m.get('python')} |",
         f"| versions | {versions} |",
         f"| git | {m.get('git_commit')}{' (uncommitted changes)' if m.get('git_dirty') else ''} |",
@@ -96,7 +99,8 @@ def machine_section(results: dict) -> list[str]:
     bw = cfg["batchwire"]
     lines.append(f"| per point | {cfg['warmup_s']} s warm-up, then {cfg['duration_s']} s or "
                  f"{cfg['max_requests']} requests, closed loop; {cfg['inputs']} distinct inputs |")
-    max_batch = bw["max_batch_size"] or f"default ({DEFAULT_MAX_BATCH_SIZE_CPU} on cpu)"
+    max_batch = bw["max_batch_size"] or (f"default ({DEFAULT_MAX_BATCH_SIZE_CPU} on cpu, "
+                                          f"{DEFAULT_MAX_BATCH_SIZE_GPU} on a GPU)")
     lines.append(f"| batchwire | {bw['workers']} worker(s), max batch {max_batch}, "
                  f"max delay {bw['max_delay_ms']} ms {bw.get('extra') or ''} |")
     variants = bw.get("variants") or {}

@@ -169,6 +169,18 @@ WORKLOADS = {
                  "sentence embeddings (all-MiniLM-L6-v2), lengths spread evenly over 5-400 "
                  "tokens: token-aware against count-only batching (issue 7)",
                  answer="embeddings", servers=TOKEN_ROWS, tokens=MIXED400_TOKENS),
+        # The GPU section (--gpu): a bert-base-sized model, where batching pays far more than
+        # on a CPU. Opt-in: on a 2-core CPU a bert-base answers a few dozen requests a second.
+        Workload("fill-mask-bertbase-varied", "bert-base-fill-mask", "varied",
+                 "fill-mask on a bert-base-sized BERT (random weights), sentences of 5-40 words"),
+        Workload("fill-mask-bertbase-mixed", "bert-base-fill-mask", "mixed",
+                 "fill-mask on a bert-base-sized BERT, lengths spread up to the 512-token limit"),
+        Workload("embeddings-bertbase-varied", "bert-base-features", "varied",
+                 "pooled embeddings (mean + L2 normalisation) of a bert-base-sized BERT: one "
+                 "768-float vector per input, sentences of 5-40 words", answer="embeddings"),
+        Workload("feature-extraction-bertbase-varied", "bert-base-features", "varied",
+                 "token-level feature-extraction on a bert-base-sized BERT: [1, tokens, 768] "
+                 "float answers, sentences of 5-40 words", answer="tokens", servers=ARRAY_ROWS),
         Workload("fill-mask-tiny-varied", "tiny-fill-mask", "varied",
                  "the tiny random fill-mask model: the servers' own overhead"),
         Workload("feature-extraction-tiny-varied", "tiny-features", "varied",
@@ -184,8 +196,12 @@ WORKLOAD_ALIASES = {
 #: Issue 7's comparison runs only when named: at 5-400 tokens a CPU answers a few requests a
 #: second, so its points need longer durations and grace than the suite's defaults (see
 #: docs/benchmarks.md for the command).
+BERTBASE_WORKLOADS = ("fill-mask-bertbase-varied", "fill-mask-bertbase-mixed",
+                      "embeddings-bertbase-varied", "feature-extraction-bertbase-varied")
+#: --gpu's default: two workloads fit one 10-minute device call (the others by name).
+GPU_WORKLOADS = ("fill-mask-bertbase-varied", "embeddings-bertbase-varied")
 OPT_IN_WORKLOADS = ("feature-extraction-tiny-varied", "fill-mask-minilm-mixed400",
-                    "embeddings-minilm-mixed400")
+                    "embeddings-minilm-mixed400", *BERTBASE_WORKLOADS)
 DEFAULT_WORKLOADS = tuple(w for w in WORKLOADS if w not in OPT_IN_WORKLOADS)
 QUICK_WORKLOADS = ("fill-mask-tiny-varied", "feature-extraction-tiny-varied")
 #: --quick trims its token-level check to one batchwire process (JSON and msgpack answers)
@@ -210,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="tiny model, concurrency 1 and 8, ~1 s points: an end-to-end check")
+    p.add_argument("--gpu", action="store_true",
+                   help="the GPU section: two bert-base workloads (fill-mask and embeddings; "
+                   "the other bert-base ones by name) on --device cuda at concurrency 1,64,256, "
+                   "ceiling batch sizes 1..256 (each default still overridable)")
+    p.add_argument("--device", default=None,
+                   help="where every server and the ceiling run the model: cpu, cuda, cuda:N "
+                   "(default cpu; --gpu: cuda). batchwire gets it as serve --devices")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
     p.add_argument("--workloads", type=_csv, default=None,
                    help=f"comma list of {', '.join(WORKLOADS)} (default: all but "
@@ -236,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, s")
     p.add_argument("--inputs", type=int, default=512, help="distinct inputs per workload")
     p.add_argument("--no-ceiling", action="store_true", help="skip the raw-pipeline ceiling")
-    p.add_argument("--batch-sizes", type=_csv_ints, default=[1, 2, 4, 8, 16, 32, 64],
-                   help="ceiling batch sizes")
+    p.add_argument("--batch-sizes", type=_csv_ints, default=None,
+                   help="ceiling batch sizes (default 1,2,4,...,64; --gpu up to 256)")
     p.add_argument("--ceiling-seconds", type=float, default=None,
                    help="ceiling seconds per batch size (default 3; --quick 0.2)")
     p.add_argument("--no-loadgen-ceiling", action="store_true",
@@ -280,14 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    quick = args.quick
+    quick, gpu = args.quick, args.gpu
+    if quick and gpu:
+        raise SystemExit("--quick and --gpu are different runs: pick one")
     default_workloads = args.workloads is None
     defaults = {
-        "workloads": list(QUICK_WORKLOADS if quick else DEFAULT_WORKLOADS),
-        "concurrency": [1, 8] if quick else [1, 8, 32, 64, 128],
+        "workloads": list(QUICK_WORKLOADS if quick else GPU_WORKLOADS if gpu
+                          else DEFAULT_WORKLOADS),
+        "concurrency": [1, 8] if quick else [1, 64, 256] if gpu else [1, 8, 32, 64, 128],
+        "device": "cuda" if gpu else "cpu",
+        "batch_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256] if gpu else [1, 2, 4, 8, 16, 32, 64],
         "duration": 1.0 if quick else 10.0,
         "warmup": 0.3 if quick else 2.0,
-        "max_requests": 300 if quick else 20_000,
+        "max_requests": 300 if quick else 200_000 if gpu else 20_000,
         "grace": 5.0 if quick else 15.0,
         "ceiling_seconds": 0.2 if quick else 3.0,
         "ready_timeout": 90.0 if quick else 300.0,
@@ -364,6 +392,20 @@ def _git(*argv: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _gpus() -> list[str] | None:
+    """The GPUs nvidia-smi lists (name and memory), without importing torch here; None
+    where there is no nvidia-smi or it fails."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
 def machine_facts() -> dict:
     try:
         affinity = len(os.sched_getaffinity(0))
@@ -382,6 +424,7 @@ def machine_facts() -> dict:
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(dirty) if dirty is not None else None,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "gpus": _gpus(),
     }
 
 
@@ -410,6 +453,12 @@ def row_label(name: str, args: argparse.Namespace) -> str:
     return f"batchwire {shlex.join(args.variants[name])}"
 
 
+def device_flags(flag: str, args: argparse.Namespace) -> list[str]:
+    """``[flag, device]`` off the CPU; nothing on it, so CPU runs keep each server's own
+    default (batchwire's ``--devices auto`` finds no GPU and divides the cores)."""
+    return [] if args.device == "cpu" else [flag, args.device]
+
+
 def server_argv(process: str, model, port: int, args: argparse.Namespace,
                 workload: Workload) -> list[str]:
     if is_batchwire(process, args):
@@ -421,10 +470,10 @@ def server_argv(process: str, model, port: int, args: argparse.Namespace,
                   if args.bw_max_batch_size > 0 else []),
                 "--max-delay-ms", str(args.bw_max_delay_ms),
                 "--max-queue", str(args.bw_max_queue),
-                "--log-level", "WARNING", *threads, *shlex.split(args.bw_args),
-                *args.variants.get(process, ())]
+                "--log-level", "WARNING", *threads, *device_flags("--devices", args),
+                *shlex.split(args.bw_args), *args.variants.get(process, ())]
     argv = [sys.executable, "-m", "benchmarks.reference_server", "--model", model.path,
-            "--task", model.task, "--port", str(port)]
+            "--task", model.task, "--port", str(port), *device_flags("--device", args)]
     if process == "guide-batching":
         argv += ["--batching", "--max-batch-size", str(args.guide_max_batch_size)]
     if workload.answer == "embeddings":
@@ -603,8 +652,7 @@ def _log_point(workload: str, server: str, label: str, point: dict) -> None:
           f"cpu {point.get('cpu_cores')}", file=sys.stderr)
 
 
-def run_ceiling(model, workload: Workload, args: argparse.Namespace, raw_dir: Path) -> dict:
-    out = raw_dir / f"{workload.name}.ceiling.json"
+def ceiling_argv(model, workload: Workload, args: argparse.Namespace, out: Path) -> list[str]:
     min_tokens, max_tokens = workload.input_tokens(model.max_tokens)
     argv = [sys.executable, "-m", "benchmarks.ceiling", "--model", model.path,
             "--task", model.task, "--workload", workload.shape,
@@ -612,9 +660,16 @@ def run_ceiling(model, workload: Workload, args: argparse.Namespace, raw_dir: Pa
             *(["--min-tokens", str(min_tokens)] if min_tokens is not None else []),
             "--batch-sizes", ",".join(map(str, args.batch_sizes)),
             "--seconds-per-size", str(args.ceiling_seconds),
-            "--max-items-per-size", str(args.ceiling_max_items), "--json-out", str(out)]
+            "--max-items-per-size", str(args.ceiling_max_items), "--json-out", str(out),
+            *device_flags("--device", args)]
     if workload.answer == "embeddings":
         argv += ["--pooling", "mean"]
+    return argv
+
+
+def run_ceiling(model, workload: Workload, args: argparse.Namespace, raw_dir: Path) -> dict:
+    out = raw_dir / f"{workload.name}.ceiling.json"
+    argv = ceiling_argv(model, workload, args, out)
     print(f"[bench] {workload.name}: ceiling", file=sys.stderr)
     limit = 120 + len(args.batch_sizes) * (args.ceiling_seconds * 4 + 60)
     try:
@@ -656,7 +711,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "note": args.note,
         "machine": machine_facts(),
         "config": {
-            "quick": args.quick, "workloads": args.workloads,
+            "quick": args.quick, "gpu": args.gpu, "device": args.device,
+            "workloads": args.workloads,
             "servers": args.servers,  # None: each workload's own rows
             "concurrency": args.concurrency, "rates": args.rates, "duration_s": args.duration,
             "warmup_s": args.warmup, "max_requests": args.max_requests, "grace_s": args.grace,

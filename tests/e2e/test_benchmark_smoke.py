@@ -209,3 +209,66 @@ def test_report_compares_token_aware_with_count_only():
     report = render_markdown(results, {})
     assert "### Token-aware vs count-only batching" in report
     assert "5-400 tokens with [CLS] and [SEP]" in report
+
+
+# -- the GPU section's preset, no servers ------------------------------------------------------
+def test_gpu_preset_puts_every_server_and_the_ceiling_on_the_gpu(tmp_path):
+    from benchmarks import run
+    from benchmarks.models import BenchModel
+
+    args = _resolve("--gpu")
+    assert args.workloads == list(run.GPU_WORKLOADS)
+    assert args.device == "cuda" and args.concurrency == [1, 64, 256]
+    assert max(args.batch_sizes) == 256
+    model = BenchModel("bert-base-fill-mask", "/model", "fill-mask", 512, "a model", 768)
+    workload = run.WORKLOADS["fill-mask-bertbase-varied"]
+    bw = run.server_argv("batchwire", model, 8000, args, workload)
+    assert bw[bw.index("--devices") + 1] == "cuda"
+    for guide in ("guide", "guide-batching"):
+        argv = run.server_argv(guide, model, 8000, args, workload)
+        assert argv[argv.index("--device") + 1] == "cuda"
+    ceiling = run.ceiling_argv(model, workload, args, tmp_path / "c.json")
+    assert ceiling[ceiling.index("--device") + 1] == "cuda"
+    # Another GPU, or the same workloads on the CPU, by --device; each default stays
+    # overridable.
+    args = _resolve("--gpu", "--device", "cuda:1", "--concurrency", "64")
+    assert run.server_argv("batchwire", model, 8000, args, workload)[-2:] == ["--devices",
+                                                                              "cuda:1"]
+    assert args.concurrency == [64]
+    # A CPU run passes no device at all: each server keeps its own default.
+    args = _resolve()
+    assert "cpu" == args.device
+    assert "--devices" not in run.server_argv("batchwire", model, 8000, args, workload)
+    assert "--device" not in run.server_argv("guide", model, 8000, args, workload)
+    assert "--device" not in run.ceiling_argv(model, workload, args, tmp_path / "c.json")
+    assert not set(run.BERTBASE_WORKLOADS) & set(run.DEFAULT_WORKLOADS)
+    with pytest.raises(SystemExit):
+        _resolve("--gpu", "--quick")
+
+
+def test_bert_from_config_is_a_working_fill_mask_model(tmp_path):
+    """The bert-base build path at a small shape (the real one is 440 MB): seeded random
+    weights, MiniLM's tokenizer files, a fill-mask pipeline that answers."""
+    import json as json_
+
+    from transformers import pipeline
+
+    from benchmarks.models import (
+        BERT_BASE,
+        TOKENIZER_FILES,
+        build_bert_from_config,
+        tokenizer_source,
+    )
+
+    assert (BERT_BASE["hidden_size"], BERT_BASE["num_hidden_layers"]) == (768, 12)
+    build_bert_from_config(tmp_path, hidden_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, intermediate_size=64)
+    config = json_.loads((tmp_path / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"]) == (32, 1)
+    assert config["max_position_embeddings"] == 512
+    vocab = (tokenizer_source() / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    assert config["vocab_size"] == len(vocab)
+    assert all((tmp_path / name).is_file() for name in TOKENIZER_FILES)
+    fill = pipeline("fill-mask", model=str(tmp_path), device="cpu")
+    answers = fill("paris is the [MASK] of france")
+    assert len(answers) == 5 and all(a["token_str"] for a in answers)
