@@ -228,11 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny model, concurrency 1 and 8, ~1 s points: an end-to-end check")
     p.add_argument("--gpu", action="store_true",
                    help="the GPU section: two bert-base workloads (fill-mask and embeddings; "
-                   "the other bert-base ones by name) on --device cuda at concurrency 1,64,256, "
+                   "the other bert-base ones by name) on --device cuda:0 at concurrency 1,64,256, "
                    "ceiling batch sizes 1..256 (each default still overridable)")
     p.add_argument("--device", default=None,
-                   help="where every server and the ceiling run the model: cpu, cuda, cuda:N "
-                   "(default cpu; --gpu: cuda). batchwire gets it as serve --devices")
+                   help="where every server and the ceiling run the model: cpu or cuda:N "
+                   "(default cpu; --gpu: cuda:0). batchwire gets it as serve --devices")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
     p.add_argument("--workloads", type=_csv, default=None,
                    help=f"comma list of {', '.join(WORKLOADS)} (default: all but "
@@ -311,7 +311,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         "workloads": list(QUICK_WORKLOADS if quick else GPU_WORKLOADS if gpu
                           else DEFAULT_WORKLOADS),
         "concurrency": [1, 8] if quick else [1, 64, 256] if gpu else [1, 8, 32, 64, 128],
-        "device": "cuda" if gpu else "cpu",
+        "device": "cuda:0" if gpu else "cpu",
         "batch_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256] if gpu else [1, 2, 4, 8, 16, 32, 64],
         "duration": 1.0 if quick else 10.0,
         "warmup": 0.3 if quick else 2.0,
@@ -325,6 +325,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.device != "cpu" and not (args.device.startswith("cuda:") and args.device[5:].isdigit()):
+        raise SystemExit(f"--device {args.device!r}: use cpu or cuda:N, as batchwire's --devices")
     if quick:
         args.ceiling_max_items = 64
         args.loadgen_ceiling_duration = 1.0

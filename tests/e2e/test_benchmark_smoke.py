@@ -218,17 +218,18 @@ def test_gpu_preset_puts_every_server_and_the_ceiling_on_the_gpu(tmp_path):
 
     args = _resolve("--gpu")
     assert args.workloads == list(run.GPU_WORKLOADS)
-    assert args.device == "cuda" and args.concurrency == [1, 64, 256]
+    # cuda:N, the form batchwire's --devices takes (it refuses a bare "cuda").
+    assert args.device == "cuda:0" and args.concurrency == [1, 64, 256]
     assert max(args.batch_sizes) == 256
     model = BenchModel("bert-base-fill-mask", "/model", "fill-mask", 512, "a model", 768)
     workload = run.WORKLOADS["fill-mask-bertbase-varied"]
     bw = run.server_argv("batchwire", model, 8000, args, workload)
-    assert bw[bw.index("--devices") + 1] == "cuda"
+    assert bw[bw.index("--devices") + 1] == "cuda:0"
     for guide in ("guide", "guide-batching"):
         argv = run.server_argv(guide, model, 8000, args, workload)
-        assert argv[argv.index("--device") + 1] == "cuda"
+        assert argv[argv.index("--device") + 1] == "cuda:0"
     ceiling = run.ceiling_argv(model, workload, args, tmp_path / "c.json")
-    assert ceiling[ceiling.index("--device") + 1] == "cuda"
+    assert ceiling[ceiling.index("--device") + 1] == "cuda:0"
     # Another GPU, or the same workloads on the CPU, by --device; each default stays
     # overridable.
     args = _resolve("--gpu", "--device", "cuda:1", "--concurrency", "64")
@@ -242,8 +243,9 @@ def test_gpu_preset_puts_every_server_and_the_ceiling_on_the_gpu(tmp_path):
     assert "--device" not in run.server_argv("guide", model, 8000, args, workload)
     assert "--device" not in run.ceiling_argv(model, workload, args, tmp_path / "c.json")
     assert not set(run.BERTBASE_WORKLOADS) & set(run.DEFAULT_WORKLOADS)
-    with pytest.raises(SystemExit):
-        _resolve("--gpu", "--quick")
+    for bad in (["--gpu", "--quick"], ["--device", "cuda"], ["--device", "gpu0"]):
+        with pytest.raises(SystemExit):
+            _resolve(*bad)
 
 
 def test_bert_from_config_is_a_working_fill_mask_model(tmp_path):
