@@ -81,7 +81,7 @@ def select(group: Sequence["WorkItem"], *, max_items: int, max_tokens: int = 0,
         order = aged + sorted(fresh, key=lambda it: abs(it.tokens - anchor.tokens))
     chosen = [anchor]
     longest = anchor.tokens
-    #: Once an aged item is turned away, nothing younger than it may overtake it again.
+    # Once an aged item is turned away, nothing younger than it may overtake it again.
     overtake_bound = math.inf
     for item in order:
         if len(chosen) >= max_items:
