@@ -83,6 +83,7 @@ from benchmarks.procs import (
     free_port,
     machine_cpu_seconds,
 )
+from gateway.supervisor import is_device
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
 #: Result rows: (server process, answer format the client asks for).
@@ -325,7 +326,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.device != "cpu" and not (args.device.startswith("cuda:") and args.device[5:].isdigit()):
+    if not is_device(args.device):
         raise SystemExit(f"--device {args.device!r}: use cpu or cuda:N, as batchwire's --devices")
     if quick:
         args.ceiling_max_items = 64

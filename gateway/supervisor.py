@@ -30,6 +30,11 @@ BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0
 
 
+def is_device(name: str) -> bool:
+    """``cpu`` or ``cuda:N``: the devices a worker takes."""
+    return name == "cpu" or (name.startswith("cuda:") and name[5:].isdigit())
+
+
 def resolve_devices(spec: str, count: int | None) -> list[str]:
     """One device per worker: ``auto`` uses every visible GPU (via nvidia-smi), else CPU.
 
@@ -41,7 +46,7 @@ def resolve_devices(spec: str, count: int | None) -> list[str]:
     else:
         devices = [d.strip() for d in spec.split(",") if d.strip()]
         for device in devices:
-            if device != "cpu" and not (device.startswith("cuda:") and device[5:].isdigit()):
+            if not is_device(device):
                 raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda:N")
         if not devices:
             raise ValueError("--devices is empty")
