@@ -6,7 +6,6 @@ The worker subcommand is imported only when asked for, so neither ``serve`` nor
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from typing import Sequence
 
@@ -30,16 +29,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     gateway_config = config.gateway if command == "serve" else config
     setup_logging(gateway_config.log_level, "gateway", gateway_config.log_format)
-    try:
-        import uvloop
-    except ImportError:
-        uvloop = None
     from gateway.server import run_gateway
+    from protocol import eventloop
 
-    coro = run_gateway(gateway_config, config if command == "serve" else None)
-    if uvloop is not None:
-        return uvloop.run(coro)
-    return asyncio.run(coro)
+    return eventloop.run(run_gateway(gateway_config, config if command == "serve" else None),
+                         gateway_config.event_loop)
 
 
 if __name__ == "__main__":

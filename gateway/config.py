@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from protocol.eventloop import add_event_loop_flag
 from protocol.flags import Flags, non_negative_float, positive_float, positive_int
 from protocol.logs import add_logging_flags
 from worker.config import add_model_flags
@@ -26,6 +27,7 @@ class GatewayConfig:
     debug: bool = False
     log_level: str = "INFO"
     log_format: str = "text"
+    event_loop: str = "auto"
     api_key: str | None = None
     curve_secret_key: str | None = None
     curve_authorized_keys: str | None = None
@@ -87,6 +89,7 @@ def _add_gateway_flags(flags: Flags, *, serve: bool) -> None:
     flags.add("--debug", action="store_true", default=False,
               help="include tracebacks of internal errors in responses")
     add_logging_flags(flags)
+    add_event_loop_flag(flags)
     flags.add("--curve-secret-key", default=None,
               help="the gateway's CURVE .key_secret file (batchwire keygen): encrypt and "
               "authenticate the worker link")
@@ -151,6 +154,7 @@ def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
         debug=args.debug,
         log_level=args.log_level,
         log_format=args.log_format,
+        event_loop=args.event_loop,
         api_key=args.api_key or None,
         curve_secret_key=args.curve_secret_key,
         curve_authorized_keys=args.curve_authorized_keys,

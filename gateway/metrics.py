@@ -10,7 +10,7 @@ Each app gets its own registry, so several gateways in one process (tests) never
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -68,6 +68,7 @@ class GatewayMetrics:
         for reason in (*REJECT_REASONS.values(), "bad_input"):
             self.rejected.labels(reason)
         self._live: _LiveCollector | None = None
+        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     def watch(self, broker: "Broker", restarts: Callable[[], int] = lambda: 0) -> None:
         """Read live state from this broker (and supervisor restart count) at scrape time."""
@@ -79,8 +80,15 @@ class GatewayMetrics:
             self._live.restarts = restarts
 
     def observe_response(self, route: str, status: int, seconds: float, error_code: str | None) -> None:
-        self.requests.labels(route, str(status)).inc()
-        self.request_duration.labels(route).observe(seconds)
+        # The labelled children, looked up once per (route, status): labels() validates and
+        # locks on every call. Routes are templates, statuses few, so the cache is small.
+        children = self._children.get((route, status))
+        if children is None:
+            children = (self.requests.labels(route, str(status)),
+                        self.request_duration.labels(route))
+            self._children[(route, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
         if error_code in REJECT_REASONS:
             self.rejected.labels(REJECT_REASONS[error_code]).inc()
         elif 400 <= status < 500 and error_code not in ("unauthorized", "cancelled"):

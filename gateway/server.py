@@ -15,7 +15,7 @@ from gateway.app import SUPERVISOR, AccessLogger, create_app
 from gateway.broker import Broker
 from gateway.config import GatewayConfig, ServeConfig
 from gateway.supervisor import Supervisor
-from protocol import curve
+from protocol import curve, eventloop
 from protocol.heap import freeze_startup_objects
 
 log = logging.getLogger("batchwire.gateway")
@@ -66,7 +66,7 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
                                 config.batch_timeout_s, config.log_level,
                                 on_exit=broker.worker_process_exited,
                                 log_format=config.log_format, on_give_up=give_up,
-                                extra_args=local_worker_args)
+                                extra_args=local_worker_args, event_loop=config.event_loop)
         broker.on_worker_dead = supervisor.kill
         broker.metrics.set_restarts(lambda: supervisor.restarts)
 
@@ -85,7 +85,8 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
         stop.set()
         exit_code = 2
     else:
-        log.info("listening on http://%s:%d (pid %d)", config.host, config.port, os.getpid())
+        log.info("listening on http://%s:%d (pid %d, %s loop)", config.host, config.port,
+                 os.getpid(), eventloop.loop_name())
         freeze_startup_objects()
         if supervisor is not None:
             await supervisor.start()

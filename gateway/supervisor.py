@@ -106,8 +106,9 @@ class Supervisor:
     def __init__(self, launch: WorkerLaunchConfig, endpoint: str, heartbeat_interval_s: float,
                  batch_timeout_s: float, log_level: str, on_exit: Callable[[int, str], None],
                  log_format: str = "text", on_give_up: Callable[[str], None] = lambda r: None,
-                 extra_args: list[str] | None = None):
+                 extra_args: list[str] | None = None, event_loop: str = "auto"):
         self.log_format = log_format
+        self.event_loop = event_loop
         self.extra_args = list(extra_args or [])
         self.on_give_up = on_give_up
         self.launch = launch
@@ -139,6 +140,7 @@ class Supervisor:
             "--parent-pid", str(os.getpid()),
             "--log-level", log_level,
             "--log-format", self.log_format,
+            "--event-loop", self.event_loop,
             *self.extra_args,
         ]
         if launch.model:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
-from protocol import curve
+from protocol import curve, eventloop
 from protocol.heap import freeze_startup_objects
 from protocol.logs import setup_logging
 from worker.config import EXIT_CANNOT_LOAD, WorkerConfig, parse
@@ -51,7 +50,7 @@ def run(config: WorkerConfig) -> int:
     log.info("loaded in %.1f s, warmed up in %.2f s", loaded, warmed)
     freeze_startup_objects()
     try:
-        asyncio.run(WorkerService(config, runner, executor).run())
+        eventloop.run(WorkerService(config, runner, executor).run(), config.event_loop)
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
     return 0

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from protocol.eventloop import add_event_loop_flag
 from protocol.flags import Flags, non_negative_float, non_negative_int, positive_float, positive_int
 from protocol.logs import add_logging_flags
 
@@ -68,6 +69,7 @@ class WorkerConfig:
     parent_pid: int
     log_level: str
     log_format: str
+    event_loop: str = "auto"
 
     @property
     def max_delay_s(self) -> float:
@@ -143,6 +145,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
               help="this worker's .key_secret file (default with --curve-server-key: a fresh "
               "key pair, which a gateway with --curve-authorized-keys will refuse)")
     add_logging_flags(flags)
+    add_event_loop_flag(flags)
     add_model_flags(flags)
     parser.epilog = "Every flag reads its default from the environment variable named beside it."
     return parser
@@ -178,6 +181,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         parent_pid=args.parent_pid,
         log_level=args.log_level,
         log_format=args.log_format,
+        event_loop=args.event_loop,
     )
 
 

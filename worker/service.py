@@ -21,7 +21,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from protocol import codec, curve
+from protocol import codec, curve, eventloop
 from protocol.errors import BatchwireError, ProtocolError
 from protocol.messages import (
     Cancel,
@@ -94,11 +94,12 @@ class WorkerService:
             loop.add_signal_handler(sig, self._on_signal, sig)
         self._send(self._ready())
         log.info("worker %s ready on %s: %s (%s) on %s, capacity %d, max batch %d "
-                 "(%s padded tokens, length buckets %s), max delay %.1f ms",
+                 "(%s padded tokens, length buckets %s), max delay %.1f ms, %s loop",
                  self.config.worker_id, self.config.connect, self.runner.model, self.runner.task,
                  self.config.device, self.config.capacity, self.config.max_batch_size,
                  self.config.max_batch_tokens or "no limit on",
-                 "on" if self.config.length_buckets else "off", self.config.max_delay_ms)
+                 "on" if self.config.length_buckets else "off", self.config.max_delay_ms,
+                 eventloop.loop_name())
         batching = asyncio.create_task(self.batcher.run(), name="batcher")
         tasks = [
             asyncio.create_task(self._receive_loop(), name="receive"),

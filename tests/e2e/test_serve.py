@@ -74,8 +74,11 @@ async def test_request_id_echoed_or_made(fill_mask_server):
         _, headers, _ = await post(session, fill_mask_server.url + "/", data=b"a [MASK]",
                                    headers={"X-Request-Id": "client-abc-123"})
         assert headers["X-Request-Id"] == "client-abc-123"
-        _, headers2, _ = await post(session, fill_mask_server.url + "/", data=b"a [MASK]")
-        assert len(headers2["X-Request-Id"]) >= 16
+        minted = set()
+        for _ in range(3):
+            _, headers2, _ = await post(session, fill_mask_server.url + "/", data=b"a [MASK]")
+            minted.add(headers2["X-Request-Id"])
+        assert len(minted) == 3 and all(len(i) == 32 and int(i, 16) >= 0 for i in minted)
 
 
 async def test_one_ms_deadline_gets_504_and_frees_the_worker(fill_mask_server):
@@ -240,9 +243,17 @@ def test_gateway_process_never_loads_torch(fill_mask_server):
     assert "libtorch" not in gateway_maps
 
 
+def test_gateway_and_worker_run_on_uvloop_by_default(fill_mask_server):
+    info = fill_mask_server.info()
+    assert info["event_loop"] == "uvloop"
+    worker_maps = Path(f"/proc/{info['workers'][0]['pid']}/maps").read_text()
+    assert "uvloop" in worker_maps
+
+
 async def test_two_workers_share_the_load_and_env_vars_configure(start_server, tiny_model_dir):
     server = start_server(["--model", str(tiny_model_dir), "--workers", "2"],
-                          env={"BATCHWIRE_MAX_BATCH_SIZE": "3", "BATCHWIRE_MAX_DELAY_MS": "5"})
+                          env={"BATCHWIRE_MAX_BATCH_SIZE": "3", "BATCHWIRE_MAX_DELAY_MS": "5",
+                               "BATCHWIRE_EVENT_LOOP": "asyncio"})
     wait_for(lambda: len(server.info()["workers"]) == 2, 60, "both workers")
     info = server.info()
     assert {w["max_batch_size"] for w in info["workers"]} == {3}
@@ -260,6 +271,9 @@ async def test_two_workers_share_the_load_and_env_vars_configure(start_server, t
     local = info["local_workers"]
     assert [s["state"] for s in local] == ["running", "running"]
     assert {s["pid"] for s in local} == {w["pid"] for w in info["workers"]}
+    # --event-loop asyncio (from its env var) holds for the gateway and every worker.
+    assert info["event_loop"] == "asyncio"
+    assert not any("uvloop" in Path(f"/proc/{s['pid']}/maps").read_text() for s in local)
 
 
 async def test_default_model_is_minilm_feature_extraction(start_server):

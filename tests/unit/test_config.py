@@ -98,7 +98,8 @@ def test_supervisor_argv_parses_with_the_worker_parser(monkeypatch):
     launch = gateway_config.WorkerLaunchConfig(model="/m", task="fill-mask", workers=2,
                                                devices="cpu", max_batch_size=4, max_delay_ms=7,
                                                trust_remote_code=True)
-    sup = Supervisor(launch, "ipc:///tmp/bw.sock", 1.0, 12.0, "INFO", on_exit=lambda *a: None)
+    sup = Supervisor(launch, "ipc:///tmp/bw.sock", 1.0, 12.0, "INFO", on_exit=lambda *a: None,
+                     event_loop="asyncio")
     assert len(sup.slots) == 2
     for slot in sup.slots:
         assert slot.argv[1:3] == ["-m", "worker"]
@@ -106,6 +107,7 @@ def test_supervisor_argv_parses_with_the_worker_parser(monkeypatch):
         assert (cfg.model, cfg.task, cfg.max_batch_size, cfg.max_delay_ms) == ("/m", "fill-mask", 4, 7)
         assert cfg.exit_on_disconnect and cfg.trust_remote_code
         assert cfg.batch_timeout_s == 12.0 and cfg.torch_threads >= 1
+        assert cfg.event_loop == "asyncio"  # serve's --event-loop reaches its workers
         assert slot.env["OMP_NUM_THREADS"] == str(cfg.torch_threads)
 
 
