@@ -16,7 +16,7 @@ from typing import Any
 from protocol.errors import BadInput, BatchwireError, InputTooLong, InvalidParameters, ModelError
 from protocol.messages import NDArray
 from worker.batcher import RunOutput
-from worker import sparse_head
+from worker import fill_mask_answers, sparse_head
 
 log = logging.getLogger("batchwire.worker.runner")
 
@@ -103,6 +103,8 @@ class PipelineRunner:
         self.sparse_mlm_head = sparse_mlm_head
         #: The installed fill-mask head that computes logits at mask tokens only, or None.
         self.sparse_head: Any = None
+        #: The installed fill-mask postprocess that decodes in batches, or None (stock).
+        self.fill_mask_answers: Any = None
         #: A second tokenizer for :meth:`measure`, which runs on the I/O loop while the
         #: inference thread tokenizes: a fast tokenizer's Rust object is not safe to share
         #: between threads (padding and truncation are set on it per call).
@@ -155,6 +157,8 @@ class PipelineRunner:
             self._counting_backend = counting_backend(self._measuring_tokenizer)
         if self.kind == "fill-mask" and self.sparse_mlm_head:
             self.sparse_head = sparse_head.install(self.pipe)
+        if self.kind == "fill-mask":
+            self.fill_mask_answers = fill_mask_answers.install(self.pipe)
         return time.monotonic() - started
 
     def warm_up(self, batch_size: int) -> float:

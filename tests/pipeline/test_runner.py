@@ -179,6 +179,71 @@ def test_sparse_head_that_changes_answers_is_taken_out(tiny_model_dir, monkeypat
     assert_same_fill_mask(pipe("Paris is the [MASK] of France."), want)
 
 
+class _CountingBackend:
+    """The Rust tokenizer, with its decode_batch calls counted."""
+
+    def __init__(self, backend):
+        self.backend, self.calls = backend, 0
+
+    def decode_batch(self, *args, **kwargs):
+        self.calls += 1
+        return self.backend.decode_batch(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.backend.decode(*args, **kwargs)
+
+
+def test_fill_mask_answers_decode_in_one_batch_an_input_and_match_the_pipeline(fill_runner,
+                                                                                fill_pipe):
+    from worker.fill_mask_answers import check_inputs
+
+    answers = fill_runner.fill_mask_answers
+    assert answers is not None and fill_runner.pipe.postprocess is answers
+    texts = list(FILL_MASK_INPUTS) + check_inputs("[MASK]")
+    counting = _CountingBackend(answers.backend)
+    answers.backend = counting
+    try:
+        outputs = fill_runner(texts, {"top_k": 4}).outputs
+    finally:
+        answers.backend = counting.backend
+    assert counting.calls == len(texts)
+    for text, got in zip(texts, outputs):
+        assert_same_fill_mask(got, fill_pipe(text, top_k=4))
+
+
+@pytest.mark.parametrize("clean_up", [True, False])
+def test_fill_mask_answers_follow_the_tokenizers_clean_up_setting(tiny_model_dir, clean_up):
+    """Spaces around apostrophes are cleaned up exactly when the tokenizer's own decode
+    would; the same pipeline with and without the fast answers agrees either way."""
+    from worker import fill_mask_answers
+
+    pipe = _reference("fill-mask", str(tiny_model_dir))
+    pipe.tokenizer.clean_up_tokenization_spaces = clean_up
+    text = "Don't stop , it's [MASK] . Really ?"
+    want = pipe(text)
+    assert fill_mask_answers.install(pipe) is not None
+    assert pipe(text) == want
+    # The setting changes the answers (the contraction), so both ways are really checked.
+    assert all(("don ' t" in c["sequence"]) is not clean_up for c in want)
+
+
+def test_fill_mask_answers_that_differ_are_taken_out(tiny_model_dir, monkeypatch):
+    """The self-check at load: a decoder that gets an answer wrong never serves."""
+    from worker import fill_mask_answers
+
+    pipe = _reference("fill-mask", str(tiny_model_dir))
+    real = fill_mask_answers.FillMaskAnswers.__call__
+
+    def wrong(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        first = out[0][0] if isinstance(out[0], list) else out[0]
+        first["sequence"] += "!"
+        return out
+    monkeypatch.setattr(fill_mask_answers.FillMaskAnswers, "__call__", wrong)
+    assert fill_mask_answers.install(pipe) is None
+    assert "postprocess" not in pipe.__dict__, "the stock postprocess was not restored"
+
+
 def test_same_answers_allows_ties_only():
     from worker.sparse_head import same_answers
 
