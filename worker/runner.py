@@ -16,7 +16,7 @@ from typing import Any
 from protocol.errors import BadInput, BatchwireError, InputTooLong, InvalidParameters, ModelError
 from protocol.messages import NDArray
 from worker.batcher import RunOutput
-from worker import fill_mask_answers, sparse_head
+from worker import batch_encoding, fill_mask_answers, sparse_head
 
 log = logging.getLogger("batchwire.worker.runner")
 
@@ -105,6 +105,8 @@ class PipelineRunner:
         self.sparse_head: Any = None
         #: The installed fill-mask postprocess that decodes in batches, or None (stock).
         self.fill_mask_answers: Any = None
+        #: The installed preprocess that tokenizes a batch in one call, or None (stock).
+        self.batch_encoder: Any = None
         #: A second tokenizer for :meth:`measure`, which runs on the I/O loop while the
         #: inference thread tokenizes: a fast tokenizer's Rust object is not safe to share
         #: between threads (padding and truncation are set on it per call).
@@ -159,6 +161,7 @@ class PipelineRunner:
             self.sparse_head = sparse_head.install(self.pipe)
         if self.kind == "fill-mask":
             self.fill_mask_answers = fill_mask_answers.install(self.pipe)
+        self.batch_encoder = batch_encoding.install(self.pipe, self.kind)
         return time.monotonic() - started
 
     def warm_up(self, batch_size: int) -> float:
@@ -218,7 +221,13 @@ class PipelineRunner:
             # a batch of one runs exactly as the guide's unbatched call does.
             outputs = [self._call_pipeline(inputs[0], parameters)]
         else:
-            outputs = self._call_pipeline(inputs, parameters, batch_size=len(inputs))
+            prepared = self.batch_encoder is not None and self.batch_encoder.prepare(inputs,
+                                                                                   parameters)
+            try:
+                outputs = self._call_pipeline(inputs, parameters, batch_size=len(inputs))
+            finally:
+                if prepared:
+                    self.batch_encoder.clear()
         if self.kind == "feature-extraction":
             outputs = [self._trim_padding(out, n) for out, n in zip(outputs, lengths)]
             if embed:

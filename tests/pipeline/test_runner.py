@@ -244,6 +244,52 @@ def test_fill_mask_answers_that_differ_are_taken_out(tiny_model_dir, monkeypatch
     assert "postprocess" not in pipe.__dict__, "the stock postprocess was not restored"
 
 
+@pytest.mark.parametrize("kind", ["fill-mask", "feature-extraction"])
+def test_a_batch_is_tokenized_in_one_call_unless_parameters_tokenize(kind, fill_runner,
+                                                                     tiny_fe_runner):
+    runner = fill_runner if kind == "fill-mask" else tiny_fe_runner
+    encoder = runner.batch_encoder
+    assert encoder is not None and runner.pipe.preprocess is encoder
+    stock_calls: list[str] = []
+    stock = encoder.stock
+    encoder.stock = lambda text, **kw: (stock_calls.append(text), stock(text, **kw))[1]
+    texts = list(FILL_MASK_INPUTS if kind == "fill-mask" else FEATURE_INPUTS)
+    try:
+        runner(texts, {})
+        assert stock_calls == []  # every text came from the one batched call
+        if kind == "feature-extraction":
+            runner(texts, {"truncation": True})  # a tokenizer argument: the stock way
+            assert sorted(stock_calls) == sorted(texts)
+        stock_calls.clear()
+        runner(texts[:1], {})  # a batch of one runs as the guide's unbatched call
+        assert stock_calls == texts[:1]
+    finally:
+        encoder.stock = stock
+    assert encoder._ready == {}
+
+
+def test_batch_encoding_is_cleared_when_the_batch_fails(fill_runner):
+    with pytest.raises(Exception):
+        fill_runner(["a [MASK]", "no mask here"], {})
+    assert fill_runner.batch_encoder._ready == {}
+
+
+def test_batch_encoder_that_changes_the_inputs_is_taken_out(tiny_model_dir, monkeypatch):
+    """The self-check at load: an encoder whose tokens differ never serves."""
+    from worker import batch_encoding
+
+    pipe = _reference("feature-extraction", str(tiny_model_dir))
+    real = batch_encoding.BatchEncoder.__call__
+
+    def wrong(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        out["input_ids"][0, -1] = 0  # the last token becomes padding
+        return out
+    monkeypatch.setattr(batch_encoding.BatchEncoder, "__call__", wrong)
+    assert batch_encoding.install(pipe, "feature-extraction") is None
+    assert "preprocess" not in pipe.__dict__, "the stock preprocess was not restored"
+
+
 def test_same_answers_allows_ties_only():
     from worker.sparse_head import same_answers
 
