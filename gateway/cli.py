@@ -32,6 +32,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gateway.server import run_gateway
     from protocol import eventloop
 
+    try:
+        eventloop.uvloop_module(gateway_config.event_loop)
+    except eventloop.EventLoopUnavailable as exc:
+        print(f"batchwire: {exc}", file=sys.stderr)
+        return 2
     return eventloop.run(run_gateway(gateway_config, config if command == "serve" else None),
                          gateway_config.event_loop)
 

@@ -18,6 +18,10 @@ T = TypeVar("T")
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
+class EventLoopUnavailable(RuntimeError):
+    """``--event-loop uvloop`` where uvloop is not installed."""
+
+
 def add_event_loop_flag(flags) -> None:
     """--event-loop, the same for every batchwire process."""
     flags.add("--event-loop", default="auto", choices=EVENT_LOOPS,
@@ -34,8 +38,8 @@ def uvloop_module(choice: str) -> Any:
         import uvloop
     except ImportError:
         if choice == "uvloop":
-            raise RuntimeError("--event-loop uvloop, but uvloop is not installed: "
-                               "pip install uvloop, or use --event-loop auto") from None
+            raise EventLoopUnavailable("--event-loop uvloop, but uvloop is not installed: "
+                                       "pip install uvloop, or use --event-loop auto") from None
         return None
     return uvloop
 

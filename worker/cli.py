@@ -20,6 +20,11 @@ def run(config: WorkerConfig) -> int:
     from worker.service import WorkerService
 
     setup_logging(config.log_level, config.worker_id, config.log_format)
+    try:  # before the slow model load, like the key check below
+        eventloop.uvloop_module(config.event_loop)
+    except eventloop.EventLoopUnavailable as exc:
+        log.error("%s", exc)
+        return EXIT_CANNOT_LOAD
     try:  # before the slow model load: a wrong key path should fail in a second
         if config.curve_server_key:
             curve.load_public(config.curve_server_key)
