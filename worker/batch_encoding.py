@@ -79,9 +79,17 @@ def check_inputs(mask: str | None) -> list[str]:
 def install(pipe: Any, kind: str) -> BatchEncoder | None:
     """Put a :class:`BatchEncoder` in ``pipe.preprocess`` if batched calls give the same
     outputs with it as without it."""
+    from transformers import FeatureExtractionPipeline, FillMaskPipeline
+
     tokenizer = getattr(pipe, "tokenizer", None)
-    if kind not in ("fill-mask", "feature-extraction") or tokenizer is None \
-            or not getattr(tokenizer, "is_fast", False):
+    stock_method = {"fill-mask": FillMaskPipeline.preprocess,
+                    "feature-extraction": FeatureExtractionPipeline.preprocess}.get(kind)
+    if stock_method is None or tokenizer is None or not getattr(tokenizer, "is_fast", False):
+        return None
+    if type(pipe).preprocess is not stock_method:
+        # A custom pipeline's own preprocess may do more than tokenize; it keeps it.
+        log.info("texts tokenized one at a time: %s has its own preprocess",
+                 type(pipe).__name__)
         return None
     texts = check_inputs(getattr(tokenizer, "mask_token", None) if kind == "fill-mask" else None)
     extra = {"return_tensors": True} if kind == "feature-extraction" else {}

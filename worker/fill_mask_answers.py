@@ -103,6 +103,11 @@ def check_inputs(mask: str) -> list[str]:
 def install(pipe: Any, samples: list[str] | None = None) -> FillMaskAnswers | None:
     """Put :class:`FillMaskAnswers` in ``pipe.postprocess`` if its answers on ``samples``
     (default :func:`check_inputs`) equal the stock method's, batched and one at a time."""
+    from transformers import FillMaskPipeline
+
+    if type(pipe).postprocess is not FillMaskPipeline.postprocess:
+        log.info("fill-mask answers decoded by %s's own postprocess", type(pipe).__name__)
+        return None
     tokenizer = getattr(pipe, "tokenizer", None)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or getattr(tokenizer, "mask_token", None) is None \

@@ -268,6 +268,19 @@ def test_a_batch_is_tokenized_in_one_call_unless_parameters_tokenize(kind, fill_
     assert encoder._ready == {}
 
 
+def test_a_custom_pipelines_own_preprocess_is_kept(fault_model_dir):
+    """The fault pipeline's preprocess adds inputs of its own: it is not replaced (its
+    postprocess is the stock one, so the batched answers still apply)."""
+    runner = PipelineRunner(str(fault_model_dir), "fault-fill-mask", "cpu",
+                            trust_remote_code=True)
+    runner.load()
+    assert runner.kind == "fill-mask" and runner.batch_encoder is None
+    assert "preprocess" not in runner.pipe.__dict__
+    assert runner.fill_mask_answers is not None
+    outputs = runner(["a [MASK] b", "a longer [MASK] text here"], {}).outputs
+    assert len(outputs) == 2 and all(len(o) == 5 for o in outputs)
+
+
 def test_batch_encoding_is_cleared_when_the_batch_fails(fill_runner):
     with pytest.raises(Exception):
         fill_runner(["a [MASK]", "no mask here"], {})
