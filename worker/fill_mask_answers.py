@@ -30,7 +30,6 @@ class FillMaskAnswers:
 
     def __init__(self, pipe: Any):
         tokenizer = pipe.tokenizer
-        self.pipe = pipe
         self.stock = pipe.postprocess
         self.backend = tokenizer.backend_tokenizer
         self.mask_id = tokenizer.mask_token_id
