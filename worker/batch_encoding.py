@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from worker import fill_mask_answers
+
 log = logging.getLogger("batchwire.worker.batch_encoding")
 
 #: Parameters that change how a text is tokenized: a batch carrying any of them is
@@ -68,14 +70,6 @@ class BatchEncoder:
         return model_inputs
 
 
-def check_inputs(mask: str | None) -> list[str]:
-    """Texts of different lengths for the self-check (with a mask for fill-mask)."""
-    m = mask or "word"
-    return [f"Paris is the {m} of France.", f"The {m} sat on the mat by the {m} door.",
-            f"déjà vu, naïve café: the {m} of 日本 😀 isn't it ?", f"{m}",
-            f"Every morning she walks her dog along the river to the old {m} again."]
-
-
 def install(pipe: Any, kind: str) -> BatchEncoder | None:
     """Put a :class:`BatchEncoder` in ``pipe.preprocess`` if batched calls give the same
     outputs with it as without it."""
@@ -91,7 +85,10 @@ def install(pipe: Any, kind: str) -> BatchEncoder | None:
         log.info("texts tokenized one at a time: %s has its own preprocess",
                  type(pipe).__name__)
         return None
-    texts = check_inputs(getattr(tokenizer, "mask_token", None) if kind == "fill-mask" else None)
+    # The fill-mask answers' check texts (lengths that pad, unicode, punctuation); without
+    # a mask token for feature-extraction, a plain word stands in its place.
+    texts = fill_mask_answers.check_inputs(tokenizer.mask_token if kind == "fill-mask"
+                                           else "word")
     extra = {"return_tensors": True} if kind == "feature-extraction" else {}
     try:
         stock = pipe(texts, batch_size=len(texts), **extra)
