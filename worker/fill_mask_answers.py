@@ -24,6 +24,11 @@ from typing import Any
 
 log = logging.getLogger("batchwire.worker.fill_mask_answers")
 
+#: Keys of a forward whose candidates were already scored (worker/mask_scores.py): each
+#: input's ``[masks, top_k]`` probabilities and token ids, in place of its logits.
+SCORES = "batchwire_mask_scores"
+TOKENS = "batchwire_mask_tokens"
+
 
 class FillMaskAnswers:
     """A drop-in ``postprocess`` for one fill-mask pipeline with a fast tokenizer."""
@@ -38,21 +43,32 @@ class FillMaskAnswers:
         self.clean = tokenizer.clean_up_tokenization
 
     def __call__(self, model_outputs: Any, top_k: int = 5, target_ids: Any = None) -> list:
-        if target_ids is not None:
+        if SCORES in model_outputs:
+            # Scored a batch at a time where the model ran (worker/mask_scores.py).
+            ids = model_outputs["input_ids"][0].tolist()
+            positions = [i for i, t in enumerate(ids) if t == self.mask_id]
+            scores = model_outputs[SCORES][0, :len(positions)]
+            if scores.shape[-1] != top_k:
+                raise RuntimeError(f"candidates were scored for top_k={scores.shape[-1]}, "
+                                   f"answers asked for top_k={top_k}")
+            values = scores.tolist()
+            predictions = model_outputs[TOKENS][0, :len(positions)].tolist()
+        elif target_ids is not None:
             return self.stock(model_outputs, top_k=top_k, target_ids=target_ids)
-        import torch
+        else:
+            import torch
 
-        input_ids = model_outputs["input_ids"][0]
-        masked_index = torch.nonzero(input_ids == self.mask_id, as_tuple=False).squeeze(-1)
-        probs = model_outputs["logits"][0, masked_index, :].softmax(dim=-1)
-        values, predictions = probs.topk(top_k)
-        ids = input_ids.tolist()
-        positions = masked_index.tolist()
+            input_ids = model_outputs["input_ids"][0]
+            masked_index = torch.nonzero(input_ids == self.mask_id, as_tuple=False).squeeze(-1)
+            probs = model_outputs["logits"][0, masked_index, :].softmax(dim=-1)
+            scores, tokens = probs.topk(top_k)
+            ids = input_ids.tolist()
+            positions = masked_index.tolist()
+            values, predictions = scores.tolist(), tokens.tolist()
         single_mask = len(positions) == 1
         scored: list[tuple[float, int]] = []
         sequences: list[list[int]] = []
-        for position, row_values, row_predictions in zip(positions, values.tolist(),
-                                                         predictions.tolist()):
+        for position, row_values, row_predictions in zip(positions, values, predictions):
             for value, prediction in zip(row_values, row_predictions):
                 tokens = ids.copy()
                 tokens[position] = prediction

@@ -16,7 +16,7 @@ from typing import Any
 from protocol.errors import BadInput, BatchwireError, InputTooLong, InvalidParameters, ModelError
 from protocol.messages import NDArray
 from worker.batcher import RunOutput
-from worker import batch_encoding, fill_mask_answers, sparse_head
+from worker import batch_encoding, fill_mask_answers, mask_scores, sparse_head
 
 log = logging.getLogger("batchwire.worker.runner")
 
@@ -107,6 +107,9 @@ class PipelineRunner:
         self.fill_mask_answers: Any = None
         #: The installed preprocess that tokenizes a batch in one call, or None (stock).
         self.batch_encoder: Any = None
+        #: The installed fill-mask _forward that scores a batch's candidates on the model's
+        #: device, or None (stock).
+        self.mask_scorer: Any = None
         #: A second tokenizer for :meth:`measure`, which runs on the I/O loop while the
         #: inference thread tokenizes: a fast tokenizer's Rust object is not safe to share
         #: between threads (padding and truncation are set on it per call).
@@ -161,6 +164,7 @@ class PipelineRunner:
             self.sparse_head = sparse_head.install(self.pipe)
         if self.kind == "fill-mask":
             self.fill_mask_answers = fill_mask_answers.install(self.pipe)
+            self.mask_scorer = mask_scores.install(self.pipe)
         self.batch_encoder = batch_encoding.install(self.pipe, self.kind)
         return time.monotonic() - started
 
@@ -216,18 +220,23 @@ class PipelineRunner:
         self._check_parameters(parameters)
         if not lengths or not all(lengths):
             lengths = self._token_lengths(inputs, parameters, getattr(self.pipe, "tokenizer", None))
-        if len(inputs) == 1:
-            # Pipelines unwrap a one-item list (fill-mask returns the item's own output), so
-            # a batch of one runs exactly as the guide's unbatched call does.
-            outputs = [self._call_pipeline(inputs[0], parameters)]
-        else:
-            prepared = self.batch_encoder is not None and self.batch_encoder.prepare(inputs,
-                                                                                   parameters)
-            try:
-                outputs = self._call_pipeline(inputs, parameters, batch_size=len(inputs))
-            finally:
-                if prepared:
-                    self.batch_encoder.clear()
+        scored = self.mask_scorer is not None and self.mask_scorer.prepare(parameters)
+        try:
+            if len(inputs) == 1:
+                # Pipelines unwrap a one-item list (fill-mask returns the item's own output),
+                # so a batch of one runs exactly as the guide's unbatched call does.
+                outputs = [self._call_pipeline(inputs[0], parameters)]
+            else:
+                prepared = self.batch_encoder is not None and self.batch_encoder.prepare(
+                    inputs, parameters)
+                try:
+                    outputs = self._call_pipeline(inputs, parameters, batch_size=len(inputs))
+                finally:
+                    if prepared:
+                        self.batch_encoder.clear()
+        finally:
+            if scored:
+                self.mask_scorer.clear()
         if self.kind == "feature-extraction":
             outputs = [self._trim_padding(out, n) for out, n in zip(outputs, lengths)]
             if embed:
@@ -280,7 +289,10 @@ class PipelineRunner:
                 raise
             # Blame the parameters only if the same input runs without them (top_k="x",
             # top_k=-1 ...); otherwise the input is at fault and the error stands. This costs
-            # a second call, on the failure path only.
+            # a second call, on the failure path only, the stock way: what was prepared for
+            # these parameters does not apply to a call without them.
+            if self.mask_scorer is not None:
+                self.mask_scorer.clear()
             try:
                 self.pipe(inputs, **extra)
             except Exception:

@@ -244,6 +244,105 @@ def test_fill_mask_answers_that_differ_are_taken_out(tiny_model_dir, monkeypatch
     assert "postprocess" not in pipe.__dict__, "the stock postprocess was not restored"
 
 
+def test_fill_mask_candidates_are_scored_a_batch_at_a_time(fill_runner, fill_pipe):
+    """What leaves the model's device is the input ids and each input's top-k scores and
+    token ids, never the [batch, tokens, vocabulary] logits; the answers are the pipeline's."""
+    from worker import fill_mask_answers
+
+    scorer = fill_runner.mask_scorer
+    assert scorer is not None and fill_runner.pipe._forward is scorer
+    sent: list[dict] = []
+
+    def recording(model_inputs, **kwargs):
+        sent.append(scorer(model_inputs, **kwargs))
+        return sent[-1]
+    fill_runner.pipe._forward = recording
+    try:
+        outputs = fill_runner(list(FILL_MASK_INPUTS), {"top_k": 3}).outputs
+        targeted = fill_runner(list(FILL_MASK_INPUTS[:2]), {"targets": ["the", "a"]}).outputs
+    finally:
+        fill_runner.pipe._forward = scorer
+    scored, stock = sent
+    assert set(scored) == {"input_ids", fill_mask_answers.SCORES, fill_mask_answers.TOKENS}
+    most_masks = max(t.count("[MASK]") for t in FILL_MASK_INPUTS)
+    assert tuple(scored[fill_mask_answers.SCORES].shape) == (len(FILL_MASK_INPUTS),
+                                                              most_masks, 3)
+    assert "logits" in stock, "targets need the logits: they go the stock way"
+    for text, got in zip(FILL_MASK_INPUTS, outputs):
+        assert_same_fill_mask(got, fill_pipe(text, top_k=3))
+    for text, got in zip(FILL_MASK_INPUTS, targeted):
+        assert_same_fill_mask(got, fill_pipe(text, targets=["the", "a"]))
+    assert scorer.top_k is None, "the scorer was left prepared"
+
+
+def test_batched_scoring_gives_the_stock_answers_bit_for_bit_on_cpu(tiny_model_dir):
+    """Each row is softmaxed on its own, so scoring a batch's masks together changes no bit:
+    the same pipeline with and without the scorer answers identically."""
+    from worker import fill_mask_answers, mask_scores
+
+    pipe = _reference("fill-mask", str(tiny_model_dir))
+    assert fill_mask_answers.install(pipe) is not None
+    texts = list(FILL_MASK_INPUTS) + fill_mask_answers.check_inputs("[MASK]")
+    want = [pipe(texts, batch_size=len(texts)), pipe(texts, batch_size=3, top_k=7),
+            pipe(texts[3])]
+    scorer = mask_scores.install(pipe)
+    assert scorer is not None
+    got = []
+    for args, kwargs in [((texts,), {"batch_size": len(texts)}),
+                         ((texts,), {"batch_size": 3, "top_k": 7}), ((texts[3],), {})]:
+        assert scorer.prepare({k: v for k, v in kwargs.items() if k != "batch_size"})
+        got.append(pipe(*args, **kwargs))
+        scorer.clear()
+    assert got == want
+
+
+@pytest.mark.parametrize("parameters", [{"top_k": "x"}, {"top_k": 0}, {"top_k": 10**9},
+                                        {"top_k": True}, {"targets": ["the"]}])
+def test_the_scorer_leaves_what_it_cannot_score_to_the_stock_way(fill_runner, parameters):
+    assert fill_runner.mask_scorer.prepare(parameters) is False
+    assert fill_runner.mask_scorer.top_k is None
+
+
+def test_a_top_k_the_model_cannot_give_is_still_blamed_on_the_parameters(fill_runner):
+    vocab = fill_runner.pipe.model.config.vocab_size
+    with pytest.raises(InvalidParameters, match="top_k"):
+        fill_runner(["a [MASK]", "the [MASK] b"], {"top_k": vocab + 1})
+    assert fill_runner.mask_scorer.top_k is None
+
+
+def test_mask_scorer_is_cleared_when_the_batch_fails(fill_runner):
+    with pytest.raises(Exception):
+        fill_runner(["a [MASK]", "no mask here"], {})
+    assert fill_runner.mask_scorer.top_k is None
+    assert len(fill_runner(["a [MASK]"], {}).outputs[0]) == 5  # and it serves again
+
+
+def test_a_scorer_that_changes_answers_is_taken_out(tiny_model_dir, monkeypatch):
+    """The self-check at load: batched scoring that gets a score wrong never serves."""
+    from worker import fill_mask_answers, mask_scores
+
+    pipe = _reference("fill-mask", str(tiny_model_dir))
+    assert fill_mask_answers.install(pipe) is not None
+    real = mask_scores.MaskScorer.__call__
+
+    def wrong(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if fill_mask_answers.SCORES in out:
+            out[fill_mask_answers.SCORES][..., 0] *= 0.5
+        return out
+    monkeypatch.setattr(mask_scores.MaskScorer, "__call__", wrong)
+    assert mask_scores.install(pipe) is None
+    assert "_forward" not in pipe.__dict__, "the stock _forward was not restored"
+
+
+def test_the_scorer_needs_the_batched_answers(tiny_model_dir):
+    """The stock postprocess reads logits, so without the batched answers it stays stock."""
+    from worker import mask_scores
+
+    pipe = _reference("fill-mask", str(tiny_model_dir))
+    assert mask_scores.install(pipe) is None and "_forward" not in pipe.__dict__
+
+
 @pytest.mark.parametrize("kind", ["fill-mask", "feature-extraction"])
 def test_a_batch_is_tokenized_in_one_call_unless_parameters_tokenize(kind, fill_runner,
                                                                      tiny_fe_runner):
@@ -277,6 +376,7 @@ def test_a_custom_pipelines_own_preprocess_is_kept(fault_model_dir):
     assert runner.kind == "fill-mask" and runner.batch_encoder is None
     assert "preprocess" not in runner.pipe.__dict__
     assert runner.fill_mask_answers is not None
+    assert runner.mask_scorer is None, "its own _forward was replaced"
     outputs = runner(["a [MASK] b", "a longer [MASK] text here"], {}).outputs
     assert len(outputs) == 2 and all(len(o) == 5 for o in outputs)
 
