@@ -13,6 +13,12 @@ not prepared for (a text outside the batch, tokenizer arguments among the parame
 batch of one) goes to the stock method, so the pipeline's own code path stays the
 fallback. It checks itself at load: fixed texts must give equal outputs both ways, or the
 stock method stays.
+
+A text is tokenized once already when it arrives: the worker counts its tokens through the
+tokenizer's Rust backend on the I/O loop (:func:`worker.runner.counting_backend`). The runner
+hands those encodings over (:meth:`BatchEncoder.remember`), and :meth:`BatchEncoder.prepare`
+builds a remembered text's inputs from its encoding instead of tokenizing it again. That
+path has its own check at load; if it fails, texts are tokenized again as before.
 """
 
 from __future__ import annotations
@@ -28,6 +34,16 @@ log = logging.getLogger("batchwire.worker.batch_encoding")
 #: tokenized by the stock method, which reads them.
 TOKENIZER_PARAMETERS = ("tokenize_kwargs", "tokenizer_kwargs", "truncation")
 
+#: A model input's name -> the Rust ``Encoding`` attribute that holds it.
+ENCODING_FIELDS = {"input_ids": "ids", "token_type_ids": "type_ids",
+                   "attention_mask": "attention_mask"}
+
+#: Arrival encodings kept at most: four times a worker's default capacity on a GPU (4
+#: batches of 32). Requests that never reach a batch (cancelled, expired) leave theirs
+#: behind; past this many the lot is dropped, which costs only tokenizing those texts again.
+#: A 512-token encoding holds about 70 kB (measured), so the worst case is about 36 MB.
+MAX_REMEMBERED = 512
+
 
 class BatchEncoder:
     """A drop-in ``preprocess`` for a fill-mask or feature-extraction pipeline."""
@@ -38,6 +54,28 @@ class BatchEncoder:
         self.stock = pipe.preprocess
         self.mask_id = getattr(pipe.tokenizer, "mask_token_id", None)
         self._ready: dict[str, dict[str, list[int]]] = {}
+        names = list(getattr(pipe.tokenizer, "model_input_names", None) or ())
+        #: (model input, Encoding attribute) pairs to build a remembered text's inputs from;
+        #: empty when arrival encodings are not used (see :func:`install`).
+        self.fields: list[tuple[str, str]] = []
+        self._encoding_fields = ([(n, ENCODING_FIELDS[n]) for n in names]
+                                 if names and all(n in ENCODING_FIELDS for n in names) else [])
+        # Written by the I/O loop's thread, read by the inference thread: single dict
+        # operations, which the GIL keeps whole.
+        self._remembered: dict[str, Any] = {}
+
+    @property
+    def uses_arrivals(self) -> bool:
+        return bool(self.fields)
+
+    def remember(self, text: str, encoding: Any) -> None:
+        """Keep ``text``'s arrival encoding (the counting backend's, no tokenizer
+        parameters) for the batch it will run in."""
+        if not self.fields:
+            return
+        if len(self._remembered) >= MAX_REMEMBERED:
+            self._remembered.clear()
+        self._remembered[text] = encoding
 
     def prepare(self, texts: list, parameters: dict) -> bool:
         """Tokenize ``texts`` for the next pipeline call; False (nothing prepared) when the
@@ -46,10 +84,20 @@ class BatchEncoder:
         if len(texts) < 2 or any(name in parameters for name in TOKENIZER_PARAMETERS) \
                 or not all(isinstance(t, str) for t in texts):
             return False
-        encoded = self.pipe.tokenizer(texts)
-        names = list(encoded.keys())
-        self._ready = {text: {name: encoded[name][i] for name in names}
-                       for i, text in enumerate(texts)}
+        fields, ready = self.fields, {}
+        missing = []
+        for text in texts:
+            encoding = self._remembered.pop(text, None) if fields else None
+            if encoding is None:
+                missing.append(text)
+            else:
+                ready[text] = {name: getattr(encoding, attr) for name, attr in fields}
+        if missing:
+            encoded = self.pipe.tokenizer(missing)
+            names = list(encoded.keys())
+            for i, text in enumerate(missing):
+                ready[text] = {name: encoded[name][i] for name in names}
+        self._ready = ready
         return True
 
     def clear(self) -> None:
@@ -70,9 +118,10 @@ class BatchEncoder:
         return model_inputs
 
 
-def install(pipe: Any, kind: str) -> BatchEncoder | None:
+def install(pipe: Any, kind: str, counting_backend: Any = None) -> BatchEncoder | None:
     """Put a :class:`BatchEncoder` in ``pipe.preprocess`` if batched calls give the same
-    outputs with it as without it."""
+    outputs with it as without it. ``counting_backend``: the Rust tokenizer the runner
+    counts arrivals with; their encodings are reused if that, too, gives the same outputs."""
     from transformers import FeatureExtractionPipeline, FillMaskPipeline
 
     tokenizer = getattr(pipe, "tokenizer", None)
@@ -107,8 +156,34 @@ def install(pipe: Any, kind: str) -> BatchEncoder | None:
         pipe.__dict__.pop("preprocess", None)
         log.warning("texts tokenized one at a time: the batch encoder changed the outputs")
         return None
-    log.info("a batch's texts are tokenized in one call")
+    if counting_backend is not None and encoder._encoding_fields:
+        _check_arrivals(encoder, pipe, counting_backend, texts, extra, stock)
+    log.info("a batch's texts are tokenized in one call%s",
+             ", or not again when they were on arrival" if encoder.uses_arrivals else "")
     return encoder
+
+
+def _check_arrivals(encoder: BatchEncoder, pipe: Any, backend: Any, texts: list,
+                    extra: dict, stock: Any) -> None:
+    """Turn on the reuse of arrival encodings if the check texts, encoded as arrivals are,
+    give the stock outputs."""
+    from worker.runner import encode_fast
+
+    try:
+        encoder.fields = encoder._encoding_fields
+        for text, encoding in zip(texts, encode_fast(backend, texts)):
+            encoder.remember(text, encoding)
+        encoder.prepare(texts, {})
+        reused = not encoder._remembered
+        fast = pipe(texts, batch_size=len(texts), **extra)
+        encoder.clear()
+    except Exception as exc:  # noqa: BLE001 - any failure means: tokenize again
+        reused, fast = False, None
+        log.debug("arrival encodings not reused: %s: %s", type(exc).__name__, exc)
+    encoder._remembered.clear()
+    if not (reused and _same(stock, fast)):
+        encoder.fields = []
+        log.warning("arrival encodings not reused: they did not give the stock inputs")
 
 
 def _same(a: Any, b: Any) -> bool:

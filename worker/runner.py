@@ -165,7 +165,8 @@ class PipelineRunner:
         if self.kind == "fill-mask":
             self.fill_mask_answers = fill_mask_answers.install(self.pipe)
             self.mask_scorer = mask_scores.install(self.pipe)
-        self.batch_encoder = batch_encoding.install(self.pipe, self.kind)
+        self.batch_encoder = batch_encoding.install(self.pipe, self.kind,
+                                                    self._counting_backend)
         return time.monotonic() - started
 
     def warm_up(self, batch_size: int) -> float:
@@ -205,8 +206,14 @@ class PipelineRunner:
         :class:`InputTooLong` or :class:`InvalidParameters` for the client at once."""
         if self._measuring_tokenizer is None or not isinstance(input, str):
             return 0
-        return self._token_lengths([input], parameters, self._measuring_tokenizer,
-                                   self._counting_backend)[0] or 0
+        encodings: list | None = (
+            [] if self.batch_encoder is not None and self.batch_encoder.uses_arrivals else None)
+        count = self._token_lengths([input], parameters, self._measuring_tokenizer,
+                                    self._counting_backend, encodings)[0] or 0
+        if encodings:
+            # The batch encoder builds this text's model inputs from it: one tokenization.
+            self.batch_encoder.remember(input, encodings[0])
+        return count
 
     def __call__(self, inputs: list, parameters: dict,
                  lengths: list[int] | None = None) -> RunOutput:
@@ -314,10 +321,11 @@ class PipelineRunner:
             ) from None
 
     def _token_lengths(self, inputs: list, parameters: dict, tokenizer: Any,
-                       backend: Any = None) -> list[int | None]:
+                       backend: Any = None, encodings: list | None = None) -> list[int | None]:
         """Each text input's token count; rejects inputs longer than the model takes.
         ``backend``: ``tokenizer``'s Rust backend, to count with when no tokenizer argument
-        applies (see :func:`counting_backend`)."""
+        applies (see :func:`counting_backend`); its encodings are appended to
+        ``encodings`` when given, and only when the inputs are not too long."""
         if tokenizer is None or not all(isinstance(x, str) for x in inputs):
             return [None] * len(inputs)
         kwargs: dict[str, Any] = {}
@@ -330,8 +338,10 @@ class PipelineRunner:
             kwargs["truncation"] = parameters["truncation"]
         if backend is not None and not kwargs and backend.truncation is None \
                 and backend.padding is None:
-            lengths = [len(encoding) for encoding in _encode_fast(backend, inputs)]
+            encoded = encode_fast(backend, inputs)
+            lengths = [len(encoding) for encoding in encoded]
         else:
+            encoded = None
             try:
                 ids = tokenizer(inputs, **kwargs)["input_ids"]
             except (TypeError, ValueError) as exc:
@@ -346,6 +356,8 @@ class PipelineRunner:
                     f"input is {max(too_long)} tokens long but this model takes at most "
                     f"{self.max_length}; shorten it{hint}"
                 )
+        if encodings is not None and encoded is not None:
+            encodings.extend(encoded)
         return lengths
 
     def _trim_padding(self, output: Any, length: int | None) -> Any:
@@ -363,7 +375,7 @@ _COUNT_CHECKS = ("", "Paris is the capital of France.", "  spaces\tand\nnewlines
                  "déjà vu, naïve café: ünïcödé and 日本語 and 😀", "a " * 300)
 
 
-def _encode_fast(backend: Any, texts: list) -> list:
+def encode_fast(backend: Any, texts: list) -> list:
     # encode_batch_fast (tokenizers >= 0.21) skips the character offsets a count never reads.
     encode = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
     return encode(texts)
@@ -391,7 +403,7 @@ def counting_backend(tokenizer: Any) -> Any:
         slow = [len(ids) for ids in tokenizer(checks)["input_ids"]]
         if backend.truncation is not None or backend.padding is not None:
             return None
-        fast = [len(encoding) for encoding in _encode_fast(backend, checks)]
+        fast = [len(encoding) for encoding in encode_fast(backend, checks)]
     except Exception as exc:  # noqa: BLE001 - any doubt keeps the tokenizer's own call
         log.debug("counting tokens through the tokenizer's call: %s", exc)
         return None

@@ -367,6 +367,71 @@ def test_a_batch_is_tokenized_in_one_call_unless_parameters_tokenize(kind, fill_
     assert encoder._ready == {}
 
 
+@pytest.mark.parametrize("kind", ["fill-mask", "feature-extraction"])
+def test_a_text_counted_on_arrival_is_not_tokenized_again(kind, fill_runner, tiny_fe_runner,
+                                                          fill_pipe, tiny_fe_pipe, monkeypatch):
+    """measure() tokenizes each arrival through the Rust backend to count it; the batch
+    builds its inputs from those encodings, with no tokenizer call, and answers as before."""
+    runner, reference = ((fill_runner, fill_pipe) if kind == "fill-mask"
+                         else (tiny_fe_runner, tiny_fe_pipe))
+    encoder = runner.batch_encoder
+    assert encoder.uses_arrivals
+    texts = list(FILL_MASK_INPUTS if kind == "fill-mask" else FEATURE_INPUTS)
+    tokenizer_type = type(runner.pipe.tokenizer)
+    calls: list = []
+    real_call = tokenizer_type.__call__
+    monkeypatch.setattr(tokenizer_type, "__call__",
+                        lambda self, *a, **k: (calls.append(a), real_call(self, *a, **k))[1])
+    lengths = [runner.measure(text, {}) for text in texts]
+    assert set(encoder._remembered) == set(texts)
+    outputs = runner(texts, {}, lengths).outputs
+    assert calls == [] and encoder._remembered == {}
+    if kind == "fill-mask":
+        for text, got in zip(texts, outputs):
+            assert_same_fill_mask(got, reference(text))
+    else:
+        for text, got in zip(texts, outputs):
+            want = reference(text, return_tensors=True)
+            np.testing.assert_allclose(got.to_numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
+    # A text that arrived with tokenizer parameters is not remembered, and is tokenized.
+    runner.measure(texts[0], {"tokenizer_kwargs": {"truncation": True}})
+    assert encoder._remembered == {}
+
+
+def test_arrival_encodings_are_dropped_past_their_limit(tiny_fe_runner, monkeypatch):
+    from worker import batch_encoding
+
+    monkeypatch.setattr(batch_encoding, "MAX_REMEMBERED", 3)
+    encoder = tiny_fe_runner.batch_encoder
+    try:
+        for i in range(7):
+            tiny_fe_runner.measure(f"text number {i}", {})
+        assert 0 < len(encoder._remembered) <= 3
+    finally:
+        encoder._remembered.clear()
+
+
+def test_a_too_long_arrival_is_not_remembered(tiny_fe_runner):
+    with pytest.raises(InputTooLong):
+        tiny_fe_runner.measure("word " * (TINY_LIMIT + 5), {})
+    assert tiny_fe_runner.batch_encoder._remembered == {}
+
+
+def test_arrival_encodings_that_differ_are_not_reused(tiny_model_dir, monkeypatch):
+    """Their own check at load: encodings that would build other inputs are not used, and
+    the batch encoder still tokenizes a batch in one call."""
+    from worker import batch_encoding
+    from worker.runner import counting_backend
+
+    monkeypatch.setitem(batch_encoding.ENCODING_FIELDS, "token_type_ids", "attention_mask")
+    pipe = _reference("feature-extraction", str(tiny_model_dir))
+    encoder = batch_encoding.install(pipe, "feature-extraction",
+                                     counting_backend(pipe.tokenizer))
+    assert encoder is not None and not encoder.uses_arrivals
+    encoder.remember("hello", object())
+    assert encoder._remembered == {}
+
+
 def test_a_custom_pipelines_own_preprocess_is_kept(fault_model_dir):
     """The fault pipeline's preprocess adds inputs of its own: it is not replaced (its
     postprocess is the stock one, so the batched answers still apply)."""
