@@ -79,12 +79,19 @@ class BatchEncoder:
 
     def prepare(self, texts: list, parameters: dict) -> bool:
         """Tokenize ``texts`` for the next pipeline call; False (nothing prepared) when the
-        stock method must do it."""
+        stock method must do it. A lone text is prepared only from its arrival encoding:
+        tokenizing it here would cost what the stock method costs."""
         self._ready = {}
-        if len(texts) < 2 or any(name in parameters for name in TOKENIZER_PARAMETERS) \
+        if not texts or any(name in parameters for name in TOKENIZER_PARAMETERS) \
                 or not all(isinstance(t, str) for t in texts):
             return False
         fields, ready = self.fields, {}
+        if len(texts) == 1:
+            encoding = self._remembered.pop(texts[0], None) if fields else None
+            if encoding is None:
+                return False
+            self._ready = {texts[0]: {name: getattr(encoding, attr) for name, attr in fields}}
+            return True
         missing = []
         for text in texts:
             encoding = self._remembered.pop(text, None) if fields else None
@@ -166,20 +173,25 @@ def install(pipe: Any, kind: str, counting_backend: Any = None) -> BatchEncoder 
 def _check_arrivals(encoder: BatchEncoder, pipe: Any, backend: Any, texts: list,
                     extra: dict, stock: Any) -> None:
     """Turn on the reuse of arrival encodings if the check texts, encoded as arrivals are,
-    give the stock outputs."""
+    give the stock outputs: batched, and alone (a batch of one runs the pipeline's
+    unbatched call)."""
     from worker.runner import encode_fast
 
     try:
+        encoder.clear()
+        stock = [stock, pipe(texts[0], **extra)]  # nothing prepared: the stock method
         encoder.fields = encoder._encoding_fields
         for text, encoding in zip(texts, encode_fast(backend, texts)):
             encoder.remember(text, encoding)
-        encoder.prepare(texts, {})
-        reused = not encoder._remembered
-        fast = pipe(texts, batch_size=len(texts), **extra)
-        encoder.clear()
+        reused = encoder.prepare(texts, {}) and not encoder._remembered
+        fast = [pipe(texts, batch_size=len(texts), **extra)]
+        encoder.remember(texts[0], encode_fast(backend, texts[:1])[0])
+        reused = reused and encoder.prepare(texts[:1], {})
+        fast.append(pipe(texts[0], **extra))
     except Exception as exc:  # noqa: BLE001 - any failure means: tokenize again
         reused, fast = False, None
         log.debug("arrival encodings not reused: %s: %s", type(exc).__name__, exc)
+    encoder.clear()
     encoder._remembered.clear()
     if not (reused and _same(stock, fast)):
         encoder.fields = []

@@ -228,20 +228,18 @@ class PipelineRunner:
         if not lengths or not all(lengths):
             lengths = self._token_lengths(inputs, parameters, getattr(self.pipe, "tokenizer", None))
         scored = self.mask_scorer is not None and self.mask_scorer.prepare(parameters)
+        prepared = self.batch_encoder is not None and self.batch_encoder.prepare(inputs,
+                                                                               parameters)
         try:
             if len(inputs) == 1:
                 # Pipelines unwrap a one-item list (fill-mask returns the item's own output),
                 # so a batch of one runs exactly as the guide's unbatched call does.
                 outputs = [self._call_pipeline(inputs[0], parameters)]
             else:
-                prepared = self.batch_encoder is not None and self.batch_encoder.prepare(
-                    inputs, parameters)
-                try:
-                    outputs = self._call_pipeline(inputs, parameters, batch_size=len(inputs))
-                finally:
-                    if prepared:
-                        self.batch_encoder.clear()
+                outputs = self._call_pipeline(inputs, parameters, batch_size=len(inputs))
         finally:
+            if prepared:
+                self.batch_encoder.clear()
             if scored:
                 self.mask_scorer.clear()
         if self.kind == "feature-extraction":

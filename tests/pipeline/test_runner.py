@@ -349,6 +349,7 @@ def test_a_batch_is_tokenized_in_one_call_unless_parameters_tokenize(kind, fill_
     runner = fill_runner if kind == "fill-mask" else tiny_fe_runner
     encoder = runner.batch_encoder
     assert encoder is not None and runner.pipe.preprocess is encoder
+    encoder._remembered.clear()  # other tests' measured texts: this one measures none
     stock_calls: list[str] = []
     stock = encoder.stock
     encoder.stock = lambda text, **kw: (stock_calls.append(text), stock(text, **kw))[1]
@@ -360,7 +361,7 @@ def test_a_batch_is_tokenized_in_one_call_unless_parameters_tokenize(kind, fill_
             runner(texts, {"truncation": True})  # a tokenizer argument: the stock way
             assert sorted(stock_calls) == sorted(texts)
         stock_calls.clear()
-        runner(texts[:1], {})  # a batch of one runs as the guide's unbatched call
+        runner(texts[:1], {})  # a batch of one, not measured on arrival: the stock method
         assert stock_calls == texts[:1]
     finally:
         encoder.stock = stock
@@ -382,15 +383,18 @@ def test_a_text_counted_on_arrival_is_not_tokenized_again(kind, fill_runner, tin
     real_call = tokenizer_type.__call__
     monkeypatch.setattr(tokenizer_type, "__call__",
                         lambda self, *a, **k: (calls.append(a), real_call(self, *a, **k))[1])
+    encoder._remembered.clear()
     lengths = [runner.measure(text, {}) for text in texts]
     assert set(encoder._remembered) == set(texts)
     outputs = runner(texts, {}, lengths).outputs
     assert calls == [] and encoder._remembered == {}
-    if kind == "fill-mask":
-        for text, got in zip(texts, outputs):
+    # A lone request (a batch of one, the pipeline's unbatched call) the same way.
+    outputs += runner(texts[:1], {}, [runner.measure(texts[0], {})]).outputs
+    assert calls == [] and encoder._remembered == {}
+    for text, got in zip(texts + texts[:1], outputs):
+        if kind == "fill-mask":
             assert_same_fill_mask(got, reference(text))
-    else:
-        for text, got in zip(texts, outputs):
+        else:
             want = reference(text, return_tensors=True)
             np.testing.assert_allclose(got.to_numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
     # A text that arrived with tokenizer parameters is not remembered, and is tokenized.
