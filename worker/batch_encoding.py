@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from worker import fill_mask_answers
+from worker import fill_mask_answers, stand_ins
 
 log = logging.getLogger("batchwire.worker.batch_encoding")
 
@@ -146,23 +146,21 @@ def install(pipe: Any, kind: str, counting_backend: Any = None) -> BatchEncoder 
     texts = fill_mask_answers.check_inputs(tokenizer.mask_token if kind == "fill-mask"
                                            else "word")
     extra = {"return_tensors": True} if kind == "feature-extraction" else {}
-    try:
-        stock = pipe(texts, batch_size=len(texts), **extra)
-        encoder = BatchEncoder(pipe, kind)
-        pipe.preprocess = encoder
-        if not encoder.prepare(texts, {}):
+    encoder = BatchEncoder(pipe, kind)
+    outputs: list = []
+
+    def run_checks(installed: bool) -> Any:
+        if installed and not encoder.prepare(texts, {}):
             raise RuntimeError("the check texts were not prepared")
-        fast = pipe(texts, batch_size=len(texts), **extra)
-        encoder.clear()
-    except Exception as exc:  # noqa: BLE001 - any failure means: keep the stock method
-        pipe.__dict__.pop("preprocess", None)
-        log.warning("texts tokenized one at a time: the batch encoder failed its check "
-                    "(%s: %s)", type(exc).__name__, exc)
+        try:
+            outputs.append(pipe(texts, batch_size=len(texts), **extra))
+        finally:
+            encoder.clear()
+        return outputs[-1]
+    if not stand_ins.swap_in(pipe, "preprocess", encoder, run_checks, _same,
+                             "texts tokenized one at a time"):
         return None
-    if not _same(stock, fast):
-        pipe.__dict__.pop("preprocess", None)
-        log.warning("texts tokenized one at a time: the batch encoder changed the outputs")
-        return None
+    stock = outputs[0]
     if counting_backend is not None and encoder._encoding_fields:
         _check_arrivals(encoder, pipe, counting_backend, texts, extra, stock)
     log.info("a batch's texts are tokenized in one call%s",

@@ -23,7 +23,7 @@ import inspect
 import logging
 from typing import Any
 
-from worker import fill_mask_answers, sparse_head
+from worker import fill_mask_answers, sparse_head, stand_ins
 
 log = logging.getLogger("batchwire.worker.mask_scores")
 
@@ -103,26 +103,22 @@ def install(pipe: Any) -> MaskScorer | None:
                                                                        "top_k": 3}),
              ((samples[0],), {}), ((samples[1],), {"top_k": 1})]
     scorer = MaskScorer(pipe)
-    try:
-        stock = [pipe(*a, **k) for a, k in calls]
-        pipe._forward = scorer
-        fast = []
+
+    def run_checks(installed: bool) -> list:
+        outputs = []
         for args, kwargs in calls:
-            if not scorer.prepare({k: v for k, v in kwargs.items() if k != "batch_size"}):
+            parameters = {k: v for k, v in kwargs.items() if k != "batch_size"}
+            if installed and not scorer.prepare(parameters):
                 raise RuntimeError(f"the check call {kwargs} was not prepared")
-            fast.append(pipe(*args, **kwargs))
-            scorer.clear()
-    except Exception as exc:  # noqa: BLE001 - any failure means: keep the stock way
-        pipe.__dict__.pop("_forward", None)
-        log.warning("fill-mask candidates scored by the stock postprocess: the batched "
-                    "scoring failed its check (%s: %s)", type(exc).__name__, exc)
-        return None
+            try:
+                outputs.append(pipe(*args, **kwargs))
+            finally:
+                scorer.clear()
+        return outputs
     # Within the sparse head's tolerance: on a GPU these softmaxes run there, the stock
     # ones on the CPU, and the two differ in the last float bits.
-    if not sparse_head.same_answers(stock, fast):
-        pipe.__dict__.pop("_forward", None)
-        log.warning("fill-mask candidates scored by the stock postprocess: the batched "
-                    "scoring changed the answers on the check texts")
+    if not stand_ins.swap_in(pipe, "_forward", scorer, run_checks, sparse_head.same_answers,
+                             "fill-mask candidates scored by the stock postprocess"):
         return None
     log.info("fill-mask candidates: scored on the model's device, a batch at a time")
     return scorer
