@@ -55,6 +55,7 @@ class WorkerLaunchConfig:
     normalize: str = "auto"
     fixed_delay: bool = False
     sparse_mlm_head: bool = True
+    stock_pipeline: bool = False
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
             normalize=args.normalize,
             fixed_delay=args.fixed_delay,
             sparse_mlm_head=not args.dense_mlm_head,
+            stock_pipeline=args.stock_pipeline,
         ),
     )
 

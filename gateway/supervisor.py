@@ -160,6 +160,8 @@ class Supervisor:
             argv += ["--fixed-delay"]
         if not launch.sparse_mlm_head:
             argv += ["--dense-mlm-head"]
+        if launch.stock_pipeline:
+            argv += ["--stock-pipeline"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHWIRE_")}
         if device == "cpu":
             # Each CPU worker gets its share of the cores; more threads only contend.

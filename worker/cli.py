@@ -37,7 +37,8 @@ def run(config: WorkerConfig) -> int:
         runner = PipelineRunner(config.model, config.task, config.device, config.torch_threads,
                                 trust_remote_code=config.trust_remote_code,
                                 pooling=config.pooling, normalize=config.normalize,
-                                sparse_mlm_head=config.sparse_mlm_head)
+                                sparse_mlm_head=config.sparse_mlm_head,
+                                stock_pipeline=config.stock_pipeline)
     except ValueError as exc:
         log.error("%s", exc)
         return EXIT_CANNOT_LOAD

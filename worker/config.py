@@ -70,6 +70,8 @@ class WorkerConfig:
     log_level: str
     log_format: str
     event_loop: str = "auto"
+    #: No stand-ins for the pipeline's own methods (--stock-pipeline).
+    stock_pipeline: bool = False
 
     @property
     def max_delay_s(self) -> float:
@@ -110,6 +112,11 @@ def add_model_flags(flags: Flags) -> None:
     flags.add("--dense-mlm-head", action="store_true", default=False,
               help="fill-mask: project every token onto the vocabulary, as the stock pipeline "
               "does; by default only the mask tokens are (the same answers, checked at load)")
+    flags.add("--stock-pipeline", action="store_true", default=False,
+              help="run the pipeline exactly as transformers ships it: none of batchwire's "
+              "stand-ins for its methods (batch tokenization, batched fill-mask scoring and "
+              "answers, the sparse head), which are otherwise kept only if they give the "
+              "stock answers at load; for ruling them out, at a cost in speed")
     flags.add("--torch-threads", type=int, default=0,
               help="torch intra-op threads per worker (0: torch's default for a lone worker; "
               "serve divides the cores among CPU workers)")
@@ -178,6 +185,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         curve_secret_key=args.curve_secret_key,
         fixed_delay=args.fixed_delay,
         sparse_mlm_head=not args.dense_mlm_head,
+        stock_pipeline=args.stock_pipeline,
         parent_pid=args.parent_pid,
         log_level=args.log_level,
         log_format=args.log_format,

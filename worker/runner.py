@@ -87,7 +87,8 @@ class PipelineRunner:
 
     def __init__(self, model: str | None, task: str | None, device: str, torch_threads: int = 0,
                  trust_remote_code: bool = False, pooling: str = "auto",
-                 normalize: bool | None = None, sparse_mlm_head: bool = True):
+                 normalize: bool | None = None, sparse_mlm_head: bool = True,
+                 stock_pipeline: bool = False):
         self.model = model or default_model_path()
         self.task = task or ("feature-extraction" if model is None else infer_task(self.model))
         self.device = device
@@ -100,7 +101,9 @@ class PipelineRunner:
         self.pooling = ""
         self.normalize = False
         self.pipe: Any = None
-        self.sparse_mlm_head = sparse_mlm_head
+        self.sparse_mlm_head = sparse_mlm_head and not stock_pipeline
+        #: No stand-ins for the pipeline's methods at all (--stock-pipeline).
+        self.stock_pipeline = stock_pipeline
         #: The installed fill-mask head that computes logits at mask tokens only, or None.
         self.sparse_head: Any = None
         #: The installed fill-mask postprocess that decodes in batches, or None (stock).
@@ -160,6 +163,9 @@ class PipelineRunner:
         if self.pipe.tokenizer is not None:
             self._measuring_tokenizer = copy.deepcopy(self.pipe.tokenizer)
             self._counting_backend = counting_backend(self._measuring_tokenizer)
+        if self.stock_pipeline:
+            log.info("stock pipeline: no stand-ins for its methods")
+            return time.monotonic() - started
         if self.kind == "fill-mask" and self.sparse_mlm_head:
             self.sparse_head = sparse_head.install(self.pipe)
         if self.kind == "fill-mask":

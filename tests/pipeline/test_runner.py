@@ -162,6 +162,19 @@ def test_dense_mlm_head_flag_keeps_the_stock_head(tiny_model_dir):
     assert runner.sparse_head is None and "forward" not in decoder.__dict__
 
 
+def test_stock_pipeline_runs_transformers_own_methods_only(tiny_model_dir, fill_pipe):
+    """--stock-pipeline: no stand-in in any method slot, and answers identical to the plain
+    pipeline's, scores included (the same code ran)."""
+    runner = PipelineRunner(str(tiny_model_dir), None, "cpu", stock_pipeline=True)
+    runner.load()
+    assert (runner.sparse_head, runner.fill_mask_answers, runner.mask_scorer,
+            runner.batch_encoder) == (None, None, None, None)
+    assert not {"preprocess", "_forward", "postprocess"} & set(runner.pipe.__dict__)
+    texts = list(FILL_MASK_INPUTS)
+    outputs = runner(texts, {}, [runner.measure(t, {}) for t in texts]).outputs
+    assert outputs == fill_pipe(texts, batch_size=len(texts))
+
+
 def test_sparse_head_that_changes_answers_is_taken_out(tiny_model_dir, monkeypatch):
     """The self-check at load: a head that gets the answers wrong never serves."""
     from worker import sparse_head

@@ -97,7 +97,7 @@ def test_supervisor_argv_parses_with_the_worker_parser(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     launch = gateway_config.WorkerLaunchConfig(model="/m", task="fill-mask", workers=2,
                                                devices="cpu", max_batch_size=4, max_delay_ms=7,
-                                               trust_remote_code=True)
+                                               trust_remote_code=True, stock_pipeline=True)
     sup = Supervisor(launch, "ipc:///tmp/bw.sock", 1.0, 12.0, "INFO", on_exit=lambda *a: None,
                      event_loop="asyncio")
     assert len(sup.slots) == 2
@@ -105,7 +105,7 @@ def test_supervisor_argv_parses_with_the_worker_parser(monkeypatch):
         assert slot.argv[1:3] == ["-m", "worker"]
         cfg = worker_config.parse(slot.argv[3:], environ={})
         assert (cfg.model, cfg.task, cfg.max_batch_size, cfg.max_delay_ms) == ("/m", "fill-mask", 4, 7)
-        assert cfg.exit_on_disconnect and cfg.trust_remote_code
+        assert cfg.exit_on_disconnect and cfg.trust_remote_code and cfg.stock_pipeline
         assert cfg.batch_timeout_s == 12.0 and cfg.torch_threads >= 1
         assert cfg.event_loop == "asyncio"  # serve's --event-loop reaches its workers
         assert slot.env["OMP_NUM_THREADS"] == str(cfg.torch_threads)
@@ -138,3 +138,14 @@ def test_token_budget_and_buckets_can_be_turned_off():
     assert env.max_batch_tokens == 512 and not env.length_buckets
     with pytest.raises(SystemExit):
         worker_config.parse(["--connect", "ipc:///tmp/x", "--max-batch-tokens", "-1"], environ={})
+
+
+def test_stock_pipeline_is_off_unless_asked_for_by_flag_or_env():
+    base = ["--connect", "tcp://127.0.0.1:5555"]
+    assert not worker_config.parse(base, environ={}).stock_pipeline
+    assert worker_config.parse(base + ["--stock-pipeline"], environ={}).stock_pipeline
+    assert worker_config.parse(base, environ={"BATCHWIRE_STOCK_PIPELINE": "1"}).stock_pipeline
+    _, serve = gateway_config.parse(["serve", "--stock-pipeline"], environ={})
+    assert serve.workers.stock_pipeline
+    _, serve = gateway_config.parse(["serve"], environ={})
+    assert not serve.workers.stock_pipeline
