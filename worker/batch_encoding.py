@@ -85,14 +85,7 @@ class BatchEncoder:
         if not texts or any(name in parameters for name in TOKENIZER_PARAMETERS) \
                 or not all(isinstance(t, str) for t in texts):
             return False
-        fields, ready = self.fields, {}
-        if len(texts) == 1:
-            encoding = self._remembered.pop(texts[0], None) if fields else None
-            if encoding is None:
-                return False
-            self._ready = {texts[0]: {name: getattr(encoding, attr) for name, attr in fields}}
-            return True
-        missing = []
+        fields, ready, missing = self.fields, {}, []
         for text in texts:
             encoding = self._remembered.pop(text, None) if fields else None
             if encoding is None:
@@ -100,6 +93,8 @@ class BatchEncoder:
             else:
                 ready[text] = {name: getattr(encoding, attr) for name, attr in fields}
         if missing:
+            if len(texts) == 1:
+                return False
             encoded = self.pipe.tokenizer(missing)
             names = list(encoded.keys())
             for i, text in enumerate(missing):
@@ -177,7 +172,7 @@ def _check_arrivals(encoder: BatchEncoder, pipe: Any, backend: Any, texts: list,
 
     try:
         encoder.clear()
-        stock = [stock, pipe(texts[0], **extra)]  # nothing prepared: the stock method
+        want = [stock, pipe(texts[0], **extra)]  # nothing prepared: the stock method
         encoder.fields = encoder._encoding_fields
         for text, encoding in zip(texts, encode_fast(backend, texts)):
             encoder.remember(text, encoding)
@@ -187,11 +182,11 @@ def _check_arrivals(encoder: BatchEncoder, pipe: Any, backend: Any, texts: list,
         reused = reused and encoder.prepare(texts[:1], {})
         fast.append(pipe(texts[0], **extra))
     except Exception as exc:  # noqa: BLE001 - any failure means: tokenize again
-        reused, fast = False, None
+        reused, want, fast = False, None, None
         log.debug("arrival encodings not reused: %s: %s", type(exc).__name__, exc)
     encoder.clear()
     encoder._remembered.clear()
-    if not (reused and _same(stock, fast)):
+    if not (reused and _same(want, fast)):
         encoder.fields = []
         log.warning("arrival encodings not reused: they did not give the stock inputs")
 
