@@ -10,8 +10,8 @@ the same tokenization in Rust for all the texts at once.
 runner hands it the batch's texts (:meth:`prepare`); it tokenizes them in one call, and
 each ``preprocess`` call then builds that text's tensors from the result. Anything it was
 not prepared for (a text outside the batch, tokenizer arguments among the parameters, a
-batch of one) goes to the stock method, so the pipeline's own code path stays the
-fallback. It checks itself at load: fixed texts must give equal outputs both ways, or the
+lone text with no arrival encoding) goes to the stock method, so the pipeline's own code
+path stays the fallback. It checks itself at load: fixed texts must give equal outputs both ways, or the
 stock method stays.
 
 A text is tokenized once already when it arrives: the worker counts its tokens through the

@@ -118,6 +118,14 @@ def check_inputs(mask: str) -> list[str]:
             f"Every morning she walks her dog along the river to the old {mask} , doesn't she ?"]
 
 
+def check_calls(samples: list[str]) -> list[tuple[tuple, dict]]:
+    """The self-check's pipeline calls on ``samples``: batched (all at once, and by two with
+    top_k 3) and one at a time (default top_k, and top_k 1)."""
+    return [((samples,), {"batch_size": len(samples)}),
+            ((samples,), {"batch_size": 2, "top_k": 3}),
+            ((samples[0],), {}), ((samples[1],), {"top_k": 1})]
+
+
 def install(pipe: Any, samples: list[str] | None = None) -> FillMaskAnswers | None:
     """Put :class:`FillMaskAnswers` in ``pipe.postprocess`` if its answers on ``samples``
     (default :func:`check_inputs`) equal the stock method's, batched and one at a time."""
@@ -134,9 +142,7 @@ def install(pipe: Any, samples: list[str] | None = None) -> FillMaskAnswers | No
         return None
     samples = samples or check_inputs(tokenizer.mask_token)
     answers = FillMaskAnswers(pipe)
-    calls = [((samples,), {"batch_size": len(samples)}),
-             ((samples,), {"batch_size": 2, "top_k": 3}),
-             ((samples[0],), {}), ((samples[1],), {"top_k": 1})]
+    calls = check_calls(samples)
     if not stand_ins.swap_in(pipe, "postprocess", answers,
                              lambda _: [pipe(*a, **k) for a, k in calls], operator.eq,
                              "fill-mask answers decoded by the stock method"):

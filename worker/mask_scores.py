@@ -98,10 +98,8 @@ def install(pipe: Any) -> MaskScorer | None:
         log.info("fill-mask candidates scored by the stock postprocess: %s has its own "
                  "_forward", type(pipe).__name__)
         return None
-    samples = fill_mask_answers.check_inputs(pipe.tokenizer.mask_token)
-    calls = [((samples,), {"batch_size": len(samples)}), ((samples,), {"batch_size": 2,
-                                                                       "top_k": 3}),
-             ((samples[0],), {}), ((samples[1],), {"top_k": 1})]
+    calls = fill_mask_answers.check_calls(
+        fill_mask_answers.check_inputs(pipe.tokenizer.mask_token))
     scorer = MaskScorer(pipe)
 
     def run_checks(installed: bool) -> list:
