@@ -142,14 +142,15 @@ def measure(pipe, inputs: Sequence[str], *, batch_sizes: Sequence[int] = DEFAULT
 
 
 def run(model: str, task: str, inputs: Sequence[str], sparse_head: bool = False,
-        device: str | None = None, **kwargs) -> dict:
+        device: str | None = None, dtype: str | None = None, **kwargs) -> dict:
     import torch
     import transformers
     from transformers import pipeline
 
     transformers.logging.set_verbosity_error()
     started = time.monotonic()
-    pipe = pipeline(task=task, model=model, device=device)
+    pipe = pipeline(task=task, model=model, device=device,
+                    **({"dtype": getattr(torch, dtype)} if dtype else {}))
     load_s = time.monotonic() - started
     if sparse_head:
         # batchwire's fill-mask head (worker/sparse_head.py), on the plain pipeline: the
@@ -160,7 +161,7 @@ def run(model: str, task: str, inputs: Sequence[str], sparse_head: bool = False,
             raise SystemExit("--sparse-head: the sparse head could not be installed")
     out = measure(pipe, inputs, **kwargs)
     out.update(model=model, task=task, sparse_head=sparse_head, inputs=len(inputs), load_s=round(load_s, 2),
-               device=str(pipe.device),
+               device=str(pipe.device), dtype=str(pipe.model.dtype).removeprefix("torch."),
                torch_threads=torch.get_num_threads(), torch=torch.__version__,
                transformers=transformers.__version__, python=platform.python_version(),
                cpu_count=os.cpu_count())
@@ -193,6 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=None,
                         help="the pipeline's device, e.g. cuda (default: its own, the CPU); "
                         "outputs come back to the CPU inside the timed call, as a server's must")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="the model's dtype (default: the checkpoint's), as batchwire's "
+                        "--dtype")
     parser.add_argument("--json-out", default=None, help="write the report here (else stdout)")
     args = parser.parse_args(argv)
 
@@ -207,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     inputs = make_inputs(args.workload, args.inputs, task=args.task, max_tokens=max_tokens,
                          min_tokens=args.min_tokens)
     report = run(args.model, args.task, inputs, sparse_head=args.sparse_head, device=args.device,
+                 dtype=args.dtype,
                  batch_sizes=[int(x) for x in args.batch_sizes.split(",") if x.strip()],
                  seconds_per_size=args.seconds_per_size,
                  max_items_per_size=args.max_items_per_size, with_json=not args.no_json,

@@ -64,12 +64,16 @@ TASK: str | None = None
 POOLING: str | None = None  # None (the guide) or "mean" (mean + L2 normalise)
 #: Not in the guide, which runs on the CPU: the GPU section runs every server on the GPU.
 DEVICE: str | None = None
+#: Not in the guide either: a run comparing every server in bfloat16 (say) sets it for all.
+DTYPE: str | None = None
 
 
 def _pipeline():
+    import torch
     from transformers import pipeline
 
-    return pipeline(task=TASK, model=MODEL, device=DEVICE)
+    dtype = {"dtype": getattr(torch, DTYPE)} if DTYPE else {}
+    return pipeline(task=TASK, model=MODEL, device=DEVICE, **dtype)
 
 
 # -- --pooling mean: not in the guide (see the module docstring) ------------------------------
@@ -154,7 +158,7 @@ def create_app(batching: bool = False) -> Starlette:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    global MODEL, TASK, MAX_BATCH_SIZE, POOLING, DEVICE
+    global MODEL, TASK, MAX_BATCH_SIZE, POOLING, DEVICE, DTYPE
     parser = argparse.ArgumentParser(prog="python -m benchmarks.reference_server",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,10 +176,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=None,
                         help="NOT in the guide: the pipeline's device, e.g. cuda (default: "
                         "the pipeline's own, the CPU)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="NOT in the guide: the model's dtype (default: the checkpoint's)")
     parser.add_argument("--access-log", action="store_true",
                         help="uvicorn's per-request access log (on in `uvicorn server:app`)")
     args = parser.parse_args(argv)
     MODEL, TASK, MAX_BATCH_SIZE, DEVICE = args.model, args.task, args.max_batch_size, args.device
+    DTYPE = args.dtype
     POOLING = None if args.pooling == "none" else args.pooling
     if POOLING and TASK not in (None, "feature-extraction"):
         parser.error("--pooling needs --task feature-extraction")

@@ -112,6 +112,8 @@ def machine_section(results: dict) -> list[str]:
     default = "each server's default (torch: one per core; batchwire: cores / workers)"
     lines.append(f"| torch threads | {threads or default}"
                  + (f"; environment {cfg['omp_env']}" if cfg.get("omp_env") else "") + " |")
+    dtype = cfg.get("dtype") or "each checkpoint's own"
+    lines.append(f"| model dtype | {dtype}, every server and the ceiling |")
     cap = cfg.get("guide_batching_max_batch_size")
     if cap is not None:
         lines.append(f"| guide batching variant | max batch "

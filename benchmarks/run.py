@@ -234,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None,
                    help="where every server and the ceiling run the model: cpu or cuda:N "
                    "(default cpu; --gpu: cuda:0). batchwire gets it as serve --devices")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="the model's dtype in every server and the ceiling alike (batchwire's "
+                   "--dtype; the guide's servers and the ceiling load the pipeline with it); "
+                   "default: the checkpoint's. A batchwire row alone in another dtype: "
+                   "--bw-variant bf16='--dtype bfloat16'")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
     p.add_argument("--workloads", type=_csv, default=None,
                    help=f"comma list of {', '.join(WORKLOADS)} (default: all but "
@@ -462,6 +467,11 @@ def device_flags(flag: str, args: argparse.Namespace) -> list[str]:
     return [] if args.device == "cpu" else [flag, args.device]
 
 
+def dtype_flags(args: argparse.Namespace) -> list[str]:
+    """``["--dtype", X]`` when the run names a dtype; nothing keeps each one's default."""
+    return ["--dtype", args.dtype] if args.dtype else []
+
+
 def server_argv(process: str, model, port: int, args: argparse.Namespace,
                 workload: Workload) -> list[str]:
     if is_batchwire(process, args):
@@ -474,9 +484,11 @@ def server_argv(process: str, model, port: int, args: argparse.Namespace,
                 "--max-delay-ms", str(args.bw_max_delay_ms),
                 "--max-queue", str(args.bw_max_queue),
                 "--log-level", "WARNING", *threads, *device_flags("--devices", args),
+                *dtype_flags(args),
                 *shlex.split(args.bw_args), *args.variants.get(process, ())]
     argv = [sys.executable, "-m", "benchmarks.reference_server", "--model", model.path,
-            "--task", model.task, "--port", str(port), *device_flags("--device", args)]
+            "--task", model.task, "--port", str(port), *device_flags("--device", args),
+            *dtype_flags(args)]
     if process == "guide-batching":
         argv += ["--batching", "--max-batch-size", str(args.guide_max_batch_size)]
     if workload.answer == "embeddings":
@@ -642,7 +654,7 @@ def batching_info(server: ServerProcess) -> list[dict] | None:
             workers = json.loads(resp.read()).get("workers") or []
     except (OSError, ValueError, AttributeError):
         return None
-    keep = ("device", "max_batch_size", "capacity")
+    keep = ("device", "dtype", "max_batch_size", "capacity")
     return [{k: v for k, v in w.items()
              if k in keep or "token" in k or "bucket" in k or "batching" in k}
             for w in workers if isinstance(w, dict)]
@@ -664,7 +676,7 @@ def ceiling_argv(model, workload: Workload, args: argparse.Namespace, out: Path)
             "--batch-sizes", ",".join(map(str, args.batch_sizes)),
             "--seconds-per-size", str(args.ceiling_seconds),
             "--max-items-per-size", str(args.ceiling_max_items), "--json-out", str(out),
-            *device_flags("--device", args)]
+            *device_flags("--device", args), *dtype_flags(args)]
     if workload.answer == "embeddings":
         argv += ["--pooling", "mean"]
     return argv
@@ -714,7 +726,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "note": args.note,
         "machine": machine_facts(),
         "config": {
-            "quick": args.quick, "gpu": args.gpu, "device": args.device,
+            "quick": args.quick, "gpu": args.gpu, "device": args.device, "dtype": args.dtype,
             "workloads": args.workloads,
             "servers": args.servers,  # None: each workload's own rows
             "concurrency": args.concurrency, "rates": args.rates, "duration_s": args.duration,

@@ -412,6 +412,7 @@ async def handle_info(request: web.Request) -> web.Response:
             "id": w.info.worker_id,
             "pid": w.info.pid,
             "device": w.info.device,
+            "dtype": w.info.dtype,
             "model": w.info.model,
             "task": w.info.task,
             "state": "ready",

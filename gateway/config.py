@@ -56,6 +56,7 @@ class WorkerLaunchConfig:
     fixed_delay: bool = False
     sparse_mlm_head: bool = True
     stock_pipeline: bool = False
+    dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
             fixed_delay=args.fixed_delay,
             sparse_mlm_head=not args.dense_mlm_head,
             stock_pipeline=args.stock_pipeline,
+            dtype=args.dtype,
         ),
     )
 

@@ -238,8 +238,10 @@ async def model_metadata(request: web.Request, name: str) -> web.Response:
     if worker is None:
         raise NoWorkers(f"model {primary!r} has no ready worker yet; retry shortly")
     if worker.info.task == "feature-extraction" or worker.info.pooling:
-        # [n, 1, tokens, hidden]: hidden is the model's, tokens the input's.
-        output = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, 1, -1, -1]}
+        # [n, 1, tokens, hidden]: hidden is the model's, tokens the input's. A float16 model
+        # answers float16; every other dtype travels as float32 (bfloat16 has no numpy type).
+        datatype = "FP16" if worker.info.dtype == "float16" else "FP32"
+        output = {"name": OUTPUT_NAME, "datatype": datatype, "shape": [-1, 1, -1, -1]}
     else:
         output = {"name": OUTPUT_NAME, "datatype": "BYTES", "shape": [-1]}
     return bw.json_response({

@@ -244,7 +244,7 @@ def _components(config: GatewayConfig) -> dict:
                 "draining": {"type": "boolean"},
                 "workers": {"type": "array", "items": {
                     "type": "object",
-                    "description": "A connected worker: id, pid, host, device, model, task, "
+                    "description": "A connected worker: id, pid, host, device, dtype, model, task, "
                                    "state, capacity, in_flight, answered, batches, uptime_s.",
                     "required": ["id", "pid", "device", "state"],
                     "properties": {
@@ -252,6 +252,8 @@ def _components(config: GatewayConfig) -> dict:
                         "pid": {"type": "integer"},
                         "host": {"type": "string"},
                         "device": {"type": "string"},
+                        "dtype": {"type": "string", "description": "the model weights' dtype, "
+                                  "e.g. float32 or bfloat16 (--dtype)"},
                         "model": {"type": "string"},
                         "task": {"type": "string"},
                         "state": {"type": "string"},

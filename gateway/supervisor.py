@@ -162,6 +162,8 @@ class Supervisor:
             argv += ["--dense-mlm-head"]
         if launch.stock_pipeline:
             argv += ["--stock-pipeline"]
+        if launch.dtype != "auto":
+            argv += ["--dtype", launch.dtype]
         env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHWIRE_")}
         if device == "cpu":
             # Each CPU worker gets its share of the cores; more threads only contend.

@@ -90,6 +90,8 @@ class Ready(Message):
     pooling: str = ""
     #: Padded-token budget of one batch (0: batches are bounded by count alone).
     max_batch_tokens: int = 0
+    #: The model weights' dtype by torch's name ("float32", "bfloat16"); "" if unknown.
+    dtype: str = ""
 
     def check(self) -> None:
         if self.capacity < 1 or self.max_batch_size < 1:

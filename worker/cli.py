@@ -38,7 +38,7 @@ def run(config: WorkerConfig) -> int:
                                 trust_remote_code=config.trust_remote_code,
                                 pooling=config.pooling, normalize=config.normalize,
                                 sparse_mlm_head=config.sparse_mlm_head,
-                                stock_pipeline=config.stock_pipeline)
+                                stock_pipeline=config.stock_pipeline, dtype=config.dtype)
     except ValueError as exc:
         log.error("%s", exc)
         return EXIT_CANNOT_LOAD
@@ -53,7 +53,8 @@ def run(config: WorkerConfig) -> int:
                   config.device, type(exc).__name__, exc)
         executor.shutdown(wait=False)
         return EXIT_CANNOT_LOAD
-    log.info("loaded in %.1f s, warmed up in %.2f s", loaded, warmed)
+    log.info("loaded in %.1f s (%s weights), warmed up in %.2f s", loaded,
+             runner.loaded_dtype or "no floating-point", warmed)
     freeze_startup_objects()
     try:
         eventloop.run(WorkerService(config, runner, executor).run(), config.event_loop)

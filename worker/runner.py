@@ -60,6 +60,14 @@ def infer_task(model: str) -> str:
     )
 
 
+def model_dtype(model: Any) -> str:
+    """The dtype of a model's floating-point weights by torch's name ("float32"), or ""."""
+    for parameter in getattr(model, "parameters", lambda: ())():
+        if parameter.dtype.is_floating_point:
+            return str(parameter.dtype).removeprefix("torch.")
+    return ""
+
+
 def to_wire(obj: Any) -> Any:
     """Make a pipeline output msgpack-ready: arrays as NDArray, numpy scalars as Python."""
     if isinstance(obj, (str, int, float, bool)) or obj is None:
@@ -88,7 +96,7 @@ class PipelineRunner:
     def __init__(self, model: str | None, task: str | None, device: str, torch_threads: int = 0,
                  trust_remote_code: bool = False, pooling: str = "auto",
                  normalize: bool | None = None, sparse_mlm_head: bool = True,
-                 stock_pipeline: bool = False):
+                 stock_pipeline: bool = False, dtype: str = "auto"):
         self.model = model or default_model_path()
         self.task = task or ("feature-extraction" if model is None else infer_task(self.model))
         self.device = device
@@ -104,6 +112,10 @@ class PipelineRunner:
         self.sparse_mlm_head = sparse_mlm_head and not stock_pipeline
         #: No stand-ins for the pipeline's methods at all (--stock-pipeline).
         self.stock_pipeline = stock_pipeline
+        #: The dtype asked for ("auto": the checkpoint's); after load, ``loaded_dtype`` is
+        #: what the model's weights really are.
+        self.dtype = dtype
+        self.loaded_dtype = ""
         #: The installed fill-mask head that computes logits at mask tokens only, or None.
         self.sparse_head: Any = None
         #: The installed fill-mask postprocess that decodes in batches, or None (stock).
@@ -136,8 +148,10 @@ class PipelineRunner:
             torch.set_num_threads(self.torch_threads)
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
+        dtype = {} if self.dtype == "auto" else {"dtype": getattr(torch, self.dtype)}
         self.pipe = transformers.pipeline(task=self.task, model=self.model, device=self.device,
-                                          trust_remote_code=self.trust_remote_code)
+                                          trust_remote_code=self.trust_remote_code, **dtype)
+        self.loaded_dtype = model_dtype(self.pipe.model)
         if isinstance(self.pipe, transformers.FeatureExtractionPipeline):
             self.kind = "feature-extraction"
         elif isinstance(self.pipe, transformers.FillMaskPipeline):

@@ -231,6 +231,7 @@ class WorkerService:
             host=socket.gethostname(),
             pooling=self.runner.pooling_description,
             max_batch_tokens=self.config.max_batch_tokens,
+            dtype=self.runner.loaded_dtype,
         )
 
     async def _heartbeat_loop(self) -> None:

@@ -274,3 +274,32 @@ def test_bert_from_config_is_a_working_fill_mask_model(tmp_path):
     fill = pipeline("fill-mask", model=str(tmp_path), device="cpu")
     answers = fill("paris is the [MASK] of france")
     assert len(answers) == 5 and all(a["token_str"] for a in answers)
+
+
+def test_dtype_reaches_every_server_and_the_ceiling_or_none_of_them(tmp_path):
+    from benchmarks import run
+    from benchmarks.models import BenchModel
+
+    model = BenchModel("minilm-features", "/model", "feature-extraction", 512, "a model", 384)
+    workload = run.WORKLOADS["embeddings-minilm-varied"]
+
+    def argvs(args):
+        return {**{name: run.server_argv(name, model, 8000, args, workload)
+                   for name in ("batchwire", "guide", "guide-batching")},
+                "ceiling": run.ceiling_argv(model, workload, args, tmp_path / "c.json")}
+
+    for name, argv in argvs(_resolve("--dtype", "bfloat16")).items():
+        assert argv[argv.index("--dtype") + 1] == "bfloat16", name
+    for name, argv in argvs(_resolve()).items():
+        assert "--dtype" not in argv, name
+    # Each program knows the flag it is given: a dtype it does not take is refused (2) before
+    # --help is reached; an unknown flag would be left for after --help, which exits 0.
+    from benchmarks import ceiling, reference_server
+
+    for main in (ceiling.main, reference_server.main):
+        for dtype, code in (("bf16", 2), ("bfloat16", 0)):
+            with pytest.raises(SystemExit) as exc:
+                main(["--dtype", dtype, "--help"])
+            assert exc.value.code == code, (main.__module__, dtype)
+    with pytest.raises(SystemExit):
+        _resolve("--dtype", "bf16")

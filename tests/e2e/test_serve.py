@@ -306,3 +306,30 @@ def test_port_in_use_is_a_one_line_error(tiny_model_dir, fill_mask_server):
     assert out.returncode == 2
     assert "cannot listen on" in out.stderr and "Traceback" not in out.stderr
     assert "starting worker" not in out.stderr  # nothing heavy starts before the port is bound
+
+
+async def test_serve_in_bfloat16_reports_it_and_answers_float32_close_to_float32(
+        start_server, tiny_model_dir):
+    import numpy as np
+    import torch
+    from transformers import pipeline
+
+    server = start_server(["--model", str(tiny_model_dir), "--task", "feature-extraction",
+                           "--pooling", "mean", "--normalize", "yes", "--workers", "1"],
+                          env={"BATCHWIRE_DTYPE": "bfloat16"})
+    info = server.info()
+    assert [w["dtype"] for w in info["workers"]] == ["bfloat16"]
+    text = "the weather was cold and wet for many days"
+    async with aiohttp.ClientSession() as session:
+        status, _, body = await post(session, server.url + "/v1/embeddings",
+                                     json={"input": text})
+        assert status == 200, body
+        status, _, tokens = await post(session, server.url + "/", data=text.encode())
+        assert status == 200, tokens
+    vector = np.array(body["data"][0]["embedding"])
+    reference = pipeline("feature-extraction", model=str(tiny_model_dir), device="cpu")
+    rows = reference(text, return_tensors=True)[0].to(torch.float32)
+    expected = torch.nn.functional.normalize(rows.mean(dim=0), dim=0).numpy()
+    assert vector.shape == expected.shape
+    assert float(vector @ expected) > 0.99
+    assert np.array(tokens).shape == (1, rows.shape[0], rows.shape[1])

@@ -859,3 +859,60 @@ def test_declared_embedding_reads_sentence_transformers_files(tmp_path):
         '[{"path": "", "type": "sentence_transformers.models.Transformer"},'
         ' {"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]')
     assert declared_embedding(str(tmp_path)) == ("cls", False)
+
+
+# -- --dtype ----------------------------------------------------------------------------------
+def test_auto_dtype_loads_the_checkpoints_own(minilm_runner, fill_runner):
+    assert minilm_runner.dtype == "auto"
+    assert minilm_runner.loaded_dtype == fill_runner.loaded_dtype == "float32"
+
+
+def test_bfloat16_embeddings_are_float32_vectors_close_to_the_float32_ones(minilm_runner):
+    from worker.runner import EMBED_KEY
+
+    runner = PipelineRunner(None, None, "cpu", dtype="bfloat16")
+    runner.load()
+    assert runner.loaded_dtype == "bfloat16"
+    assert {p.dtype for p in runner.pipe.model.parameters()} == {torch.bfloat16}
+    texts = ["a cat sits on the mat", "stock markets fell sharply after the announcement", "hi",
+             LONG_TEXT]
+    got = runner(list(texts), {EMBED_KEY: True})
+    want = minilm_runner(list(texts), {EMBED_KEY: True})
+    assert list(got.tokens) == list(want.tokens)
+    for out, ref in zip(got.outputs, want.outputs):
+        vector, reference = out.to_numpy(), ref.to_numpy()
+        assert vector.dtype == np.float32 and vector.shape == (384,)
+        assert float(np.linalg.norm(vector)) == pytest.approx(1.0, abs=1e-5)
+        # bfloat16 keeps 8 bits of mantissa: close in direction, not equal.
+        assert float(vector @ reference) > 0.99
+        assert not np.array_equal(vector, reference)
+    # Token-level answers have no numpy bfloat16: they travel as float32.
+    [tokens] = runner.__call__([SHORT_TEXT], {}).outputs
+    assert tokens.dtype == "<f4" and tokens.shape[-1] == 384
+
+
+def test_float16_token_level_answers_travel_as_float16(tiny_model_dir, tiny_fe_runner):
+    runner = PipelineRunner(str(tiny_model_dir), "feature-extraction", "cpu", dtype="float16")
+    runner.load()
+    assert runner.loaded_dtype == "float16"
+    [got] = runner([LONG_TEXT], {}).outputs
+    [want] = tiny_fe_runner([LONG_TEXT], {}).outputs
+    assert got.dtype == "<f2" and got.shape == want.shape
+    np.testing.assert_allclose(got.to_numpy().astype(np.float32), want.to_numpy(),
+                               rtol=0.05, atol=0.05)
+
+
+def test_bfloat16_fill_mask_keeps_its_stand_ins_and_answers_as_the_bfloat16_pipeline(
+        tiny_model_dir):
+    runner = PipelineRunner(str(tiny_model_dir), None, "cpu", dtype="bfloat16")
+    runner.load()
+    # The stand-ins check themselves against the stock methods in the same dtype.
+    assert runner.sparse_head is not None and runner.fill_mask_answers is not None
+    assert runner.mask_scorer is not None and runner.batch_encoder is not None
+    transformers.logging.set_verbosity_error()
+    reference = transformers.pipeline("fill-mask", model=str(tiny_model_dir), device="cpu",
+                                      dtype=torch.bfloat16)
+    got = runner(list(FILL_MASK_INPUTS), {}).outputs
+    for text, answer in zip(FILL_MASK_INPUTS, got):
+        want = reference(text)
+        assert_same_fill_mask(answer, want)

@@ -149,3 +149,24 @@ def test_stock_pipeline_is_off_unless_asked_for_by_flag_or_env():
     assert serve.workers.stock_pipeline
     _, serve = gateway_config.parse(["serve"], environ={})
     assert not serve.workers.stock_pipeline
+
+
+def test_dtype_comes_from_flag_or_env_and_serve_passes_it_to_its_workers(monkeypatch):
+    base = ["--connect", "tcp://127.0.0.1:5555"]
+    assert worker_config.parse(base, environ={}).dtype == "auto"
+    assert worker_config.parse(base + ["--dtype", "bfloat16"], environ={}).dtype == "bfloat16"
+    assert worker_config.parse(base, environ={"BATCHWIRE_DTYPE": "float16"}).dtype == "float16"
+    with pytest.raises(SystemExit):
+        worker_config.parse(base + ["--dtype", "bf16"], environ={})
+    _, serve = gateway_config.parse(["serve", "--dtype", "bfloat16"], environ={})
+    assert serve.workers.dtype == "bfloat16"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    for dtype, flag_expected in (("bfloat16", True), ("auto", False)):
+        launch = gateway_config.WorkerLaunchConfig(model="/m", task="fill-mask", workers=1,
+                                                   devices="cpu", dtype=dtype)
+        sup = Supervisor(launch, "ipc:///tmp/bw.sock", 1.0, 12.0, "INFO",
+                         on_exit=lambda *a: None)
+        argv = sup.slots[0].argv
+        # "auto" is the worker's own default: serve leaves it to the worker (and its env).
+        assert ("--dtype" in argv) is flag_expected
+        assert worker_config.parse(argv[3:], environ={}).dtype == dtype

@@ -132,8 +132,9 @@ def test_field_order_on_the_wire():
     # Built by keyword, so a swap of two same-typed fields in a dataclass is caught too.
     expected = [
         (Ready(worker_id="w", pid=12, model="m", task="t", device="cpu", capacity=2,
-               max_batch_size=16, host="h", pooling="mean", max_batch_tokens=4096),
-         [1, 1, "w", 12, "m", "t", "cpu", 2, 16, "h", "mean", 4096]),
+               max_batch_size=16, host="h", pooling="mean", max_batch_tokens=4096,
+               dtype="bfloat16"),
+         [1, 1, "w", 12, "m", "t", "cpu", 2, 16, "h", "mean", 4096, "bfloat16"]),
         (Request(request_id=5, inputs="in", parameters={"k": 1}, budget_ms=30.0,
                  waited_ms=2.5, embed=True), [1, 2, 5, "in", {"k": 1}, 30.0, 2.5, True]),
         (Result(request_id=5, output="out", batch_size=3, queue_ms=1.25, inference_ms=4.5,
@@ -551,6 +552,14 @@ def test_request_accepts_boundary_values():
 def test_ready_rejects_capacity_or_batch_size_below_one(capacity, max_batch_size):
     raw = encode(Ready("w", 1, "m", "t", "cpu", capacity, max_batch_size))
     assert_rejected(raw, match="at least 1")
+
+
+def test_ready_from_a_worker_that_does_not_send_its_dtype_decodes_with_dtype_unknown():
+    # The dtype was added at the end with a default: an older worker's READY still decodes.
+    parts = [PROTOCOL_VERSION, int(MessageType.READY), "w", 1, "m", "t", "cpu", 2, 1, "h",
+             "mean", 512]
+    message = decode(msgpack.packb(parts, use_bin_type=True))
+    assert isinstance(message, Ready) and message.dtype == "" and message.max_batch_tokens == 512
 
 
 def test_ready_accepts_capacity_one():
