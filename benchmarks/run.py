@@ -72,9 +72,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks import loadgen
+from benchmarks import loadgen, paired
 from benchmarks.profiler import PointProfiler, ProfilerUnavailable, py_spy
 from benchmarks.procs import (
+    HOST,
     REPO_ROOT,
     ServerFailed,
     ServerProcess,
@@ -303,6 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "stacks in raw/ (needs py-spy)")
     p.add_argument("--profile-rate", type=int, default=100,
                    help="py-spy samples per second with --profile")
+    p.add_argument("--paired-c1", action=argparse.BooleanOptionalAction, default=None,
+                   help="per workload, also compare batchwire and the guide at C=1 with both "
+                   "up at once and the same inputs sent to each in turn "
+                   "(benchmarks/paired.py): the machine's drift between two servers run one "
+                   "after the other is larger than the difference measured (default: yes; "
+                   "--quick and --gpu: no)")
+    p.add_argument("--paired-inputs", type=int, default=60,
+                   help="distinct inputs in the paired C=1 comparison")
+    p.add_argument("--paired-rounds", type=int, default=3,
+                   help="counted passes over them, after one warm-up pass")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--note", default="", help="free text recorded in results.json and report.md")
     return p
@@ -327,6 +338,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         "ready_timeout": 90.0 if quick else 300.0,
         "keep_going": not quick,
         "torch_threads": 1 if quick else 0,
+        "paired_c1": not (quick or gpu),
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -368,6 +380,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             py_spy()
         except ProfilerUnavailable as exc:
             raise SystemExit(str(exc)) from None
+    if args.paired_inputs < 1 or args.paired_rounds < 1:
+        raise SystemExit("--paired-inputs and --paired-rounds must be at least 1")
     if min(args.concurrency, default=1) < 1 or args.duration <= 0 or args.max_requests < 1:
         raise SystemExit("concurrency, --duration and --max-requests must be positive")
     return args
@@ -625,6 +639,48 @@ def run_process(process: str, rows: list[str], model, workload: Workload, inputs
     return entries
 
 
+def run_paired(model, workload: Workload, inputs: list[str], args: argparse.Namespace,
+               raw_dir: Path) -> dict:
+    """batchwire (JSON answers) and the guide's server up at once, compared at C=1 on the
+    same inputs in alternating blocks (:mod:`benchmarks.paired`)."""
+    servers: list[ServerProcess] = []
+    targets = []
+    print(f"[bench] {workload.name}: C=1 paired, batchwire and guide", file=sys.stderr)
+    try:
+        for process in ("batchwire", "guide"):
+            port = free_port()
+            server = ServerProcess(f"{process} (paired)",
+                                   server_argv(process, model, port, args, workload), port,
+                                   raw_dir / f"{workload.name}.{process}.paired.log",
+                                   env=subprocess_env(args))
+            servers.append(server)
+            server.start()
+            server.wait_ready(args.ready_timeout, inputs[0].encode("utf-8"))
+            client = client_for(process, workload, model, inputs, args)
+            targets.append(paired.Target(process, HOST, port, client.path, client.bodies,
+                                         client.headers, client.check))
+        result = paired.compare(*targets, inputs=args.paired_inputs, rounds=args.paired_rounds,
+                                timeout_s=args.timeout)
+    except (ServerFailed, paired.PairedFailure, OSError, ValueError) as exc:
+        print(f"[bench] {workload.name}: C=1 paired FAILED: {exc}", file=sys.stderr)
+        return {"error": str(exc)}
+    finally:
+        for server in servers:
+            server.stop()
+    d = result["difference_ms"]
+    print(f"[bench] {workload.name} C=1 paired: p50 batchwire {result['p50_ms']['batchwire']:.2f}"
+          f" ms, guide {result['p50_ms']['guide']:.2f} ms; batchwire - guide median "
+          f"{d['median']:+.2f} ms [{d['median_95'][0]:+.2f}, {d['median_95'][1]:+.2f}], mean "
+          f"{d['mean']:+.2f} ms", file=sys.stderr)
+    return result
+
+
+def wants_paired(workload: Workload, args: argparse.Namespace) -> bool:
+    """Both batchwire and the guide are among the workload's rows, and the run asks."""
+    rows = {name for _, names in workload_rows(workload, args) for name in names}
+    return bool(args.paired_c1) and {"batchwire", "guide"} <= rows
+
+
 def available_rows(workload: Workload, args: argparse.Namespace) -> tuple[str, ...]:
     """The rows ``workload`` can have: its own, and every batchwire batching variant."""
     return tuple(dict.fromkeys((*workload.servers, *args.variants)))
@@ -741,6 +797,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "quick_trim": {w: {"servers": list(rows), "concurrency": [max(args.concurrency)]}
                            for w, rows in args.trim.items() if w in args.workloads},
             "torch_threads": args.torch_threads,
+            "paired_c1": ({"inputs": args.paired_inputs, "rounds": args.paired_rounds,
+                           "block": paired.DEFAULT_BLOCK} if args.paired_c1 else None),
             "omp_env": {k: v for k, v in os.environ.items()
                         if k.startswith(("OMP_", "MKL_", "KMP_"))},
         },
@@ -802,6 +860,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if failed and not args.keep_going:
             print("[bench] stopping at the first failure (--no-keep-going)", file=sys.stderr)
             break
+        if wants_paired(workload, args):
+            entry["paired_c1"] = run_paired(model, workload, inputs, args, raw_dir)
+            failed = failed or "error" in entry["paired_c1"]
+            save()
 
     results["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     results["machine"]["load_average_end"] = (list(os.getloadavg())

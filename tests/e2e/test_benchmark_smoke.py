@@ -30,8 +30,9 @@ QUICK_ROWS = {
     "fill-mask-tiny-varied": SERVERS,
     "feature-extraction-tiny-varied": ("batchwire", "batchwire-msgpack"),
 }
-#: --quick takes about a minute on a busy 2-core machine; past this something hangs.
-TIMEOUT_S = 170
+#: --quick (with a small paired C=1 comparison) takes about a minute and a quarter on a
+#: busy 2-core machine; past this something hangs.
+TIMEOUT_S = 200
 
 pytestmark = pytest.mark.e2e
 
@@ -45,7 +46,8 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     out = tmp_path / "results"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out),
+         "--paired-c1", "--paired-inputs", "6", "--paired-rounds", "1"],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -88,11 +90,21 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
                 assert "bad-answer" not in point["statuses"], (where, point["statuses"])
         # batchwire says how big its batches were.
         assert all(p["mean_batch_size"] >= 1 for p in workload["servers"]["batchwire"]["points"])
+    # The paired C=1 comparison runs where both batchwire and the guide are rows.
+    fill_mask, features = results["workloads"]
+    pair = fill_mask["paired_c1"]
+    assert "error" not in pair, pair
+    assert pair["servers"] == ["batchwire", "guide"] and pair["requests_per_server"] == 6
+    assert all(pair["p50_ms"][name] > 0 for name in pair["servers"])
+    low, high = pair["difference_ms"]["median_95"]
+    assert low <= pair["difference_ms"]["median"] <= high
+    assert "paired_c1" not in features
 
     report = (out / "report.md").read_text()
     for name in (*SERVERS, "batchwire-msgpack"):
         assert f"| {name} |" in report
     assert "## Machine and command" in report
+    assert "### C=1, paired" in report and "batchwire - guide, request by request" in report
     pngs = list(out.glob("*.png"))
     assert pngs, "no plot written"
     assert all(p.stat().st_size > 1000 for p in pngs)
