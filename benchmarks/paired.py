@@ -12,10 +12,16 @@ to the other, alternating which goes first. Each input's two latencies, taken se
 apart, are compared. Reported per workload:
 
 * each server's p50 over the same requests, and the difference of the two p50s (the
-  issue's target is stated on it) with a 95 % bootstrap interval, the pairs resampled
-  together;
+  issue's target is stated on it) with a 95 % bootstrap interval;
 * the paired difference, batchwire minus the guide, request by request: its median, with
-  a 95 % bootstrap interval, and its mean;
+  a 95 % bootstrap interval, and its mean.
+
+The intervals resample whole blocks (a block's pairs, for one pass), not single pairs: the
+machine's speed moves between one server's half of a block and the other's, and that moves
+all the block's pairs together. Resampling single pairs made intervals too narrow to
+trust: in an A/A check (two identical batchwire servers, long-input embeddings) the
+per-pair median came out +1.21, +0.49 and -1.08 ms in three runs, two of them with
+intervals that left out zero.
 * ``rounds``: how often each input was sent to each server (the first pass is a warm-up
   and not counted, so every counted request reuses whatever the server built for that
   input's shape on an earlier pass, as a long-running server would).
@@ -72,30 +78,26 @@ def _ask(conn: http.client.HTTPConnection, target: Target, body: bytes) -> float
     return elapsed * 1000.0
 
 
-def bootstrap_median_interval(values: Sequence[float], *, samples: int = BOOTSTRAP_SAMPLES,
-                              seed: int = 0) -> tuple[float, float]:
-    """The 2.5th and 97.5th percentiles of the median over resamples of ``values``."""
-    rng = random.Random(seed)
-    medians = sorted(statistics.median(rng.choices(values, k=len(values)))
-                     for _ in range(samples))
-    return medians[int(0.025 * samples)], medians[int(0.975 * samples) - 1]
+Pair = tuple[float, float]
 
 
-def bootstrap_p50_difference_interval(a: Sequence[float], b: Sequence[float], *,
-                                      samples: int = BOOTSTRAP_SAMPLES,
-                                      seed: int = 0) -> tuple[float, float]:
-    """95 % interval of ``p50(a) - p50(b)`` over resamples of the pairs ``(a[i], b[i])``."""
-    if len(a) != len(b):
-        raise ValueError("a and b must be paired")
+def block_bootstrap(blocks: Sequence[Sequence[Pair]], statistic: Callable[[list[Pair]], float],
+                    *, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95 % interval of ``statistic`` over resamples of whole ``blocks`` of pairs."""
+    if not blocks or not all(blocks):
+        raise ValueError("no pairs to resample")
     rng = random.Random(seed)
-    n = len(a)
-    values = []
-    for _ in range(samples):
-        picks = [rng.randrange(n) for _ in range(n)]
-        values.append(statistics.median(a[i] for i in picks)
-                      - statistics.median(b[i] for i in picks))
-    values.sort()
+    values = sorted(statistic([pair for block in rng.choices(blocks, k=len(blocks))
+                               for pair in block]) for _ in range(samples))
     return values[int(0.025 * samples)], values[int(0.975 * samples) - 1]
+
+
+def median_of_differences(pairs: Sequence[Pair]) -> float:
+    return statistics.median(x - y for x, y in pairs)
+
+
+def difference_of_medians(pairs: Sequence[Pair]) -> float:
+    return statistics.median(x for x, _ in pairs) - statistics.median(y for _, y in pairs)
 
 
 def compare(a: Target, b: Target, *, inputs: int, rounds: int, block: int = DEFAULT_BLOCK,
@@ -109,7 +111,7 @@ def compare(a: Target, b: Target, *, inputs: int, rounds: int, block: int = DEFA
         raise ValueError("inputs, rounds and block must be at least 1")
     conns = {t.name: http.client.HTTPConnection(t.host, t.port, timeout=timeout_s)
              for t in (a, b)}
-    latencies: dict[str, list[float]] = {a.name: [], b.name: []}
+    blocks: list[list[Pair]] = []
     started = time.monotonic()
     try:
         turn = 0
@@ -117,26 +119,30 @@ def compare(a: Target, b: Target, *, inputs: int, rounds: int, block: int = DEFA
             for first in range(0, count, block):
                 order = (a, b) if turn % 2 == 0 else (b, a)
                 turn += 1
+                ms: dict[str, list[float]] = {}
                 for target in order:
-                    for i in range(first, min(first + block, count)):
-                        ms = _ask(conns[target.name], target, target.bodies[i])
-                        if rnd > 0:
-                            latencies[target.name].append(ms)
+                    ms[target.name] = [_ask(conns[target.name], target, target.bodies[i])
+                                       for i in range(first, min(first + block, count))]
+                if rnd > 0:
+                    blocks.append(list(zip(ms[a.name], ms[b.name])))
     finally:
         for conn in conns.values():
             conn.close()
-    # Same inputs in the same order for both, so the i-th latencies are one input's pair.
-    first, second = latencies[a.name], latencies[b.name]
-    diffs = [x - y for x, y in zip(first, second)]
-    low, high = bootstrap_median_interval(diffs)
-    p50_low, p50_high = bootstrap_p50_difference_interval(first, second)
+    pairs = [pair for blk in blocks for pair in blk]
+    first, second = [x for x, _ in pairs], [y for _, y in pairs]
+    diffs = [x - y for x, y in pairs]
+    low, high = block_bootstrap(blocks, median_of_differences)
+    p50_low, p50_high = block_bootstrap(blocks, difference_of_medians)
     return {
         "servers": [a.name, b.name],
         "inputs": count, "rounds": rounds, "block": block,
         "requests_per_server": len(diffs),
+        "blocks_resampled": len(blocks),
         "wall_s": round(time.monotonic() - started, 2),
-        "p50_ms": {t.name: round(statistics.median(latencies[t.name]), 3) for t in (a, b)},
-        "mean_ms": {t.name: round(statistics.fmean(latencies[t.name]), 3) for t in (a, b)},
+        "p50_ms": {a.name: round(statistics.median(first), 3),
+                   b.name: round(statistics.median(second), 3)},
+        "mean_ms": {a.name: round(statistics.fmean(first), 3),
+                    b.name: round(statistics.fmean(second), 3)},
         "p50_difference_ms": {
             "of": f"p50 {a.name} - p50 {b.name}",
             "value": round(statistics.median(first) - statistics.median(second), 3),

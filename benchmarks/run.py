@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(benchmarks/paired.py): the machine's drift between two servers run one "
                    "after the other is larger than the difference measured (default: yes; "
                    "--quick and --gpu: no)")
-    p.add_argument("--paired-inputs", type=int, default=60,
+    p.add_argument("--paired-inputs", type=int, default=100,
                    help="distinct inputs in the paired C=1 comparison")
     p.add_argument("--paired-rounds", type=int, default=3,
                    help="counted passes over them, after one warm-up pass")

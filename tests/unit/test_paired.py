@@ -85,9 +85,11 @@ def test_blocks_alternate_and_the_warm_up_pass_is_not_counted(servers):
     assert log == expected
     assert result["requests_per_server"] == 10 and result["servers"] == ["a", "b"]
     d = result["difference_ms"]
-    assert d["of"] == "a - b" and d["median_95"][0] <= d["median"] <= d["median_95"][1]
-    p = result["p50_difference_ms"]
-    assert p["95"][0] <= p["value"] <= p["95"][1]
+    # One resampling unit a block and pass: [0, 1], [2, 3], [4], twice.
+    assert result["blocks_resampled"] == 6
+    d, p = result["difference_ms"], result["p50_difference_ms"]
+    assert d["of"] == "a - b" and d["median_95"][0] <= d["median_95"][1]
+    assert p["95"][0] <= p["95"][1]
 
 
 def test_only_the_inputs_asked_for_are_sent(servers):
@@ -120,19 +122,23 @@ def test_the_servers_must_get_the_same_inputs(servers):
         paired.compare(a.target([b"x"]), b.target([b"x"]), inputs=1, rounds=0)
 
 
-def test_bootstrap_interval_brackets_the_median():
-    values = [float(v) for v in range(-20, 41)]
-    low, high = paired.bootstrap_median_interval(values)
-    assert low < statistics.median(values) < high
-    assert (low, high) == paired.bootstrap_median_interval(values)  # seeded: repeatable
-    assert paired.bootstrap_median_interval([2.5] * 9) == (2.5, 2.5)
-
-
-def test_p50_difference_interval_resamples_the_pairs_together():
-    a = [10.0 + i for i in range(41)]
-    b = [x - 3.0 for x in a]  # every pair differs by exactly 3 ms
-    assert paired.bootstrap_p50_difference_interval(a, b) == (3.0, 3.0)
-    low, high = paired.bootstrap_p50_difference_interval(a, list(reversed(b)))
-    assert low < 3.0 < high  # unpaired order: the p50s still differ by 3, with spread
+def test_block_bootstrap_brackets_the_statistic_and_is_repeatable():
+    blocks = [[(10.0 + i + j, 10.0 + j) for j in range(5)] for i in range(-4, 9)]
+    pairs = [pair for block in blocks for pair in block]
+    low, high = paired.block_bootstrap(blocks, paired.median_of_differences)
+    assert low < paired.median_of_differences(pairs) < high
+    assert (low, high) == paired.block_bootstrap(blocks, paired.median_of_differences)
+    constant = [[(5.0, 2.0)] * 4] * 6
+    assert paired.block_bootstrap(constant, paired.difference_of_medians) == (3.0, 3.0)
     with pytest.raises(ValueError):
-        paired.bootstrap_p50_difference_interval(a, b[:-1])
+        paired.block_bootstrap([], paired.median_of_differences)
+
+
+def test_blocks_are_resampled_whole():
+    # Two kinds of block: every pair in one differs by +10, in the other by -10. Resampling
+    # whole blocks can only ever draw +10s and -10s in block-sized lumps; with single
+    # pairs the interval would be as narrow as for independent draws.
+    blocks = [[(10.0, 0.0)] * 10 if i % 2 else [(0.0, 10.0)] * 10 for i in range(6)]
+    low, high = paired.block_bootstrap(blocks, lambda pairs: statistics.fmean(
+        x - y for x, y in pairs))
+    assert low <= -10.0 * 2 / 6 and high >= 10.0 * 2 / 6
