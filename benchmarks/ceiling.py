@@ -35,6 +35,8 @@ import sys
 import time
 from typing import Sequence
 
+from worker.config import FLOAT_DTYPES
+
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -147,10 +149,11 @@ def run(model: str, task: str, inputs: Sequence[str], sparse_head: bool = False,
     import transformers
     from transformers import pipeline
 
+    from worker.runner import model_dtype, pipeline_dtype
+
     transformers.logging.set_verbosity_error()
     started = time.monotonic()
-    pipe = pipeline(task=task, model=model, device=device,
-                    **({"dtype": getattr(torch, dtype)} if dtype else {}))
+    pipe = pipeline(task=task, model=model, device=device, **pipeline_dtype(dtype))
     load_s = time.monotonic() - started
     if sparse_head:
         # batchwire's fill-mask head (worker/sparse_head.py), on the plain pipeline: the
@@ -161,7 +164,7 @@ def run(model: str, task: str, inputs: Sequence[str], sparse_head: bool = False,
             raise SystemExit("--sparse-head: the sparse head could not be installed")
     out = measure(pipe, inputs, **kwargs)
     out.update(model=model, task=task, sparse_head=sparse_head, inputs=len(inputs), load_s=round(load_s, 2),
-               device=str(pipe.device), dtype=str(pipe.model.dtype).removeprefix("torch."),
+               device=str(pipe.device), dtype=model_dtype(pipe.model),
                torch_threads=torch.get_num_threads(), torch=torch.__version__,
                transformers=transformers.__version__, python=platform.python_version(),
                cpu_count=os.cpu_count())
@@ -194,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=None,
                         help="the pipeline's device, e.g. cuda (default: its own, the CPU); "
                         "outputs come back to the CPU inside the timed call, as a server's must")
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+    parser.add_argument("--dtype", default=None, choices=FLOAT_DTYPES,
                         help="the model's dtype (default: the checkpoint's), as batchwire's "
                         "--dtype")
     parser.add_argument("--json-out", default=None, help="write the report here (else stdout)")

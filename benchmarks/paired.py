@@ -14,7 +14,10 @@ apart, are compared. Reported per workload:
 * each server's p50 over the same requests, and the difference of the two p50s (the
   issue's target is stated on it) with a 95 % bootstrap interval;
 * the paired difference, batchwire minus the guide, request by request: its median, with
-  a 95 % bootstrap interval, and its mean.
+  a 95 % bootstrap interval, and its mean;
+* ``rounds``: how often each input was sent to each server (the first pass is a warm-up
+  and not counted, so every counted request reuses whatever the server built for that
+  input's shape on an earlier pass, as a long-running server would).
 
 The intervals resample whole blocks (a block's pairs, for one pass), not single pairs: the
 machine's speed moves between one server's half of a block and the other's, and that moves
@@ -22,9 +25,6 @@ all the block's pairs together. Resampling single pairs made intervals too narro
 trust: in an A/A check (two identical batchwire servers, long-input embeddings) the
 per-pair median came out +1.21, +0.49 and -1.08 ms in three runs, two of them with
 intervals that left out zero.
-* ``rounds``: how often each input was sent to each server (the first pass is a warm-up
-  and not counted, so every counted request reuses whatever the server built for that
-  input's shape on an earlier pass, as a long-running server would).
 
 The client is ``http.client`` on one keep-alive connection per server: the same client for
 both, so its own cost cancels in the difference. Every answer is parsed and its shape
@@ -145,12 +145,12 @@ def compare(a: Target, b: Target, *, inputs: int, rounds: int, block: int = DEFA
                     b.name: round(statistics.fmean(second), 3)},
         "p50_difference_ms": {
             "of": f"p50 {a.name} - p50 {b.name}",
-            "value": round(statistics.median(first) - statistics.median(second), 3),
+            "value": round(difference_of_medians(pairs), 3),
             "95": [round(p50_low, 3), round(p50_high, 3)],
         },
         "difference_ms": {
             "of": f"{a.name} - {b.name}",
-            "median": round(statistics.median(diffs), 3),
+            "median": round(median_of_differences(pairs), 3),
             "median_95": [round(low, 3), round(high, 3)],
             "mean": round(statistics.fmean(diffs), 3),
         },

@@ -281,10 +281,7 @@ def paired_lines(result: dict | None) -> list[str]:
         return []
     if "error" in result:
         return [f"Failed: {result['error']}"]
-    d = result["difference_ms"]
-    # Results written before the p50 difference was reported judge by the paired median.
-    p = result.get("p50_difference_ms") or {
-        "of": d["of"] + ", median of the pairs", "value": d["median"], "95": d["median_95"]}
+    d, p = result["difference_ms"], result["p50_difference_ms"]
     low, high = p["95"]
     lines = ["| server | p50 ms | mean ms | requests |", "|---|---:|---:|---:|"]
     for name in result["servers"]:

@@ -85,6 +85,7 @@ from benchmarks.procs import (
     machine_cpu_seconds,
 )
 from gateway.supervisor import is_device
+from worker.config import FLOAT_DTYPES
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
 #: Result rows: (server process, answer format the client asks for).
@@ -235,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None,
                    help="where every server and the ceiling run the model: cpu or cuda:N "
                    "(default cpu; --gpu: cuda:0). batchwire gets it as serve --devices")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+    p.add_argument("--dtype", default=None, choices=FLOAT_DTYPES,
                    help="the model's dtype in every server and the ceiling alike (batchwire's "
                    "--dtype; the guide's servers and the ceiling load the pipeline with it); "
                    "default: the checkpoint's. A batchwire row alone in another dtype: "

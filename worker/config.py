@@ -28,8 +28,10 @@ DEFAULT_MAX_BATCH_TOKENS_GPU = 16384
 #: the look-ahead that length buckets choose from.
 DEFAULT_CAPACITY_BATCHES = 4
 DEFAULT_MAX_DELAY_MS = 2.0
-#: --dtype choices: auto, or a torch floating dtype by its torch name.
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: Floating dtypes a model may be loaded in, by torch's name.
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+#: --dtype choices: auto (the checkpoint's own), or one of FLOAT_DTYPES.
+DTYPES = ("auto", *FLOAT_DTYPES)
 DEFAULT_HEARTBEAT_S = 1.0
 DEFAULT_BATCH_TIMEOUT_S = 60.0
 #: Exit status of a worker that cannot load its model (bad path, task, device): restarting it

@@ -68,6 +68,16 @@ def model_dtype(model: Any) -> str:
     return ""
 
 
+def pipeline_dtype(name: str | None) -> dict:
+    """``transformers.pipeline`` keyword arguments that load the model in dtype ``name``
+    (a torch name such as "bfloat16"); none for None or "auto": the checkpoint's own."""
+    if not name or name == "auto":
+        return {}
+    import torch
+
+    return {"dtype": getattr(torch, name)}
+
+
 def to_wire(obj: Any) -> Any:
     """Make a pipeline output msgpack-ready: arrays as NDArray, numpy scalars as Python."""
     if isinstance(obj, (str, int, float, bool)) or obj is None:
@@ -148,9 +158,9 @@ class PipelineRunner:
             torch.set_num_threads(self.torch_threads)
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        dtype = {} if self.dtype == "auto" else {"dtype": getattr(torch, self.dtype)}
         self.pipe = transformers.pipeline(task=self.task, model=self.model, device=self.device,
-                                          trust_remote_code=self.trust_remote_code, **dtype)
+                                          trust_remote_code=self.trust_remote_code,
+                                          **pipeline_dtype(self.dtype))
         self.loaded_dtype = model_dtype(self.pipe.model)
         if isinstance(self.pipe, transformers.FeatureExtractionPipeline):
             self.kind = "feature-extraction"
