@@ -175,6 +175,34 @@ def test_stock_pipeline_runs_transformers_own_methods_only(tiny_model_dir, fill_
     assert outputs == fill_pipe(texts, batch_size=len(texts))
 
 
+def _autograd_modes_seen(runner: PipelineRunner, texts: list[str]) -> list[tuple[bool, bool]]:
+    """(inference mode, grad enabled) inside the model's forward, for one batch."""
+    seen: list[tuple[bool, bool]] = []
+    hook = runner.pipe.model.register_forward_pre_hook(
+        lambda module, args: seen.append((torch.is_inference_mode_enabled(),
+                                          torch.is_grad_enabled())))
+    try:
+        runner(texts, {}, [runner.measure(t, {}) for t in texts])
+    finally:
+        hook.remove()
+    return seen
+
+
+def test_the_model_runs_in_inference_mode(fill_runner):
+    """no_grad keeps autograd's per-op bookkeeping; inference_mode drops it."""
+    for texts in (list(FILL_MASK_INPUTS[:1]), list(FILL_MASK_INPUTS)):
+        seen = _autograd_modes_seen(fill_runner, texts)
+        assert seen and all(mode == (True, False) for mode in seen)
+    assert not torch.is_inference_mode_enabled()  # left on the inference thread: no
+
+
+def test_stock_pipeline_keeps_the_pipelines_no_grad(tiny_model_dir):
+    runner = PipelineRunner(str(tiny_model_dir), None, "cpu", stock_pipeline=True)
+    runner.load()
+    seen = _autograd_modes_seen(runner, list(FILL_MASK_INPUTS))
+    assert seen and all(mode == (False, False) for mode in seen)
+
+
 def test_sparse_head_that_changes_answers_is_taken_out(tiny_model_dir, monkeypatch):
     """The self-check at load: a head that gets the answers wrong never serves."""
     from worker import sparse_head
