@@ -236,8 +236,10 @@ async def closed_loop(url: str, inputs: Sequence[str | bytes], *, concurrency: i
                       duration_s: float, max_requests: int = DEFAULT_MAX_REQUESTS,
                       timeout_s: float = DEFAULT_TIMEOUT_S, grace_s: float = DEFAULT_GRACE_S,
                       headers: dict | None = None, decode: str | None = None,
-                      check=None) -> dict:
-    """``concurrency`` clients back to back until ``duration_s`` or ``max_requests``."""
+                      check=None, keep_latencies: bool = False) -> dict:
+    """``concurrency`` clients back to back until ``duration_s`` or ``max_requests``;
+    ``keep_latencies``: the answers' latencies too (``latencies_ms``, ascending), for a
+    caller that pools several points (:mod:`benchmarks.interleaved`)."""
     if concurrency < 1 or duration_s <= 0 or max_requests < 1:
         raise ValueError("concurrency, duration and max_requests must be positive")
     bodies = _bodies(inputs)
@@ -270,6 +272,8 @@ async def closed_loop(url: str, inputs: Sequence[str | bytes], *, concurrency: i
                max_requests=max_requests, decode=decode or "none",
                stopped_by="max_requests" if next(issued) > max_requests else "duration",
                wall_s=round(t1 - t0, 4))
+    if keep_latencies:
+        out["latencies_ms"] = sorted(x * 1000.0 for x in rec.latencies_ok)
     return out
 
 

@@ -299,6 +299,33 @@ def paired_lines(result: dict | None) -> list[str]:
     return lines
 
 
+def interleaved_lines(results: list[dict] | None) -> list[str]:
+    """The interleaved load points (benchmarks/interleaved.py) as one table."""
+    if not results:
+        return []
+    lines = ["| C | batchwire req/s | guide req/s | × guide (95 %) | batchwire p50 / p99 ms "
+             "| guide p50 / p99 ms | rounds × slice |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    errors = []
+    for r in results:
+        if "error" in r:
+            errors.append(f"Failed: {r['error']}")
+            continue
+        bw, guide, ratio = r["batchwire"], r["guide"], r["throughput_ratio"]
+        low, high = ratio["95"]
+
+        def lat(x: dict) -> str:
+            p50, p99 = x["latency_ms"]["p50"], x["latency_ms"]["p99"]
+            return "–" if p50 is None else f"{p50:.0f} / {p99:.0f}"
+
+        lines.append(f"| {r['concurrency']} | {bw['throughput_rps']:.1f} | "
+                     f"{guide['throughput_rps']:.1f} | **{ratio['value']:.2f}** ({low:.2f} to "
+                     f"{high:.2f}) | {lat(bw)} | {lat(guide)} | {r['rounds']} × "
+                     f"{r['slice_s']:g} s |")
+    if len(lines) == 2:
+        return errors
+    return lines + ([""] + errors if errors else [])
+
+
 def _batching_rows(servers: dict) -> list[str]:
     """batchwire's JSON rows that differ in batching: ``batchwire`` and its variants."""
     return [s for s in ordered_rows(servers)
@@ -486,6 +513,10 @@ def render_markdown(results: dict, plots: dict[str, Path]) -> str:
         if pairs:
             lines += ["", "### C=1, paired: both servers up at once, the same inputs to each "
                       "in turn", ""] + pairs
+        loads = interleaved_lines(w.get("interleaved"))
+        if loads:
+            lines += ["", "### Interleaved load: both servers up at once, loaded in "
+                      "alternating slices", ""] + loads
         ratios = ratio_lines(w)
         if ratios:
             lines += ["", "### Ratios", ""] + ratios

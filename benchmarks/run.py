@@ -72,7 +72,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks import loadgen, paired
+from benchmarks import interleaved, loadgen, paired
 from benchmarks.profiler import PointProfiler, ProfilerUnavailable, py_spy
 from benchmarks.procs import (
     HOST,
@@ -315,6 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distinct inputs in the paired C=1 comparison")
     p.add_argument("--paired-rounds", type=int, default=3,
                    help="counted passes over them, after one warm-up pass")
+    p.add_argument("--interleaved", type=_csv_ints, default=[],
+                   help="per workload, also load batchwire and the guide at these "
+                   "concurrencies (e.g. 64) with both up at once, in alternating slices "
+                   "(benchmarks/interleaved.py): a throughput ratio the machine's drift "
+                   "cannot skew (default: none)")
+    p.add_argument("--interleaved-rounds", type=int, default=4,
+                   help="rounds of one slice per server, alternating who goes first")
+    p.add_argument("--interleaved-slice", type=float, default=10.0,
+                   help="seconds per slice (several times the latency at that concurrency)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--note", default="", help="free text recorded in results.json and report.md")
     return p
@@ -383,6 +392,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             raise SystemExit(str(exc)) from None
     if args.paired_inputs < 1 or args.paired_rounds < 1:
         raise SystemExit("--paired-inputs and --paired-rounds must be at least 1")
+    if (min(args.interleaved, default=1) < 1 or args.interleaved_rounds < 1
+            or args.interleaved_slice <= 0):
+        raise SystemExit("--interleaved concurrencies, --interleaved-rounds and "
+                         "--interleaved-slice must be positive")
     if min(args.concurrency, default=1) < 1 or args.duration <= 0 or args.max_requests < 1:
         raise SystemExit("concurrency, --duration and --max-requests must be positive")
     return args
@@ -640,34 +653,55 @@ def run_process(process: str, rows: list[str], model, workload: Workload, inputs
     return entries
 
 
+class _BothUp:
+    """batchwire (JSON answers) and the guide's server, started together; stopped on exit."""
+
+    def __init__(self, model, workload: Workload, inputs: list[str], args: argparse.Namespace,
+                 raw_dir: Path, why: str):
+        self.model, self.workload, self.inputs, self.args = model, workload, inputs, args
+        self.raw_dir, self.why = raw_dir, why
+        self.servers: list[ServerProcess] = []
+
+    def __enter__(self) -> list[tuple[ServerProcess, Client]]:
+        up = []
+        try:
+            for process in ("batchwire", "guide"):
+                port = free_port()
+                server = ServerProcess(
+                    f"{process} ({self.why})",
+                    server_argv(process, self.model, port, self.args, self.workload), port,
+                    self.raw_dir / f"{self.workload.name}.{process}.{self.why}.log",
+                    env=subprocess_env(self.args))
+                self.servers.append(server)
+                server.start()
+                server.wait_ready(self.args.ready_timeout, self.inputs[0].encode("utf-8"))
+                up.append((server, client_for(process, self.workload, self.model, self.inputs,
+                                              self.args)))
+        except BaseException:
+            self.__exit__()
+            raise
+        return up
+
+    def __exit__(self, *exc) -> None:
+        for server in self.servers:
+            server.stop()
+
+
 def run_paired(model, workload: Workload, inputs: list[str], args: argparse.Namespace,
                raw_dir: Path) -> dict:
     """batchwire (JSON answers) and the guide's server up at once, compared at C=1 on the
     same inputs in alternating blocks (:mod:`benchmarks.paired`)."""
-    servers: list[ServerProcess] = []
-    targets = []
     print(f"[bench] {workload.name}: C=1 paired, batchwire and guide", file=sys.stderr)
     try:
-        for process in ("batchwire", "guide"):
-            port = free_port()
-            server = ServerProcess(f"{process} (paired)",
-                                   server_argv(process, model, port, args, workload), port,
-                                   raw_dir / f"{workload.name}.{process}.paired.log",
-                                   env=subprocess_env(args))
-            servers.append(server)
-            server.start()
-            server.wait_ready(args.ready_timeout, inputs[0].encode("utf-8"))
-            client = client_for(process, workload, model, inputs, args)
-            targets.append(paired.Target(process, HOST, port, client.path, client.bodies,
-                                         client.headers, client.check))
-        result = paired.compare(*targets, inputs=args.paired_inputs, rounds=args.paired_rounds,
-                                timeout_s=args.timeout)
+        with _BothUp(model, workload, inputs, args, raw_dir, "paired") as up:
+            targets = [paired.Target(name, HOST, server.port, client.path, client.bodies,
+                                     client.headers, client.check)
+                       for name, (server, client) in zip(("batchwire", "guide"), up)]
+            result = paired.compare(*targets, inputs=args.paired_inputs,
+                                    rounds=args.paired_rounds, timeout_s=args.timeout)
     except (ServerFailed, paired.PairedFailure, OSError, ValueError) as exc:
         print(f"[bench] {workload.name}: C=1 paired FAILED: {exc}", file=sys.stderr)
         return {"error": str(exc)}
-    finally:
-        for server in servers:
-            server.stop()
     d = result["difference_ms"]
     print(f"[bench] {workload.name} C=1 paired: p50 batchwire {result['p50_ms']['batchwire']:.2f}"
           f" ms, guide {result['p50_ms']['guide']:.2f} ms; batchwire - guide median "
@@ -676,10 +710,48 @@ def run_paired(model, workload: Workload, inputs: list[str], args: argparse.Name
     return result
 
 
+def run_interleaved(model, workload: Workload, inputs: list[str], args: argparse.Namespace,
+                    raw_dir: Path) -> list[dict]:
+    """batchwire (JSON answers) and the guide's server up at once, loaded in alternating
+    closed-loop slices at each --interleaved concurrency (:mod:`benchmarks.interleaved`)."""
+    print(f"[bench] {workload.name}: interleaved load, batchwire and guide", file=sys.stderr)
+    results: list[dict] = []
+    try:
+        with _BothUp(model, workload, inputs, args, raw_dir, "interleaved") as up:
+            targets = [interleaved.Target(name, server.base_url + client.path, client.bodies,
+                                          client.headers, client.decode, client.check)
+                       for name, (server, client) in zip(("batchwire", "guide"), up)]
+            for c in args.interleaved:
+                result = interleaved.compare(
+                    *targets, concurrency=c, rounds=args.interleaved_rounds,
+                    slice_s=args.interleaved_slice, warmup_s=args.warmup,
+                    max_requests=args.max_requests, timeout_s=args.timeout,
+                    grace_s=args.grace)
+                results.append(result)
+                r = result["throughput_ratio"]
+                print(f"[bench] {workload.name} C={c} interleaved: batchwire "
+                      f"{result['batchwire']['throughput_rps']:.1f} req/s, guide "
+                      f"{result['guide']['throughput_rps']:.1f} req/s, ratio {r['value']:.3f} "
+                      f"[{r['95'][0]:.3f}, {r['95'][1]:.3f}]", file=sys.stderr)
+                for server, _ in up:
+                    if not server.alive():
+                        raise ServerFailed(f"{server.name} died during the C={c} "
+                                           f"interleaved point:\n{server.log_tail()}")
+    except (ServerFailed, OSError, ValueError) as exc:
+        print(f"[bench] {workload.name}: interleaved FAILED: {exc}", file=sys.stderr)
+        return [*results, {"error": str(exc)}]
+    return results
+
+
+def wants_both(workload: Workload, args: argparse.Namespace) -> bool:
+    """Both batchwire and the guide are among the workload's rows."""
+    rows = {name for _, names in workload_rows(workload, args) for name in names}
+    return {"batchwire", "guide"} <= rows
+
+
 def wants_paired(workload: Workload, args: argparse.Namespace) -> bool:
     """Both batchwire and the guide are among the workload's rows, and the run asks."""
-    rows = {name for _, names in workload_rows(workload, args) for name in names}
-    return bool(args.paired_c1) and {"batchwire", "guide"} <= rows
+    return bool(args.paired_c1) and wants_both(workload, args)
 
 
 def available_rows(workload: Workload, args: argparse.Namespace) -> tuple[str, ...]:
@@ -800,6 +872,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "torch_threads": args.torch_threads,
             "paired_c1": ({"inputs": args.paired_inputs, "rounds": args.paired_rounds,
                            "block": paired.DEFAULT_BLOCK} if args.paired_c1 else None),
+            "interleaved": ({"concurrency": args.interleaved,
+                             "rounds": args.interleaved_rounds,
+                             "slice_s": args.interleaved_slice} if args.interleaved else None),
             "omp_env": {k: v for k, v in os.environ.items()
                         if k.startswith(("OMP_", "MKL_", "KMP_"))},
         },
@@ -864,6 +939,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if wants_paired(workload, args):
             entry["paired_c1"] = run_paired(model, workload, inputs, args, raw_dir)
             failed = failed or "error" in entry["paired_c1"]
+            save()
+        if args.interleaved and wants_both(workload, args):
+            entry["interleaved"] = run_interleaved(model, workload, inputs, args, raw_dir)
+            failed = failed or any("error" in r for r in entry["interleaved"])
             save()
 
     results["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -30,7 +30,7 @@ QUICK_ROWS = {
     "fill-mask-tiny-varied": SERVERS,
     "feature-extraction-tiny-varied": ("batchwire", "batchwire-msgpack"),
 }
-#: --quick (with a small paired C=1 comparison) takes about a minute and a quarter on a
+#: --quick (with a small paired C=1 comparison and one interleaved point) takes about a minute and a quarter on a
 #: busy 2-core machine; past this something hangs.
 TIMEOUT_S = 200
 
@@ -47,7 +47,8 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out),
-         "--paired-c1", "--paired-inputs", "6", "--paired-rounds", "1"],
+         "--paired-c1", "--paired-inputs", "6", "--paired-rounds", "1",
+         "--interleaved", "4", "--interleaved-rounds", "1", "--interleaved-slice", "0.5"],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -99,12 +100,22 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     low, high = pair["difference_ms"]["median_95"]
     assert low <= pair["difference_ms"]["median"] <= high
     assert "paired_c1" not in features
+    # So do the interleaved load points.
+    [load] = fill_mask["interleaved"]
+    assert "error" not in load, load
+    assert load["concurrency"] == 4 and load["servers"] == ["batchwire", "guide"]
+    for name in load["servers"]:
+        assert load[name]["ok"] > 0 and load[name]["ok"] == load[name]["statuses"]["200"]
+    low, high = load["throughput_ratio"]["95"]
+    assert low <= load["throughput_ratio"]["value"] <= high
+    assert "interleaved" not in features
 
     report = (out / "report.md").read_text()
     for name in (*SERVERS, "batchwire-msgpack"):
         assert f"| {name} |" in report
     assert "## Machine and command" in report
     assert "### C=1, paired" in report and "batchwire - guide, request by request" in report
+    assert "### Interleaved load" in report and "| 4 | " in report
     pngs = list(out.glob("*.png"))
     assert pngs, "no plot written"
     assert all(p.stat().st_size > 1000 for p in pngs)
@@ -256,6 +267,17 @@ def test_gpu_preset_puts_every_server_and_the_ceiling_on_the_gpu(tmp_path):
     assert "--device" not in run.ceiling_argv(model, workload, args, tmp_path / "c.json")
     assert not set(run.BERTBASE_WORKLOADS) & set(run.DEFAULT_WORKLOADS)
     for bad in (["--gpu", "--quick"], ["--device", "cuda"], ["--device", "gpu0"]):
+        with pytest.raises(SystemExit):
+            _resolve(*bad)
+
+
+def test_interleaved_points_are_asked_for_and_checked():
+    assert _resolve().interleaved == []  # off unless asked
+    args = _resolve("--interleaved", "32,64", "--interleaved-rounds", "6")
+    assert (args.interleaved, args.interleaved_rounds, args.interleaved_slice) == ([32, 64], 6,
+                                                                                   10.0)
+    for bad in (["--interleaved", "0"], ["--interleaved", "64", "--interleaved-rounds", "0"],
+                ["--interleaved", "64", "--interleaved-slice", "0"]):
         with pytest.raises(SystemExit):
             _resolve(*bad)
 

@@ -7,73 +7,29 @@ latencies are paired, and that a failing or malformed answer stops the compariso
 
 from __future__ import annotations
 
-import json
 import statistics
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from benchmarks import paired
+from tests.unit.http_stub import RecordingServer, recording_servers
 
 
-class _Server:
-    """Answers ``POST /`` with ``answer(body)`` and logs (server, body) in arrival order."""
-
-    def __init__(self, name: str, log: list, answer=lambda body: (200, [1.0, 2.0])):
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive, as the paired client expects
-
-            def do_POST(self):  # noqa: N802 - http.server's naming
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                log.append((name, body.decode()))
-                status, payload = answer(body)
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-        outer.name = name
-
-    def target(self, bodies, check=None) -> paired.Target:
-        return paired.Target(self.name, "127.0.0.1", self.port, "/", bodies,
-                             {"Content-Type": "text/plain"}, check)
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def _target(server: RecordingServer, bodies, check=None) -> paired.Target:
+    return paired.Target(server.name, "127.0.0.1", server.port, "/", bodies,
+                         {"Content-Type": "text/plain"}, check)
 
 
 @pytest.fixture
 def servers():
-    log: list = []
-    made: list[_Server] = []
-
-    def make(name, **kwargs) -> _Server:
-        made.append(_Server(name, log, **kwargs))
-        return made[-1]
-
-    yield make, log
-    for server in made:
-        server.close()
+    yield from recording_servers()
 
 
 def test_blocks_alternate_and_the_warm_up_pass_is_not_counted(servers):
     make, log = servers
     bodies = [f"text {i}".encode() for i in range(5)]
     a, b = make("a"), make("b")
-    result = paired.compare(a.target(bodies), b.target(bodies), inputs=5, rounds=2, block=2)
+    result = paired.compare(_target(a, bodies), _target(b, bodies), inputs=5, rounds=2, block=2)
     # Three passes (one warm-up) over blocks [0, 1], [2, 3], [4]; who goes first alternates
     # block by block, carrying on across passes.
     expected, turn = [], 0
@@ -96,7 +52,7 @@ def test_only_the_inputs_asked_for_are_sent(servers):
     make, log = servers
     bodies = [f"text {i}".encode() for i in range(10)]
     a, b = make("a"), make("b")
-    paired.compare(a.target(bodies), b.target(bodies), inputs=3, rounds=1)
+    paired.compare(_target(a, bodies), _target(b, bodies), inputs=3, rounds=1)
     assert sorted({body for _, body in log}) == ["text 0", "text 1", "text 2"]
 
 
@@ -106,10 +62,11 @@ def test_a_failed_or_malformed_answer_stops_the_comparison(servers):
     ok = make("ok")
     failing = make("failing", answer=lambda body: (500, {"error": "boom"}))
     with pytest.raises(paired.PairedFailure, match="failing answered 500"):
-        paired.compare(ok.target(bodies), failing.target(bodies), inputs=2, rounds=1)
+        paired.compare(_target(ok, bodies), _target(failing, bodies), inputs=2, rounds=1)
     wrong = make("wrong")
     with pytest.raises(paired.PairedFailure, match="wrong shape"):
-        paired.compare(ok.target(bodies), wrong.target(bodies, check=lambda obj: len(obj) == 3),
+        paired.compare(_target(ok, bodies),
+                       _target(wrong, bodies, check=lambda obj: len(obj) == 3),
                        inputs=2, rounds=1)
 
 
@@ -117,9 +74,9 @@ def test_the_servers_must_get_the_same_inputs(servers):
     make, _ = servers
     a, b = make("a"), make("b")
     with pytest.raises(ValueError):
-        paired.compare(a.target([b"x"]), b.target([b"x", b"y"]), inputs=1, rounds=1)
+        paired.compare(_target(a, [b"x"]), _target(b, [b"x", b"y"]), inputs=1, rounds=1)
     with pytest.raises(ValueError):
-        paired.compare(a.target([b"x"]), b.target([b"x"]), inputs=1, rounds=0)
+        paired.compare(_target(a, [b"x"]), _target(b, [b"x"]), inputs=1, rounds=0)
 
 
 def test_block_bootstrap_brackets_the_statistic_and_is_repeatable():
