@@ -273,8 +273,8 @@ def test_gpu_preset_puts_every_server_and_the_ceiling_on_the_gpu(tmp_path):
 
 def test_interleaved_points_are_asked_for_and_checked():
     assert _resolve().interleaved == []  # off unless asked
-    args = _resolve("--interleaved", "32,64", "--interleaved-rounds", "6")
-    assert (args.interleaved, args.interleaved_rounds, args.interleaved_slice) == ([32, 64], 6,
+    args = _resolve("--interleaved", "32,64")
+    assert (args.interleaved, args.interleaved_rounds, args.interleaved_slice) == ([32, 64], 8,
                                                                                    10.0)
     for bad in (["--interleaved", "0"], ["--interleaved", "64", "--interleaved-rounds", "0"],
                 ["--interleaved", "64", "--interleaved-slice", "0"]):
