@@ -303,26 +303,25 @@ def interleaved_lines(results: list[dict] | None) -> list[str]:
     """The interleaved load points (benchmarks/interleaved.py) as one table."""
     if not results:
         return []
-    lines = ["| C | batchwire req/s | guide req/s | × guide (95 %) | batchwire p50 / p99 ms "
-             "| guide p50 / p99 ms | rounds × slice |", "|---:|---:|---:|---:|---:|---:|---:|"]
-    errors = []
-    for r in results:
-        if "error" in r:
-            errors.append(f"Failed: {r['error']}")
-            continue
-        bw, guide, ratio = r["batchwire"], r["guide"], r["throughput_ratio"]
-        low, high = ratio["95"]
-
-        def lat(x: dict) -> str:
-            p50, p99 = x["latency_ms"]["p50"], x["latency_ms"]["p99"]
-            return "–" if p50 is None else f"{p50:.0f} / {p99:.0f}"
-
-        lines.append(f"| {r['concurrency']} | {bw['throughput_rps']:.1f} | "
-                     f"{guide['throughput_rps']:.1f} | **{ratio['value']:.2f}** ({low:.2f} to "
-                     f"{high:.2f}) | {lat(bw)} | {lat(guide)} | {r['rounds']} × "
-                     f"{r['slice_s']:g} s |")
-    if len(lines) == 2:
+    ok = [r for r in results if "error" not in r]
+    errors = [f"Failed: {r['error']}" for r in results if "error" in r]
+    if not ok:
         return errors
+    a, b = ok[0]["servers"]
+    lines = [f"| C | {a} req/s | {b} req/s | {a} / {b} (95 %) | {a} p50 / p99 ms "
+             f"| {b} p50 / p99 ms | rounds × slice |", "|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def lat(x: dict) -> str:
+        p50, p99 = x["latency_ms"]["p50"], x["latency_ms"]["p99"]
+        return "–" if p50 is None else f"{p50:.0f} / {p99:.0f}"
+
+    for r in ok:
+        ratio = r["throughput_ratio"]
+        low, high = ratio["95"]
+        lines.append(f"| {r['concurrency']} | {r[a]['throughput_rps']:.1f} | "
+                     f"{r[b]['throughput_rps']:.1f} | **{ratio['value']:.2f}** ({low:.2f} to "
+                     f"{high:.2f}) | {lat(r[a])} | {lat(r[b])} | {r['rounds']} × "
+                     f"{r['slice_s']:g} s |")
     return lines + ([""] + errors if errors else [])
 
 
@@ -515,7 +514,7 @@ def render_markdown(results: dict, plots: dict[str, Path]) -> str:
                       "in turn", ""] + pairs
         loads = interleaved_lines(w.get("interleaved"))
         if loads:
-            lines += ["", "### Interleaved load: both servers up at once, loaded in "
+            lines += ["", "### Interleaved load: two servers up at once, loaded in "
                       "alternating slices", ""] + loads
         ratios = ratio_lines(w)
         if ratios:

@@ -320,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "concurrencies (e.g. 64) with both up at once, in alternating slices "
                    "(benchmarks/interleaved.py): a throughput ratio the machine's drift "
                    "cannot skew (default: none)")
+    p.add_argument("--interleaved-servers", type=_csv, default=["batchwire", "guide"],
+                   help="the two result rows to interleave: the ratio is the first's "
+                   "throughput over the second's (e.g. batchwire,batchwire-count, or a "
+                   "--bw-variant row)")
     p.add_argument("--interleaved-rounds", type=int, default=8,
                    help="rounds of one slice per server, alternating who goes first (at C=64 "
                    "on a 2-core VM one server's slices vary by about 25 %% from one to the "
@@ -398,6 +402,11 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             or args.interleaved_slice <= 0):
         raise SystemExit("--interleaved concurrencies, --interleaved-rounds and "
                          "--interleaved-slice must be positive")
+    known = (*SERVERS, *args.user_variants)
+    pair = args.interleaved_servers
+    if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(known):
+        raise SystemExit(f"--interleaved-servers {','.join(pair)}: name two different rows "
+                         f"of {', '.join(known)}")
     if min(args.concurrency, default=1) < 1 or args.duration <= 0 or args.max_requests < 1:
         raise SystemExit("concurrency, --duration and --max-requests must be positive")
     return args
@@ -656,28 +665,30 @@ def run_process(process: str, rows: list[str], model, workload: Workload, inputs
 
 
 class _BothUp:
-    """batchwire (JSON answers) and the guide's server, started together; stopped on exit."""
+    """Two result rows' server processes (by default batchwire's, JSON answers, and the
+    guide's), started together and stopped on exit."""
 
     def __init__(self, model, workload: Workload, inputs: list[str], args: argparse.Namespace,
-                 raw_dir: Path, why: str):
+                 raw_dir: Path, why: str, rows: Sequence[str] = ("batchwire", "guide")):
         self.model, self.workload, self.inputs, self.args = model, workload, inputs, args
-        self.raw_dir, self.why = raw_dir, why
+        self.raw_dir, self.why, self.rows = raw_dir, why, tuple(rows)
         self.servers: list[ServerProcess] = []
 
     def __enter__(self) -> list[tuple[ServerProcess, Client]]:
         up = []
         try:
-            for process in ("batchwire", "guide"):
+            for row in self.rows:
+                process = row_spec(row, self.args)[0]
                 port = free_port()
                 server = ServerProcess(
-                    f"{process} ({self.why})",
+                    f"{row} ({self.why})",
                     server_argv(process, self.model, port, self.args, self.workload), port,
-                    self.raw_dir / f"{self.workload.name}.{process}.{self.why}.log",
+                    self.raw_dir / f"{self.workload.name}.{row}.{self.why}.log",
                     env=subprocess_env(self.args))
                 self.servers.append(server)
                 server.start()
                 server.wait_ready(self.args.ready_timeout, self.inputs[0].encode("utf-8"))
-                up.append((server, client_for(process, self.workload, self.model, self.inputs,
+                up.append((server, client_for(row, self.workload, self.model, self.inputs,
                                               self.args)))
         except BaseException:
             self.__exit__()
@@ -714,15 +725,17 @@ def run_paired(model, workload: Workload, inputs: list[str], args: argparse.Name
 
 def run_interleaved(model, workload: Workload, inputs: list[str], args: argparse.Namespace,
                     raw_dir: Path) -> list[dict]:
-    """batchwire (JSON answers) and the guide's server up at once, loaded in alternating
-    closed-loop slices at each --interleaved concurrency (:mod:`benchmarks.interleaved`)."""
-    print(f"[bench] {workload.name}: interleaved load, batchwire and guide", file=sys.stderr)
+    """The two --interleaved-servers rows (batchwire and the guide by default) up at once,
+    loaded in alternating closed-loop slices at each --interleaved concurrency
+    (:mod:`benchmarks.interleaved`)."""
+    a, b = args.interleaved_servers
+    print(f"[bench] {workload.name}: interleaved load, {a} and {b}", file=sys.stderr)
     results: list[dict] = []
     try:
-        with _BothUp(model, workload, inputs, args, raw_dir, "interleaved") as up:
-            targets = [interleaved.Target(name, server.base_url + client.path, client.bodies,
+        with _BothUp(model, workload, inputs, args, raw_dir, "interleaved", (a, b)) as up:
+            targets = [interleaved.Target(row, server.base_url + client.path, client.bodies,
                                           client.headers, client.decode, client.check)
-                       for name, (server, client) in zip(("batchwire", "guide"), up)]
+                       for row, (server, client) in zip((a, b), up)]
             for c in args.interleaved:
                 result = interleaved.compare(
                     *targets, concurrency=c, rounds=args.interleaved_rounds,
@@ -731,9 +744,9 @@ def run_interleaved(model, workload: Workload, inputs: list[str], args: argparse
                     grace_s=args.grace)
                 results.append(result)
                 r = result["throughput_ratio"]
-                print(f"[bench] {workload.name} C={c} interleaved: batchwire "
-                      f"{result['batchwire']['throughput_rps']:.1f} req/s, guide "
-                      f"{result['guide']['throughput_rps']:.1f} req/s, ratio {r['value']:.3f} "
+                print(f"[bench] {workload.name} C={c} interleaved: {a} "
+                      f"{result[a]['throughput_rps']:.1f} req/s, {b} "
+                      f"{result[b]['throughput_rps']:.1f} req/s, ratio {r['value']:.3f} "
                       f"[{r['95'][0]:.3f}, {r['95'][1]:.3f}]", file=sys.stderr)
                 for server, _ in up:
                     if not server.alive():
@@ -745,15 +758,19 @@ def run_interleaved(model, workload: Workload, inputs: list[str], args: argparse
     return results
 
 
-def wants_both(workload: Workload, args: argparse.Namespace) -> bool:
-    """Both batchwire and the guide are among the workload's rows."""
+def _has_rows(workload: Workload, args: argparse.Namespace, wanted: Sequence[str]) -> bool:
     rows = {name for _, names in workload_rows(workload, args) for name in names}
-    return {"batchwire", "guide"} <= rows
+    return set(wanted) <= rows
 
 
 def wants_paired(workload: Workload, args: argparse.Namespace) -> bool:
     """Both batchwire and the guide are among the workload's rows, and the run asks."""
-    return bool(args.paired_c1) and wants_both(workload, args)
+    return bool(args.paired_c1) and _has_rows(workload, args, ("batchwire", "guide"))
+
+
+def wants_interleaved(workload: Workload, args: argparse.Namespace) -> bool:
+    """Both --interleaved-servers rows are among the workload's rows, and the run asks."""
+    return bool(args.interleaved) and _has_rows(workload, args, args.interleaved_servers)
 
 
 def available_rows(workload: Workload, args: argparse.Namespace) -> tuple[str, ...]:
@@ -875,6 +892,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "paired_c1": ({"inputs": args.paired_inputs, "rounds": args.paired_rounds,
                            "block": paired.DEFAULT_BLOCK} if args.paired_c1 else None),
             "interleaved": ({"concurrency": args.interleaved,
+                             "servers": args.interleaved_servers,
                              "rounds": args.interleaved_rounds,
                              "slice_s": args.interleaved_slice} if args.interleaved else None),
             "omp_env": {k: v for k, v in os.environ.items()
@@ -942,7 +960,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             entry["paired_c1"] = run_paired(model, workload, inputs, args, raw_dir)
             failed = failed or "error" in entry["paired_c1"]
             save()
-        if args.interleaved and wants_both(workload, args):
+        if wants_interleaved(workload, args):
             entry["interleaved"] = run_interleaved(model, workload, inputs, args, raw_dir)
             failed = failed or any("error" in r for r in entry["interleaved"])
             save()

@@ -115,7 +115,7 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
         assert f"| {name} |" in report
     assert "## Machine and command" in report
     assert "### C=1, paired" in report and "batchwire - guide, request by request" in report
-    assert "### Interleaved load" in report and "| 4 | " in report
+    assert "### Interleaved load" in report and "| C | batchwire req/s | guide req/s |" in report
     pngs = list(out.glob("*.png"))
     assert pngs, "no plot written"
     assert all(p.stat().st_size > 1000 for p in pngs)
@@ -276,8 +276,15 @@ def test_interleaved_points_are_asked_for_and_checked():
     args = _resolve("--interleaved", "32,64")
     assert (args.interleaved, args.interleaved_rounds, args.interleaved_slice) == ([32, 64], 8,
                                                                                    10.0)
+    assert args.interleaved_servers == ["batchwire", "guide"]
+    args = _resolve("--interleaved", "64", "--bw-variant", "bf16=--dtype bfloat16",
+                    "--interleaved-servers", "batchwire-bf16,batchwire")
+    assert args.interleaved_servers == ["batchwire-bf16", "batchwire"]
     for bad in (["--interleaved", "0"], ["--interleaved", "64", "--interleaved-rounds", "0"],
-                ["--interleaved", "64", "--interleaved-slice", "0"]):
+                ["--interleaved", "64", "--interleaved-slice", "0"],
+                ["--interleaved-servers", "batchwire"],
+                ["--interleaved-servers", "batchwire,batchwire"],
+                ["--interleaved-servers", "batchwire,nonesuch"]):
         with pytest.raises(SystemExit):
             _resolve(*bad)
 
