@@ -964,6 +964,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             entry["interleaved"] = run_interleaved(model, workload, inputs, args, raw_dir)
             failed = failed or any("error" in r for r in entry["interleaved"])
             save()
+        elif args.interleaved:
+            print(f"[bench] {workload.name}: no interleaved load: "
+                  f"{' and '.join(args.interleaved_servers)} are not both among its rows",
+                  file=sys.stderr)
 
     results["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     results["machine"]["load_average_end"] = (list(os.getloadavg())
