@@ -108,6 +108,8 @@ SERVER_LABELS = {
 #: flags (argparse keeps the last of a repeated flag, so these win over --bw-args).
 BW_VARIANTS = {"batchwire-count": ("--max-batch-tokens", "0", "--no-length-buckets")}
 JSON_ROWS = ("batchwire", "guide", "guide-batching")
+#: What the paired C=1 comparison compares, and --interleaved by default.
+PAIR_ROWS = ("batchwire", "guide")
 #: Where answers are arrays, batchwire is also asked for msgpack.
 ARRAY_ROWS = ("batchwire", "batchwire-msgpack", "guide", "guide-batching")
 #: Issue 7's rows: token-aware (batchwire's default) and count-only batching, and the guide.
@@ -320,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "concurrencies (e.g. 64) with both up at once, in alternating slices "
                    "(benchmarks/interleaved.py): a throughput ratio the machine's drift "
                    "cannot skew (default: none)")
-    p.add_argument("--interleaved-servers", type=_csv, default=["batchwire", "guide"],
+    p.add_argument("--interleaved-servers", type=_csv, default=list(PAIR_ROWS),
                    help="the two result rows to interleave: the ratio is the first's "
                    "throughput over the second's (e.g. batchwire,batchwire-count, or a "
                    "--bw-variant row)")
@@ -669,7 +671,7 @@ class _BothUp:
     guide's), started together and stopped on exit."""
 
     def __init__(self, model, workload: Workload, inputs: list[str], args: argparse.Namespace,
-                 raw_dir: Path, why: str, rows: Sequence[str] = ("batchwire", "guide")):
+                 raw_dir: Path, why: str, rows: Sequence[str] = PAIR_ROWS):
         self.model, self.workload, self.inputs, self.args = model, workload, inputs, args
         self.raw_dir, self.why, self.rows = raw_dir, why, tuple(rows)
         self.servers: list[ServerProcess] = []
@@ -709,7 +711,7 @@ def run_paired(model, workload: Workload, inputs: list[str], args: argparse.Name
         with _BothUp(model, workload, inputs, args, raw_dir, "paired") as up:
             targets = [paired.Target(name, HOST, server.port, client.path, client.bodies,
                                      client.headers, client.check)
-                       for name, (server, client) in zip(("batchwire", "guide"), up)]
+                       for name, (server, client) in zip(PAIR_ROWS, up)]
             result = paired.compare(*targets, inputs=args.paired_inputs,
                                     rounds=args.paired_rounds, timeout_s=args.timeout)
     except (ServerFailed, paired.PairedFailure, OSError, ValueError) as exc:
@@ -765,7 +767,7 @@ def _has_rows(workload: Workload, args: argparse.Namespace, wanted: Sequence[str
 
 def wants_paired(workload: Workload, args: argparse.Namespace) -> bool:
     """Both batchwire and the guide are among the workload's rows, and the run asks."""
-    return bool(args.paired_c1) and _has_rows(workload, args, ("batchwire", "guide"))
+    return bool(args.paired_c1) and _has_rows(workload, args, PAIR_ROWS)
 
 
 def wants_interleaved(workload: Workload, args: argparse.Namespace) -> bool:

@@ -196,7 +196,7 @@ class PipelineRunner:
             return time.monotonic() - started
         # The pipeline's own forward runs under torch.no_grad, which still keeps autograd's
         # bookkeeping (version counters, view tracking) on every op. inference_mode drops it:
-        # 0.2-0.4 ms off one MiniLM forward on this CPU, the same answers. Nothing a worker
+        # 0.2-0.3 ms off one MiniLM call on this CPU, the same answers. Nothing a worker
         # computes is ever differentiated, and every call (stand-ins' self-checks included)
         # runs inside it, so no inference tensor meets code outside it.
         self.inference_context = torch.inference_mode
