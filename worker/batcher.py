@@ -23,8 +23,9 @@ The policy, in one place:
   those can join it), is worth holding it for. A lone request on a quiet worker, or a
   single client's closed loop, runs at once instead of paying ``max_delay``; ``max_delay``
   stays the hard bound. ``adaptive=False`` is the fixed window.
-* An out-of-memory error also splits the batch, and lowers the effective batch size to the
-  half that is retried, so the worker stops asking the device for what it cannot hold.
+* An out-of-memory error also splits the batch, and lowers the effective token budget to
+  the larger half's padded tokens (the effective batch size, when inputs have no token
+  counts), so the worker stops asking the device for what it cannot hold.
 """
 
 from __future__ import annotations
@@ -299,15 +300,7 @@ class Batcher:
         except Exception as exc:  # noqa: BLE001 - every item must still get an answer
             if self.is_out_of_memory(exc) and len(batch) > 1:
                 half = len(batch) // 2
-                if len(batch) - half < self.effective_batch_size:
-                    self.effective_batch_size = len(batch) - half
-                    log.warning("out of memory on a batch of %d; effective batch size is now %d",
-                                len(batch), self.effective_batch_size)
-                cost = max(batch_policy.padded_tokens(lengths[:half]),
-                           batch_policy.padded_tokens(lengths[half:]))
-                if cost and (not self.effective_batch_tokens or cost < self.effective_batch_tokens):
-                    self.effective_batch_tokens = cost
-                    log.warning("effective token budget is now %d padded tokens", cost)
+                self._lower_limits_after_oom(batch, lengths, half)
                 await self._run_isolating(batch[:half])
                 await self._run_isolating(batch[half:])
                 return
@@ -333,6 +326,25 @@ class Batcher:
                                self.batches_run, count, padded, padding)
             self._by_id.pop(item.request_id, None)
             self.on_result(item, output, stats)
+
+    def _lower_limits_after_oom(self, batch: list[WorkItem], lengths: list[int],
+                                half: int) -> None:
+        """Stop asking the device for what it could not hold: the larger half is what the
+        next batches may cost. Activation memory follows padded tokens, so when every token
+        count is known only the token budget drops; short inputs still batch up to the
+        configured count. Without counts (inputs that are not text), the count drops."""
+        cost = max(batch_policy.padded_tokens(lengths[:half]),
+                   batch_policy.padded_tokens(lengths[half:]))
+        if all(lengths) and cost:
+            if not self.effective_batch_tokens or cost < self.effective_batch_tokens:
+                self.effective_batch_tokens = cost
+                log.warning("out of memory on a batch of %d (%d padded tokens); effective "
+                            "token budget is now %d padded tokens", len(batch),
+                            batch_policy.padded_tokens(lengths), cost)
+        elif len(batch) - half < self.effective_batch_size:
+            self.effective_batch_size = len(batch) - half
+            log.warning("out of memory on a batch of %d; effective batch size is now %d",
+                        len(batch), self.effective_batch_size)
 
     def _timed_run(self, inputs: list, parameters: dict, lengths: list) -> tuple[Any, float, float]:
         """Runs in the inference thread and times the call there, so inference_ms is the

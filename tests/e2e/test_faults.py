@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import aiohttp
 
@@ -15,8 +16,8 @@ def fault_args(fault_model_dir, *extra: str) -> list[str]:
     return ["--model", str(fault_model_dir), "--task", FAULT_TASK, "--trust-remote-code", *extra]
 
 
-async def test_out_of_memory_splits_the_batch_and_lowers_the_batch_size(start_server,
-                                                                        fault_model_dir):
+async def test_out_of_memory_splits_the_batch_and_lowers_the_token_budget(start_server,
+                                                                          fault_model_dir):
     server = start_server(fault_args(fault_model_dir, "--max-batch-size", "8",
                                      "--max-delay-ms", "300"))
     async with aiohttp.ClientSession() as session:
@@ -24,12 +25,15 @@ async def test_out_of_memory_splits_the_batch_and_lowers_the_batch_size(start_se
                                          for i in range(8)))
         assert [status for status, _, _ in replies] == [200] * 8, replies
         assert max(int(h["X-Batch-Size"]) for _, h, _ in replies) == 1
-        # The worker keeps the lowered size: plain inputs now batch one at a time too.
+        budgets = re.findall(r"effective token budget is now (\d+)", server.log_text())
+        assert budgets, server.log_text()
+        budget = int(budgets[-1])
+        # The worker keeps the lowered budget: no later batch asks for more padded tokens.
         replies = await asyncio.gather(*(post(session, server.url + "/", data=f"after {i} [MASK]".encode())
                                          for i in range(6)))
     assert [status for status, _, _ in replies] == [200] * 6
-    assert max(int(h["X-Batch-Size"]) for _, h, _ in replies) == 1
-    assert "effective batch size is now 1" in server.log_text()
+    assert max(int(h["X-Batch-Tokens"]) for _, h, _ in replies) <= budget
+    assert "effective batch size" not in server.log_text()  # token counts were known
     assert "exited with code" not in server.log_text()
 
 

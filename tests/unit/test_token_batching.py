@@ -438,7 +438,8 @@ async def test_out_of_memory_lowers_the_effective_token_budget(make_batcher):
     assert [c.lengths for c in runner.calls] == [[20] * 8, [20] * 4, [20] * 4]
     assert isinstance(runner.calls[0].raised, MemoryError)
     assert h.batcher.effective_batch_tokens == 80  # the halves that fitted: 20 x 4
-    assert h.batcher.effective_batch_size == 4
+    # Memory follows padded tokens: with every count known, the count limit stays.
+    assert h.batcher.effective_batch_size == 8
     assert h.batcher.max_batch_tokens == 400  # the configured limit is left as it was
 
     # Longer inputs next: four of them (the lowered count) would need 160 padded tokens and
@@ -452,6 +453,36 @@ async def test_out_of_memory_lowers_the_effective_token_budget(make_batcher):
     assert [c.lengths for c in later] == [[40, 40]] * 3
     assert not any(c.raised for c in later)
     assert all(h.only(it.request_id).kind == "result" for it in second)
+
+    # Short inputs still batch up to the configured count: eight of 10 tokens cost 80.
+    calls_before = len(runner.calls)
+    third = queued([10] * 8, start=200)
+    h.submit(*third)
+    await h.answered_all(third)
+    assert [c.lengths for c in runner.calls[calls_before:]] == [[10] * 8]
+
+
+async def test_out_of_memory_without_token_counts_lowers_the_batch_size(make_batcher):
+    """Inputs that are not text have no token counts: the count is all there is to lower."""
+    runner = Runner(raise_if=lambda lengths: (MemoryError("CUDA out of memory")
+                                              if len(lengths) > 2 else None))
+    h = make_batcher(runner, max_batch_size=8, max_delay=30.0,
+                     is_out_of_memory=lambda e: isinstance(e, MemoryError))
+    first = queued([0] * 8)
+    h.submit(*first)
+    await h.answered_all(first)
+    h.assert_exactly_once(first)
+    assert all(h.only(it.request_id).kind == "result" for it in first)
+    assert [len(c.lengths) for c in runner.calls] == [8, 4, 2, 2, 4, 2, 2]
+    assert h.batcher.effective_batch_size == 2
+    assert h.batcher.effective_batch_tokens == 0  # no budget was set, none is made up
+
+    calls_before = len(runner.calls)
+    second = queued([0] * 6, start=100)
+    h.submit(*second)
+    await h.answered_all(second)
+    assert [len(c.lengths) for c in runner.calls[calls_before:]] == [2, 2, 2]
+    assert not any(c.raised for c in runner.calls[calls_before:])
 
 
 async def test_out_of_memory_on_a_lone_item_fails_it_alone(make_batcher):
