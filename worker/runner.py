@@ -48,9 +48,12 @@ def default_model_path() -> str:
 
 
 def infer_task(model: str) -> str:
+    """The pipeline task a model's config.json architectures name. ``model`` is a local
+    directory or a hub id; a hub id's config.json comes from the local hub cache (the only
+    place an offline machine can read it) or, online, from the hub."""
     config_file = Path(model) / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"cannot tell the task of {model!r}: pass --task (e.g. fill-mask)")
+        config_file = _hub_config(model)
     architectures = json.loads(config_file.read_text()).get("architectures") or []
     for arch in architectures:
         for suffix, task in _TASK_BY_ARCH_SUFFIX:
@@ -59,6 +62,23 @@ def infer_task(model: str) -> str:
     raise ValueError(
         f"cannot tell the task of {model!r} from its architectures {architectures}: pass --task"
     )
+
+
+def _hub_config(model: str) -> Path:
+    """A hub id's config.json, or ValueError saying why it cannot be read."""
+    if Path(model).is_dir():
+        raise ValueError(f"cannot tell the task of {model!r}: the directory has no config.json; "
+                         "pass --task (e.g. fill-mask)")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(model, "config.json"))
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id, no such file: all one answer
+        first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise ValueError(
+            f"cannot tell the task of {model!r}: it is not a local directory, and its "
+            f"config.json is neither in the local hub cache nor fetchable from the hub "
+            f"({type(exc).__name__}: {first_line}); pass --task (e.g. fill-mask)") from None
 
 
 def model_dtype(model: Any) -> str:

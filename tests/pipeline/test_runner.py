@@ -785,6 +785,41 @@ def test_infer_task_unknown_architecture_asks_for_task(tmp_path, architectures):
         infer_task(_model_dir(tmp_path, architectures))
 
 
+def _hub_cache(monkeypatch, tmp_path, repo_id: str, files_from=None):
+    """A local hub cache (the layout huggingface_hub writes) holding ``repo_id`` at one
+    revision, with ``files_from``'s files; the hub client reads it and nothing else."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    if files_from is not None:
+        revision = "0" * 40
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(revision)
+        shutil.copytree(files_from, repo / "snapshots" / revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_a_hub_id_in_the_local_cache_needs_no_task(monkeypatch, tmp_path, tiny_model_dir):
+    _hub_cache(monkeypatch, tmp_path, "batchwire-test/tiny-fill-mask", tiny_model_dir)
+    assert infer_task("batchwire-test/tiny-fill-mask") == "fill-mask"
+    runner = PipelineRunner("batchwire-test/tiny-fill-mask", None, "cpu")
+    assert runner.task == "fill-mask"
+    runner.load()
+    answers = runner(["Paris is the [MASK] of France."], {}).outputs[0]
+    assert len(answers) == 5 and all("[MASK]" not in a["sequence"] for a in answers)
+
+
+def test_a_hub_id_not_in_the_cache_offline_asks_for_task(monkeypatch, tmp_path):
+    _hub_cache(monkeypatch, tmp_path, "batchwire-test/not-here")
+    with pytest.raises(ValueError, match=r"not a local directory.*hub cache.*pass --task"):
+        infer_task("batchwire-test/not-here")
+
+
 # -- 8. to_wire -----------------------------------------------------------------------------------------
 def test_to_wire_nested_containers_and_numpy_scalars():
     obj = {"a": [np.float32(0.5), (1, "x", None)], 2: {"b": (np.int64(3), True)}}
