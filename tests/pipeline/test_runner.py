@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -812,6 +813,23 @@ def test_a_hub_id_in_the_local_cache_needs_no_task(monkeypatch, tmp_path, tiny_m
     runner.load()
     answers = runner(["Paris is the [MASK] of France."], {}).outputs[0]
     assert len(answers) == 5 and all("[MASK]" not in a["sequence"] for a in answers)
+
+
+def test_a_hub_ids_declared_pooling_is_read_from_the_cache(monkeypatch, tmp_path):
+    """A sentence-transformers model served by hub id keeps its declared pooling and
+    normalisation, as it does from a directory."""
+    from worker.runner import declared_embedding
+
+    minilm = Path(default_model_path())
+    files = tmp_path / "minilm-files"
+    (files / "1_Pooling").mkdir(parents=True)
+    for name in ("config.json", "modules.json", "1_Pooling/config.json"):
+        (files / name).write_bytes((minilm / name).read_bytes())
+    _hub_cache(monkeypatch, tmp_path, "sentence-transformers/all-MiniLM-L6-v2", files)
+    assert declared_embedding(str(minilm)) == ("mean", True)
+    assert declared_embedding("sentence-transformers/all-MiniLM-L6-v2") == ("mean", True)
+    assert infer_task("sentence-transformers/all-MiniLM-L6-v2") == "feature-extraction"
+    assert declared_embedding("sentence-transformers/not-cached") == ("mean", False)
 
 
 def test_a_hub_id_not_in_the_cache_offline_asks_for_task(monkeypatch, tmp_path):
