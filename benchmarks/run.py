@@ -677,25 +677,30 @@ class _BothUp:
         self.servers: list[ServerProcess] = []
 
     def __enter__(self) -> list[tuple[ServerProcess, Client]]:
-        up = []
         try:
+            ports: list[int] = []
             for row in self.rows:
                 process = row_spec(row, self.args)[0]
                 port = free_port()
+                while port in ports:  # the OS may hand a just-closed port out again
+                    port = free_port()
+                ports.append(port)
                 server = ServerProcess(
                     f"{row} ({self.why})",
                     server_argv(process, self.model, port, self.args, self.workload), port,
                     self.raw_dir / f"{self.workload.name}.{row}.{self.why}.log",
                     env=subprocess_env(self.args))
                 self.servers.append(server)
+                # Started together: nothing is measured until both are ready, and loading
+                # the two models side by side takes less time than one after the other.
                 server.start()
+            for server in self.servers:
                 server.wait_ready(self.args.ready_timeout, self.inputs[0].encode("utf-8"))
-                up.append((server, client_for(row, self.workload, self.model, self.inputs,
-                                              self.args)))
         except BaseException:
             self.__exit__()
             raise
-        return up
+        return [(server, client_for(row, self.workload, self.model, self.inputs, self.args))
+                for server, row in zip(self.servers, self.rows)]
 
     def __exit__(self, *exc) -> None:
         for server in self.servers:

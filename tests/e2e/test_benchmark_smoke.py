@@ -30,7 +30,7 @@ QUICK_ROWS = {
     "fill-mask-tiny-varied": SERVERS,
     "feature-extraction-tiny-varied": ("batchwire", "batchwire-msgpack"),
 }
-#: --quick (with a small paired C=1 comparison and one interleaved point) takes about a minute and a quarter on a
+#: --quick (with a small paired C=1 comparison and one interleaved point) takes about a minute on a
 #: busy 2-core machine; past this something hangs.
 TIMEOUT_S = 200
 
