@@ -695,6 +695,41 @@ def test_deeply_nested_or_lying_garbage(raw):
     assert_rejected(raw)
 
 
+def _deep(leaf, depth: int):
+    for _ in range(depth):
+        leaf = [leaf]
+    return leaf
+
+
+@pytest.mark.parametrize(
+    "raw, where",
+    [
+        (request_frame(inputs=msgpack.Timestamp(1, 0)), "Request.inputs"),
+        (request_frame(inputs=["a", {"b": [msgpack.Timestamp(1, 5)]}]), "Request.inputs"),
+        (request_frame(inputs="a", parameters={"t": msgpack.Timestamp(2**40, 0)}),
+         "Request.parameters"),
+        (request_frame(inputs=_deep(msgpack.Timestamp(1, 0), 900)), "Request.inputs"),
+        (frame(PROTOCOL_VERSION, int(MessageType.RESULT), 1,
+               [{"score": 0.5, "when": msgpack.Timestamp(1, 0)}], 1, 0.0, 1.0),
+         "Result.output"),
+    ],
+    ids=["bare", "nested", "in-parameters", "900-deep", "in-a-result"],
+)
+def test_a_timestamp_anywhere_in_a_frame_is_rejected(raw, where):
+    # msgpack decodes extension -1 itself, past the extension hook: the codec must look.
+    assert_rejected(raw, match=rf"{where} holds a msgpack timestamp")
+
+
+def test_a_clients_msgpack_timestamp_gets_a_message_that_says_what_to_send():
+    from protocol.codec import decode_client
+
+    body = msgpack.packb({"inputs": "a [MASK]", "parameters": {"t": msgpack.Timestamp(1, 0)}})
+    with pytest.raises(ValueError, match="extension type .*send strings, numbers"):
+        decode_client(body, 1 << 20)
+    with pytest.raises(ValueError, match="extension type"):
+        decode_client(msgpack.packb({"inputs": msgpack.ExtType(5, b"xyz")}), 1 << 20)
+
+
 def test_moderate_nesting_is_fine():
     inputs = "leaf"
     for _ in range(200):
