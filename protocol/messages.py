@@ -75,7 +75,10 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class Ready(Message):
-    """A worker has loaded and warmed its pipeline and may be sent up to ``capacity`` requests."""
+    """A worker has loaded and warmed its pipeline and may be sent up to ``capacity`` requests.
+
+    Sent again by a known worker to update what it announced: its batch limits are the ones
+    in effect, which an out-of-memory error lowers."""
 
     TYPE: ClassVar[MessageType] = MessageType.READY
     worker_id: str

@@ -61,6 +61,8 @@ class WorkerService:
         self._stop_reason = ""
         self._last_heard = time.monotonic()
         self._gateway_known = False
+        #: The batch limits the last READY announced (see _heartbeat_loop).
+        self._announced_limits: tuple[int, int] | None = None
         self.batcher = Batcher(
             runner=runner,
             executor=executor,
@@ -219,7 +221,11 @@ class WorkerService:
     def _send_error(self, item: WorkItem, error: BatchwireError) -> None:
         self._send(Error(item.request_id, error.code, error.message))
 
+    def _limits(self) -> tuple[int, int]:
+        return self.batcher.effective_batch_size, self.batcher.effective_batch_tokens
+
     def _ready(self) -> Ready:
+        self._announced_limits = self._limits()
         return Ready(
             worker_id=self.config.worker_id,
             pid=os.getpid(),
@@ -227,10 +233,10 @@ class WorkerService:
             task=self.runner.task,
             device=self.config.device,
             capacity=self.config.capacity,
-            max_batch_size=self.config.max_batch_size,
+            max_batch_size=self._announced_limits[0],
             host=socket.gethostname(),
             pooling=self.runner.pooling_description,
-            max_batch_tokens=self.config.max_batch_tokens,
+            max_batch_tokens=self._announced_limits[1],
             dtype=self.runner.loaded_dtype,
         )
 
@@ -251,7 +257,9 @@ class WorkerService:
                 logging.shutdown()
                 os._exit(3)
             silent = time.monotonic() - self._last_heard > MISSED_HEARTBEATS * interval
-            if silent or not self._gateway_known:
+            if silent or not self._gateway_known or self._limits() != self._announced_limits:
+                # READY again also when an out-of-memory error lowered the batch limits, so
+                # the gateway's /info shows what this worker now runs.
                 self._send(self._ready())
             else:
                 self._send(Heartbeat())

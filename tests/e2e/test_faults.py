@@ -33,6 +33,10 @@ async def test_out_of_memory_splits_the_batch_and_lowers_the_token_budget(start_
                                          for i in range(6)))
     assert [status for status, _, _ in replies] == [200] * 6
     assert max(int(h["X-Batch-Tokens"]) for _, h, _ in replies) <= budget
+    # The worker re-announces its limits, so /info shows the budget it now runs with.
+    wait_for(lambda: [w["max_batch_tokens"] for w in server.info()["workers"]] == [budget], 10,
+             "/info to show the lowered token budget")
+    assert [w["max_batch_size"] for w in server.info()["workers"]] == [8]
     assert "effective batch size" not in server.log_text()  # token counts were known
     assert "exited with code" not in server.log_text()
 
