@@ -45,11 +45,13 @@ async def test_bad_msgpack_body_is_400(start_server, tiny_model_dir):
                                      headers={"Content-Type": "application/msgpack"})
         assert status == 400 and "msgpack" in body["error"]["message"]
         # A timestamp is valid msgpack, but no request can carry one: the 400 says so.
-        stamped = msgpack.packb({"inputs": "a [MASK]", "parameters": {"at": msgpack.Timestamp(1, 0)}})
+        stamped = msgpack.packb({"inputs": "a [MASK]",
+                                 "parameters": {"at": msgpack.Timestamp(1, 0)}})
         status, _, body = await post(session, server.url + "/predict", data=stamped,
                                      headers={"Content-Type": "application/msgpack"})
     assert status == 400 and body["error"]["code"] == "bad_input", body
-    assert "extension type" in body["error"]["message"] and "send strings" in body["error"]["message"]
+    message = body["error"]["message"]
+    assert "extension type" in message and "send strings" in message
 
 
 async def test_api_key_guards_every_route_but_the_probes(start_server, tiny_model_dir):
