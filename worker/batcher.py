@@ -333,9 +333,9 @@ class Batcher:
         next batches may cost. Activation memory follows padded tokens, so when every token
         count is known only the token budget drops; short inputs still batch up to the
         configured count. Without counts (inputs that are not text), the count drops."""
-        cost = max(batch_policy.padded_tokens(lengths[:half]),
-                   batch_policy.padded_tokens(lengths[half:]))
-        if all(lengths) and cost:
+        if all(lengths):  # both halves hold an item, so the cost below is positive
+            cost = max(batch_policy.padded_tokens(lengths[:half]),
+                       batch_policy.padded_tokens(lengths[half:]))
             if not self.effective_batch_tokens or cost < self.effective_batch_tokens:
                 self.effective_batch_tokens = cost
                 log.warning("out of memory on a batch of %d (%d padded tokens); effective "
