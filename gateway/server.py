@@ -112,6 +112,7 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
 
     await stop.wait()
     drain_task = asyncio.create_task(broker.drain(config.drain_timeout_s))
+    drained = False
     try:
         drained = await drain_task
         if not drained:
@@ -120,8 +121,10 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
         pass
     await broker.close()
     if supervisor is not None:
-        # Forced (second signal): workers get one second before SIGKILL, not ten.
-        await supervisor.stop(timeout_s=1.0 if signals_seen > 1 else 10.0)
+        # A worker still busy once the drain is over (forced by a second signal, or past
+        # --drain-timeout-s) computes answers nobody waits for any more: the 503s are out, so
+        # it gets one second before SIGKILL, not ten, and the drain timeout bounds the exit.
+        await supervisor.stop(timeout_s=10.0 if drained else 1.0)
     await runner.cleanup()
     if ipc_dir is not None:
         for name in os.listdir(ipc_dir):
