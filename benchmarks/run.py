@@ -668,60 +668,84 @@ def run_process(process: str, rows: list[str], model, workload: Workload, inputs
 
 class _BothUp:
     """Two result rows' server processes (by default batchwire's, JSON answers, and the
-    guide's), started together and stopped on exit."""
+    guide's), started together on first use and stopped by :meth:`close`.
+
+    The paired C=1 comparison and the interleaved load share one when they compare the same
+    two rows (the default): one start of both servers instead of two. A start that failed
+    fails every later use the same way, without starting again.
+    """
 
     def __init__(self, model, workload: Workload, inputs: list[str], args: argparse.Namespace,
                  raw_dir: Path, why: str, rows: Sequence[str] = PAIR_ROWS):
         self.model, self.workload, self.inputs, self.args = model, workload, inputs, args
         self.raw_dir, self.why, self.rows = raw_dir, why, tuple(rows)
         self.servers: list[ServerProcess] = []
+        self._up: list[tuple[ServerProcess, Client]] | None = None
+        self._failed: BaseException | None = None
 
-    def __enter__(self) -> list[tuple[ServerProcess, Client]]:
-        try:
-            ports: list[int] = []
-            for row in self.rows:
-                process = row_spec(row, self.args)[0]
+    def get(self) -> list[tuple[ServerProcess, Client]]:
+        if self._failed is not None:
+            raise self._failed
+        if self._up is None:
+            try:
+                self._start()
+            except BaseException as exc:
+                self._failed = exc
+                self.close()
+                raise
+            self._up = [(server, client_for(row, self.workload, self.model, self.inputs,
+                                            self.args))
+                        for server, row in zip(self.servers, self.rows)]
+        return self._up
+
+    def _start(self) -> None:
+        ports: list[int] = []
+        for row in self.rows:
+            process = row_spec(row, self.args)[0]
+            port = free_port()
+            while port in ports:  # the OS may hand a just-closed port out again
                 port = free_port()
-                while port in ports:  # the OS may hand a just-closed port out again
-                    port = free_port()
-                ports.append(port)
-                server = ServerProcess(
-                    f"{row} ({self.why})",
-                    server_argv(process, self.model, port, self.args, self.workload), port,
-                    self.raw_dir / f"{self.workload.name}.{row}.{self.why}.log",
-                    env=subprocess_env(self.args))
-                self.servers.append(server)
-                # Started together: nothing is measured until both are ready, and loading
-                # the two models side by side takes less time than one after the other.
-                server.start()
-            for server in self.servers:
-                server.wait_ready(self.args.ready_timeout, self.inputs[0].encode("utf-8"))
-        except BaseException:
-            self.__exit__()
-            raise
-        return [(server, client_for(row, self.workload, self.model, self.inputs, self.args))
-                for server, row in zip(self.servers, self.rows)]
+            ports.append(port)
+            server = ServerProcess(
+                f"{row} ({self.why})",
+                server_argv(process, self.model, port, self.args, self.workload), port,
+                self.raw_dir / f"{self.workload.name}.{row}.{self.why}.log",
+                env=subprocess_env(self.args))
+            self.servers.append(server)
+            # Started together: nothing is measured until both are ready, and loading the
+            # two models side by side takes less time than one after the other.
+            server.start()
+        for server in self.servers:
+            server.wait_ready(self.args.ready_timeout, self.inputs[0].encode("utf-8"))
 
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
         for server in self.servers:
             server.stop()
+        self.servers = []
 
 
 def run_paired(model, workload: Workload, inputs: list[str], args: argparse.Namespace,
-               raw_dir: Path) -> dict:
+               raw_dir: Path, pair: _BothUp | None = None) -> dict:
     """batchwire (JSON answers) and the guide's server up at once, compared at C=1 on the
-    same inputs in alternating blocks (:mod:`benchmarks.paired`)."""
+    same inputs in alternating blocks (:mod:`benchmarks.paired`). ``pair``: the two servers
+    to use (started if they are not yet, left running); else they start and stop here."""
     print(f"[bench] {workload.name}: C=1 paired, batchwire and guide", file=sys.stderr)
+    own = pair is None
+    if pair is None:
+        pair = _BothUp(model, workload, inputs, args, raw_dir, "paired")
     try:
-        with _BothUp(model, workload, inputs, args, raw_dir, "paired") as up:
-            targets = [paired.Target(name, HOST, server.port, client.path, client.bodies,
-                                     client.headers, client.check)
-                       for name, (server, client) in zip(PAIR_ROWS, up)]
-            result = paired.compare(*targets, inputs=args.paired_inputs,
-                                    rounds=args.paired_rounds, timeout_s=args.timeout)
+        up = pair.get()
+        targets = [paired.Target(name, HOST, server.port, client.path, client.bodies,
+                                 client.headers, client.check)
+                   for name, (server, client) in zip(PAIR_ROWS, up)]
+        result = paired.compare(*targets, inputs=args.paired_inputs,
+                                rounds=args.paired_rounds, timeout_s=args.timeout)
     except (ServerFailed, paired.PairedFailure, OSError, ValueError) as exc:
         print(f"[bench] {workload.name}: C=1 paired FAILED: {exc}", file=sys.stderr)
         return {"error": str(exc)}
+    finally:
+        if own:
+            pair.close()
     d = result["difference_ms"]
     print(f"[bench] {workload.name} C=1 paired: p50 batchwire {result['p50_ms']['batchwire']:.2f}"
           f" ms, guide {result['p50_ms']['guide']:.2f} ms; batchwire - guide median "
@@ -731,37 +755,46 @@ def run_paired(model, workload: Workload, inputs: list[str], args: argparse.Name
 
 
 def run_interleaved(model, workload: Workload, inputs: list[str], args: argparse.Namespace,
-                    raw_dir: Path) -> list[dict]:
+                    raw_dir: Path, pair: _BothUp | None = None) -> list[dict]:
     """The two --interleaved-servers rows (batchwire and the guide by default) up at once,
     loaded in alternating closed-loop slices at each --interleaved concurrency
-    (:mod:`benchmarks.interleaved`)."""
+    (:mod:`benchmarks.interleaved`). ``pair``: those two servers, as for :func:`run_paired`."""
     a, b = args.interleaved_servers
     print(f"[bench] {workload.name}: interleaved load, {a} and {b}", file=sys.stderr)
+    own = pair is None
+    if pair is None:
+        pair = _BothUp(model, workload, inputs, args, raw_dir, "interleaved", (a, b))
     results: list[dict] = []
     try:
-        with _BothUp(model, workload, inputs, args, raw_dir, "interleaved", (a, b)) as up:
-            targets = [interleaved.Target(row, server.base_url + client.path, client.bodies,
-                                          client.headers, client.decode, client.check)
-                       for row, (server, client) in zip((a, b), up)]
-            for c in args.interleaved:
-                result = interleaved.compare(
-                    *targets, concurrency=c, rounds=args.interleaved_rounds,
-                    slice_s=args.interleaved_slice, warmup_s=args.warmup,
-                    max_requests=args.max_requests, timeout_s=args.timeout,
-                    grace_s=args.grace)
-                results.append(result)
-                r = result["throughput_ratio"]
-                print(f"[bench] {workload.name} C={c} interleaved: {a} "
-                      f"{result[a]['throughput_rps']:.1f} req/s, {b} "
-                      f"{result[b]['throughput_rps']:.1f} req/s, ratio {r['value']:.3f} "
-                      f"[{r['95'][0]:.3f}, {r['95'][1]:.3f}]", file=sys.stderr)
-                for server, _ in up:
-                    if not server.alive():
-                        raise ServerFailed(f"{server.name} died during the C={c} "
-                                           f"interleaved point:\n{server.log_tail()}")
+        up = pair.get()
+        for server, _ in up:
+            if not server.alive():
+                raise ServerFailed(f"{server.name} is not running:\n{server.log_tail()}")
+        targets = [interleaved.Target(row, server.base_url + client.path, client.bodies,
+                                      client.headers, client.decode, client.check)
+                   for row, (server, client) in zip((a, b), up)]
+        for c in args.interleaved:
+            result = interleaved.compare(
+                *targets, concurrency=c, rounds=args.interleaved_rounds,
+                slice_s=args.interleaved_slice, warmup_s=args.warmup,
+                max_requests=args.max_requests, timeout_s=args.timeout,
+                grace_s=args.grace)
+            results.append(result)
+            r = result["throughput_ratio"]
+            print(f"[bench] {workload.name} C={c} interleaved: {a} "
+                  f"{result[a]['throughput_rps']:.1f} req/s, {b} "
+                  f"{result[b]['throughput_rps']:.1f} req/s, ratio {r['value']:.3f} "
+                  f"[{r['95'][0]:.3f}, {r['95'][1]:.3f}]", file=sys.stderr)
+            for server, _ in up:
+                if not server.alive():
+                    raise ServerFailed(f"{server.name} died during the C={c} "
+                                       f"interleaved point:\n{server.log_tail()}")
     except (ServerFailed, OSError, ValueError) as exc:
         print(f"[bench] {workload.name}: interleaved FAILED: {exc}", file=sys.stderr)
         return [*results, {"error": str(exc)}]
+    finally:
+        if own:
+            pair.close()
     return results
 
 
@@ -963,18 +996,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         if failed and not args.keep_going:
             print("[bench] stopping at the first failure (--no-keep-going)", file=sys.stderr)
             break
-        if wants_paired(workload, args):
-            entry["paired_c1"] = run_paired(model, workload, inputs, args, raw_dir)
-            failed = failed or "error" in entry["paired_c1"]
-            save()
-        if wants_interleaved(workload, args):
-            entry["interleaved"] = run_interleaved(model, workload, inputs, args, raw_dir)
-            failed = failed or any("error" in r for r in entry["interleaved"])
-            save()
-        elif args.interleaved:
-            print(f"[bench] {workload.name}: no interleaved load: "
-                  f"{' and '.join(args.interleaved_servers)} are not both among its rows",
-                  file=sys.stderr)
+        with_paired, with_interleaved = (wants_paired(workload, args),
+                                         wants_interleaved(workload, args))
+        # Both compare batchwire with the guide by default: one start of the two serves both.
+        shared = (_BothUp(model, workload, inputs, args, raw_dir, "paired+interleaved")
+                  if with_paired and with_interleaved
+                  and tuple(args.interleaved_servers) == PAIR_ROWS else None)
+        try:
+            if with_paired:
+                entry["paired_c1"] = run_paired(model, workload, inputs, args, raw_dir, shared)
+                failed = failed or "error" in entry["paired_c1"]
+                save()
+            if with_interleaved:
+                entry["interleaved"] = run_interleaved(model, workload, inputs, args, raw_dir,
+                                                       shared)
+                failed = failed or any("error" in r for r in entry["interleaved"])
+                save()
+            elif args.interleaved:
+                print(f"[bench] {workload.name}: no interleaved load: "
+                      f"{' and '.join(args.interleaved_servers)} are not both among its rows",
+                      file=sys.stderr)
+        finally:
+            if shared is not None:
+                shared.close()
 
     results["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     results["machine"]["load_average_end"] = (list(os.getloadavg())

@@ -109,6 +109,11 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     low, high = load["throughput_ratio"]["95"]
     assert low <= load["throughput_ratio"]["value"] <= high
     assert "interleaved" not in features
+    # Paired and interleaved compared the same two servers: started once for both.
+    logs = {path.name for path in (out / "raw").glob("fill-mask-tiny-varied.*.log")}
+    assert {"fill-mask-tiny-varied.batchwire.paired+interleaved.log",
+            "fill-mask-tiny-varied.guide.paired+interleaved.log"} <= logs, logs
+    assert not any(name.endswith((".paired.log", ".interleaved.log")) for name in logs), logs
 
     report = (out / "report.md").read_text()
     for name in (*SERVERS, "batchwire-msgpack"):
