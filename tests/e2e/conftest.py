@@ -158,7 +158,8 @@ class Server:
         def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log_text()}")
+                raise AssertionError(
+                    f"server exited with {self.proc.returncode}:\n{self.log_text()}")
             try:
                 return http_get(self.url + "/ready", timeout=2)[0] == 200
             except OSError:
@@ -195,10 +196,9 @@ class Server:
         return self.proc.returncode
 
 
-@pytest.fixture(scope="module")
-def start_server(tmp_path_factory):
-    """Factory: start_server(args, env=None, wait_ready=True) -> Server, stopped (and checked
-    for a clean exit) when the test module ends."""
+def _server_factory(tmp_path_factory):
+    """start(args, env=None, wait_ready=True) -> Server; every server it started is stopped
+    (and checked for a clean exit) when the generator resumes."""
     servers: list[Server] = []
 
     def start(args: list[str], env: dict | None = None, wait_ready: bool = True) -> Server:
@@ -214,9 +214,32 @@ def start_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fill_mask_server(start_server, tiny_model_dir) -> Server:
+def start_server(tmp_path_factory):
+    """Factory: start_server(args, env=None, wait_ready=True) -> Server, stopped (and checked
+    for a clean exit) when the test module ends."""
+    yield from _server_factory(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def start_shared_server(tmp_path_factory):
+    """Like start_server, for the servers several modules share: each server start costs
+    seconds of torch import, so a plain configuration is started once a session. Tests on
+    a shared server must not depend on what other tests sent it (count deltas, filter by
+    request id)."""
+    yield from _server_factory(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def fill_mask_server(start_shared_server, tiny_model_dir) -> Server:
     """One worker serving the tiny fill-mask model with default batching settings."""
-    return start_server(["--model", str(tiny_model_dir), "--workers", "1"])
+    return start_shared_server(["--model", str(tiny_model_dir), "--workers", "1"])
+
+
+@pytest.fixture(scope="session")
+def features_server(start_shared_server, tiny_model_dir) -> Server:
+    """One worker serving the tiny model as token-level feature-extraction, logging JSON."""
+    return start_shared_server(["--model", str(tiny_model_dir), "--task", "feature-extraction",
+                                "--workers", "1", "--log-format", "json"])
 
 
 class Proc:

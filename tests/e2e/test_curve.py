@@ -51,8 +51,11 @@ async def test_only_workers_with_authorized_keys_get_requests(procs, tmp_path, t
     d = start_worker(procs, tmp_path, zmq_port, tiny_model_dir,  # right server key, fresh keys
                      "--curve-server-key", server_key)
     wait_for(lambda: a.proc.pid in registered_pids(url), 90, "the authorized worker")
-    # The others keep announcing themselves every second; watch for a few of those rounds.
-    deadline = time.monotonic() + 4
+    # Once each of the others has sent its first READY, it says READY again every second
+    # (the gateway never answers it): watch two more of those rounds.
+    wait_for(lambda: all("ready on" in p.log_text() for p in (b, c, d)), 90,
+             "the unauthorized workers to announce themselves")
+    deadline = time.monotonic() + 2.5
     while time.monotonic() < deadline:
         assert registered_pids(url) <= {a.proc.pid}
         for p in (b, c, d):

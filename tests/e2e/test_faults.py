@@ -21,16 +21,16 @@ async def test_out_of_memory_splits_the_batch_and_lowers_the_token_budget(start_
     server = start_server(fault_args(fault_model_dir, "--max-batch-size", "8",
                                      "--max-delay-ms", "300"))
     async with aiohttp.ClientSession() as session:
-        replies = await asyncio.gather(*(post(session, server.url + "/", data=f"OOM {i} [MASK]".encode())
-                                         for i in range(8)))
+        replies = await asyncio.gather(*(post(session, server.url + "/",
+                                              data=f"OOM {i} [MASK]".encode()) for i in range(8)))
         assert [status for status, _, _ in replies] == [200] * 8, replies
         assert max(int(h["X-Batch-Size"]) for _, h, _ in replies) == 1
         budgets = re.findall(r"effective token budget is now (\d+)", server.log_text())
         assert budgets, server.log_text()
         budget = int(budgets[-1])
         # The worker keeps the lowered budget: no later batch asks for more padded tokens.
-        replies = await asyncio.gather(*(post(session, server.url + "/", data=f"after {i} [MASK]".encode())
-                                         for i in range(6)))
+        replies = await asyncio.gather(*(post(session, server.url + "/",
+                                              data=f"after {i} [MASK]".encode()) for i in range(6)))
     assert [status for status, _, _ in replies] == [200] * 6
     assert max(int(h["X-Batch-Tokens"]) for _, h, _ in replies) <= budget
     # The worker re-announces its limits, so /info shows the budget it now runs with.
@@ -46,7 +46,8 @@ async def test_poison_input_gets_500_once_and_the_pool_survives(start_server, fa
                                      "--max-delay-ms", "50"))
     wait_for(lambda: len(server.info()["workers"]) == 2, 60, "both workers")
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        innocent = [asyncio.ensure_future(post(session, server.url + "/", data=f"fine {i} [MASK]".encode()))
+        innocent = [asyncio.ensure_future(post(session, server.url + "/",
+                                               data=f"fine {i} [MASK]".encode()))
                     for i in range(20)]
         status, _, body = await post(session, server.url + "/", data=b"CRASH [MASK]")
         replies = await asyncio.gather(*innocent)

@@ -141,14 +141,13 @@ FILL_MASK_TEXTS = ["paris is the [MASK] of france", "the cat sat on the [MASK]",
 
 
 @pytest.fixture(scope="module")
-def fill_mask(start_server, tiny_model_dir):
-    return start_server(["--model", str(tiny_model_dir), "--workers", "1"])
+def fill_mask(fill_mask_server):
+    return fill_mask_server
 
 
 @pytest.fixture(scope="module")
-def features(start_server, tiny_model_dir):
-    return start_server(["--model", str(tiny_model_dir), "--task", "feature-extraction",
-                         "--workers", "1"])
+def features(features_server):
+    return features_server
 
 
 # -- health and metadata ---------------------------------------------------------------------

