@@ -82,8 +82,10 @@ def _msgpack_safe(value):
 
 # -- fixtures -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(start_server, tiny_model_dir):
-    return start_server(["--model", str(tiny_model_dir)])
+def server(fill_mask_server):
+    """The session's shared tiny fill-mask server: the document does not depend on how many
+    workers serve it, and nothing here reads counters another module's requests move."""
+    return fill_mask_server
 
 
 @pytest.fixture(scope="module")
