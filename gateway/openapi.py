@@ -156,7 +156,8 @@ def _components(config: GatewayConfig) -> dict:
                 "parameters": {
                     "type": "object", "nullable": True,
                     "description": "Keyword arguments of the pipeline call (e.g. top_k for "
-                                   "fill-mask); ones the pipeline refuses give 422. Names "
+                                   "fill-mask); ones the pipeline refuses, or would "
+                                   "ignore, give 422. Names "
                                    "starting with 'batchwire:' are reserved (400).",
                 },
             },

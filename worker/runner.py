@@ -378,11 +378,20 @@ class PipelineRunner:
         if sanitize is None or not parameters:
             return
         try:
-            sanitize(**copy.deepcopy(parameters))
+            sanitized = sanitize(**copy.deepcopy(parameters))
         except (TypeError, ValueError) as exc:
             raise InvalidParameters(
                 f"the {self.task} pipeline rejects parameters {sorted(parameters)}: {exc}"
             ) from None
+        ignored = ignored_parameters(sanitize, parameters, sanitized)
+        if ignored:
+            named = named_parameters(sanitize)
+            hint = f" (the parameters it names: {', '.join(named)})" if named else ""
+            if self.pooling:
+                hint += "; sentence embeddings (pooled) are at POST /v1/embeddings"
+            raise InvalidParameters(
+                f"the {self.task} pipeline ignores parameters {ignored}, so they would "
+                f"change nothing: check their names{hint}")
 
     def _token_lengths(self, inputs: list, parameters: dict, tokenizer: Any,
                        backend: Any = None, encodings: list | None = None) -> list[int | None]:
@@ -511,6 +520,41 @@ def _model_json(model: str, name: str) -> Any:
         return None if path is None else json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def named_parameters(sanitize) -> list[str]:
+    """The keyword parameters a pipeline's ``_sanitize_parameters`` names in its signature."""
+    import inspect
+
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [name for name, p in inspect.signature(sanitize).parameters.items()
+            if p.kind in kinds and name != "self"]
+
+
+def ignored_parameters(sanitize, parameters: dict, sanitized: Any) -> list[str]:
+    """The request parameters a pipeline would drop without a word.
+
+    Pipelines whose ``_sanitize_parameters`` takes ``**kwargs`` accept any name; some pass
+    them on (text-classification to its tokenizer, text-generation to ``generate``), others
+    read a few and drop the rest (feature-extraction drops all, so ``{"max_length": 8}`` or a
+    misspelt ``"truncate"`` changes nothing). A name the signature does not list and that
+    appears nowhere among the preprocess, forward and postprocess arguments it returned
+    (keys, at any depth) is one the pipeline ignores.
+    """
+    import inspect
+
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD
+               for p in inspect.signature(sanitize).parameters.values()):
+        return []  # every name is in the signature; an unknown one was a TypeError
+    named = set(named_parameters(sanitize))
+    used: set = set()
+    stack = [part for part in (sanitized if isinstance(sanitized, (tuple, list)) else [sanitized])
+             if isinstance(part, dict)]
+    while stack:
+        part = stack.pop()
+        used.update(part)
+        stack.extend(v for v in part.values() if isinstance(v, dict))
+    return sorted(name for name in parameters if name not in named and name not in used)
 
 
 def declared_embedding(model: str) -> tuple[str, bool]:

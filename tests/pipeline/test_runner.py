@@ -12,6 +12,7 @@ Each pipeline is loaded once per module; the reference pipelines are separate
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pytest
 
 from protocol.errors import BadInput, ClientError, InputTooLong, InvalidParameters, ModelError
 from protocol.messages import NDArray
+from tests.conftest import TOKENIZER_FILES
 from worker.runner import PipelineRunner, classify_error, default_model_path, infer_task, to_wire
 
 torch = pytest.importorskip("torch")
@@ -708,6 +710,62 @@ def test_unknown_parameter_is_invalid_parameters(fill_runner, inputs):
     assert "foo" in str(info.value)
     assert info.value.status == 422
     assert classify_error(info.value) is info.value
+
+
+def test_a_parameter_the_pipeline_would_ignore_is_invalid_parameters(tiny_fe_runner):
+    """feature-extraction's _sanitize_parameters swallows any **kwargs: {"max_length": 4}
+    or a misspelt "truncate" would change nothing, silently."""
+    with pytest.raises(InvalidParameters) as info:
+        tiny_fe_runner(["hello", LONG_TEXT], {"max_length": 4, "truncate": True})
+    message = str(info.value)
+    assert info.value.status == 422
+    assert "ignores parameters ['max_length', 'truncate']" in message
+    assert "truncation, tokenize_kwargs" in message  # what it does take
+    assert "/v1/embeddings" in message
+    # What it names, and tokenizer arguments inside tokenize_kwargs, still run.
+    (out,) = tiny_fe_runner([LONG_TEXT], {"tokenize_kwargs": {"truncation": True,
+                                                                "max_length": 4}}).outputs
+    assert out.to_numpy().shape == (1, 4, 32)
+
+
+@pytest.fixture(scope="module")
+def nli_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny BERT with a 3-way classification head labelled as NLI, so it serves both
+    text-classification and zero-shot-classification."""
+    labels = ["entailment", "neutral", "contradiction"]
+    config = transformers.AutoConfig.from_pretrained(
+        tiny_model_dir, id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)})
+    transformers.logging.set_verbosity_error()
+    model = transformers.BertForSequenceClassification.from_pretrained(tiny_model_dir,
+                                                                       config=config)
+    target = tmp_path_factory.mktemp("tiny-nli")
+    model.save_pretrained(target)
+    for name in TOKENIZER_FILES:
+        shutil.copy(tiny_model_dir / name, target / name)
+    return target
+
+
+def test_parameters_a_pipeline_passes_on_are_not_refused(nli_model_dir):
+    """Pipelines whose **kwargs go somewhere (text-classification: to the tokenizer) keep
+    taking them; zero-shot-classification reads three names from its **kwargs and drops the
+    rest, so a misspelt one is refused there."""
+    classify = _load(str(nli_model_dir), "text-classification")
+    reference = _reference("text-classification", str(nli_model_dir))
+    parameters = {"truncation": True, "max_length": 4, "function_to_apply": "sigmoid"}
+    outputs = classify([LONG_TEXT, SHORT_TEXT], parameters).outputs
+    for text, output in zip([LONG_TEXT, SHORT_TEXT], outputs):
+        [want] = reference(text, **parameters)
+        assert output["label"] == want["label"]
+        assert output["score"] == pytest.approx(want["score"], abs=1e-5)
+
+    zero_shot = _load(str(nli_model_dir), "zero-shot-classification")
+    labels = {"candidate_labels": ["sport", "music"]}
+    (answer,) = zero_shot(["a song"], {**labels, "multi_label": True,
+                                       "hypothesis_template": "It is about {}."}).outputs
+    assert sorted(answer["labels"]) == ["music", "sport"]
+    with pytest.raises(InvalidParameters, match=r"ignores parameters \['hypotesis_template'\]"):
+        zero_shot(["a song"], {**labels, "hypotesis_template": "It is about {}."})
 
 
 def test_conflicting_parameters_are_invalid_parameters(tiny_fe_runner):
