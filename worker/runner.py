@@ -377,6 +377,10 @@ class PipelineRunner:
         sanitize = getattr(self.pipe, "_sanitize_parameters", None)
         if sanitize is None or not parameters:
             return
+        if self.kind == "feature-extraction" and "return_tensors" in parameters:
+            raise InvalidParameters(
+                "return_tensors is the server's to set: feature-extraction answers are arrays "
+                "already (JSON lists, or raw bytes with Accept: application/msgpack)")
         try:
             sanitized = sanitize(**copy.deepcopy(parameters))
         except (TypeError, ValueError) as exc:
@@ -417,7 +421,7 @@ class PipelineRunner:
             encoded = None
             try:
                 ids = tokenizer(inputs, **kwargs)["input_ids"]
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, OverflowError) as exc:  # {"max_length": -1}
                 raise InvalidParameters(f"the tokenizer rejects these parameters: {exc}") from None
             lengths = [len(x) for x in ids]
         if self.max_length and not kwargs.get("truncation"):

@@ -728,6 +728,21 @@ def test_a_parameter_the_pipeline_would_ignore_is_invalid_parameters(tiny_fe_run
     assert out.to_numpy().shape == (1, 4, 32)
 
 
+def test_tokenizer_arguments_out_of_range_are_invalid_parameters(tiny_fe_runner):
+    """A negative max_length overflows inside the Rust tokenizer: the client's mistake, not a
+    model failure (it used to be a 500)."""
+    parameters = {"tokenize_kwargs": {"max_length": -1, "truncation": True}}
+    with pytest.raises(InvalidParameters, match="tokenizer rejects"):
+        tiny_fe_runner.measure("hello there", parameters)
+    with pytest.raises(InvalidParameters, match="tokenizer rejects"):
+        tiny_fe_runner(["hello there"], parameters)
+
+
+def test_return_tensors_is_the_servers_to_set(tiny_fe_runner):
+    with pytest.raises(InvalidParameters, match="return_tensors is the server's to set"):
+        tiny_fe_runner(["hello"], {"return_tensors": True})
+
+
 @pytest.fixture(scope="module")
 def nli_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny BERT with a 3-way classification head labelled as NLI, so it serves both
