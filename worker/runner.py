@@ -389,7 +389,8 @@ class PipelineRunner:
             ) from None
         ignored = ignored_parameters(sanitize, parameters, sanitized)
         if ignored:
-            named = named_parameters(sanitize)
+            named = [name for name in named_parameters(sanitize)
+                     if not (self.kind == "feature-extraction" and name == "return_tensors")]
             hint = f" (the parameters it names: {', '.join(named)})" if named else ""
             if self.pooling:
                 hint += "; sentence embeddings (pooled) are at POST /v1/embeddings"

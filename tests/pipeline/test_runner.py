@@ -720,7 +720,7 @@ def test_a_parameter_the_pipeline_would_ignore_is_invalid_parameters(tiny_fe_run
     message = str(info.value)
     assert info.value.status == 422
     assert "ignores parameters ['max_length', 'truncate']" in message
-    assert "truncation, tokenize_kwargs" in message  # what it does take
+    assert "(the parameters it names: truncation, tokenize_kwargs)" in message
     assert "/v1/embeddings" in message
     # What it names, and tokenizer arguments inside tokenize_kwargs, still run.
     (out,) = tiny_fe_runner([LONG_TEXT], {"tokenize_kwargs": {"truncation": True,
