@@ -428,8 +428,10 @@ class PipelineRunner:
         if self.max_length and not kwargs.get("truncation"):
             too_long = [n for n in lengths if n > self.max_length]
             if too_long:
+                # /v1/embeddings takes no parameters: there the only way is a shorter text.
                 hint = (' or send parameters {"truncation": true}'
-                        if self.kind == "feature-extraction" else "")
+                        if self.kind == "feature-extraction" and not parameters.get(EMBED_KEY)
+                        else "")
                 raise InputTooLong(
                     f"input is {max(too_long)} tokens long but this model takes at most "
                     f"{self.max_length}; shorten it{hint}"

@@ -22,7 +22,8 @@ import pytest
 from protocol.errors import BadInput, ClientError, InputTooLong, InvalidParameters, ModelError
 from protocol.messages import NDArray
 from tests.conftest import TOKENIZER_FILES
-from worker.runner import PipelineRunner, classify_error, default_model_path, infer_task, to_wire
+from worker.runner import (EMBED_KEY, PipelineRunner, classify_error, default_model_path,
+                           infer_task, to_wire)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -587,6 +588,10 @@ def test_too_long_input_is_422_input_too_long(fill_runner, tiny_fe_runner):
             assert info.value.status == 422
     with pytest.raises(InputTooLong, match="truncation"):  # feature-extraction hints at the fix
         tiny_fe_runner.measure("word " * 200, {})
+    # Except for /v1/embeddings, which takes no parameters: there, shortening is the fix.
+    with pytest.raises(InputTooLong) as info:
+        tiny_fe_runner.measure("word " * 200, {EMBED_KEY: True})
+    assert "truncation" not in str(info.value) and "shorten it" in str(info.value)
 
 
 def test_measure_counts_tokens_as_the_pipeline_does(fill_runner, tiny_fe_runner):
@@ -981,8 +986,6 @@ def test_minilm_declares_mean_pooling_with_normalisation(minilm_runner):
 def test_embeddings_match_sentence_transformers(minilm_runner):
     """The pooled vector is what sentence-transformers itself computes for the model."""
     from sentence_transformers import SentenceTransformer
-
-    from worker.runner import EMBED_KEY
 
     texts = ["a cat sits on the mat", "stock markets fell sharply after the announcement", "hi"]
     result = minilm_runner(list(texts), {EMBED_KEY: True})
