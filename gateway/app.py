@@ -193,11 +193,18 @@ async def _read_body(request: web.Request) -> bytes:
     return await request.read()  # aiohttp enforces client_max_size on chunked bodies
 
 
-def _text_input(body: bytes) -> str:
+def _text_input(body: bytes, charset: str | None = None) -> str:
+    """The raw body as text, in the charset its Content-Type declares (UTF-8 when none)."""
+    encoding = charset or "utf-8"
     try:
-        text = body.decode("utf-8")
+        text = body.decode(encoding)
+    except LookupError:  # unknown, or not a text encoding ("zlib")
+        raise UnsupportedMediaType(f"unknown charset {charset!r} in Content-Type; send UTF-8 "
+                                   "text, or declare a text charset") from None
     except UnicodeDecodeError as exc:
-        raise BadInput(f"the body is not valid UTF-8 (byte {exc.start}); send UTF-8 text") from None
+        raise BadInput(f"the body is not valid {encoding if charset else 'UTF-8'} "
+                       f"(byte {exc.start}); send text in the charset its Content-Type "
+                       "declares, UTF-8 when it declares none") from None
     if not text.strip():
         raise BadInput("the body is empty; send the text to run the model on, "
                        'e.g. curl -X POST -d "test [MASK]" http://localhost:8000/')
@@ -322,7 +329,7 @@ async def handle_root(request: web.Request) -> web.Response:
     if request.content_type in (JSON_TYPE, MSGPACK_TYPE):
         inputs, parameters = _structured_payload(body, request.content_type, request.app[CONFIG])
     elif request.content_type in TEXT_TYPES:
-        inputs, parameters = _text_input(body), {}
+        inputs, parameters = _text_input(body, request.charset), {}
     else:
         raise UnsupportedMediaType(
             f"POST / reads text/plain (the raw text), application/json or application/msgpack, "

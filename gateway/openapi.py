@@ -602,7 +602,8 @@ def openapi_document(config: GatewayConfig) -> dict:
         description=(
             "The guide's contract: `curl -X POST -d \"test [MASK]\" http://host:port/`. A "
             "text/plain or application/x-www-form-urlencoded body (what `curl -d` sends), or "
-            "one without a Content-Type, is the input text itself (UTF-8, not blank). "
+            "one without a Content-Type, is the input text itself (not blank; in the "
+            "Content-Type's charset, UTF-8 when it names none). "
             "application/json and application/msgpack bodies are read as on /predict. Any "
             "other Content-Type: 415."
         ),

@@ -131,6 +131,12 @@ async def test_bad_timeout_header_is_400(fill_mask_server, header):
     ("/", {"data": b"\xff\xfe [MASK]"}, 400, "bad_input", "UTF-8"),
     ("/", {"data": b"a [MASK]", "headers": {"Content-Type": "image/png"}}, 415,
      "unsupported_media_type", "image/png"),
+    ("/", {"data": b"a [MASK]", "headers": {"Content-Type": "text/plain; charset=klingon"}},
+     415, "unsupported_media_type", "klingon"),
+    ("/", {"data": b"a [MASK]", "headers": {"Content-Type": "text/plain; charset=zlib"}},
+     415, "unsupported_media_type", "zlib"),
+    ("/", {"data": b"\xe9t\xe9 [MASK]", "headers": {"Content-Type": "text/plain; charset=utf-8"}},
+     400, "bad_input", "not valid utf-8"),
     ("/nowhere", {"data": b"x"}, 404, "not_found", "/nowhere"),
 ])
 async def test_bad_requests_get_clear_json_errors(fill_mask_server, route, kwargs, status, code,
@@ -142,6 +148,19 @@ async def test_bad_requests_get_clear_json_errors(fill_mask_server, route, kwarg
     assert body["error"]["code"] == code
     assert words.lower() in body["error"]["message"].lower()
     assert "Traceback" not in json.dumps(body)
+
+
+@pytest.mark.parametrize("charset", ["latin-1", "utf-16", "cp1252"])
+async def test_text_body_is_read_in_its_declared_charset(fill_mask_server, charset):
+    text = "un café à côté [MASK]"
+    async with aiohttp.ClientSession() as session:
+        status, _, want = await post(session, fill_mask_server.url + "/",
+                                     data=text.encode("utf-8"))
+        got_status, _, got = await post(
+            session, fill_mask_server.url + "/", data=text.encode(charset),
+            headers={"Content-Type": f"text/plain; charset={charset}"})
+    assert status == got_status == 200, got
+    assert [c["sequence"] for c in got] == [c["sequence"] for c in want]
 
 
 async def test_wrong_method_is_405(fill_mask_server):
