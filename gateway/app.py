@@ -31,10 +31,13 @@ from protocol.errors import (
     BadInput,
     BatchwireError,
     BodyTooLarge,
+    InputTooLong,
     MethodNotAllowed,
+    ModelError,
     NotFound,
     Unauthorized,
     UnsupportedMediaType,
+    WorkerCrashed,
 )
 from protocol.messages import PROTOCOL_VERSION, NDArray, Result
 
@@ -287,18 +290,28 @@ def _timeout_s(request: web.Request) -> float:
 
 
 # -- inference ----------------------------------------------------------------------------
-async def _run(request: web.Request, items: list, parameters: dict,
-               embed: bool = False) -> tuple[list[Result], dict[str, str]]:
-    """Admit the items, await every result, and build the timing headers."""
+#: Failures that belong to one item of a list, so a list's answer says which one.
+ITEM_ERRORS = (BadInput, InputTooLong, ModelError, WorkerCrashed)
+
+
+async def _run(request: web.Request, items: list, parameters: dict, embed: bool = False,
+               where: str = '"inputs"') -> tuple[list[Result], dict[str, str]]:
+    """Admit the items, await every result, and build the timing headers. ``where``: how the
+    client's body names the items, for an error that belongs to one of several."""
     started = time.monotonic()
     broker = request.app[BROKER]
     pendings = broker.submit_many(items, parameters, _timeout_s(request), embed=embed)
     try:
         results: list[Result] = await asyncio.gather(*(p.future for p in pendings))
-    except BaseException:
+    except BaseException as exc:
         # The client left (CancelledError) or one item failed: nobody wants the others.
         for pending in pendings:
             broker.cancel(pending)
+        if len(pendings) > 1 and isinstance(exc, ITEM_ERRORS):
+            index = next((i for i, p in enumerate(pendings) if p.future.done()
+                          and not p.future.cancelled() and p.future.exception() is exc), None)
+            if index is not None:
+                raise type(exc)(f"{where}[{index}]: {exc.message}") from None
         raise
     total_ms = (time.monotonic() - started) * 1000.0
     batch = max(r.batch_size for r in results)
@@ -379,7 +392,7 @@ async def handle_embeddings(request: web.Request) -> web.Response:
     if worker is not None and not worker.info.pooling:
         raise BadInput(f"this server runs a {worker.info.task} model, which has no sentence "
                        "embeddings; /v1/embeddings needs a feature-extraction model")
-    results, headers = await _run(request, items, {}, embed=True)
+    results, headers = await _run(request, items, {}, embed=True, where='"input"')
     tokens = sum(r.tokens for r in results)
     data = [{"object": "embedding", "index": i, "embedding": r.output}
             for i, r in enumerate(results)]

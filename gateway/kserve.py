@@ -451,7 +451,7 @@ async def infer(request: web.Request, name: str) -> web.Response:
     body = await bw._read_body(request)
     request_id, texts, parameters, wanted = _parse_request(
         request, body, request.app[bw.CONFIG].max_inputs)
-    results, headers = await bw._run(request, texts, parameters)
+    results, headers = await bw._run(request, texts, parameters, where='"data"')
     payload = {
         "model_name": primary,
         "id": request_id if request_id is not None else request[bw.REQUEST_ID],

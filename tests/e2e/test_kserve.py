@@ -300,6 +300,10 @@ async def test_infer_errors_answer_the_v2_error_shape(fill_mask, tiny_model_dir)
         status, body = await post(session, url, data=b"{not json",
                                   headers={"Content-Type": "application/json"})
         assert status == 400 and "JSON" in check(ERROR, body)["error"]
+        # One string of several the pipeline cannot take: the error says which.
+        status, body = await post(session, url, json={
+            "inputs": [bytes_input(["a [MASK]", "no mask here"])]})
+        assert status == 400 and check(ERROR, body)["error"].startswith('"data"[1]: '), body
         # The pipeline refuses the parameter: 422 from the worker, in the v2 shape.
         status, body = await post(session, url, json={
             "inputs": [bytes_input(["a [MASK]"])], "parameters": {"top_k": "many"}})

@@ -127,6 +127,9 @@ async def test_bad_timeout_header_is_400(fill_mask_server, header):
     ("/predict", {"json": {"inputs": "a [MASK]", "parameters": 0}}, 400, "bad_input",
      "parameters"),
     ("/", {"data": b"no mask in this text"}, 400, "bad_input", "mask"),
+    # One bad item of a list: the error says which.
+    ("/predict", {"json": {"inputs": ["a [MASK]", "b [MASK]", "no mask"]}}, 400, "bad_input",
+     '"inputs"[2]: no mask_token'),
     ("/", {"data": b""}, 400, "bad_input", "empty"),
     ("/", {"data": b"\xff\xfe [MASK]"}, 400, "bad_input", "UTF-8"),
     ("/", {"data": b"a [MASK]", "headers": {"Content-Type": "image/png"}}, 415,
@@ -333,6 +336,12 @@ async def test_openai_embeddings_rank_by_meaning_with_the_default_minilm(default
         assert status == 200
         bad, _, err = await post(session, server.url + "/v1/embeddings", json={"input": []})
         assert bad == 400 and err["error"]["code"] == "bad_input"
+        long, _, err_long = await post(session, server.url + "/v1/embeddings",
+                                       json={"input": [texts[0], "word " * 600]})
+        assert long == 422 and err_long["error"]["code"] == "input_too_long", err_long
+        assert err_long["error"]["message"].startswith('"input"[1]: input is 602 tokens')
+        assert "shorten it" in err_long["error"]["message"]
+        assert "truncation" not in err_long["error"]["message"]
     assert body["object"] == "list" and body["model"] == "minilm"
     assert [d["index"] for d in body["data"]] == [0, 1, 2]
     assert all(d["object"] == "embedding" for d in body["data"])
