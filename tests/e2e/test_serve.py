@@ -82,6 +82,16 @@ async def test_request_id_echoed_or_made(fill_mask_server):
         assert len(minted) == 3 and all(len(i) == 32 and int(i, 16) >= 0 for i in minted)
 
 
+async def test_every_answer_names_batchwire_and_no_versions(fill_mask_server):
+    async with aiohttp.ClientSession() as session:
+        answers = [await post(session, fill_mask_server.url + path, data=b"a [MASK]")
+                   for path in ("/", "/predict", "/nowhere")]
+        async with session.get(fill_mask_server.url + "/metrics") as resp:
+            answers.append((resp.status, resp.headers.copy(), None))
+    assert [status for status, _, _ in answers] == [200, 400, 404, 200]
+    assert {headers["Server"] for _, headers, _ in answers} == {"batchwire"}
+
+
 async def test_one_ms_deadline_gets_504_and_frees_the_worker(fill_mask_server):
     async with aiohttp.ClientSession() as session:
         status, headers, body = await post(
