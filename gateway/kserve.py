@@ -27,7 +27,8 @@ Inputs. Exactly one input tensor (any name; the metadata calls it ``text``) of d
 Each string is one pipeline input, like one element of ``/predict``'s ``"inputs"`` list.
 The request's ``"parameters"`` are the pipeline's keyword arguments (``{"top_k": 3}``),
 less ``content_type`` and ``headers``, which are protocol-level codec hints (MLServer,
-KServe) and never pipeline arguments. Input-level ``"parameters"`` are ignored. The
+KServe) and never pipeline arguments. Input-level ``"parameters"`` may hold only those two
+hints; any other name (a ``top_k`` put there by mistake) is 400, not silently dropped. The
 binary tensor data extension is not supported (``"extensions": []``): a body carrying it,
 or asking for it, is 400.
 
@@ -309,6 +310,12 @@ def _parse_input(tensor: Any, max_inputs: int) -> list[str]:
     if parameters and "binary_data_size" in parameters:
         raise BadInput(f"{where} uses the binary tensor data extension, which this server "
                        'does not support; send the strings in "data" as JSON')
+    unused = sorted(set(parameters or ()) - PROTOCOL_PARAMETERS)
+    if unused:
+        # An input's parameters are codec hints; {"top_k": 1} here would change nothing.
+        raise BadInput(f'{where}: "parameters" {unused} would be ignored: an input takes only '
+                       f"the codec hints {sorted(PROTOCOL_PARAMETERS)}; pipeline arguments go "
+                       'in the request\'s own "parameters"')
     shape = tensor["shape"]
     if not (isinstance(shape, list)
             and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):

@@ -443,7 +443,12 @@ def _v2_components(config: GatewayConfig) -> tuple[dict, dict]:
                             "shape": {"type": "array", "minItems": 1, "maxItems": 2,
                                       "items": {"type": "integer", "minimum": 0}},
                             "datatype": {"type": "string", "enum": ["BYTES"]},
-                            "parameters": {"type": "object", "nullable": True},
+                            "parameters": {
+                                "type": "object", "nullable": True,
+                                "additionalProperties": False,
+                                "description": "Codec hints only; pipeline arguments go in "
+                                               "the request's parameters.",
+                                "properties": {"content_type": {}, "headers": {}}},
                             "data": _ref("schemas", "V2Data"),
                         },
                     },

@@ -218,7 +218,9 @@ async def test_fill_mask_infer_matches_predict(fill_mask, tiny_model_dir):
         # Request parameters are pipeline arguments; [n, 1] and nested data are the same
         # n strings; no "id" answers batchwire's request id; "outputs" may name "output".
         status, body = await post(session, url, headers={"X-Request-Id": "kserve-test-1"}, json={
-            "inputs": [bytes_input([[t] for t in FILL_MASK_TEXTS[:2]], shape=[2, 1])],
+            # MLServer's codecs put their content_type hint on the input too.
+            "inputs": [bytes_input([[t] for t in FILL_MASK_TEXTS[:2]], shape=[2, 1],
+                                   parameters={"content_type": "str"})],
             "parameters": {"top_k": 2, "content_type": "str"},
             "outputs": [{"name": "output"}]})
         assert status == 200, body
@@ -287,6 +289,9 @@ BAD_REQUESTS = {
                           "outputs": [{"name": "output", "parameters": {"binary_data": True}}]},
                          "binary_data"),
     "non-string id": ({"id": 5, "inputs": [bytes_input(["a [MASK]"])]}, "id"),
+    "pipeline argument on the input": (
+        {"inputs": [bytes_input(["a [MASK]"], parameters={"top_k": 1})]},
+        "request's own \"parameters\""),
 }
 
 
