@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from protocol.eventloop import add_event_loop_flag
-from protocol.flags import Flags, non_negative_float, positive_float, positive_int
+from protocol.flags import Flags, non_negative_float, port_number, positive_float, positive_int
 from protocol.logs import add_logging_flags
 from worker.config import add_model_flags
 
@@ -68,7 +68,7 @@ class ServeConfig:
 def _add_gateway_flags(flags: Flags, *, serve: bool) -> None:
     d = GatewayConfig()
     flags.add("--host", default=d.host, help="HTTP listen address")
-    flags.add("--port", type=int, default=d.port, help="HTTP listen port")
+    flags.add("--port", type=port_number, default=d.port, help="HTTP listen port")
     flags.add("--zmq-bind", default=None if serve else "tcp://127.0.0.1:5555",
               help="ZeroMQ endpoint workers connect to" +
               (" (default: a private ipc:// socket)" if serve else ""))

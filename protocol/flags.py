@@ -63,3 +63,11 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than zero, got {text}")
     return value
+
+
+def port_number(text: str) -> int:
+    # An event loop may bind 70000 as 70000 % 65536 and log 70000: refuse it here instead.
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 1 to 65535, got {value}")
+    return value

@@ -28,6 +28,15 @@ def test_bad_env_value_is_refused_like_a_bad_flag(capsys):
         gateway_config.parse(["serve", "--max-queue", "0"], environ={})
 
 
+@pytest.mark.parametrize("port", ["0", "70000", "-1"])
+def test_a_port_outside_1_to_65535_is_refused(capsys, port):
+    with pytest.raises(SystemExit):
+        gateway_config.parse(["serve", "--port", port], environ={})
+    assert "must be a TCP port, 1 to 65535" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gateway_config.parse(["gateway"], environ={"BATCHWIRE_PORT": port})
+
+
 def test_help_names_every_env_var(capsys):
     with pytest.raises(SystemExit):
         gateway_config.parse(["serve", "--help"], environ={})
