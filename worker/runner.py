@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import time
@@ -529,13 +530,21 @@ def _model_json(model: str, name: str) -> Any:
         return None
 
 
-def named_parameters(sanitize) -> list[str]:
-    """The keyword parameters a pipeline's ``_sanitize_parameters`` names in its signature."""
+@functools.lru_cache(maxsize=None)
+def _signature_of(function) -> tuple[tuple[str, ...], bool]:
+    """(the keyword parameters ``function`` names, whether it also takes ``**kwargs``), read
+    once per function: the check runs on every batch that has parameters."""
     import inspect
 
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [name for name, p in inspect.signature(sanitize).parameters.items()
-            if p.kind in kinds and name != "self"]
+    parameters = inspect.signature(function).parameters.values()
+    return (tuple(p.name for p in parameters if p.kind in kinds and p.name != "self"),
+            any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters))
+
+
+def named_parameters(sanitize) -> list[str]:
+    """The keyword parameters a pipeline's ``_sanitize_parameters`` names in its signature."""
+    return list(_signature_of(getattr(sanitize, "__func__", sanitize))[0])
 
 
 def ignored_parameters(sanitize, parameters: dict, sanitized: Any) -> list[str]:
@@ -548,12 +557,9 @@ def ignored_parameters(sanitize, parameters: dict, sanitized: Any) -> list[str]:
     appears nowhere among the preprocess, forward and postprocess arguments it returned
     (keys, at any depth) is one the pipeline ignores.
     """
-    import inspect
-
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD
-               for p in inspect.signature(sanitize).parameters.values()):
+    named, takes_any = _signature_of(getattr(sanitize, "__func__", sanitize))
+    if not takes_any:
         return []  # every name is in the signature; an unknown one was a TypeError
-    named = set(named_parameters(sanitize))
     used: set = set()
     stack = [part for part in (sanitized if isinstance(sanitized, (tuple, list)) else [sanitized])
              if isinstance(part, dict)]
