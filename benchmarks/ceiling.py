@@ -21,6 +21,8 @@ token counts computed once up front) so the JSON sizes are those of real answers
 ``--pooling mean`` adds, inside the timed model call, the sentence-embedding pooling that
 the embeddings workload's servers do: the mean of each input's token vectors, L2-normalised
 (all-MiniLM-L6-v2's declared pooling; :func:`benchmarks.reference_server.mean_pool`).
+With ``--max-seq-length N`` it embeds at most each input's first N tokens (the tokenizer's
+own truncation), as sentence-transformers and batchwire do for a model that declares N.
 
 Usage: ``python -m benchmarks.ceiling --model DIR --task fill-mask --workload varied``.
 """
@@ -53,15 +55,22 @@ def _tolist(outputs) -> list:
 
 def measure(pipe, inputs: Sequence[str], *, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
             seconds_per_size: float = 2.0, max_items_per_size: int = 2048,
-            with_json: bool = True, pooling: str | None = None) -> dict:
+            with_json: bool = True, pooling: str | None = None,
+            max_seq_length: int = 0) -> dict:
     """Items/s of ``pipe`` at each batch size, each bounded by time and item count."""
     tensors = getattr(pipe, "task", None) == "feature-extraction"
     if pooling and not tensors:
         raise ValueError("pooling needs a feature-extraction pipeline")
+    if max_seq_length and not pooling:
+        raise ValueError("max_seq_length truncates sentence embeddings: it needs pooling")
+    # Sentence embeddings of at most max_seq_length tokens: every call tokenizes with this.
+    cut = ({"tokenize_kwargs": {"truncation": True, "max_length": max_seq_length}}
+           if max_seq_length else {})
     lengths = None
     if tensors:
         # Each input's own token count (untimed): to cut batch padding off, as a server must.
-        lengths = [len(ids) for ids in pipe.tokenizer(list(inputs))["input_ids"]]
+        lengths = [len(ids) for ids in
+                   pipe.tokenizer(list(inputs), **cut.get("tokenize_kwargs", {}))["input_ids"]]
     if pooling:
         from benchmarks.reference_server import mean_pool
     results = []
@@ -74,9 +83,9 @@ def measure(pipe, inputs: Sequence[str], *, batch_sizes: Sequence[int] = DEFAULT
                     return [pipe(batch[0])]
                 return pipe(batch, batch_size=bs)
             if bs == 1:
-                outs = [pipe(batch[0], return_tensors=True)]
+                outs = [pipe(batch[0], return_tensors=True, **cut)]
             else:
-                outs = pipe(batch, batch_size=bs, return_tensors=True)
+                outs = pipe(batch, batch_size=bs, return_tensors=True, **cut)
             if pooling:
                 return [mean_pool(out, lengths[j]) for out, j in zip(outs, idx)]
             return [out[:, :lengths[j]] for out, j in zip(outs, idx)]
@@ -140,6 +149,7 @@ def measure(pipe, inputs: Sequence[str], *, batch_sizes: Sequence[int] = DEFAULT
                     else "tensors (return_tensors=True), trimmed to each input's tokens"
                     if tensors else "the pipeline's default Python objects"),
         "pooling": pooling,
+        "max_seq_length": max_seq_length or None,
     }
 
 
@@ -191,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pooling", choices=("none", "mean"), default="none",
                         help="feature-extraction: pool each output to one sentence embedding "
                         "(mean, then L2-normalised) inside the timed call")
+    parser.add_argument("--max-seq-length", type=int, default=0,
+                        help="with --pooling mean: embed at most each input's first this-many "
+                        "tokens, as sentence-transformers does (0: all of them)")
     parser.add_argument("--sparse-head", action="store_true",
                         help="fill-mask: compute the vocabulary logits at mask tokens only, as a "
                         "batchwire worker does by default")
@@ -218,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  batch_sizes=[int(x) for x in args.batch_sizes.split(",") if x.strip()],
                  seconds_per_size=args.seconds_per_size,
                  max_items_per_size=args.max_items_per_size, with_json=not args.no_json,
-                 pooling=None if args.pooling == "none" else args.pooling)
+                 pooling=None if args.pooling == "none" else args.pooling,
+                 max_seq_length=args.max_seq_length)
     report["workload"] = args.workload
     if args.workload == "mixed":
         report["input_tokens"] = [args.min_tokens, max_tokens]

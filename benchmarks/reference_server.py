@@ -40,7 +40,11 @@ padding rows are dropped first, which is what sentence-transformers' attention-m
 weighted mean does), L2-normalises the mean (all-MiniLM-L6-v2's declared pooling: mean,
 then Normalize), and answers the vector as a JSON list of ``hidden`` floats. Pooling
 tensors, not the default nested lists, is what anyone writing this by hand would do; it
-costs the baseline less than ``tolist()`` of every token would.
+costs the baseline less than ``tolist()`` of every token would. ``--max-seq-length N``
+embeds at most an input's first N tokens (the tokenizer's own truncation), as
+sentence-transformers and batchwire do for a model that declares N (256 for
+all-MiniLM-L6-v2): the benchmark passes the model's declared length, so every server
+embeds the same tokens.
 
 Usage: ``python -m benchmarks.reference_server --model DIR --task fill-mask --port 8000
 [--batching] [--pooling mean]``, then ``curl -X POST -d "test [MASK]" http://127.0.0.1:8000/``.
@@ -62,6 +66,8 @@ from starlette.routing import Route
 MODEL: str | None = None
 TASK: str | None = None
 POOLING: str | None = None  # None (the guide) or "mean" (mean + L2 normalise)
+#: With POOLING: the tokenizer arguments that cut an input at --max-seq-length ({}: none).
+TRUNCATION: dict = {}
 #: Not in the guide, which runs on the CPU: the GPU section runs every server on the GPU.
 DEVICE: str | None = None
 #: Not in the guide either: a run comparing every server in bfloat16 (say) sets it for all.
@@ -87,13 +93,14 @@ def mean_pool(tokens, n_tokens: int | None = None) -> list[float]:
 
 
 def _pooled(pipe, string):
-    return mean_pool(pipe(string, return_tensors=True))
+    return mean_pool(pipe(string, return_tensors=True, tokenize_kwargs=TRUNCATION))
 
 
 def _pooled_batch(pipe, strings, batch_size):
     # Batched outputs are padded to the batch's longest input: pool each over its own tokens.
-    lengths = [len(ids) for ids in pipe.tokenizer(strings)["input_ids"]]
-    outs = pipe(strings, batch_size=batch_size, return_tensors=True)
+    lengths = [len(ids) for ids in pipe.tokenizer(strings, **TRUNCATION)["input_ids"]]
+    outs = pipe(strings, batch_size=batch_size, return_tensors=True,
+                tokenize_kwargs=TRUNCATION)
     return [mean_pool(out, n) for out, n in zip(outs, lengths)]
 
 
@@ -158,7 +165,7 @@ def create_app(batching: bool = False) -> Starlette:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    global MODEL, TASK, MAX_BATCH_SIZE, POOLING, DEVICE, DTYPE
+    global MODEL, TASK, MAX_BATCH_SIZE, POOLING, DEVICE, DTYPE, TRUNCATION
     parser = argparse.ArgumentParser(prog="python -m benchmarks.reference_server",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,6 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pooling", choices=("none", "mean"), default="none",
                         help="NOT in the guide: answer one sentence embedding per input, the "
                         "mean of its token vectors, L2-normalised (feature-extraction only)")
+    parser.add_argument("--max-seq-length", type=int, default=0,
+                        help="NOT in the guide: with --pooling, embed at most an input's first "
+                        "this-many tokens, as sentence-transformers does (0: all of them)")
     parser.add_argument("--device", default=None,
                         help="NOT in the guide: the pipeline's device, e.g. cuda (default: "
                         "the pipeline's own, the CPU)")
@@ -186,6 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     POOLING = None if args.pooling == "none" else args.pooling
     if POOLING and TASK not in (None, "feature-extraction"):
         parser.error("--pooling needs --task feature-extraction")
+    if args.max_seq_length and not POOLING:
+        parser.error("--max-seq-length needs --pooling mean")
+    TRUNCATION = ({"truncation": True, "max_length": args.max_seq_length}
+                  if args.max_seq_length > 0 else {})
 
     import uvicorn
 

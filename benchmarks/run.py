@@ -533,8 +533,19 @@ def server_argv(process: str, model, port: int, args: argparse.Namespace,
     if process == "guide-batching":
         argv += ["--batching", "--max-batch-size", str(args.guide_max_batch_size)]
     if workload.answer == "embeddings":
-        argv += ["--pooling", "mean"]  # not in the guide: see reference_server's docstring
+        # Not in the guide: see reference_server's docstring.
+        argv += ["--pooling", "mean", *embedding_cut(model)]
     return argv
+
+
+def embedding_cut(model) -> list[str]:
+    """``--max-seq-length`` for the guide's servers and the ceiling on an embeddings
+    workload: the length batchwire cuts embeddings at by default (the model's declared
+    max_seq_length, 256 for all-MiniLM-L6-v2), so every row embeds the same tokens."""
+    from worker.runner import declared_max_seq_length
+
+    n = declared_max_seq_length(model.path)
+    return ["--max-seq-length", str(n)] if n else []
 
 
 @dataclass(frozen=True)
@@ -866,7 +877,7 @@ def ceiling_argv(model, workload: Workload, args: argparse.Namespace, out: Path)
             "--max-items-per-size", str(args.ceiling_max_items), "--json-out", str(out),
             *device_flags("--device", args), *dtype_flags(args)]
     if workload.answer == "embeddings":
-        argv += ["--pooling", "mean"]
+        argv += ["--pooling", "mean", *embedding_cut(model)]
     return argv
 
 

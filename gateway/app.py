@@ -446,6 +446,7 @@ async def handle_info(request: web.Request) -> web.Response:
             "host": w.info.host,
             "batches": w.batches,
             "pooling": w.info.pooling,
+            "max_seq_length": w.info.max_seq_length,
         }
         for w in broker.workers.values()
     ]

@@ -53,6 +53,8 @@ class WorkerLaunchConfig:
     trust_remote_code: bool = False
     pooling: str = "auto"
     normalize: str = "auto"
+    #: 0: as the model declares (worker ``--max-seq-length auto``).
+    max_seq_length: int = 0
     fixed_delay: bool = False
     sparse_mlm_head: bool = True
     stock_pipeline: bool = False
@@ -190,6 +192,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
             trust_remote_code=args.trust_remote_code,
             pooling=args.pooling,
             normalize=args.normalize,
+            max_seq_length=args.max_seq_length,
             fixed_delay=args.fixed_delay,
             sparse_mlm_head=not args.dense_mlm_head,
             stock_pipeline=args.stock_pipeline,

@@ -269,6 +269,11 @@ def _components(config: GatewayConfig) -> dict:
                         "batches": {"type": "integer", "minimum": 0},
                         "uptime_s": {"type": "number"},
                         "pooling": {"type": "string"},
+                        "max_seq_length": {"type": "integer", "minimum": 0,
+                                           "description": "sentence embeddings are of an "
+                                           "input's first this-many tokens, as "
+                                           "sentence-transformers computes them (0: not "
+                                           "truncated; a longer input is a 422)"},
                     },
                 }},
                 "local_workers": {"type": "array", "items": {"type": "object"},
@@ -640,7 +645,10 @@ def openapi_document(config: GatewayConfig) -> dict:
         description=(
             "For feature-extraction models: token embeddings pooled as the model declares "
             "(sentence-transformers modules.json / 1_Pooling/config.json) or as --pooling "
-            "says, L2-normalised where declared. Other tasks answer 400."
+            "says, L2-normalised where declared. An input longer than the model's "
+            "max_seq_length (sentence_bert_config.json, or --max-seq-length; /info shows it) "
+            "is embedded from its first max_seq_length tokens, as sentence-transformers "
+            "does; usage counts the tokens embedded. Other tasks answer 400."
         ),
         request_body={"required": True, "content": {
             "application/json": {"schema": _ref("schemas", "EmbeddingsRequest")}}},

@@ -156,6 +156,8 @@ class Supervisor:
         if launch.trust_remote_code:
             argv += ["--trust-remote-code"]
         argv += ["--pooling", launch.pooling, "--normalize", launch.normalize]
+        if launch.max_seq_length:
+            argv += ["--max-seq-length", str(launch.max_seq_length)]
         if launch.fixed_delay:
             argv += ["--fixed-delay"]
         if not launch.sparse_mlm_head:

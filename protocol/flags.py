@@ -65,6 +65,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def auto_or_positive_int(text: str) -> int:
+    """A count of at least 1, or "auto" (returned as 0: the caller's own default)."""
+    if text.strip().lower() == "auto":
+        return 0
+    try:
+        return positive_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'must be "auto" or a whole number, got {text!r}') \
+            from None
+
+
 def port_number(text: str) -> int:
     # An event loop may bind 70000 as 70000 % 65536 and log 70000: refuse it here instead.
     value = int(text)

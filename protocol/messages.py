@@ -95,12 +95,17 @@ class Ready(Message):
     max_batch_tokens: int = 0
     #: The model weights' dtype by torch's name ("float32", "bfloat16"); "" if unknown.
     dtype: str = ""
+    #: Sentence embeddings are of an input's first this-many tokens (sentence-transformers'
+    #: max_seq_length); 0: not truncated, a longer input than the model takes is refused.
+    max_seq_length: int = 0
 
     def check(self) -> None:
         if self.capacity < 1 or self.max_batch_size < 1:
             raise ValueError("capacity and max_batch_size must be at least 1")
         if self.max_batch_tokens < 0:
             raise ValueError("max_batch_tokens must not be negative")
+        if self.max_seq_length < 0:
+            raise ValueError("max_seq_length must not be negative")
 
 
 @dataclass(frozen=True, slots=True)

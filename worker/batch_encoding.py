@@ -77,10 +77,12 @@ class BatchEncoder:
             self._remembered.clear()
         self._remembered[text] = encoding
 
-    def prepare(self, texts: list, parameters: dict) -> bool:
+    def prepare(self, texts: list, parameters: dict, max_length: int | None = None) -> bool:
         """Tokenize ``texts`` for the next pipeline call; False (nothing prepared) when the
         stock method must do it. A lone text is prepared only from its arrival encoding:
-        tokenizing it here would cost what the stock method costs."""
+        tokenizing it here would cost what the stock method costs. ``max_length``: cut
+        longer texts to this many tokens (the tokenizer's own truncation; sentence
+        embeddings), so their arrival encodings, which are whole, do not apply."""
         self._ready = {}
         if not texts or any(name in parameters for name in TOKENIZER_PARAMETERS) \
                 or not all(isinstance(t, str) for t in texts):
@@ -88,14 +90,15 @@ class BatchEncoder:
         fields, ready, missing = self.fields, {}, []
         for text in texts:
             encoding = self._remembered.pop(text, None) if fields else None
-            if encoding is None:
+            if encoding is None or (max_length and len(encoding) > max_length):
                 missing.append(text)
             else:
                 ready[text] = {name: getattr(encoding, attr) for name, attr in fields}
         if missing:
             if len(texts) == 1:
                 return False
-            encoded = self.pipe.tokenizer(missing)
+            encoded = (self.pipe.tokenizer(missing, truncation=True, max_length=max_length)
+                       if max_length else self.pipe.tokenizer(missing))
             names = list(encoded.keys())
             for i, text in enumerate(missing):
                 ready[text] = {name: encoded[name][i] for name in names}

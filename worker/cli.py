@@ -37,6 +37,7 @@ def run(config: WorkerConfig) -> int:
         runner = PipelineRunner(config.model, config.task, config.device, config.torch_threads,
                                 trust_remote_code=config.trust_remote_code,
                                 pooling=config.pooling, normalize=config.normalize,
+                                max_seq_length=config.max_seq_length,
                                 sparse_mlm_head=config.sparse_mlm_head,
                                 stock_pipeline=config.stock_pipeline, dtype=config.dtype)
     except ValueError as exc:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from protocol.eventloop import add_event_loop_flag
-from protocol.flags import Flags, non_negative_float, non_negative_int, positive_float, positive_int
+from protocol.flags import (Flags, auto_or_positive_int, non_negative_float, non_negative_int,
+                            positive_float, positive_int)
 from protocol.logs import add_logging_flags
 
 #: On two CPU cores with two torch threads the raw pipeline is best at batch 16 on short
@@ -66,6 +67,9 @@ class WorkerConfig:
     trust_remote_code: bool
     pooling: str
     normalize: bool | None
+    #: Sentence embeddings: longer inputs are truncated to this many tokens; 0: as the
+    #: model's sentence-transformers files declare (see PipelineRunner.embed_max_length).
+    max_seq_length: int
     curve_server_key: str | None
     curve_secret_key: str | None
     fixed_delay: bool
@@ -112,6 +116,11 @@ def add_model_flags(flags: Flags) -> None:
               "sentence-transformers files declare, else mean)")
     flags.add("--normalize", default="auto", choices=("auto", "yes", "no"),
               help="L2-normalise sentence embeddings (auto: as the model declares)")
+    flags.add("--max-seq-length", type=auto_or_positive_int, default="auto",
+              help="sentence embeddings: truncate longer inputs to this many tokens, as "
+              "sentence-transformers does (auto: the max_seq_length a sentence-transformers "
+              "model declares, else its tokenizer's limit; a model without sentence-"
+              "transformers files refuses longer inputs with 422)")
     flags.add("--fixed-delay", action="store_true", default=False,
               help="always hold a batch that is not full for the whole --max-delay-ms; by "
               "default the worker waits only while its fitted latency model says the next "
@@ -195,6 +204,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         trust_remote_code=args.trust_remote_code,
         pooling=args.pooling,
         normalize={"auto": None, "yes": True, "no": False}[args.normalize],
+        max_seq_length=args.max_seq_length,
         curve_server_key=args.curve_server_key,
         curve_secret_key=args.curve_secret_key,
         fixed_delay=args.fixed_delay,

@@ -128,7 +128,8 @@ class PipelineRunner:
 
     def __init__(self, model: str | None, task: str | None, device: str, torch_threads: int = 0,
                  trust_remote_code: bool = False, pooling: str = "auto",
-                 normalize: bool | None = None, sparse_mlm_head: bool = True,
+                 normalize: bool | None = None, max_seq_length: int = 0,
+                 sparse_mlm_head: bool = True,
                  stock_pipeline: bool = False, dtype: str = "auto"):
         self.model = model or default_model_path()
         self.task = task or ("feature-extraction" if model is None else infer_task(self.model))
@@ -141,6 +142,11 @@ class PipelineRunner:
         #: is not feature-extraction; and whether embeddings are L2-normalised.
         self.pooling = ""
         self.normalize = False
+        self._max_seq_length_setting = max_seq_length
+        #: Sentence embeddings of longer inputs are of their first this-many tokens, as
+        #: sentence-transformers computes them (its max_seq_length); None: no truncation, an
+        #: input past ``max_length`` is refused. Resolved at load.
+        self.embed_max_length: int | None = None
         self.pipe: Any = None
         self.sparse_mlm_head = sparse_mlm_head and not stock_pipeline
         #: No stand-ins for the pipeline's methods at all (--stock-pipeline).
@@ -210,6 +216,8 @@ class PipelineRunner:
             # truncation=True cuts to the tokenizer's limit; when that exceeds the model's
             # position embeddings, "truncated" inputs would still crash the model.
             self.pipe.tokenizer.model_max_length = self.max_length
+        if self.pooling:
+            self.embed_max_length = self._embed_max_length()
         if self.pipe.tokenizer is not None:
             self._measuring_tokenizer = copy.deepcopy(self.pipe.tokenizer)
             self._counting_backend = counting_backend(self._measuring_tokenizer)
@@ -231,6 +239,29 @@ class PipelineRunner:
             self.batch_encoder = batch_encoding.install(self.pipe, self.kind,
                                                         self._counting_backend)
         return time.monotonic() - started
+
+    def _embed_max_length(self) -> int | None:
+        """sentence-transformers embeds the first ``max_seq_length`` tokens of an input and
+        drops the rest, without a word: an index built with it holds vectors of truncated
+        texts, and a query embedded here must be truncated alike to match them. The model's
+        author sets that length to what it was trained on (256 for all-MiniLM-L6-v2, whose
+        tokenizer takes 512)."""
+        setting = self._max_seq_length_setting
+        if setting:
+            if self.max_length and setting > self.max_length:
+                raise ValueError(f"--max-seq-length {setting} is more than the "
+                                 f"{self.max_length} tokens this model takes")
+            return setting
+        declared = declared_max_seq_length(self.model)
+        if declared is None:
+            return None  # not a sentence-transformers model: nothing to match
+        if declared and self.max_length and declared > self.max_length:
+            log.warning("the model declares max_seq_length %d, more than the %d tokens it "
+                        "takes: embeddings truncate at %d", declared, self.max_length,
+                        self.max_length)
+            return self.max_length
+        # No length declared: sentence-transformers truncates at the tokenizer's limit.
+        return declared or self.max_length
 
     def warm_up(self, batch_size: int) -> float:
         """Run a real batch so the first client request does not pay for lazy init."""
@@ -271,9 +302,10 @@ class PipelineRunner:
             return 0
         encodings: list | None = (
             [] if self.batch_encoder is not None and self.batch_encoder.uses_arrivals else None)
+        truncate_at = self.embed_max_length if parameters.get(EMBED_KEY) else None
         count = self._token_lengths([input], parameters, self._measuring_tokenizer,
-                                    self._counting_backend, encodings)[0] or 0
-        if encodings:
+                                    self._counting_backend, encodings, truncate_at)[0] or 0
+        if encodings and not (truncate_at and len(encodings[0]) > truncate_at):
             # The batch encoder builds this text's model inputs from it: one tokenization.
             self.batch_encoder.remember(input, encodings[0])
         return count
@@ -292,11 +324,19 @@ class PipelineRunner:
         if embed and not self.pooling:
             raise BadInput(f"this worker serves {self.task}, which has no sentence embeddings")
         self._check_parameters(parameters)
+        truncate_at = self.embed_max_length if embed else None
         if not lengths or not all(lengths):
-            lengths = self._token_lengths(inputs, parameters, getattr(self.pipe, "tokenizer", None))
+            lengths = self._token_lengths(inputs, parameters, getattr(self.pipe, "tokenizer", None),
+                                          truncate_at=truncate_at)
         scored = self.mask_scorer is not None and self.mask_scorer.prepare(parameters)
-        prepared = self.batch_encoder is not None and self.batch_encoder.prepare(inputs,
-                                                                               parameters)
+        prepared = self.batch_encoder is not None and self.batch_encoder.prepare(
+            inputs, parameters, truncate_at)
+        if truncate_at and not prepared and any(n and n >= truncate_at for n in lengths):
+            # The stock preprocess tokenizes: tell it where to cut, as sentence-transformers
+            # does (the same tokenizer call with truncation and max_length).
+            parameters = {**parameters, "tokenize_kwargs": {
+                **(parameters.get("tokenize_kwargs") or {}),
+                "truncation": True, "max_length": truncate_at}}
         try:
             if len(inputs) == 1:
                 # Pipelines unwrap a one-item list (fill-mask returns the item's own output),
@@ -400,11 +440,14 @@ class PipelineRunner:
                 f"change nothing: check their names{hint}")
 
     def _token_lengths(self, inputs: list, parameters: dict, tokenizer: Any,
-                       backend: Any = None, encodings: list | None = None) -> list[int | None]:
+                       backend: Any = None, encodings: list | None = None,
+                       truncate_at: int | None = None) -> list[int | None]:
         """Each text input's token count; rejects inputs longer than the model takes.
         ``backend``: ``tokenizer``'s Rust backend, to count with when no tokenizer argument
-        applies (see :func:`counting_backend`); its encodings are appended to
-        ``encodings`` when given, and only when the inputs are not too long."""
+        applies (see :func:`counting_backend`); its encodings (untruncated) are appended to
+        ``encodings`` when given, and only when the inputs are not too long.
+        ``truncate_at``: inputs are cut to this many tokens (sentence embeddings), so none
+        is too long and the count is of the tokens kept."""
         if tokenizer is None or not all(isinstance(x, str) for x in inputs):
             return [None] * len(inputs)
         kwargs: dict[str, Any] = {}
@@ -426,7 +469,9 @@ class PipelineRunner:
             except (TypeError, ValueError, OverflowError) as exc:  # {"max_length": -1}
                 raise InvalidParameters(f"the tokenizer rejects these parameters: {exc}") from None
             lengths = [len(x) for x in ids]
-        if self.max_length and not kwargs.get("truncation"):
+        if truncate_at:
+            lengths = [min(n, truncate_at) for n in lengths]
+        elif self.max_length and not kwargs.get("truncation"):
             too_long = [n for n in lengths if n > self.max_length]
             if too_long:
                 # /v1/embeddings takes no parameters: there the only way is a shorter text.
@@ -568,6 +613,22 @@ def ignored_parameters(sanitize, parameters: dict, sanitized: Any) -> list[str]:
         used.update(part)
         stack.extend(v for v in part.values() if isinstance(v, dict))
     return sorted(name for name in parameters if name not in named and name not in used)
+
+
+def declared_max_seq_length(model: str) -> int | None:
+    """The token length a sentence-transformers model (see :func:`model_file`) embeds at
+    most: its Transformer module's sentence_bert_config.json ``max_seq_length``; 0 when it
+    declares none (sentence-transformers then takes the tokenizer's limit); None when the
+    model is not a sentence-transformers one (no Transformer module in modules.json)."""
+    modules = _model_json(model, "modules.json")
+    for module in modules if isinstance(modules, list) else []:
+        if isinstance(module, dict) and str(module.get("type", "")).endswith(".Transformer"):
+            folder = str(module.get("path") or "").strip("/")
+            config = _model_json(model, f"{folder}/sentence_bert_config.json".lstrip("/"))
+            value = config.get("max_seq_length") if isinstance(config, dict) else None
+            return value if isinstance(value, int) and not isinstance(value, bool) \
+                and value > 0 else 0
+    return None
 
 
 def declared_embedding(model: str) -> tuple[str, bool]:

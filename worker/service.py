@@ -238,6 +238,7 @@ class WorkerService:
             pooling=self.runner.pooling_description,
             max_batch_tokens=self._announced_limits[1],
             dtype=self.runner.loaded_dtype,
+            max_seq_length=self.runner.embed_max_length or 0,
         )
 
     async def _heartbeat_loop(self) -> None:

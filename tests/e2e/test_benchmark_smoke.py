@@ -349,3 +349,46 @@ def test_dtype_reaches_every_server_and_the_ceiling_or_none_of_them(tmp_path):
             assert exc.value.code == code, (main.__module__, dtype)
     with pytest.raises(SystemExit):
         _resolve("--dtype", "bf16")
+
+
+def test_embeddings_rows_all_cut_inputs_where_batchwire_does(tmp_path):
+    """batchwire embeds at most all-MiniLM-L6-v2's declared 256 tokens, as
+    sentence-transformers does; the guide's servers and the ceiling must embed the same
+    tokens, or the long-input embeddings rows compare different work."""
+    from benchmarks import run
+    from benchmarks.models import BenchModel
+    from worker.runner import default_model_path
+
+    args = _resolve()
+    minilm = BenchModel("minilm-features", default_model_path(), "feature-extraction", 512,
+                        "a model", 384)
+    plain = BenchModel("bert-base-features", str(tmp_path), "feature-extraction", 512,
+                       "a model", 768)  # no sentence-transformers files: nothing to cut at
+    for name in ("embeddings-minilm-mixed", "embeddings-minilm-varied"):
+        workload = run.WORKLOADS[name]
+        for argv in (run.server_argv("guide", minilm, 8000, args, workload),
+                     run.server_argv("guide-batching", minilm, 8000, args, workload),
+                     run.ceiling_argv(minilm, workload, args, tmp_path / "c.json")):
+            assert argv[argv.index("--max-seq-length") + 1] == "256", argv
+        assert "--max-seq-length" not in run.server_argv("batchwire", minilm, 8000, args,
+                                                         workload)  # its own default
+        assert "--max-seq-length" not in run.server_argv("guide", plain, 8000, args, workload)
+    # The guide's pooled answers with the cut are sentence-transformers' vectors.
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from benchmarks import reference_server
+
+    reference_server.MODEL, reference_server.TASK = default_model_path(), "feature-extraction"
+    reference_server.TRUNCATION = {"truncation": True, "max_length": 256}
+    try:
+        pipe = reference_server._pipeline()
+        texts = ["a cat sits on the mat", " ".join(f"w{i}" for i in range(400))]
+        want = SentenceTransformer(default_model_path(), device="cpu").encode(texts)
+        alone = [reference_server._pooled(pipe, t) for t in texts]
+        batched = reference_server._pooled_batch(pipe, texts, 2)
+    finally:
+        reference_server.MODEL = reference_server.TASK = None
+        reference_server.TRUNCATION = {}
+    np.testing.assert_allclose(alone, want, atol=2e-5)
+    np.testing.assert_allclose(batched, want, atol=2e-5)

@@ -346,12 +346,16 @@ async def test_openai_embeddings_rank_by_meaning_with_the_default_minilm(default
         assert status == 200
         bad, _, err = await post(session, server.url + "/v1/embeddings", json={"input": []})
         assert bad == 400 and err["error"]["code"] == "bad_input"
-        long, _, err_long = await post(session, server.url + "/v1/embeddings",
-                                       json={"input": [texts[0], "word " * 600]})
-        assert long == 422 and err_long["error"]["code"] == "input_too_long", err_long
-        assert err_long["error"]["message"].startswith('"input"[1]: input is 602 tokens')
-        assert "shorten it" in err_long["error"]["message"]
-        assert "truncation" not in err_long["error"]["message"]
+        # Past the model's declared max_seq_length (256; its tokenizer takes 512, and 602
+        # tokens are past both), the vector is of the first 256 tokens, as
+        # sentence-transformers computes it, and usage counts the tokens embedded.
+        long, _, cut = await post(session, server.url + "/v1/embeddings",
+                                  json={"input": ["word " * 600, "word " * 254]})
+        assert long == 200, cut
+    assert cut["usage"]["prompt_tokens"] == 256 + 256
+    np.testing.assert_allclose(cut["data"][0]["embedding"], cut["data"][1]["embedding"],
+                               atol=1e-6)
+    assert [w["max_seq_length"] for w in server.info()["workers"]] == [256]
     assert body["object"] == "list" and body["model"] == "minilm"
     assert [d["index"] for d in body["data"]] == [0, 1, 2]
     assert all(d["object"] == "embedding" for d in body["data"])
@@ -365,6 +369,20 @@ async def test_openai_embeddings_rank_by_meaning_with_the_default_minilm(default
     # [CLS] + words + [SEP] for each input.
     assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] == 8 + 8 + 6
     assert int(headers["X-Batch-Size"]) >= 1
+
+
+async def test_embeddings_of_a_model_that_declares_no_length_refuse_a_long_input(
+        features_server):
+    """The tiny model has no sentence-transformers files: nothing says where to truncate,
+    so an input past the model's 128 positions is refused, naming which input and the fix."""
+    async with aiohttp.ClientSession() as session:
+        status, _, error = await post(session, features_server.url + "/v1/embeddings",
+                                      json={"input": ["short", "word " * 200]})
+    assert status == 422 and error["error"]["code"] == "input_too_long", error
+    message = error["error"]["message"]
+    assert message.startswith('"input"[1]: input is 202 tokens'), message
+    assert "shorten it" in message and "truncation" not in message
+    assert [w["max_seq_length"] for w in features_server.info()["workers"]] == [0]
 
 
 def test_a_model_that_cannot_load_stops_serve_with_a_clear_error(start_server, tmp_path):

@@ -998,6 +998,103 @@ def test_embeddings_match_sentence_transformers(minilm_runner):
     assert list(result.tokens) == [len(tokenizer(t)["input_ids"]) for t in texts]
 
 
+def _distinct_words(n: int, seed: int) -> str:
+    """A text of ``n`` words, no stretch of it repeating: a truncated embedding differs
+    from a whole one, and from another text's."""
+    rng = np.random.default_rng(seed)
+    vocabulary = ("river market engine quiet purple ladder winter signal orange pocket "
+                  "thunder garden copper silent rocket violin meadow harbor candle whisper "
+                  "forest bridge mirror planet saddle").split()
+    return " ".join(rng.choice(vocabulary, size=n))
+
+
+def test_long_embeddings_are_truncated_as_sentence_transformers_does(minilm_runner):
+    """all-MiniLM-L6-v2 declares max_seq_length 256 (its tokenizer takes 512):
+    sentence-transformers embeds a longer text's first 256 tokens, so a vector served here
+    must be that one, or it will not match an index built with sentence-transformers. Every
+    path is checked: measured on arrival or not, in a batch and alone, and a text whose
+    arrival encoding a token-level request left behind."""
+    from sentence_transformers import SentenceTransformer
+
+    assert minilm_runner.embed_max_length == 256 and minilm_runner.max_length == 512
+    texts = [_distinct_words(300, 1), "a cat sits on the mat", _distinct_words(600, 2),
+             _distinct_words(254, 3)]
+    counts = [n_tokens(minilm_runner, t) for t in texts]
+    assert counts[0] > 256 and counts[2] > 512 and counts[3] == 256, counts
+    model = SentenceTransformer(minilm_runner.model, device="cpu")
+    assert model.max_seq_length == 256
+    reference = model.encode(texts)
+    whole = minilm_runner([texts[0]], {}).outputs[0].to_numpy()[0].mean(axis=0)
+    # Unit vectors: the cosine of the untruncated mean with sentence-transformers' is not 1.
+    assert float(np.dot(whole / np.linalg.norm(whole), reference[0])) < 0.999
+    embed = {EMBED_KEY: True}
+    want_counts = [min(n, 256) for n in counts]
+
+    def check(result, indices):
+        assert list(result.tokens) == [want_counts[i] for i in indices]
+        for out, i in zip(result.outputs, indices):
+            np.testing.assert_allclose(out.to_numpy(), reference[i], atol=2e-5)
+
+    measured = [minilm_runner.measure(t, embed) for t in texts]
+    assert measured == want_counts
+    check(minilm_runner(list(texts), embed, measured), range(4))
+    check(minilm_runner(list(texts), embed), range(4))
+    for i, text in enumerate(texts):
+        check(minilm_runner([text], embed, [minilm_runner.measure(text, embed)]), [i])
+        check(minilm_runner([text], embed), [i])
+    # A token-level request measures (and leaves behind) the whole encoding of a 300-token
+    # text; an embedding of the same text must not build its inputs from it.
+    assert minilm_runner.measure(texts[0], {}) == counts[0]
+    check(minilm_runner([texts[0]], embed, [256]), [0])
+    assert minilm_runner.measure(texts[0], {}) == counts[0]
+    check(minilm_runner([texts[0], texts[1]], embed, [256, want_counts[1]]), [0, 1])
+    # Token-level answers are not truncated: the whole 300 tokens, or a 422 past 512.
+    assert minilm_runner([texts[0]], {}).outputs[0].to_numpy().shape == (1, counts[0], 384)
+    with pytest.raises(InputTooLong):
+        minilm_runner.measure(texts[2], {})
+
+
+def test_max_seq_length_setting_truncates_embeddings_of_any_feature_model(tiny_model_dir,
+                                                                         tiny_fe_runner):
+    """--max-seq-length N cuts embeddings at N on a model that declares nothing (which
+    otherwise refuses an input past its limit), and one past the model's limit fails the
+    load with a message that says why."""
+    text = "word " * 200
+    assert tiny_fe_runner.embed_max_length is None
+    runner = PipelineRunner(str(tiny_model_dir), "feature-extraction", "cpu", max_seq_length=16)
+    runner.load()
+    assert runner.embed_max_length == 16
+    assert runner.measure(text, {EMBED_KEY: True}) == 16
+    (vector,) = runner([text], {EMBED_KEY: True}).outputs
+    (cut,) = runner(["word " * 14], {EMBED_KEY: True}).outputs  # [CLS] + 14 + [SEP]
+    np.testing.assert_allclose(vector.to_numpy(), cut.to_numpy(), atol=1e-6)
+    with pytest.raises(InputTooLong):  # token-level answers are not cut
+        runner.measure(text, {})
+    too_far = PipelineRunner(str(tiny_model_dir), "feature-extraction", "cpu",
+                             max_seq_length=TINY_LIMIT + 1)
+    with pytest.raises(ValueError, match=f"--max-seq-length {TINY_LIMIT + 1} is more than "
+                       f"the {TINY_LIMIT} tokens"):
+        too_far.load()
+
+
+def test_declared_max_seq_length_reads_the_transformer_modules_config(tmp_path):
+    from worker.runner import declared_max_seq_length
+
+    assert declared_max_seq_length(default_model_path()) == 256
+    assert declared_max_seq_length(str(tmp_path)) is None  # not a sentence-transformers model
+    (tmp_path / "modules.json").write_text(
+        '[{"path": "0_Transformer", "type": "sentence_transformers.models.Transformer"},'
+        ' {"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]')
+    assert declared_max_seq_length(str(tmp_path)) == 0  # declares no length
+    (tmp_path / "0_Transformer").mkdir()
+    (tmp_path / "0_Transformer" / "sentence_bert_config.json").write_text(
+        '{"max_seq_length": 128, "do_lower_case": false}')
+    assert declared_max_seq_length(str(tmp_path)) == 128
+    (tmp_path / "0_Transformer" / "sentence_bert_config.json").write_text(
+        '{"max_seq_length": null}')
+    assert declared_max_seq_length(str(tmp_path)) == 0
+
+
 def test_embedding_on_a_fill_mask_worker_is_a_clear_400(fill_runner):
     from worker.runner import EMBED_KEY
 

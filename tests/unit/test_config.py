@@ -106,7 +106,8 @@ def test_supervisor_argv_parses_with_the_worker_parser(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     launch = gateway_config.WorkerLaunchConfig(model="/m", task="fill-mask", workers=2,
                                                devices="cpu", max_batch_size=4, max_delay_ms=7,
-                                               trust_remote_code=True, stock_pipeline=True)
+                                               trust_remote_code=True, stock_pipeline=True,
+                                               max_seq_length=384)
     sup = Supervisor(launch, "ipc:///tmp/bw.sock", 1.0, 12.0, "INFO", on_exit=lambda *a: None,
                      event_loop="asyncio")
     assert len(sup.slots) == 2
@@ -117,7 +118,28 @@ def test_supervisor_argv_parses_with_the_worker_parser(monkeypatch):
         assert cfg.exit_on_disconnect and cfg.trust_remote_code and cfg.stock_pipeline
         assert cfg.batch_timeout_s == 12.0 and cfg.torch_threads >= 1
         assert cfg.event_loop == "asyncio"  # serve's --event-loop reaches its workers
+        assert cfg.max_seq_length == 384
         assert slot.env["OMP_NUM_THREADS"] == str(cfg.torch_threads)
+
+
+def test_max_seq_length_is_auto_or_a_count(capsys):
+    _, cfg = gateway_config.parse(["serve"], environ={})
+    assert cfg.workers.max_seq_length == 0  # auto: as the model declares
+    _, cfg = gateway_config.parse(["serve", "--max-seq-length", "AUTO"], environ={})
+    assert cfg.workers.max_seq_length == 0
+    _, cfg = gateway_config.parse(["serve"], environ={"BATCHWIRE_MAX_SEQ_LENGTH": "128"})
+    assert cfg.workers.max_seq_length == 128
+    assert worker_config.parse(["--connect", "ipc:///x", "--max-seq-length", "64"],
+                               environ={}).max_seq_length == 64
+    # The default (auto) is not passed on: each worker resolves it from the model.
+    launch = gateway_config.WorkerLaunchConfig(model="/m", workers=1, devices="cpu")
+    sup = Supervisor(launch, "ipc:///tmp/bw.sock", 1.0, 12.0, "INFO", on_exit=lambda *a: None)
+    assert "--max-seq-length" not in sup.slots[0].argv
+    for bad, why in (("0", "must be at least 1"), ("-3", "must be at least 1"),
+                     ("long", 'must be "auto" or a whole number')):
+        with pytest.raises(SystemExit):
+            gateway_config.parse(["serve", "--max-seq-length", bad], environ={})
+        assert why in capsys.readouterr().err
 
 
 def test_empty_env_values_count_as_unset():

@@ -133,8 +133,8 @@ def test_field_order_on_the_wire():
     expected = [
         (Ready(worker_id="w", pid=12, model="m", task="t", device="cpu", capacity=2,
                max_batch_size=16, host="h", pooling="mean", max_batch_tokens=4096,
-               dtype="bfloat16"),
-         [1, 1, "w", 12, "m", "t", "cpu", 2, 16, "h", "mean", 4096, "bfloat16"]),
+               dtype="bfloat16", max_seq_length=256),
+         [1, 1, "w", 12, "m", "t", "cpu", 2, 16, "h", "mean", 4096, "bfloat16", 256]),
         (Request(request_id=5, inputs="in", parameters={"k": 1}, budget_ms=30.0,
                  waited_ms=2.5, embed=True), [1, 2, 5, "in", {"k": 1}, 30.0, 2.5, True]),
         (Result(request_id=5, output="out", batch_size=3, queue_ms=1.25, inference_ms=4.5,
@@ -148,6 +148,9 @@ def test_field_order_on_the_wire():
     for message, parts in expected:
         assert encode(message) == msgpack.packb(parts, use_bin_type=True), message
         assert decode(msgpack.packb(parts, use_bin_type=True)) == message
+    # A READY from a worker that predates max_seq_length (its last field) still decodes.
+    older = decode(msgpack.packb(expected[0][1][:-1], use_bin_type=True))
+    assert older.max_seq_length == 0 and older.dtype == "bfloat16"
     ext = msgpack.ExtType(1, msgpack.packb(["<i8", [1], nd.data], use_bin_type=True))
     assert encode(Result(1, nd, 1, 0.0, 0.0)) == msgpack.packb(
         [1, 3, 1, ext, 1, 0.0, 0.0, 0, 0, 0, 0.0], use_bin_type=True
