@@ -171,6 +171,10 @@ class PipelineRunner:
         #: That tokenizer's Rust backend, when counting with it directly gives the same
         #: counts as the tokenizer's own call (checked at load): None otherwise.
         self._counting_backend: Any = None
+        #: A copy of that backend that cuts at ``embed_max_length``, as the tokenizer's call
+        #: with truncation does (checked at load): an embedding's one arrival encoding, the
+        #: one its model inputs are built from. None: counted untruncated, cut in the batch.
+        self._truncating_backend: Any = None
         self.max_length: int | None = None
         #: What the pipeline is, by class: a custom pipeline subclassing FillMaskPipeline
         #: (loaded with --trust-remote-code) is batched and warmed like fill-mask.
@@ -221,6 +225,9 @@ class PipelineRunner:
         if self.pipe.tokenizer is not None:
             self._measuring_tokenizer = copy.deepcopy(self.pipe.tokenizer)
             self._counting_backend = counting_backend(self._measuring_tokenizer)
+            if self._counting_backend is not None and self.embed_max_length:
+                self._truncating_backend = truncating_backend(
+                    self._measuring_tokenizer, self._counting_backend, self.embed_max_length)
         if self.stock_pipeline:
             log.info("stock pipeline: no stand-ins for its methods, torch.no_grad as it has")
             return time.monotonic() - started
@@ -303,8 +310,9 @@ class PipelineRunner:
         encodings: list | None = (
             [] if self.batch_encoder is not None and self.batch_encoder.uses_arrivals else None)
         truncate_at = self.embed_max_length if parameters.get(EMBED_KEY) else None
+        backend = self._truncating_backend if truncate_at else self._counting_backend
         count = self._token_lengths([input], parameters, self._measuring_tokenizer,
-                                    self._counting_backend, encodings, truncate_at)[0] or 0
+                                    backend, encodings, truncate_at)[0] or 0
         if encodings and not (truncate_at and len(encodings[0]) > truncate_at):
             # The batch encoder builds this text's model inputs from it: one tokenization.
             self.batch_encoder.remember(input, encodings[0])
@@ -458,8 +466,11 @@ class PipelineRunner:
             kwargs.update(value or {})
         if "truncation" in parameters:
             kwargs["truncation"] = parameters["truncation"]
-        if backend is not None and not kwargs and backend.truncation is None \
-                and backend.padding is None:
+        # The counting backend is the measuring tokenizer's own, whose calls (the path below)
+        # set truncation and padding on it; the truncating one is never called but here.
+        if backend is not None and not kwargs and (
+                backend is self._truncating_backend
+                or (backend.truncation is None and backend.padding is None)):
             encoded = encode_fast(backend, inputs)
             lengths = [len(encoding) for encoding in encoded]
         else:
@@ -538,6 +549,40 @@ def counting_backend(tokenizer: Any) -> Any:
                  "(%s against %s)", fast, slow)
         return None
     return backend
+
+
+def truncating_backend(tokenizer: Any, backend: Any, max_length: int) -> Any:
+    """A copy of ``backend`` (see :func:`counting_backend`) that cuts encodings at
+    ``max_length`` tokens, special tokens included, if it encodes exactly as ``tokenizer``
+    called with ``truncation=True, max_length=max_length`` does (the stock way to cut), else
+    None. One Rust call on arrival then gives a long text's embedding its model inputs."""
+    try:
+        from tokenizers import Tokenizer
+
+        cutting = Tokenizer.from_str(backend.to_str())
+        cutting.no_padding()
+        cutting.enable_truncation(max_length, stride=0, strategy="longest_first",
+                                  direction=getattr(tokenizer, "truncation_side", "right"))
+        checks = [*_COUNT_CHECKS, "déjà vu " * max_length, "word " * (max_length - 2),
+                  "word " * (max_length - 1), "word, " * max_length]
+        want = tokenizer(checks, truncation=True, max_length=max_length)
+        tokenizer(checks[:1])  # the call set truncation on the counting backend: unset it
+        got = encode_fast(cutting, checks)
+        names = [n for n in want.keys() if n in batch_encoding.ENCODING_FIELDS]
+        same = bool(names) and all(
+            [list(getattr(e, batch_encoding.ENCODING_FIELDS[n])) for e in got] == want[n]
+            for n in names)
+        if backend.truncation is not None or backend.padding is not None:
+            raise RuntimeError("the counting backend was left truncating")
+    except Exception as exc:  # noqa: BLE001 - any doubt: count whole, cut in the batch
+        log.debug("embeddings cut in the batch, not on arrival: %s: %s",
+                  type(exc).__name__, exc)
+        return None
+    if not same:
+        log.info("embeddings cut in the batch, not on arrival: a cut backend's encodings "
+                 "differ from the tokenizer's own with truncation")
+        return None
+    return cutting
 
 
 def classify_error(exc: BaseException) -> BatchwireError:

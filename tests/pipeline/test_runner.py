@@ -1037,6 +1037,12 @@ def test_long_embeddings_are_truncated_as_sentence_transformers_does(minilm_runn
 
     measured = [minilm_runner.measure(t, embed) for t in texts]
     assert measured == want_counts
+    # One Rust call on arrival gives each text its cut encoding, which the batch builds the
+    # model inputs from: no second tokenization. The counting backend is left uncut.
+    assert minilm_runner._truncating_backend is not None
+    assert minilm_runner._counting_backend.truncation is None
+    remembered = minilm_runner.batch_encoder._remembered
+    assert [len(remembered[t]) for t in texts] == want_counts
     check(minilm_runner(list(texts), embed, measured), range(4))
     check(minilm_runner(list(texts), embed), range(4))
     for i, text in enumerate(texts):
