@@ -222,6 +222,10 @@ class PipelineRunner:
             self.pipe.tokenizer.model_max_length = self.max_length
         if self.pooling:
             self.embed_max_length = self._embed_max_length()
+        elif self._max_seq_length_setting:
+            log.warning("--max-seq-length %d is for sentence embeddings, which %s has none "
+                        "of: ignored (its inputs are refused past %s tokens)",
+                        self._max_seq_length_setting, self.kind, self.max_length)
         if self.pipe.tokenizer is not None:
             self._measuring_tokenizer = copy.deepcopy(self.pipe.tokenizer)
             self._counting_backend = counting_backend(self._measuring_tokenizer)

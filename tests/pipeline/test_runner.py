@@ -1061,7 +1061,7 @@ def test_long_embeddings_are_truncated_as_sentence_transformers_does(minilm_runn
 
 
 def test_max_seq_length_setting_truncates_embeddings_of_any_feature_model(tiny_model_dir,
-                                                                         tiny_fe_runner):
+                                                                         tiny_fe_runner, caplog):
     """--max-seq-length N cuts embeddings at N on a model that declares nothing (which
     otherwise refuses an input past its limit), and one past the model's limit fails the
     load with a message that says why."""
@@ -1076,6 +1076,13 @@ def test_max_seq_length_setting_truncates_embeddings_of_any_feature_model(tiny_m
     np.testing.assert_allclose(vector.to_numpy(), cut.to_numpy(), atol=1e-6)
     with pytest.raises(InputTooLong):  # token-level answers are not cut
         runner.measure(text, {})
+    fill_mask = PipelineRunner(str(tiny_model_dir), "fill-mask", "cpu", max_seq_length=16)
+    with caplog.at_level("WARNING", logger="batchwire.worker.runner"):
+        fill_mask.load()
+    assert fill_mask.embed_max_length is None
+    assert "--max-seq-length 16 is for sentence embeddings" in caplog.text
+    with pytest.raises(InputTooLong):  # not cut: a fill-mask answer is the whole input's
+        fill_mask.measure("word " * 200 + "[MASK]", {})
     too_far = PipelineRunner(str(tiny_model_dir), "feature-extraction", "cpu",
                              max_seq_length=TINY_LIMIT + 1)
     with pytest.raises(ValueError, match=f"--max-seq-length {TINY_LIMIT + 1} is more than "
