@@ -9,6 +9,7 @@ Routes: ``POST /`` (the guide's raw-text form), ``POST /predict`` (JSON or msgpa
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import itertools
 import logging
@@ -375,8 +376,10 @@ async def handle_embeddings(request: web.Request) -> web.Response:
     for name in ("model", "user"):
         if name in payload and not isinstance(payload[name], (str, type(None))):
             raise BadInput(f'"{name}" must be a string, not {json_type(payload[name])}')
-    if payload.get("encoding_format", "float") != "float":
-        raise BadInput('only "encoding_format": "float" is supported')
+    # The official OpenAI Python client asks for base64 unless its caller names a format.
+    encoding = payload.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise BadInput(f'"encoding_format" must be "float" or "base64", not {encoding!r}')
     if "dimensions" in payload:
         raise BadInput('"dimensions" is not supported: this model has a fixed size')
     texts = payload["input"]
@@ -394,12 +397,23 @@ async def handle_embeddings(request: web.Request) -> web.Response:
                        "embeddings; /v1/embeddings needs a feature-extraction model")
     results, headers = await _run(request, items, {}, embed=True, where='"input"')
     tokens = sum(r.tokens for r in results)
-    data = [{"object": "embedding", "index": i, "embedding": r.output}
+    as_base64 = encoding == "base64"
+    data = [{"object": "embedding", "index": i,
+             "embedding": base64_floats(r.output) if as_base64 else r.output}
             for i, r in enumerate(results)]
     model = payload.get("model") or (worker.info.model if worker else None)
     body_out = {"object": "list", "data": data, "model": model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
     return payload_response(request, body_out, headers)
+
+
+def base64_floats(vector: Any) -> str:
+    """An embedding as OpenAI's ``encoding_format: "base64"`` has it: the base64 of its
+    little-endian float32 bytes (a float16 model's vector is widened first)."""
+    import numpy as np
+
+    array = vector.to_numpy() if isinstance(vector, NDArray) else np.asarray(vector)
+    return base64.b64encode(array.astype("<f4", copy=False).tobytes()).decode("ascii")
 
 
 async def handle_metrics(request: web.Request) -> web.Response:

@@ -179,7 +179,12 @@ def _components(config: GatewayConfig) -> dict:
                 ]},
                 "model": {"type": "string", "description": "Echoed in the answer; the server "
                           "runs its one model whatever this says."},
-                "encoding_format": {"type": "string", "enum": ["float"]},
+                "encoding_format": {"type": "string", "enum": ["float", "base64"],
+                                    "nullable": True,
+                                    "description": "float (the default): a list of numbers; "
+                                    "base64: the base64 of the vector's little-endian float32 "
+                                    "bytes, which the OpenAI Python client asks for by "
+                                    "default"},
                 "user": {"type": "string", "description": "Accepted and ignored."},
             },
         },
@@ -196,7 +201,11 @@ def _components(config: GatewayConfig) -> dict:
                         "properties": {
                             "object": {"type": "string", "enum": ["embedding"]},
                             "index": {"type": "integer", "minimum": 0},
-                            "embedding": {"type": "array", "items": {"type": "number"}},
+                            "embedding": {"oneOf": [
+                                {"type": "array", "items": {"type": "number"}},
+                                {"type": "string", "format": "byte",
+                                 "description": "with encoding_format base64"},
+                            ]},
                         },
                     },
                 },

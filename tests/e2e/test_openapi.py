@@ -246,7 +246,7 @@ PROBES = [
     ("POST", "/predict", {"json": {"inputs": ["x [MASK]"] * (DEFAULTS.max_inputs + 1)}}, 400),
     ("POST", "/predict", {"data": b"x [MASK]", "headers": {"Content-Type": "text/plain"}}, 415),
     ("POST", "/v1/embeddings", {"json": {"input": ["a cat", "a dog"]}}, 400),  # fill-mask model
-    ("POST", "/v1/embeddings", {"json": {"input": "a", "encoding_format": "base64"}}, 400),
+    ("POST", "/v1/embeddings", {"json": {"input": "a", "encoding_format": "int8"}}, 400),
     ("POST", "/v1/embeddings", {"json": {}}, 400),
     ("GET", "/v2", {}, 200),
     ("GET", "/v2/", {}, 200),

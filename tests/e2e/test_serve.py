@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import subprocess
 import sys
@@ -383,6 +384,31 @@ async def test_embeddings_of_a_model_that_declares_no_length_refuse_a_long_input
     assert message.startswith('"input"[1]: input is 202 tokens'), message
     assert "shorten it" in message and "truncation" not in message
     assert [w["max_seq_length"] for w in features_server.info()["workers"]] == [0]
+
+
+def test_the_openai_python_client_gets_embeddings(default_server):
+    """The official client asks for base64 unless told otherwise (and decodes it itself);
+    both formats must give the same vectors, and the route's own floats."""
+    import openai
+
+    client = openai.OpenAI(base_url=default_server.url + "/v1", api_key="unused",
+                           max_retries=0, timeout=60)
+    texts = ["a cat sits on the mat", "stock markets fell sharply"]
+    default = client.embeddings.create(input=texts, model="minilm")
+    floats = client.embeddings.create(input=texts, model="minilm", encoding_format="float")
+    raw = client.embeddings.create(input=texts[0], model="minilm", encoding_format="base64")
+    assert [d.index for d in default.data] == [0, 1] and default.model == "minilm"
+    assert default.usage.prompt_tokens == floats.usage.prompt_tokens == 8 + 6
+    for by_default, as_floats in zip(default.data, floats.data):
+        assert len(by_default.embedding) == 384
+        # Two requests may batch differently: equal to float32 rounding, not bit for bit.
+        np.testing.assert_allclose(by_default.embedding, as_floats.embedding, atol=1e-6)
+    # Asked for by name, base64 comes back as the string: little-endian float32 bytes.
+    assert isinstance(raw.data[0].embedding, str)
+    vector = np.frombuffer(base64.b64decode(raw.data[0].embedding), dtype="<f4")
+    np.testing.assert_allclose(vector, floats.data[0].embedding, atol=1e-6)
+    with pytest.raises(openai.BadRequestError, match="must be \"float\" or \"base64\""):
+        client.embeddings.create(input=texts[0], model="minilm", encoding_format="int8")
 
 
 def test_a_model_that_cannot_load_stops_serve_with_a_clear_error(start_server, tmp_path):
