@@ -1,8 +1,8 @@
 """HTTP routes of the gateway (aiohttp). The light work: parse, admit, await, encode.
 
 Routes: ``POST /`` (the guide's raw-text form), ``POST /predict`` (JSON or msgpack),
-``POST /v1/embeddings`` (OpenAI-compatible), ``GET /health``, ``GET /ready``, ``GET /info``,
-``GET /metrics`` (Prometheus), ``GET /openapi.json``. Every error leaves through :func:`error_middleware` as JSON
+``POST /v1/embeddings`` and ``GET /v1/models`` (OpenAI-compatible), ``GET /health``,
+``GET /ready``, ``GET /info``, ``GET /metrics`` (Prometheus), ``GET /openapi.json``. Every error leaves through :func:`error_middleware` as JSON
 ``{"error": {"code", "message"}}`` with the status :mod:`protocol.errors` gives it.
 """
 
@@ -36,6 +36,7 @@ from protocol.errors import (
     MethodNotAllowed,
     ModelError,
     NotFound,
+    NoWorkers,
     Unauthorized,
     UnsupportedMediaType,
     WorkerCrashed,
@@ -416,6 +417,36 @@ def base64_floats(vector: Any) -> str:
     return base64.b64encode(array.astype("<f4", copy=False).tobytes()).decode("ascii")
 
 
+def _model_card(request: web.Request, name: str) -> dict:
+    # OpenAI's Model object; "created" is when this server started, in Unix seconds.
+    started = time.time() - (time.monotonic() - request.app[STARTED])
+    return {"id": name, "object": "model", "created": int(started), "owned_by": "batchwire"}
+
+
+def _served_names(request: web.Request) -> tuple[str, set[str]]:
+    primary, accepted = kserve.model_names(request)
+    if primary is None:
+        raise NoWorkers("no model worker is ready yet, so no model is known; retry shortly")
+    return primary, accepted
+
+
+async def handle_models(request: web.Request) -> web.Response:
+    """OpenAI-compatible ``GET /v1/models``: the one model this server runs. Clients list
+    models before they use one (Open WebUI, LiteLLM's health check, ``openai models list``)."""
+    primary, _ = _served_names(request)
+    return json_response({"object": "list", "data": [_model_card(request, primary)]})
+
+
+async def handle_model(request: web.Request) -> web.Response:
+    """``GET /v1/models/{model}``: the model under any name it answers to, else 404."""
+    primary, accepted = _served_names(request)
+    name = request.match_info["name"]
+    if name not in accepted:
+        raise NotFound(f"unknown model {name!r}; this server runs {primary!r} "
+                       "(GET /v1/models)")
+    return json_response(_model_card(request, primary))
+
+
 async def handle_metrics(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     return web.Response(body=metrics.scrape(), headers={"Content-Type": metrics.content_type})
@@ -534,6 +565,9 @@ def create_app(config: GatewayConfig, broker: Broker) -> web.Application:
     app.router.add_get("/info", handle_info)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_post("/v1/embeddings", handle_embeddings)
+    app.router.add_get("/v1/models", handle_models)
+    # [\s\S]+: a model's full name may be a path or an org/name hub id.
+    app.router.add_get("/v1/models/{name:[\\s\\S]+}", handle_model)
     from gateway.openapi import make_openapi_handler  # reads this module's tables
 
     app.router.add_get("/openapi.json", make_openapi_handler(config))

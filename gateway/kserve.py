@@ -170,7 +170,7 @@ def _basename(model: str) -> str:
     return os.path.basename(model.rstrip("/")) or model
 
 
-def _model_names(request: web.Request) -> tuple[str | None, set[str]]:
+def model_names(request: web.Request) -> tuple[str | None, set[str]]:
     """(the name answered, every name accepted); (None, empty) while nothing is known."""
     app = request.app
     models = [w.info.model for w in app[bw.BROKER].workers.values()]
@@ -189,7 +189,7 @@ def _model_names(request: web.Request) -> tuple[str | None, set[str]]:
 
 def _resolve(request: web.Request, name: str) -> str:
     """The name answered for name, or 404; 503 while no model is known at all."""
-    primary, accepted = _model_names(request)
+    primary, accepted = model_names(request)
     if primary is None:
         raise NoWorkers("no model worker is ready yet, so no model is known; retry shortly")
     if name not in accepted:
@@ -223,7 +223,7 @@ async def server_metadata(request: web.Request) -> web.Response:
 
 
 async def model_ready(request: web.Request, name: str) -> web.Response:
-    primary, accepted = _model_names(request)
+    primary, accepted = model_names(request)
     if primary is not None and name not in accepted:
         raise _unknown_model(name, primary)
     # Nothing known yet (no worker has announced a model): not ready, whatever the name.

@@ -239,6 +239,27 @@ def _components(config: GatewayConfig) -> dict:
                 "workers": {"type": "integer", "minimum": 0},
             },
         },
+        "Model": {
+            "type": "object",
+            "required": ["id", "object", "created", "owned_by"],
+            "properties": {
+                "id": {"type": "string", "description": "--model-name, else the basename of "
+                       "the model's path or hub id"},
+                "object": {"type": "string", "enum": ["model"]},
+                "created": {"type": "integer", "description": "when this server started "
+                            "(Unix seconds)"},
+                "owned_by": {"type": "string"},
+            },
+        },
+        "ModelList": {
+            "type": "object",
+            "required": ["object", "data"],
+            "properties": {
+                "object": {"type": "string", "enum": ["list"]},
+                "data": {"type": "array", "minItems": 1, "maxItems": 1,
+                         "items": _ref("schemas", "Model")},
+            },
+        },
         "Info": {
             "type": "object",
             "required": ["model", "task", "protocol_version", "workers", "config"],
@@ -317,6 +338,7 @@ def _components(config: GatewayConfig) -> dict:
                              "draining (shutting down).", "Retry-After"),
         "DeadlineExceeded": error("deadline_exceeded: the request's deadline (X-Timeout-Ms or "
                                   "--timeout-ms) passed."),
+        "NotFound": error("not_found: no such route, or no such model."),
     }
 
     parameters = {
@@ -373,10 +395,12 @@ def _inference_operation(config: GatewayConfig, *, operation_id: str, summary: s
 
 
 def _simple_get(config: GatewayConfig, path: str, *, operation_id: str, summary: str,
-                description: str, responses: dict) -> dict:
+                description: str, responses: dict, parameters: list | None = None) -> dict:
     responses = dict(responses)
     operation: dict[str, Any] = {"operationId": operation_id, "summary": summary,
                                  "description": description}
+    if parameters:
+        operation["parameters"] = parameters
     return _with_security(config, path, operation, responses)
 
 
@@ -672,6 +696,26 @@ def openapi_document(config: GatewayConfig) -> dict:
         "/": {"post": root},
         "/predict": {"post": predict},
         "/v1/embeddings": {"post": embeddings},
+        "/v1/models": {"get": _simple_get(
+            config, "/v1/models", operation_id="list_models", summary="OpenAI-compatible "
+            "model list",
+            description="The one model this server runs, as OpenAI's GET /v1/models lists "
+                        "models. 503 until a worker has announced it (under `batchwire "
+                        "gateway`).",
+            responses={"200": {"description": "One model.", "content": {
+                "application/json": {"schema": _ref("schemas", "ModelList")}}},
+                "503": _ref("responses", "Unavailable")})},
+        "/v1/models/{name}": {"get": _simple_get(
+            config, "/v1/models/{name}", operation_id="retrieve_model", summary="OpenAI-"
+            "compatible model lookup",
+            description="The model, under any name it answers to: its id, its full path or "
+                        "hub id, or --model-name. Any other name: 404.",
+            parameters=[{"name": "name", "in": "path", "required": True,
+                         "schema": {"type": "string", "minLength": 1}}],
+            responses={"200": {"description": "The model.", "content": {
+                "application/json": {"schema": _ref("schemas", "Model")}}},
+                "404": _ref("responses", "NotFound"),
+                "503": _ref("responses", "Unavailable")})},
         "/health": {"get": _simple_get(
             config, "/health", operation_id="health", summary="Liveness",
             description="200 while the gateway process is alive. Never needs an API key.",

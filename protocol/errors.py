@@ -65,7 +65,7 @@ class Unauthorized(ClientError):
 
 
 class NotFound(ClientError):
-    """No such route."""
+    """No such route, or no such model (``GET /v1/models/{model}``)."""
 
     code = "not_found"
     status = 404

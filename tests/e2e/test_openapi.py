@@ -36,7 +36,8 @@ from gateway.openapi import openapi_document
 #: Every (method, path) the gateway serves (HEAD on GET routes is aiohttp's, implied). The
 #: KServe v2 routes take every method (a wrong one is their 405): "*" here, one documented.
 SERVED_ROUTES = {
-    ("POST", "/"), ("POST", "/predict"), ("POST", "/v1/embeddings"), ("GET", "/health"),
+    ("POST", "/"), ("POST", "/predict"), ("POST", "/v1/embeddings"), ("GET", "/v1/models"),
+    ("GET", "/v1/models/{name}"), ("GET", "/health"),
     ("GET", "/ready"), ("GET", "/info"), ("GET", "/metrics"), ("GET", "/openapi.json"),
     ("*", "/v2"), ("*", "/v2/"), ("*", "/v2/health/live"), ("*", "/v2/health/ready"),
     ("*", "/v2/models/{name}"), ("*", "/v2/models/{name}/ready"),
@@ -248,6 +249,8 @@ PROBES = [
     ("POST", "/v1/embeddings", {"json": {"input": ["a cat", "a dog"]}}, 400),  # fill-mask model
     ("POST", "/v1/embeddings", {"json": {"input": "a", "encoding_format": "int8"}}, 400),
     ("POST", "/v1/embeddings", {"json": {}}, 400),
+    ("GET", "/v1/models", {}, 200),
+    ("GET", "/v1/models/{name}", {}, 200),
     ("GET", "/v2", {}, 200),
     ("GET", "/v2/", {}, 200),
     ("GET", "/v2/health/live", {}, 200),
@@ -278,6 +281,13 @@ def test_route_answers_as_documented(server, loaded, model_name, method, path, k
     loaded[path][method].validate_response(response)
     if status >= 400:
         assert set(response.json()) == {"error"} and response.headers["X-Request-Id"]
+
+
+def test_an_unknown_model_name_is_a_documented_404(server, loaded):
+    response = requests.get(server.url + "/v1/models/no-such-model", timeout=30)
+    assert response.status_code == 404, response.text
+    assert "unknown model 'no-such-model'" in response.json()["error"]["message"]
+    loaded["/v1/models/{name}"]["GET"].validate_response(response)
 
 
 #: Pipeline parameters of the wrong type or range, as the fuzzer found them: the client's

@@ -409,6 +409,15 @@ def test_the_openai_python_client_gets_embeddings(default_server):
     np.testing.assert_allclose(vector, floats.data[0].embedding, atol=1e-6)
     with pytest.raises(openai.BadRequestError, match="must be \"float\" or \"base64\""):
         client.embeddings.create(input=texts[0], model="minilm", encoding_format="int8")
+    # Clients list models before they use one: the one this server runs, by its basename
+    # (the default MiniLM's directory is "model"), found under its full path too.
+    (listed,) = client.models.list().data
+    assert (listed.id, listed.object, listed.owned_by) == ("model", "model", "batchwire")
+    assert abs(listed.created - time.time()) < 3600
+    assert client.models.retrieve(listed.id).id == "model"
+    assert client.models.retrieve(default_server.info()["model"]).id == "model"
+    with pytest.raises(openai.NotFoundError, match="unknown model 'gpt-4'.*runs 'model'"):
+        client.models.retrieve("gpt-4")
 
 
 def test_a_model_that_cannot_load_stops_serve_with_a_clear_error(start_server, tmp_path):
