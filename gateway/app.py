@@ -386,6 +386,13 @@ async def handle_embeddings(request: web.Request) -> web.Response:
     texts = payload["input"]
     items = texts if isinstance(texts, list) else [texts]
     config = request.app[CONFIG]
+    if items and all(_is_token_id(t) or (isinstance(t, list) and t and all(
+            _is_token_id(i) for i in t)) for t in items):
+        # OpenAI's API also takes token ids; clients that count with tiktoken send them
+        # (LangChain's OpenAIEmbeddings does by default). They are not this model's ids.
+        raise BadInput('"input" holds token ids; this server embeds text only, and ids from '
+                       "another tokenizer (tiktoken's) are not its model's tokens: send the "
+                       "text (LangChain's OpenAIEmbeddings: check_embedding_ctx_length=False)")
     if not items or not all(isinstance(t, str) and t.strip() for t in items):
         raise BadInput('"input" must be a non-empty string or a non-empty list of them')
     if len(items) > config.max_inputs:
@@ -406,6 +413,10 @@ async def handle_embeddings(request: web.Request) -> web.Response:
     body_out = {"object": "list", "data": data, "model": model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
     return payload_response(request, body_out, headers)
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def base64_floats(vector: Any) -> str:

@@ -346,6 +346,15 @@ async def test_openai_embeddings_rank_by_meaning_with_the_default_minilm(default
                                        json={"input": texts[0]})
         assert status == 200
         bad, _, err = await post(session, server.url + "/v1/embeddings", json={"input": []})
+        # Token ids, as clients counting with tiktoken send them: told to send text.
+        for ids in ([101, 7592, 102], [[101, 7592], [101]]):
+            no_ids, _, ids_err = await post(session, server.url + "/v1/embeddings",
+                                            json={"input": ids})
+            assert no_ids == 400 and "holds token ids" in ids_err["error"]["message"]
+            assert "check_embedding_ctx_length=False" in ids_err["error"]["message"]
+        not_ids, _, bools_err = await post(session, server.url + "/v1/embeddings",
+                                           json={"input": [True]})
+        assert not_ids == 400 and "token ids" not in bools_err["error"]["message"]
         assert bad == 400 and err["error"]["code"] == "bad_input"
         # Past the model's declared max_seq_length (256; its tokenizer takes 512, and 602
         # tokens are past both), the vector is of the first 256 tokens, as

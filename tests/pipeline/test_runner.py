@@ -1090,6 +1090,24 @@ def test_max_seq_length_setting_truncates_embeddings_of_any_feature_model(tiny_m
         too_far.load()
 
 
+def test_a_sentence_transformers_model_declaring_no_length_cuts_at_its_limit(tiny_model_dir,
+                                                                            tmp_path):
+    """sentence-transformers truncates at the tokenizer's limit when a model declares no
+    max_seq_length; served as one (modules.json names a Transformer), the tiny model's
+    embeddings do too, where the plain tiny model refuses the input."""
+    for item in tiny_model_dir.iterdir():
+        shutil.copy(item, tmp_path / item.name)
+    (tmp_path / "modules.json").write_text(
+        '[{"path": "", "type": "sentence_transformers.models.Transformer"}]')
+    runner = _load(str(tmp_path), "feature-extraction")
+    assert runner.embed_max_length == runner.max_length == TINY_LIMIT
+    text = "word " * 200
+    assert runner.measure(text, {EMBED_KEY: True}) == TINY_LIMIT
+    (vector,) = runner([text], {EMBED_KEY: True}).outputs
+    (cut,) = runner(["word " * (TINY_LIMIT - 2)], {EMBED_KEY: True}).outputs
+    np.testing.assert_allclose(vector.to_numpy(), cut.to_numpy(), atol=1e-6)
+
+
 def test_declared_max_seq_length_reads_the_transformer_modules_config(tmp_path):
     from worker.runner import declared_max_seq_length
 
