@@ -62,35 +62,38 @@ class BatchEncoder:
                                  if names and all(n in ENCODING_FIELDS for n in names) else [])
         # Written by the I/O loop's thread, read by the inference thread: single dict
         # operations, which the GIL keeps whole.
-        self._remembered: dict[str, Any] = {}
+        #: Keyed by (text, the length it was cut at or None): the same text may arrive for
+        #: its token-level answer (whole) and for its embedding (cut), and neither may get
+        #: the other's inputs.
+        self._remembered: dict[tuple[str, int | None], Any] = {}
 
     @property
     def uses_arrivals(self) -> bool:
         return bool(self.fields)
 
-    def remember(self, text: str, encoding: Any) -> None:
+    def remember(self, text: str, encoding: Any, cut_at: int | None = None) -> None:
         """Keep ``text``'s arrival encoding (the counting backend's, no tokenizer
-        parameters) for the batch it will run in."""
+        parameters; ``cut_at``: cut at that many tokens) for the batch it will run in."""
         if not self.fields:
             return
         if len(self._remembered) >= MAX_REMEMBERED:
             self._remembered.clear()
-        self._remembered[text] = encoding
+        self._remembered[(text, cut_at)] = encoding
 
     def prepare(self, texts: list, parameters: dict, max_length: int | None = None) -> bool:
         """Tokenize ``texts`` for the next pipeline call; False (nothing prepared) when the
         stock method must do it. A lone text is prepared only from its arrival encoding:
         tokenizing it here would cost what the stock method costs. ``max_length``: cut
         longer texts to this many tokens (the tokenizer's own truncation; sentence
-        embeddings), so their arrival encodings, which are whole, do not apply."""
+        embeddings): only arrival encodings cut there apply."""
         self._ready = {}
         if not texts or any(name in parameters for name in TOKENIZER_PARAMETERS) \
                 or not all(isinstance(t, str) for t in texts):
             return False
         fields, ready, missing = self.fields, {}, []
         for text in texts:
-            encoding = self._remembered.pop(text, None) if fields else None
-            if encoding is None or (max_length and len(encoding) > max_length):
+            encoding = self._remembered.pop((text, max_length or None), None) if fields else None
+            if encoding is None:
                 missing.append(text)
             else:
                 ready[text] = {name: getattr(encoding, attr) for name, attr in fields}

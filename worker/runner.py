@@ -319,7 +319,7 @@ class PipelineRunner:
                                     backend, encodings, truncate_at)[0] or 0
         if encodings and not (truncate_at and len(encodings[0]) > truncate_at):
             # The batch encoder builds this text's model inputs from it: one tokenization.
-            self.batch_encoder.remember(input, encodings[0])
+            self.batch_encoder.remember(input, encodings[0], truncate_at)
         return count
 
     def __call__(self, inputs: list, parameters: dict,

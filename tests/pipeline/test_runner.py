@@ -430,7 +430,7 @@ def test_a_text_counted_on_arrival_is_not_tokenized_again(kind, fill_runner, tin
                         lambda self, *a, **k: (calls.append(a), real_call(self, *a, **k))[1])
     encoder._remembered.clear()
     lengths = [runner.measure(text, {}) for text in texts]
-    assert set(encoder._remembered) == set(texts)
+    assert set(encoder._remembered) == {(t, None) for t in texts}
     outputs = runner(texts, {}, lengths).outputs
     assert calls == [] and encoder._remembered == {}
     # A lone request (a batch of one, the pipeline's unbatched call) the same way.
@@ -1042,7 +1042,7 @@ def test_long_embeddings_are_truncated_as_sentence_transformers_does(minilm_runn
     assert minilm_runner._truncating_backend is not None
     assert minilm_runner._counting_backend.truncation is None
     remembered = minilm_runner.batch_encoder._remembered
-    assert [len(remembered[t]) for t in texts] == want_counts
+    assert [len(remembered[(t, 256)]) for t in texts] == want_counts
     check(minilm_runner(list(texts), embed, measured), range(4))
     check(minilm_runner(list(texts), embed), range(4))
     for i, text in enumerate(texts):
@@ -1054,6 +1054,15 @@ def test_long_embeddings_are_truncated_as_sentence_transformers_does(minilm_runn
     check(minilm_runner([texts[0]], embed, [256]), [0])
     assert minilm_runner.measure(texts[0], {}) == counts[0]
     check(minilm_runner([texts[0], texts[1]], embed, [256, want_counts[1]]), [0, 1])
+    # The other way round: the same text measured whole for its token-level answer, then
+    # cut for its embedding, before either runs. Each batch gets its own encoding; the
+    # token-level answer is all of the text's tokens, not the embedding's first 256.
+    for _ in range(2):
+        assert minilm_runner.measure(texts[0], {}) == counts[0]
+        assert minilm_runner.measure(texts[0], embed) == 256
+        whole_tokens = minilm_runner([texts[0]], {}, [counts[0]]).outputs[0].to_numpy()
+        assert whole_tokens.shape == (1, counts[0], 384)
+        check(minilm_runner([texts[0]], embed, [256]), [0])
     # Token-level answers are not truncated: the whole 300 tokens, or a 422 past 512.
     assert minilm_runner([texts[0]], {}).outputs[0].to_numpy().shape == (1, counts[0], 384)
     with pytest.raises(InputTooLong):
