@@ -29,6 +29,10 @@ DEFAULT_MAX_BATCH_TOKENS_GPU = 16384
 #: the look-ahead that length buckets choose from.
 DEFAULT_CAPACITY_BATCHES = 4
 DEFAULT_MAX_DELAY_MS = 2.0
+
+#: sentence-transformers' pooling modes (its Pooling module's names), in the order it
+#: concatenates them when a model's config names several.
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 #: Floating dtypes a model may be loaded in, by torch's name.
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 #: --dtype choices: auto (the checkpoint's own), or one of FLOAT_DTYPES.
@@ -111,9 +115,10 @@ def add_model_flags(flags: Flags) -> None:
     flags.add("--trust-remote-code", action="store_true", default=False,
               help="allow custom pipeline/model code from the model directory "
               "(transformers' trust_remote_code)")
-    flags.add("--pooling", default="auto", choices=("auto", "mean", "cls", "max"),
-              help="sentence-embedding pooling for /v1/embeddings (auto: what the model's "
-              "sentence-transformers files declare, else mean)")
+    flags.add("--pooling", default="auto", choices=("auto", *POOLING_MODES),
+              help="sentence-embedding pooling for /v1/embeddings, as sentence-transformers "
+              "names it (auto: what the model's sentence-transformers files declare, several "
+              "modes concatenated as it does, else mean)")
     flags.add("--normalize", default="auto", choices=("auto", "yes", "no"),
               help="L2-normalise sentence embeddings (auto: as the model declares)")
     flags.add("--max-seq-length", type=auto_or_positive_int, default="auto",

@@ -11,6 +11,7 @@ import copy
 import functools
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 from protocol.errors import BadInput, BatchwireError, InputTooLong, InvalidParameters, ModelError
 from protocol.messages import NDArray
 from worker.batcher import RunOutput
+from worker.config import POOLING_MODES
 from worker import batch_encoding, fill_mask_answers, mask_scores, sparse_head
 
 log = logging.getLogger("batchwire.worker.runner")
@@ -37,7 +39,6 @@ _TASK_BY_ARCH_SUFFIX = (
 
 #: Reserved parameter the worker service sets for REQUEST.embed; never sent to the pipeline.
 EMBED_KEY = "batchwire:embed"
-POOLING_MODES = ("auto", "mean", "cls", "max")
 _NORMALIZE_EPS = 1e-12
 
 
@@ -138,8 +139,9 @@ class PipelineRunner:
         self.trust_remote_code = trust_remote_code
         self._pooling_setting = pooling
         self._normalize_setting = normalize
-        #: Resolved sentence-embedding pooling ("mean", "cls", "max"), "" when the pipeline
-        #: is not feature-extraction; and whether embeddings are L2-normalised.
+        #: Resolved sentence-embedding pooling (one of POOLING_MODES, or several joined by
+        #: "," and concatenated), "" when the pipeline is not feature-extraction; and
+        #: whether embeddings are L2-normalised.
         self.pooling = ""
         self.normalize = False
         self._max_seq_length_setting = max_seq_length
@@ -203,8 +205,9 @@ class PipelineRunner:
         elif isinstance(self.pipe, transformers.FillMaskPipeline):
             self.kind = "fill-mask"
         if self.kind == "feature-extraction":
-            declared_pooling, declared_normalize = declared_embedding(self.model)
-            self.pooling = (declared_pooling if self._pooling_setting == "auto"
+            pooling_config, declared_normalize = declared_modules(self.model)
+            # --pooling overrides a declaration, even one batchwire cannot read.
+            self.pooling = (declared_pooling(pooling_config) if self._pooling_setting == "auto"
                             else self._pooling_setting)
             self.normalize = (declared_normalize if self._normalize_setting is None
                               else self._normalize_setting)
@@ -368,18 +371,35 @@ class PipelineRunner:
         return RunOutput([to_wire(out) for out in outputs], [n or 0 for n in lengths])
 
     def _pool(self, tokens: Any) -> Any:
-        """[1, tokens, hidden] (already trimmed: no padding rows) -> [hidden] float32."""
-        import torch
-
+        """[1, tokens, hidden] (already trimmed: no padding rows) -> [hidden] float32, or
+        [modes x hidden] when the model concatenates several poolings (as
+        sentence-transformers' Pooling does, in its order)."""
         tokens = tokens[0].float()
         if tokens.device.type == "cpu":
             return self._pool_numpy(tokens.numpy())
-        if self.pooling == "cls":
-            vector = tokens[0]
-        elif self.pooling == "max":
-            vector = tokens.max(dim=0).values
-        else:
-            vector = tokens.mean(dim=0)
+        return self._pool_torch(tokens)
+
+    def _pool_torch(self, tokens: Any) -> Any:
+        """[tokens, hidden] float32 on the model's device -> the pooled vector there."""
+        import torch
+
+        vectors = []
+        for mode in self.pooling.split(","):
+            if mode == "cls":
+                vectors.append(tokens[0])
+            elif mode == "max":
+                vectors.append(tokens.max(dim=0).values)
+            elif mode == "mean_sqrt_len_tokens":
+                vectors.append(tokens.sum(dim=0) / math.sqrt(tokens.shape[0]))
+            elif mode == "weightedmean":
+                weights = torch.arange(1, tokens.shape[0] + 1, dtype=tokens.dtype,
+                                       device=tokens.device)
+                vectors.append((tokens * weights[:, None]).sum(dim=0) / weights.sum())
+            elif mode == "lasttoken":
+                vectors.append(tokens[-1])
+            else:
+                vectors.append(tokens.mean(dim=0))
+        vector = vectors[0] if len(vectors) == 1 else torch.cat(vectors)
         if self.normalize:
             vector = torch.nn.functional.normalize(vector, dim=0)
         return vector
@@ -389,12 +409,24 @@ class PipelineRunner:
         lone request waits for; numpy does these few reductions in a fraction of that."""
         import numpy as np
 
-        if self.pooling == "cls":
-            vector = rows[0].copy()
-        elif self.pooling == "max":
-            vector = rows.max(axis=0)
-        else:
-            vector = rows.mean(axis=0, dtype=np.float32)
+        vectors = []
+        for mode in self.pooling.split(","):
+            if mode == "cls":
+                vectors.append(rows[0].copy())
+            elif mode == "max":
+                vectors.append(rows.max(axis=0))
+            elif mode == "mean_sqrt_len_tokens":
+                vectors.append(rows.sum(axis=0, dtype=np.float32)
+                               / np.float32(math.sqrt(rows.shape[0])))
+            elif mode == "weightedmean":
+                # Position weights 1..n over the input's own tokens (padding already cut).
+                weights = np.arange(1, rows.shape[0] + 1, dtype=np.float32)
+                vectors.append((weights @ rows) / weights.sum())
+            elif mode == "lasttoken":
+                vectors.append(rows[-1].copy())
+            else:
+                vectors.append(rows.mean(axis=0, dtype=np.float32))
+        vector = vectors[0] if len(vectors) == 1 else np.concatenate(vectors)
         if self.normalize:
             # torch.nn.functional.normalize's definition: x / max(||x||, eps).
             vector /= max(float(np.sqrt(np.dot(vector, vector))), _NORMALIZE_EPS)
@@ -664,6 +696,13 @@ def ignored_parameters(sanitize, parameters: dict, sanitized: Any) -> list[str]:
     return sorted(name for name in parameters if name not in named and name not in used)
 
 
+#: Where sentence-transformers looks for its Transformer module's config, in its order.
+_TRANSFORMER_CONFIGS = ("sentence_bert_config.json", "sentence_roberta_config.json",
+                        "sentence_distilbert_config.json", "sentence_camembert_config.json",
+                        "sentence_albert_config.json", "sentence_xlm-roberta_config.json",
+                        "sentence_xlnet_config.json")
+
+
 def declared_max_seq_length(model: str) -> int | None:
     """The token length a sentence-transformers model (see :func:`model_file`) embeds at
     most: its Transformer module's sentence_bert_config.json ``max_seq_length``; 0 when it
@@ -673,31 +712,60 @@ def declared_max_seq_length(model: str) -> int | None:
     for module in modules if isinstance(modules, list) else []:
         if isinstance(module, dict) and str(module.get("type", "")).endswith(".Transformer"):
             folder = str(module.get("path") or "").strip("/")
-            config = _model_json(model, f"{folder}/sentence_bert_config.json".lstrip("/"))
+            config = next((c for c in (_model_json(model, f"{folder}/{name}".lstrip("/"))
+                                       for name in _TRANSFORMER_CONFIGS) if c is not None),
+                          None)
             value = config.get("max_seq_length") if isinstance(config, dict) else None
             return value if isinstance(value, int) and not isinstance(value, bool) \
                 and value > 0 else 0
     return None
 
 
-def declared_embedding(model: str) -> tuple[str, bool]:
-    """The pooling a sentence-transformers model (a directory or a hub id, see
-    :func:`model_file`) declares (modules.json, 1_Pooling/config.json) and whether it
-    normalises; mean without normalisation when it declares nothing."""
+#: The older config keys that name sentence-transformers' pooling modes (POOLING_MODES).
+_LEGACY_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                        "pooling_mode_mean_tokens": "mean",
+                        "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                        "pooling_mode_weightedmean_tokens": "weightedmean",
+                        "pooling_mode_lasttoken": "lasttoken"}
+
+
+def declared_pooling(config: dict) -> str:
+    """The pooling a sentence-transformers Pooling config declares: "mean", "cls", ..., or
+    several joined by "," (concatenated, in the config's order). Both config forms:
+    ``"pooling_mode": "cls"`` (or a list), and the older ``pooling_mode_*`` booleans (all
+    false meaning mean). Raises ValueError for a mode it does not know, rather than pool
+    some other way and answer vectors the model's index would not match."""
+    mode = config.get("pooling_mode")
+    if mode is None:
+        modes = [name for key, name in _LEGACY_POOLING_KEYS.items() if config.get(key)]
+    else:
+        modes = [mode] if isinstance(mode, str) else list(mode)
+    unknown = [m for m in modes if m not in POOLING_MODES]
+    if unknown or (mode is not None and not modes):
+        raise ValueError(f"the model's Pooling config declares pooling {unknown or mode!r}, "
+                         f"which batchwire does not know (it knows {', '.join(POOLING_MODES)}); "
+                         "pass --pooling to choose one")
+    return ",".join(modes) or "mean"
+
+
+def declared_modules(model: str) -> tuple[dict, bool]:
+    """A sentence-transformers model's (a directory or a hub id, see :func:`model_file`)
+    Pooling config ({} when it has none) and whether it normalises (modules.json)."""
     modules = _model_json(model, "modules.json")
-    pooling, normalize = "mean", False
+    pooling: dict = {}
+    normalize = False
     for module in modules if isinstance(modules, list) else []:
-        kind = str(module.get("type", ""))
+        kind = str(module.get("type", "")) if isinstance(module, dict) else ""
         if kind.endswith("Normalize"):
             normalize = True
         elif kind.endswith("Pooling"):
             config = _model_json(model, f"{module.get('path', '')}/config.json".lstrip("/"))
-            if not isinstance(config, dict):
-                continue
-            if config.get("pooling_mode_cls_token"):
-                pooling = "cls"
-            elif config.get("pooling_mode_max_tokens"):
-                pooling = "max"
-            elif config.get("pooling_mode_mean_tokens"):
-                pooling = "mean"
+            pooling = config if isinstance(config, dict) else {}
     return pooling, normalize
+
+
+def declared_embedding(model: str) -> tuple[str, bool]:
+    """The pooling a sentence-transformers model declares (see :func:`declared_pooling`;
+    mean when it declares none) and whether it normalises."""
+    pooling, normalize = declared_modules(model)
+    return declared_pooling(pooling), normalize

@@ -1117,6 +1117,79 @@ def test_a_sentence_transformers_model_declaring_no_length_cuts_at_its_limit(tin
     np.testing.assert_allclose(vector.to_numpy(), cut.to_numpy(), atol=1e-6)
 
 
+def _sentence_transformers_dir(tiny_model_dir, target, pooling: dict, normalize: bool = False):
+    """The tiny model as a sentence-transformers model with this Pooling config."""
+    for item in tiny_model_dir.iterdir():
+        shutil.copy(item, target / item.name)
+    (target / "1_Pooling").mkdir()
+    (target / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 32, **pooling}))
+    modules = [{"idx": 0, "name": "0", "path": "",
+                "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling",
+                "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+    (target / "modules.json").write_text(json.dumps(modules))
+    return target
+
+
+@pytest.mark.parametrize("pooling, normalize, want", [
+    ({"pooling_mode": "cls"}, False, "cls"),
+    ({"pooling_mode": "max"}, False, "max"),
+    ({"pooling_mode": "mean"}, True, "mean"),
+    ({"pooling_mode": "mean_sqrt_len_tokens"}, False, "mean_sqrt_len_tokens"),
+    ({"pooling_mode": "weightedmean"}, False, "weightedmean"),
+    ({"pooling_mode": "lasttoken"}, True, "lasttoken"),
+    ({"pooling_mode": ["cls", "mean"]}, True, "cls,mean"),  # concatenated
+    ({"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False,
+      "pooling_mode_weightedmean_tokens": True}, False, "weightedmean"),  # the older form
+    ({"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False}, False, "mean"),
+], ids=lambda v: str(v) if not isinstance(v, dict) else "+".join(
+    str(x) for k, x in v.items() if k == "pooling_mode" or x is True) or "legacy-none")
+def test_every_sentence_transformers_pooling_gives_its_vectors(tiny_model_dir, tmp_path,
+                                                               pooling, normalize, want):
+    """Whatever pooling a model's Pooling config names, in either config form, the
+    embedding is sentence-transformers' own: batched with padding and alone."""
+    from sentence_transformers import SentenceTransformer
+
+    model_dir = _sentence_transformers_dir(tiny_model_dir, tmp_path, pooling, normalize)
+    runner = _load(str(model_dir), "feature-extraction")
+    assert runner.pooling == want and runner.normalize == normalize
+    texts = ["Hi.", LONG_TEXT, "A medium sized sentence about cats."]
+    reference = SentenceTransformer(str(model_dir), device="cpu").encode(texts)
+    assert reference.shape == (3, 32 * len(want.split(",")))
+    batched = runner(list(texts), {EMBED_KEY: True}).outputs
+    alone = [runner([t], {EMBED_KEY: True}).outputs[0] for t in texts]
+    for got in (batched, alone):
+        np.testing.assert_allclose(np.stack([v.to_numpy() for v in got]), reference,
+                                   atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "max", "mean", "mean_sqrt_len_tokens",
+                                     "weightedmean", "lasttoken", "cls,mean"])
+def test_pooling_on_the_device_equals_pooling_in_numpy(pooling):
+    """A GPU worker pools with torch on the device (no copy of every token to the host);
+    the same arithmetic as the CPU's numpy path, checked here on CPU tensors."""
+    runner = PipelineRunner(None, None, "cpu")
+    runner.pooling, runner.normalize = pooling, True
+    tokens = torch.randn(7, 16)
+    np.testing.assert_allclose(runner._pool_torch(tokens).numpy(),
+                               runner._pool_numpy(tokens.numpy()), atol=1e-6)
+
+
+def test_an_unknown_declared_pooling_fails_the_load_unless_pooling_is_set(tiny_model_dir,
+                                                                         tmp_path):
+    model_dir = _sentence_transformers_dir(tiny_model_dir, tmp_path,
+                                           {"pooling_mode": "attention"})
+    with pytest.raises(ValueError, match="declares pooling \\['attention'\\].*pass --pooling"):
+        _load(str(model_dir), "feature-extraction")
+    runner = PipelineRunner(str(model_dir), "feature-extraction", "cpu", pooling="cls")
+    runner.load()
+    assert runner.pooling_description == "cls"
+
+
 def test_declared_max_seq_length_reads_the_transformer_modules_config(tmp_path):
     from worker.runner import declared_max_seq_length
 
