@@ -145,6 +145,9 @@ class PipelineRunner:
         self.pooling = ""
         self.normalize = False
         self._max_seq_length_setting = max_seq_length
+        #: Why embeddings are refused though the model is a feature-extraction one (its
+        #: sentence-transformers modules hold more than batchwire runs); "" when served.
+        self.embedding_refusal = ""
         #: Sentence embeddings of longer inputs are of their first this-many tokens, as
         #: sentence-transformers computes them (its max_seq_length); None: no truncation, an
         #: input past ``max_length`` is refused. Resolved at load.
@@ -205,10 +208,17 @@ class PipelineRunner:
         elif isinstance(self.pipe, transformers.FillMaskPipeline):
             self.kind = "fill-mask"
         if self.kind == "feature-extraction":
-            pooling_config, declared_normalize = declared_modules(self.model)
-            # --pooling overrides a declaration, even one batchwire cannot read.
+            pooling_config, declared_normalize, others = declared_modules(self.model)
+            # --pooling overrides a declaration, even one batchwire cannot read or run.
             self.pooling = (declared_pooling(pooling_config) if self._pooling_setting == "auto"
                             else self._pooling_setting)
+            if others and self._pooling_setting == "auto":
+                self.embedding_refusal = (
+                    f"this model's sentence-transformers modules include {', '.join(others)}, "
+                    "which batchwire does not run, so its vectors here would not be the "
+                    "model's sentence embeddings; token-level answers are at POST / and "
+                    "/predict (a server started with --pooling pools them anyway)")
+                log.warning("/v1/embeddings refused: %s", self.embedding_refusal)
             self.normalize = (declared_normalize if self._normalize_setting is None
                               else self._normalize_setting)
         limits = [
@@ -316,6 +326,8 @@ class PipelineRunner:
             return 0
         encodings: list | None = (
             [] if self.batch_encoder is not None and self.batch_encoder.uses_arrivals else None)
+        if self.embedding_refusal and parameters.get(EMBED_KEY):
+            raise BadInput(self.embedding_refusal)
         truncate_at = self.embed_max_length if parameters.get(EMBED_KEY) else None
         backend = self._truncating_backend if truncate_at else self._counting_backend
         count = self._token_lengths([input], parameters, self._measuring_tokenizer,
@@ -338,6 +350,8 @@ class PipelineRunner:
             parameters = {k: v for k, v in parameters.items() if k != EMBED_KEY}
         if embed and not self.pooling:
             raise BadInput(f"this worker serves {self.task}, which has no sentence embeddings")
+        if embed and self.embedding_refusal:
+            raise BadInput(self.embedding_refusal)
         self._check_parameters(parameters)
         truncate_at = self.embed_max_length if embed else None
         if not lengths or not all(lengths):
@@ -748,24 +762,30 @@ def declared_pooling(config: dict) -> str:
     return ",".join(modes) or "mean"
 
 
-def declared_modules(model: str) -> tuple[dict, bool]:
+def declared_modules(model: str) -> tuple[dict, bool, list[str]]:
     """A sentence-transformers model's (a directory or a hub id, see :func:`model_file`)
-    Pooling config ({} when it has none) and whether it normalises (modules.json)."""
+    Pooling config ({} when it has none), whether it normalises, and the modules.json
+    entries batchwire does not run (a Dense projection, say), as "type (path)"."""
     modules = _model_json(model, "modules.json")
     pooling: dict = {}
     normalize = False
+    others: list[str] = []
     for module in modules if isinstance(modules, list) else []:
         kind = str(module.get("type", "")) if isinstance(module, dict) else ""
-        if kind.endswith("Normalize"):
+        name = kind.rsplit(".", 1)[-1]
+        if name == "Normalize":
             normalize = True
-        elif kind.endswith("Pooling"):
+        elif name == "Pooling":
             config = _model_json(model, f"{module.get('path', '')}/config.json".lstrip("/"))
             pooling = config if isinstance(config, dict) else {}
-    return pooling, normalize
+        elif name != "Transformer":
+            others.append(f"{name or 'a module of no type'} ({module.get('path', '')})"
+                          if isinstance(module, dict) else repr(module))
+    return pooling, normalize, others
 
 
 def declared_embedding(model: str) -> tuple[str, bool]:
     """The pooling a sentence-transformers model declares (see :func:`declared_pooling`;
     mean when it declares none) and whether it normalises."""
-    pooling, normalize = declared_modules(model)
+    pooling, normalize, _ = declared_modules(model)
     return declared_pooling(pooling), normalize

@@ -1179,6 +1179,30 @@ def test_pooling_on_the_device_equals_pooling_in_numpy(pooling):
                                runner._pool_numpy(tokens.numpy()), atol=1e-6)
 
 
+def test_a_model_with_modules_batchwire_does_not_run_refuses_embeddings(tiny_model_dir,
+                                                                       tmp_path):
+    """A Dense projection after the pooling (LaBSE, distiluse, sentence-t5 have one) changes
+    the vectors, and their size: pooling without it would answer vectors that match nothing
+    the model made. So embeddings are a 400 that says why; token-level answers still work,
+    and --pooling serves the pooled transformer output to someone who asks for it."""
+    model_dir = _sentence_transformers_dir(tiny_model_dir, tmp_path, {"pooling_mode": "mean"})
+    modules = json.loads((model_dir / "modules.json").read_text())
+    modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dense",
+                       "type": "sentence_transformers.models.Dense"})
+    (model_dir / "modules.json").write_text(json.dumps(modules))
+    runner = _load(str(model_dir), "feature-extraction")
+    for attempt in (lambda: runner.measure("a cat", {EMBED_KEY: True}),
+                    lambda: runner(["a cat"], {EMBED_KEY: True})):
+        with pytest.raises(BadInput, match=r"modules include Dense \(2_Dense\), which "
+                           "batchwire does not run"):
+            attempt()
+    assert runner(["a cat"], {}).outputs[0].to_numpy().shape == (1, 4, 32)
+    chosen = PipelineRunner(str(model_dir), "feature-extraction", "cpu", pooling="mean")
+    chosen.load()
+    assert chosen.embedding_refusal == ""
+    assert chosen(["a cat"], {EMBED_KEY: True}).outputs[0].to_numpy().shape == (32,)
+
+
 def test_an_unknown_declared_pooling_fails_the_load_unless_pooling_is_set(tiny_model_dir,
                                                                          tmp_path):
     model_dir = _sentence_transformers_dir(tiny_model_dir, tmp_path,
