@@ -2,8 +2,9 @@
 
 Routes: ``POST /`` (the guide's raw-text form), ``POST /predict`` (JSON or msgpack),
 ``POST /v1/embeddings`` and ``GET /v1/models`` (OpenAI-compatible), ``GET /health``,
-``GET /ready``, ``GET /info``, ``GET /metrics`` (Prometheus), ``GET /openapi.json``. Every error leaves through :func:`error_middleware` as JSON
-``{"error": {"code", "message"}}`` with the status :mod:`protocol.errors` gives it.
+``GET /ready``, ``GET /info``, ``GET /metrics`` (Prometheus), ``GET /openapi.json``. Every
+error leaves through :func:`error_middleware` as JSON ``{"error": {"code", "message"}}``
+with the status :mod:`protocol.errors` gives it.
 """
 
 from __future__ import annotations

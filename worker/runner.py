@@ -724,7 +724,8 @@ def declared_max_seq_length(model: str) -> int | None:
     model is not a sentence-transformers one (no Transformer module in modules.json)."""
     modules = _model_json(model, "modules.json")
     for module in modules if isinstance(modules, list) else []:
-        if isinstance(module, dict) and str(module.get("type", "")).endswith(".Transformer"):
+        if isinstance(module, dict) and \
+                str(module.get("type", "")).rsplit(".", 1)[-1] == "Transformer":
             folder = str(module.get("path") or "").strip("/")
             config = next((c for c in (_model_json(model, f"{folder}/{name}".lstrip("/"))
                                        for name in _TRANSFORMER_CONFIGS) if c is not None),
@@ -753,7 +754,8 @@ def declared_pooling(config: dict) -> str:
     if mode is None:
         modes = [name for key, name in _LEGACY_POOLING_KEYS.items() if config.get(key)]
     else:
-        modes = [mode] if isinstance(mode, str) else list(mode)
+        modes = [mode] if isinstance(mode, str) else list(mode) \
+            if isinstance(mode, (list, tuple)) else [mode]
     unknown = [m for m in modes if m not in POOLING_MODES]
     if unknown or (mode is not None and not modes):
         raise ValueError(f"the model's Pooling config declares pooling {unknown or mode!r}, "
