@@ -374,7 +374,7 @@ async def handle_embeddings(request: web.Request) -> web.Response:
     unknown = sorted(set(payload) - {"input", "model", "encoding_format", "user", "dimensions"})
     if unknown:
         raise BadInput(f"unknown field(s) {unknown}; /v1/embeddings takes input, model, "
-                       "encoding_format, user")
+                       "encoding_format, dimensions, user")
     for name in ("model", "user"):
         if name in payload and not isinstance(payload[name], (str, type(None))):
             raise BadInput(f'"{name}" must be a string, not {json_type(payload[name])}')
@@ -382,8 +382,10 @@ async def handle_embeddings(request: web.Request) -> web.Response:
     encoding = payload.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
         raise BadInput(f'"encoding_format" must be "float" or "base64", not {encoding!r}')
-    if "dimensions" in payload:
-        raise BadInput('"dimensions" is not supported: this model has a fixed size')
+    dimensions = payload.get("dimensions")
+    if dimensions is not None and not (_is_token_id(dimensions) and dimensions >= 1):
+        got = dimensions if _is_token_id(dimensions) else json_type(dimensions)
+        raise BadInput(f'"dimensions" must be a whole number of at least 1, not {got}')
     texts = payload["input"]
     items = texts if isinstance(texts, list) else [texts]
     config = request.app[CONFIG]
@@ -406,10 +408,14 @@ async def handle_embeddings(request: web.Request) -> web.Response:
                        "embeddings; /v1/embeddings needs a feature-extraction model")
     results, headers = await _run(request, items, {}, embed=True, where='"input"')
     tokens = sum(r.tokens for r in results)
+    vectors = [r.output for r in results]
+    if dimensions is not None:
+        vectors = shortened(vectors, dimensions, worker is not None
+                            and worker.info.pooling.endswith("+normalize"))
     as_base64 = encoding == "base64"
     data = [{"object": "embedding", "index": i,
-             "embedding": base64_floats(r.output) if as_base64 else r.output}
-            for i, r in enumerate(results)]
+             "embedding": base64_floats(vector) if as_base64 else vector}
+            for i, vector in enumerate(vectors)]
     model = payload.get("model") or (worker.info.model if worker else None)
     body_out = {"object": "list", "data": data, "model": model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
@@ -427,6 +433,26 @@ def base64_floats(vector: Any) -> str:
 
     array = vector.to_numpy() if isinstance(vector, NDArray) else np.asarray(vector)
     return base64.b64encode(array.astype("<f4", copy=False).tobytes()).decode("ascii")
+
+
+def shortened(vectors: list, dimensions: int, normalized: bool) -> list:
+    """Each embedding's first ``dimensions`` values, as OpenAI's ``dimensions`` and
+    sentence-transformers' ``truncate_dim`` give them (Matryoshka models are trained for
+    it), L2-normalised again when the model's embeddings are normalised, so they stay unit
+    vectors (sentence-transformers' ``normalize_embeddings=True``; OpenAI's own)."""
+    import numpy as np
+
+    out = []
+    for vector in vectors:
+        array = vector.to_numpy() if isinstance(vector, NDArray) else np.asarray(vector)
+        if dimensions > array.shape[-1]:
+            raise BadInput(f'"dimensions" is {dimensions}, but this model\'s embeddings have '
+                           f"{array.shape[-1]}; ask for at most that many")
+        cut = array[:dimensions].astype(np.float32)
+        if normalized:
+            cut /= max(float(np.sqrt(np.dot(cut, cut))), 1e-12)
+        out.append(NDArray.from_array(cut))
+    return out
 
 
 def _model_card(request: web.Request, name: str) -> dict:

@@ -186,6 +186,11 @@ def _components(config: GatewayConfig) -> dict:
                                     "bytes, which the OpenAI Python client asks for by "
                                     "default"},
                 "user": {"type": "string", "description": "Accepted and ignored."},
+                "dimensions": {"type": "integer", "minimum": 1, "nullable": True,
+                               "description": "Answer each embedding's first this-many "
+                               "values (Matryoshka models are trained for it), L2-normalised "
+                               "again when the model's embeddings are normalised; more than "
+                               "the model has: 400."},
             },
         },
         "EmbeddingsResponse": {

@@ -427,6 +427,17 @@ def test_the_openai_python_client_gets_embeddings(default_server):
     assert client.models.retrieve(default_server.info()["model"]).id == "model"
     with pytest.raises(openai.NotFoundError, match="unknown model 'gpt-4'.*runs 'model'"):
         client.models.retrieve("gpt-4")
+    # dimensions: the first N values (Matryoshka-style), unit length again as the model's.
+    short = client.embeddings.create(input=texts, model="minilm", dimensions=64,
+                                     encoding_format="float")
+    for cut, whole in zip(short.data, floats.data):
+        want = np.float32(whole.embedding[:64])
+        np.testing.assert_allclose(cut.embedding, want / np.linalg.norm(want), atol=1e-6)
+    with pytest.raises(openai.BadRequestError, match="this model's embeddings have 384"):
+        client.embeddings.create(input=texts[0], model="minilm", dimensions=385)
+    for bad in (0, -2, "64", 1.5):
+        with pytest.raises(openai.BadRequestError, match='"dimensions" must be a whole'):
+            client.embeddings.create(input=texts[0], model="minilm", dimensions=bad)
 
 
 def test_a_model_that_cannot_load_stops_serve_with_a_clear_error(start_server, tmp_path):
