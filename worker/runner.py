@@ -20,7 +20,7 @@ from protocol.errors import BadInput, BatchwireError, InputTooLong, InvalidParam
 from protocol.messages import NDArray
 from worker.batcher import RunOutput
 from worker.config import POOLING_MODES
-from worker import batch_encoding, fill_mask_answers, mask_scores, sparse_head
+from worker import batch_encoding, dense_layers, fill_mask_answers, mask_scores, sparse_head
 
 log = logging.getLogger("batchwire.worker.runner")
 
@@ -148,6 +148,9 @@ class PipelineRunner:
         #: Why embeddings are refused though the model is a feature-extraction one (its
         #: sentence-transformers modules hold more than batchwire runs); "" when served.
         self.embedding_refusal = ""
+        #: The model's Dense modules, applied to the pooled vector before normalising
+        #: (worker.dense_layers); empty when it has none or --pooling is set.
+        self.dense_layers: list = []
         #: Sentence embeddings of longer inputs are of their first this-many tokens, as
         #: sentence-transformers computes them (its max_seq_length); None: no truncation, an
         #: input past ``max_length`` is refused. Resolved at load.
@@ -208,13 +211,17 @@ class PipelineRunner:
         elif isinstance(self.pipe, transformers.FillMaskPipeline):
             self.kind = "fill-mask"
         if self.kind == "feature-extraction":
-            pooling_config, declared_normalize, others = declared_modules(self.model)
-            # --pooling overrides a declaration, even one batchwire cannot read or run.
-            self.pooling = (declared_pooling(pooling_config) if self._pooling_setting == "auto"
-                            else self._pooling_setting)
-            if others and self._pooling_setting == "auto":
+            pooling_config, declared_normalize, dense, others = declared_modules(self.model)
+            # --pooling overrides a declaration, even one batchwire cannot read or run: it
+            # serves the transformer's output pooled that way, and no Dense module.
+            auto = self._pooling_setting == "auto"
+            self.pooling = declared_pooling(pooling_config) if auto else self._pooling_setting
+            cannot = others
+            if auto and dense and not others:
+                cannot = self._load_dense(dense)
+            if auto and cannot:
                 self.embedding_refusal = (
-                    f"this model's sentence-transformers modules include {', '.join(others)}, "
+                    f"this model's sentence-transformers modules include {', '.join(cannot)}, "
                     "which batchwire does not run, so its vectors here would not be the "
                     "model's sentence embeddings; token-level answers are at POST / and "
                     "/predict (a server started with --pooling pools them anyway)")
@@ -263,6 +270,29 @@ class PipelineRunner:
             self.batch_encoder = batch_encoding.install(self.pipe, self.kind,
                                                         self._counting_backend)
         return time.monotonic() - started
+
+    def _load_dense(self, folders: list[str]) -> list[str]:
+        """Load the model's Dense modules (see :mod:`worker.dense_layers`); what cannot be
+        run, as "Dense (folder): why", or [] when all of them can."""
+        hidden = getattr(self.pipe.model.config, "hidden_size", None)
+        size = hidden * len(self.pooling.split(",")) if isinstance(hidden, int) else None
+        layers = []
+        for folder in folders:
+            try:
+                layer = dense_layers.load(lambda name: _model_json(self.model, name),
+                                          lambda name: model_file(self.model, name), folder,
+                                          self.pipe.device)
+            except dense_layers.UnsupportedDense as exc:
+                return [f"Dense ({folder}): {exc}"]
+            if size is not None and layer.in_features != size:
+                return [f"Dense ({folder}): it takes {layer.in_features} values, but the "
+                        f"pooling gives {size}"]
+            size = int(layer.weight.shape[0])
+            layers.append(layer)
+        self.dense_layers = layers
+        log.info("sentence embeddings through %d Dense module(s) (%s): %d values",
+                 len(layers), ", ".join(folders), size)
+        return []
 
     def _embed_max_length(self) -> int | None:
         """sentence-transformers embeds the first ``max_seq_length`` tokens of an input and
@@ -414,6 +444,8 @@ class PipelineRunner:
             else:
                 vectors.append(tokens.mean(dim=0))
         vector = vectors[0] if len(vectors) == 1 else torch.cat(vectors)
+        for layer in self.dense_layers:
+            vector = layer(vector)
         if self.normalize:
             vector = torch.nn.functional.normalize(vector, dim=0)
         return vector
@@ -441,6 +473,13 @@ class PipelineRunner:
             else:
                 vectors.append(rows.mean(axis=0, dtype=np.float32))
         vector = vectors[0] if len(vectors) == 1 else np.concatenate(vectors)
+        if self.dense_layers:
+            import torch
+
+            vector = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))
+            for layer in self.dense_layers:
+                vector = layer(vector)
+            vector = vector.numpy()
         if self.normalize:
             # torch.nn.functional.normalize's definition: x / max(||x||, eps).
             vector /= max(float(np.sqrt(np.dot(vector, vector))), _NORMALIZE_EPS)
@@ -764,30 +803,35 @@ def declared_pooling(config: dict) -> str:
     return ",".join(modes) or "mean"
 
 
-def declared_modules(model: str) -> tuple[dict, bool, list[str]]:
+def declared_modules(model: str) -> tuple[dict, bool, list[str], list[str]]:
     """A sentence-transformers model's (a directory or a hub id, see :func:`model_file`)
-    Pooling config ({} when it has none), whether it normalises, and the modules.json
-    entries batchwire does not run (a Dense projection, say), as "type (path)"."""
+    Pooling config ({} when it has none), whether it normalises, the folders of its Dense
+    modules (in order, after the pooling), and the modules.json entries batchwire does not
+    run, as "type (path)": any other module, or a Dense after the Normalize."""
     modules = _model_json(model, "modules.json")
     pooling: dict = {}
     normalize = False
+    dense: list[str] = []
     others: list[str] = []
     for module in modules if isinstance(modules, list) else []:
         kind = str(module.get("type", "")) if isinstance(module, dict) else ""
         name = kind.rsplit(".", 1)[-1]
+        path = str(module.get("path") or "").strip("/") if isinstance(module, dict) else ""
         if name == "Normalize":
             normalize = True
         elif name == "Pooling":
-            config = _model_json(model, f"{module.get('path', '')}/config.json".lstrip("/"))
+            config = _model_json(model, f"{path}/config.json".lstrip("/"))
             pooling = config if isinstance(config, dict) else {}
+        elif name == "Dense" and path and not normalize:
+            dense.append(path)
         elif name != "Transformer":
-            others.append(f"{name or 'a module of no type'} ({module.get('path', '')})"
+            others.append(f"{name or 'a module of no type'} ({path})"
                           if isinstance(module, dict) else repr(module))
-    return pooling, normalize, others
+    return pooling, normalize, dense, others
 
 
 def declared_embedding(model: str) -> tuple[str, bool]:
     """The pooling a sentence-transformers model declares (see :func:`declared_pooling`;
     mean when it declares none) and whether it normalises."""
-    pooling, normalize, _ = declared_modules(model)
+    pooling, normalize, _, _ = declared_modules(model)
     return declared_pooling(pooling), normalize

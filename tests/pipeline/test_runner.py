@@ -1179,22 +1179,81 @@ def test_pooling_on_the_device_equals_pooling_in_numpy(pooling):
                                runner._pool_numpy(tokens.numpy()), atol=1e-6)
 
 
-def test_a_model_with_modules_batchwire_does_not_run_refuses_embeddings(tiny_model_dir,
-                                                                       tmp_path):
-    """A Dense projection after the pooling (LaBSE, distiluse, sentence-t5 have one) changes
-    the vectors, and their size: pooling without it would answer vectors that match nothing
-    the model made. So embeddings are a 400 that says why; token-level answers still work,
-    and --pooling serves the pooled transformer output to someone who asks for it."""
-    model_dir = _sentence_transformers_dir(tiny_model_dir, tmp_path, {"pooling_mode": "mean"})
+@pytest.mark.parametrize("layers, safe", [
+    ([(16, "torch.nn.modules.activation.Tanh")], True),  # distiluse's and LaBSE's shape
+    ([(16, "torch.nn.modules.linear.Identity"), (8, "torch.nn.modules.activation.GELU")],
+     False),  # two in a row, weights in pytorch_model.bin
+], ids=["tanh", "identity+gelu-bin"])
+def test_dense_modules_give_sentence_transformers_vectors(tiny_model_dir, tmp_path, layers,
+                                                          safe):
+    """A Dense projection after the pooling (LaBSE, distiluse, sentence-t5 end in one)
+    changes the vectors and their size; the embedding is its output, normalised after it,
+    as sentence-transformers computes it. The model is saved by sentence-transformers
+    itself."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import (Dense, Normalize, Pooling,
+                                                                    Transformer)
+
+    modules, size = [Transformer(str(tiny_model_dir)), Pooling(32, "mean")], 32
+    for out, activation in layers:
+        module_name, _, class_name = activation.rpartition(".")
+        act = getattr(__import__(module_name, fromlist=[class_name]), class_name)()
+        modules.append(Dense(size, out, activation_function=act))
+        size = out
+    modules.append(Normalize())
+    model = SentenceTransformer(modules=modules, device="cpu")
+    model.save(str(tmp_path), safe_serialization=safe)
+    runner = _load(str(tmp_path), "feature-extraction")
+    assert runner.embedding_refusal == "" and len(runner.dense_layers) == len(layers)
+    texts = ["Hi.", LONG_TEXT, "A medium sized sentence about cats."]
+    reference = model.encode(texts)
+    assert reference.shape == (3, size)
+    batched = runner(list(texts), {EMBED_KEY: True}).outputs
+    alone = [runner([t], {EMBED_KEY: True}).outputs[0] for t in texts]
+    for got in (batched, alone):
+        np.testing.assert_allclose(np.stack([v.to_numpy() for v in got]), reference,
+                                   atol=2e-5)
+    # The device path (a GPU worker's), here on CPU tensors.
+    runner._pool = lambda tokens: runner._pool_torch(tokens[0].float())
+    on_device = runner(list(texts), {EMBED_KEY: True}).outputs
+    np.testing.assert_allclose(np.stack([v.to_numpy() for v in on_device]), reference,
+                               atol=2e-5)
+
+
+def _with_module(model_dir, module: dict, files: dict | None = None):
     modules = json.loads((model_dir / "modules.json").read_text())
-    modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dense",
-                       "type": "sentence_transformers.models.Dense"})
+    modules.insert(2, {"idx": 2, "name": "2", **module})
     (model_dir / "modules.json").write_text(json.dumps(modules))
+    for name, text in (files or {}).items():
+        (model_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (model_dir / name).write_text(text)
+
+
+@pytest.mark.parametrize("module, files, why", [
+    ({"path": "2_LSTM", "type": "sentence_transformers.models.LSTM"}, {}, "LSTM \\(2_LSTM\\)"),
+    ({"path": "2_Dense", "type": "sentence_transformers.models.Dense"}, {},
+     "Dense \\(2_Dense\\): 2_Dense/config.json is missing"),
+    ({"path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+     {"2_Dense/config.json": '{"in_features": 32, "out_features": 16, "use_residual": true}'},
+     "Dense \\(2_Dense\\): it adds a residual connection"),
+    ({"path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+     {"2_Dense/config.json": '{"in_features": 32, "out_features": 16, '
+                             '"activation_function": "mypackage.Swish"}'},
+     "Dense \\(2_Dense\\): its activation 'mypackage.Swish' is not a torch.nn module"),
+], ids=["unknown-module", "dense-without-files", "dense-residual", "dense-custom-activation"])
+def test_a_model_with_modules_batchwire_does_not_run_refuses_embeddings(
+        tiny_model_dir, tmp_path, module, files, why):
+    """Pooling without a module the model ends in would answer vectors that match nothing
+    the model made. So embeddings are a 400 that says which module and why; token-level
+    answers still work, and --pooling serves the pooled transformer output to someone who
+    asks for it."""
+    model_dir = _sentence_transformers_dir(tiny_model_dir, tmp_path, {"pooling_mode": "mean"})
+    _with_module(model_dir, module, files)
     runner = _load(str(model_dir), "feature-extraction")
     for attempt in (lambda: runner.measure("a cat", {EMBED_KEY: True}),
                     lambda: runner(["a cat"], {EMBED_KEY: True})):
-        with pytest.raises(BadInput, match=r"modules include Dense \(2_Dense\), which "
-                           "batchwire does not run"):
+        with pytest.raises(BadInput, match=f"modules include {why}.*which batchwire does "
+                           "not run"):
             attempt()
     assert runner(["a cat"], {}).outputs[0].to_numpy().shape == (1, 4, 32)
     chosen = PipelineRunner(str(model_dir), "feature-extraction", "cpu", pooling="mean")
