@@ -151,6 +151,9 @@ class PipelineRunner:
         #: The model's Dense modules, applied to the pooled vector before normalising
         #: (worker.dense_layers); empty when it has none or --pooling is set.
         self.dense_layers: list = []
+        #: The model's default prompt (config_sentence_transformers.json), put before every
+        #: text it embeds, as sentence-transformers' encode does; "" when it has none.
+        self.embedding_prompt = ""
         #: Sentence embeddings of longer inputs are of their first this-many tokens, as
         #: sentence-transformers computes them (its max_seq_length); None: no truncation, an
         #: input past ``max_length`` is refused. Resolved at load.
@@ -219,6 +222,12 @@ class PipelineRunner:
             cannot = others
             if auto and dense and not others:
                 cannot = self._load_dense(dense)
+            if auto and not cannot:
+                self.embedding_prompt = declared_prompt(self.model)
+                if self.embedding_prompt and pooling_config.get("include_prompt") is False:
+                    cannot = [f"a Pooling that leaves its default prompt "
+                              f"{self.embedding_prompt!r} out of the pooling"]
+                    self.embedding_prompt = ""
             if auto and cannot:
                 self.embedding_refusal = (
                     f"this model's sentence-transformers modules include {', '.join(cannot)}, "
@@ -358,6 +367,8 @@ class PipelineRunner:
             [] if self.batch_encoder is not None and self.batch_encoder.uses_arrivals else None)
         if self.embedding_refusal and parameters.get(EMBED_KEY):
             raise BadInput(self.embedding_refusal)
+        if self.embedding_prompt and parameters.get(EMBED_KEY):
+            input = self.embedding_prompt + input  # as _run will see it: one encoding
         truncate_at = self.embed_max_length if parameters.get(EMBED_KEY) else None
         backend = self._truncating_backend if truncate_at else self._counting_backend
         count = self._token_lengths([input], parameters, self._measuring_tokenizer,
@@ -382,6 +393,8 @@ class PipelineRunner:
             raise BadInput(f"this worker serves {self.task}, which has no sentence embeddings")
         if embed and self.embedding_refusal:
             raise BadInput(self.embedding_refusal)
+        if embed and self.embedding_prompt:
+            inputs = [self.embedding_prompt + x if isinstance(x, str) else x for x in inputs]
         self._check_parameters(parameters)
         truncate_at = self.embed_max_length if embed else None
         if not lengths or not all(lengths):
@@ -828,6 +841,21 @@ def declared_modules(model: str) -> tuple[dict, bool, list[str], list[str]]:
             others.append(f"{name or 'a module of no type'} ({path})"
                           if isinstance(module, dict) else repr(module))
     return pooling, normalize, dense, others
+
+
+def declared_prompt(model: str) -> str:
+    """The prompt sentence-transformers' ``encode`` puts before every text of this model by
+    default (config_sentence_transformers.json: ``prompts[default_prompt_name]``); "" when it
+    names none. A default name with no such prompt is an error, as it is there."""
+    config = _model_json(model, "config_sentence_transformers.json")
+    name = config.get("default_prompt_name") if isinstance(config, dict) else None
+    if not name:
+        return ""
+    prompts = config.get("prompts") or {}
+    if not isinstance(prompts, dict) or not isinstance(prompts.get(name), str):
+        raise ValueError(f"the model's default_prompt_name {name!r} names no prompt in its "
+                         f"config_sentence_transformers.json (it has {sorted(prompts)!r})")
+    return prompts[name]
 
 
 def declared_embedding(model: str) -> tuple[str, bool]:

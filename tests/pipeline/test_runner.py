@@ -1220,6 +1220,42 @@ def test_dense_modules_give_sentence_transformers_vectors(tiny_model_dir, tmp_pa
                                atol=2e-5)
 
 
+@pytest.mark.parametrize("include_prompt", [True, False])
+def test_a_default_prompt_is_put_before_every_embedded_text(tiny_model_dir, tmp_path,
+                                                             include_prompt):
+    """sentence-transformers' encode puts a model's default prompt before every text (a
+    model saved with default_prompt_name); the vectors must be those. A Pooling that leaves
+    the prompt's tokens out is not run: a 400 that says so."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    model = SentenceTransformer(
+        modules=[Transformer(str(tiny_model_dir)),
+                 Pooling(32, "mean", include_prompt=include_prompt)],
+        device="cpu", prompts={"query": "query: ", "passage": "passage: "},
+        default_prompt_name="query")
+    model.save(str(tmp_path))
+    runner = _load(str(tmp_path), "feature-extraction")
+    texts = ["a cat", LONG_TEXT]
+    if not include_prompt:
+        assert runner.embedding_prompt == ""
+        with pytest.raises(BadInput, match="leaves its default prompt 'query: ' out"):
+            runner.measure(texts[0], {EMBED_KEY: True})
+        return
+    assert runner.embedding_prompt == "query: "
+    reference = model.encode(texts)
+    assert np.abs(reference[0] - model.encode(texts[:1], prompt="")[0]).max() > 1e-3
+    measured = [runner.measure(t, {EMBED_KEY: True}) for t in texts]
+    assert measured == [n_tokens(runner, "query: " + t) for t in texts]
+    for result in (runner(list(texts), {EMBED_KEY: True}, measured),
+                   runner(list(texts), {EMBED_KEY: True})):
+        np.testing.assert_allclose(np.stack([v.to_numpy() for v in result.outputs]),
+                                   reference, atol=2e-5)
+        assert list(result.tokens) == measured
+    # Token-level answers are the text's own, without the prompt.
+    assert runner([texts[0]], {}).outputs[0].to_numpy().shape[1] == n_tokens(runner, texts[0])
+
+
 def _with_module(model_dir, module: dict, files: dict | None = None):
     modules = json.loads((model_dir / "modules.json").read_text())
     modules.insert(2, {"idx": 2, "name": "2", **module})
@@ -1271,6 +1307,20 @@ def test_an_unknown_declared_pooling_fails_the_load_unless_pooling_is_set(tiny_m
     runner = PipelineRunner(str(model_dir), "feature-extraction", "cpu", pooling="cls")
     runner.load()
     assert runner.pooling_description == "cls"
+
+
+def test_declared_prompt_reads_the_default_and_refuses_a_missing_one(tmp_path):
+    from worker.runner import declared_prompt
+
+    assert declared_prompt(default_model_path()) == ""  # MiniLM names no default prompt
+    config = tmp_path / "config_sentence_transformers.json"
+    config.write_text('{"prompts": {"query": "query: "}, "default_prompt_name": null}')
+    assert declared_prompt(str(tmp_path)) == ""
+    config.write_text('{"prompts": {"query": "query: "}, "default_prompt_name": "query"}')
+    assert declared_prompt(str(tmp_path)) == "query: "
+    config.write_text('{"prompts": {"query": "query: "}, "default_prompt_name": "search"}')
+    with pytest.raises(ValueError, match="default_prompt_name 'search' names no prompt"):
+        declared_prompt(str(tmp_path))
 
 
 def test_declared_max_seq_length_reads_the_transformer_modules_config(tmp_path):
