@@ -37,7 +37,6 @@ from protocol.errors import (
     MethodNotAllowed,
     ModelError,
     NotFound,
-    NoWorkers,
     Unauthorized,
     UnsupportedMediaType,
     WorkerCrashed,
@@ -426,12 +425,17 @@ def _is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _vector(vector: Any) -> Any:
+    """An embedding from a worker's answer as a numpy array."""
+    import numpy as np
+
+    return vector.to_numpy() if isinstance(vector, NDArray) else np.asarray(vector)
+
+
 def base64_floats(vector: Any) -> str:
     """An embedding as OpenAI's ``encoding_format: "base64"`` has it: the base64 of its
     little-endian float32 bytes (a float16 model's vector is widened first)."""
-    import numpy as np
-
-    array = vector.to_numpy() if isinstance(vector, NDArray) else np.asarray(vector)
+    array = _vector(vector)
     return base64.b64encode(array.astype("<f4", copy=False).tobytes()).decode("ascii")
 
 
@@ -444,7 +448,7 @@ def shortened(vectors: list, dimensions: int, normalized: bool) -> list:
 
     out = []
     for vector in vectors:
-        array = vector.to_numpy() if isinstance(vector, NDArray) else np.asarray(vector)
+        array = _vector(vector)
         if dimensions > array.shape[-1]:
             raise BadInput(f'"dimensions" is {dimensions}, but this model\'s embeddings have '
                            f"{array.shape[-1]}; ask for at most that many")
@@ -461,23 +465,16 @@ def _model_card(request: web.Request, name: str) -> dict:
     return {"id": name, "object": "model", "created": int(started), "owned_by": "batchwire"}
 
 
-def _served_names(request: web.Request) -> tuple[str, set[str]]:
-    primary, accepted = kserve.model_names(request)
-    if primary is None:
-        raise NoWorkers("no model worker is ready yet, so no model is known; retry shortly")
-    return primary, accepted
-
-
 async def handle_models(request: web.Request) -> web.Response:
     """OpenAI-compatible ``GET /v1/models``: the one model this server runs. Clients list
     models before they use one (Open WebUI, LiteLLM's health check, ``openai models list``)."""
-    primary, _ = _served_names(request)
+    primary, _ = kserve.known_model_names(request)
     return json_response({"object": "list", "data": [_model_card(request, primary)]})
 
 
 async def handle_model(request: web.Request) -> web.Response:
     """``GET /v1/models/{model}``: the model under any name it answers to, else 404."""
-    primary, accepted = _served_names(request)
+    primary, accepted = kserve.known_model_names(request)
     name = request.match_info["name"]
     if name not in accepted:
         raise NotFound(f"unknown model {name!r}; this server runs {primary!r} "

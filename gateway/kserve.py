@@ -187,11 +187,17 @@ def model_names(request: web.Request) -> tuple[str | None, set[str]]:
     return primary, accepted
 
 
-def _resolve(request: web.Request, name: str) -> str:
-    """The name answered for name, or 404; 503 while no model is known at all."""
+def known_model_names(request: web.Request) -> tuple[str, set[str]]:
+    """:func:`model_names`, or 503 while no model is known at all."""
     primary, accepted = model_names(request)
     if primary is None:
         raise NoWorkers("no model worker is ready yet, so no model is known; retry shortly")
+    return primary, accepted
+
+
+def _resolve(request: web.Request, name: str) -> str:
+    """The name answered for name, or 404; 503 while no model is known at all."""
+    primary, accepted = known_model_names(request)
     if name not in accepted:
         raise _unknown_model(name, primary)
     return primary
