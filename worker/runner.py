@@ -215,26 +215,13 @@ class PipelineRunner:
             self.kind = "fill-mask"
         if self.kind == "feature-extraction":
             pooling_config, declared_normalize, dense, others = declared_modules(self.model)
-            # --pooling overrides a declaration, even one batchwire cannot read or run: it
-            # serves the transformer's output pooled that way, and no Dense module.
-            auto = self._pooling_setting == "auto"
-            self.pooling = declared_pooling(pooling_config) if auto else self._pooling_setting
-            cannot = others
-            if auto and dense and not others:
-                cannot = self._load_dense(dense)
-            if auto and not cannot:
-                self.embedding_prompt = declared_prompt(self.model)
-                if self.embedding_prompt and pooling_config.get("include_prompt") is False:
-                    cannot = [f"a Pooling that leaves its default prompt "
-                              f"{self.embedding_prompt!r} out of the pooling"]
-                    self.embedding_prompt = ""
-            if auto and cannot:
-                self.embedding_refusal = (
-                    f"this model's sentence-transformers modules include {', '.join(cannot)}, "
-                    "which batchwire does not run, so its vectors here would not be the "
-                    "model's sentence embeddings; token-level answers are at POST / and "
-                    "/predict (a server started with --pooling pools them anyway)")
-                log.warning("/v1/embeddings refused: %s", self.embedding_refusal)
+            if self._pooling_setting == "auto":
+                self.pooling = declared_pooling(pooling_config)
+                self._follow_declared_modules(pooling_config, dense, others)
+            else:
+                # --pooling overrides a declaration, even one batchwire cannot read or run:
+                # the transformer's output pooled that way, no Dense module, no prompt.
+                self.pooling = self._pooling_setting
             self.normalize = (declared_normalize if self._normalize_setting is None
                               else self._normalize_setting)
         limits = [
@@ -279,6 +266,27 @@ class PipelineRunner:
             self.batch_encoder = batch_encoding.install(self.pipe, self.kind,
                                                         self._counting_backend)
         return time.monotonic() - started
+
+    def _follow_declared_modules(self, pooling_config: dict, dense: list[str],
+                                 others: list[str]) -> None:
+        """Set up the Dense modules and the default prompt the model declares, or the
+        refusal that says which part of its sentence-transformers files batchwire cannot
+        run (``others``, from :func:`declared_modules`, or one found here)."""
+        cannot = others or (self._load_dense(dense) if dense else [])
+        if not cannot:
+            prompt = declared_prompt(self.model)
+            if prompt and pooling_config.get("include_prompt") is False:
+                cannot = [f"a Pooling that leaves its default prompt {prompt!r} out of the "
+                          "pooling"]
+            else:
+                self.embedding_prompt = prompt
+        if cannot:
+            self.embedding_refusal = (
+                f"this model's sentence-transformers modules include {', '.join(cannot)}, "
+                "which batchwire does not run, so its vectors here would not be the "
+                "model's sentence embeddings; token-level answers are at POST / and "
+                "/predict (a server started with --pooling pools them anyway)")
+            log.warning("/v1/embeddings refused: %s", self.embedding_refusal)
 
     def _load_dense(self, folders: list[str]) -> list[str]:
         """Load the model's Dense modules (see :mod:`worker.dense_layers`); what cannot be
@@ -365,18 +373,28 @@ class PipelineRunner:
             return 0
         encodings: list | None = (
             [] if self.batch_encoder is not None and self.batch_encoder.uses_arrivals else None)
-        if self.embedding_refusal and parameters.get(EMBED_KEY):
-            raise BadInput(self.embedding_refusal)
-        if self.embedding_prompt and parameters.get(EMBED_KEY):
-            input = self.embedding_prompt + input  # as _run will see it: one encoding
-        truncate_at = self.embed_max_length if parameters.get(EMBED_KEY) else None
+        truncate_at = None
+        if parameters.get(EMBED_KEY):
+            [input] = self._embedding_inputs([input])  # as _run will see it: one encoding
+            truncate_at = self.embed_max_length
         backend = self._truncating_backend if truncate_at else self._counting_backend
         count = self._token_lengths([input], parameters, self._measuring_tokenizer,
                                     backend, encodings, truncate_at)[0] or 0
-        if encodings and not (truncate_at and len(encodings[0]) > truncate_at):
+        if encodings:
             # The batch encoder builds this text's model inputs from it: one tokenization.
             self.batch_encoder.remember(input, encodings[0], truncate_at)
         return count
+
+    def _embedding_inputs(self, inputs: list) -> list:
+        """The texts to embed as the model embeds them (its default prompt first), or the
+        400 that says why this worker has no embeddings to give."""
+        if not self.pooling:
+            raise BadInput(f"this worker serves {self.task}, which has no sentence embeddings")
+        if self.embedding_refusal:
+            raise BadInput(self.embedding_refusal)
+        if not self.embedding_prompt:
+            return inputs
+        return [self.embedding_prompt + x if isinstance(x, str) else x for x in inputs]
 
     def __call__(self, inputs: list, parameters: dict,
                  lengths: list[int] | None = None) -> RunOutput:
@@ -389,12 +407,8 @@ class PipelineRunner:
         embed = bool(parameters.get(EMBED_KEY))
         if EMBED_KEY in parameters:
             parameters = {k: v for k, v in parameters.items() if k != EMBED_KEY}
-        if embed and not self.pooling:
-            raise BadInput(f"this worker serves {self.task}, which has no sentence embeddings")
-        if embed and self.embedding_refusal:
-            raise BadInput(self.embedding_refusal)
-        if embed and self.embedding_prompt:
-            inputs = [self.embedding_prompt + x if isinstance(x, str) else x for x in inputs]
+        if embed:
+            inputs = self._embedding_inputs(inputs)
         self._check_parameters(parameters)
         truncate_at = self.embed_max_length if embed else None
         if not lengths or not all(lengths):
@@ -554,8 +568,9 @@ class PipelineRunner:
                        truncate_at: int | None = None) -> list[int | None]:
         """Each text input's token count; rejects inputs longer than the model takes.
         ``backend``: ``tokenizer``'s Rust backend, to count with when no tokenizer argument
-        applies (see :func:`counting_backend`); its encodings (untruncated) are appended to
-        ``encodings`` when given, and only when the inputs are not too long.
+        applies (see :func:`counting_backend`, or the truncating copy with ``truncate_at``);
+        its encodings are appended to ``encodings`` when given, and only when the inputs are
+        not too long.
         ``truncate_at``: inputs are cut to this many tokens (sentence embeddings), so none
         is too long and the count is of the tokens kept."""
         if tokenizer is None or not all(isinstance(x, str) for x in inputs):
@@ -769,18 +784,27 @@ _TRANSFORMER_CONFIGS = ("sentence_bert_config.json", "sentence_roberta_config.js
                         "sentence_xlnet_config.json")
 
 
+def _declared_module_list(model: str) -> list[tuple[str, str, Any]]:
+    """A sentence-transformers model's modules.json, in order, as (class name, folder,
+    the entry itself); [] when it has none."""
+    modules = _model_json(model, "modules.json")
+    out = []
+    for module in modules if isinstance(modules, list) else []:
+        entry = module if isinstance(module, dict) else {}
+        out.append((str(entry.get("type", "")).rsplit(".", 1)[-1],
+                    str(entry.get("path") or "").strip("/"), module))
+    return out
+
+
 def declared_max_seq_length(model: str) -> int | None:
     """The token length a sentence-transformers model (see :func:`model_file`) embeds at
     most: its Transformer module's sentence_bert_config.json ``max_seq_length``; 0 when it
     declares none (sentence-transformers then takes the tokenizer's limit); None when the
     model is not a sentence-transformers one (no Transformer module in modules.json)."""
-    modules = _model_json(model, "modules.json")
-    for module in modules if isinstance(modules, list) else []:
-        if isinstance(module, dict) and \
-                str(module.get("type", "")).rsplit(".", 1)[-1] == "Transformer":
-            folder = str(module.get("path") or "").strip("/")
-            config = next((c for c in (_model_json(model, f"{folder}/{name}".lstrip("/"))
-                                       for name in _TRANSFORMER_CONFIGS) if c is not None),
+    for name, folder, _ in _declared_module_list(model):
+        if name == "Transformer":
+            config = next((c for c in (_model_json(model, f"{folder}/{file}".lstrip("/"))
+                                       for file in _TRANSFORMER_CONFIGS) if c is not None),
                           None)
             value = config.get("max_seq_length") if isinstance(config, dict) else None
             return value if isinstance(value, int) and not isinstance(value, bool) \
@@ -821,15 +845,11 @@ def declared_modules(model: str) -> tuple[dict, bool, list[str], list[str]]:
     Pooling config ({} when it has none), whether it normalises, the folders of its Dense
     modules (in order, after the pooling), and the modules.json entries batchwire does not
     run, as "type (path)": any other module, or a Dense after the Normalize."""
-    modules = _model_json(model, "modules.json")
     pooling: dict = {}
     normalize = False
     dense: list[str] = []
     others: list[str] = []
-    for module in modules if isinstance(modules, list) else []:
-        kind = str(module.get("type", "")) if isinstance(module, dict) else ""
-        name = kind.rsplit(".", 1)[-1]
-        path = str(module.get("path") or "").strip("/") if isinstance(module, dict) else ""
+    for name, path, module in _declared_module_list(model):
         if name == "Normalize":
             normalize = True
         elif name == "Pooling":
