@@ -41,7 +41,7 @@ from protocol.errors import (
     UnsupportedMediaType,
     WorkerCrashed,
 )
-from protocol.messages import PROTOCOL_VERSION, NDArray, Result
+from protocol.messages import MAX_PROMPT_NAME, PROTOCOL_VERSION, NDArray, Result
 
 log = logging.getLogger("batchwire.gateway")
 
@@ -297,12 +297,14 @@ ITEM_ERRORS = (BadInput, InputTooLong, ModelError, WorkerCrashed)
 
 
 async def _run(request: web.Request, items: list, parameters: dict, embed: bool = False,
-               where: str = '"inputs"') -> tuple[list[Result], dict[str, str]]:
+               where: str = '"inputs"', prompt_name: str = "",
+               ) -> tuple[list[Result], dict[str, str]]:
     """Admit the items, await every result, and build the timing headers. ``where``: how the
     client's body names the items, for an error that belongs to one of several."""
     started = time.monotonic()
     broker = request.app[BROKER]
-    pendings = broker.submit_many(items, parameters, _timeout_s(request), embed=embed)
+    pendings = broker.submit_many(items, parameters, _timeout_s(request), embed=embed,
+                                  prompt_name=prompt_name)
     try:
         results: list[Result] = await asyncio.gather(*(p.future for p in pendings))
     except BaseException as exc:
@@ -361,6 +363,13 @@ async def handle_predict(request: web.Request) -> web.Response:
     return await _infer(request, inputs, parameters)
 
 
+#: What a /v1/embeddings body may hold: OpenAI's fields, and sentence-transformers'
+#: prompt_name (as Hugging Face's text-embeddings-inference takes it), which the OpenAI
+#: client sends with extra_body.
+EMBEDDINGS_FIELDS = frozenset({"input", "model", "encoding_format", "dimensions", "user",
+                               "prompt_name"})
+
+
 async def handle_embeddings(request: web.Request) -> web.Response:
     """OpenAI-compatible ``POST /v1/embeddings`` with the pooling the model declares."""
     body = await _read_body(request)
@@ -370,11 +379,11 @@ async def handle_embeddings(request: web.Request) -> web.Response:
     payload = load_json_body(body, '{"input": "text" or ["text", ...]}')
     if not isinstance(payload, dict) or "input" not in payload:
         raise BadInput('the body must be a JSON object with "input": a string or a list of them')
-    unknown = sorted(set(payload) - {"input", "model", "encoding_format", "user", "dimensions"})
+    unknown = sorted(set(payload) - EMBEDDINGS_FIELDS)
     if unknown:
-        raise BadInput(f"unknown field(s) {unknown}; /v1/embeddings takes input, model, "
-                       "encoding_format, dimensions, user")
-    for name in ("model", "user"):
+        raise BadInput(f"unknown field(s) {unknown}; /v1/embeddings takes "
+                       f"{', '.join(sorted(EMBEDDINGS_FIELDS))}")
+    for name in ("model", "user", "prompt_name"):
         if name in payload and not isinstance(payload[name], (str, type(None))):
             raise BadInput(f'"{name}" must be a string, not {json_type(payload[name])}')
     # The official OpenAI Python client asks for base64 unless its caller names a format.
@@ -405,7 +414,12 @@ async def handle_embeddings(request: web.Request) -> web.Response:
     if worker is not None and not worker.info.pooling:
         raise BadInput(f"this server runs a {worker.info.task} model, which has no sentence "
                        "embeddings; /v1/embeddings needs a feature-extraction model")
-    results, headers = await _run(request, items, {}, embed=True, where='"input"')
+    prompt_name = payload.get("prompt_name") or ""
+    if len(prompt_name) > MAX_PROMPT_NAME:
+        raise BadInput(f'"prompt_name" is {len(prompt_name)} characters long; a prompt\'s '
+                       f"name is at most {MAX_PROMPT_NAME}")
+    results, headers = await _run(request, items, {}, embed=True, where='"input"',
+                                  prompt_name=prompt_name)
     tokens = sum(r.tokens for r in results)
     vectors = [r.output for r in results]
     if dimensions is not None:

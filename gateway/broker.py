@@ -76,6 +76,7 @@ class PendingRequest:
     timer: asyncio.TimerHandle | None = None
     queued: bool = False
     embed: bool = False
+    prompt_name: str = ""
     #: Answered (or given up on). Not future.done(): a cancelled handler's gather cancels
     #: the future itself, and the broker must still withdraw the request.
     settled: bool = False
@@ -229,7 +230,7 @@ class Broker:
         return len(self._pending)
 
     def submit_many(self, inputs: list, parameters: dict, timeout_s: float,
-                    embed: bool = False) -> list[PendingRequest]:
+                    embed: bool = False, prompt_name: str = "") -> list[PendingRequest]:
         """Admit all the inputs or none of them (503) so a list is never half served."""
         if self.draining:
             raise Draining("the server is shutting down; retry on another instance")
@@ -254,6 +255,7 @@ class Broker:
                 deadline=now + timeout_s,
                 future=loop.create_future(),
                 embed=embed,
+                prompt_name=prompt_name,
             )
             pending.timer = loop.call_later(timeout_s, self._expire, pending)
             self._pending[pending.request_id] = pending
@@ -309,6 +311,7 @@ class Broker:
                 budget_ms=max(pending.deadline - now, 0.0) * 1000.0,
                 waited_ms=(now - pending.admitted_at) * 1000.0,
                 embed=pending.embed,
+                prompt_name=pending.prompt_name,
             )
             pending.worker = worker
             if not worker.in_flight:

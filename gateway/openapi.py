@@ -32,6 +32,7 @@ from protocol.errors import (
     UnsupportedMediaType,
     WorkerCrashed,
 )
+from protocol.messages import MAX_PROMPT_NAME
 
 OPENAPI_VERSION = "3.0.3"
 #: Errors a client can see, in the order the docs list them (Cancelled only reaches logs).
@@ -191,6 +192,16 @@ def _components(config: GatewayConfig) -> dict:
                                "values (Matryoshka models are trained for it), L2-normalised "
                                "again when the model's embeddings are normalised; more than "
                                "the model has: 400."},
+                "prompt_name": {"type": "string", "maxLength": MAX_PROMPT_NAME,
+                                "nullable": True,
+                                "description": "Not OpenAI's: the name of one of the "
+                                "model's sentence-transformers prompts "
+                                "(config_sentence_transformers.json \"prompts\", e.g. "
+                                "\"query\"), put before every input as sentence-transformers' "
+                                "encode(prompt_name=...) puts it, instead of the model's "
+                                "default prompt; a name the model does not have: 400, listing "
+                                "those it has. The OpenAI client sends it with "
+                                "extra_body={\"prompt_name\": ...}."},
             },
         },
         "EmbeddingsResponse": {

@@ -78,8 +78,32 @@ def _ext_hook(code: int, data: bytes) -> NDArray:
     return NDArray(dtype, tuple(shape), raw)
 
 
+def _trailing_defaults(cls: type) -> tuple[tuple[str, Any], ...]:
+    """The fields after the last one without a default, last first, with their defaults."""
+    found = []
+    for f in reversed(dataclasses.fields(cls)):
+        if f.default is dataclasses.MISSING:
+            break
+        found.append((f.name, f.default))
+    return tuple(found)
+
+
+_FIELD_NAMES = {cls: tuple(f.name for f in dataclasses.fields(cls))
+                for cls in MESSAGE_TYPES.values()}
+_TRAILING_DEFAULTS = {cls: _trailing_defaults(cls) for cls in MESSAGE_TYPES.values()}
+
+
 def encode(message: Message) -> bytes:
-    fields = [getattr(message, f.name) for f in dataclasses.fields(message)]
+    cls = type(message)
+    fields = [getattr(message, name) for name in _FIELD_NAMES[cls]]
+    # Trailing fields still at their defaults stay off the wire, so a peer that predates a
+    # field decodes every message that does not use it (a newer gateway's REQUEST, say,
+    # reaches an older worker unless it asks for something that worker cannot do).
+    for name, default in _TRAILING_DEFAULTS[cls]:
+        value = fields[-1]
+        if type(value) is not type(default) or value != default:
+            break
+        fields.pop()
     return msgpack.packb(
         [PROTOCOL_VERSION, int(message.TYPE), *fields], use_bin_type=True, default=_default
     )

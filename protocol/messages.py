@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 PROTOCOL_VERSION = 1
+#: Longest REQUEST.prompt_name: a prompt's name ("query", "search_document"), not its text.
+MAX_PROMPT_NAME = 256
 
 
 class MessageType(enum.IntEnum):
@@ -126,12 +128,20 @@ class Request(Message):
     #: Answer the pooled sentence embedding (the worker's READY.pooling) instead of the
     #: pipeline's token-level output.
     embed: bool = False
+    #: With ``embed``: the model's prompt (config_sentence_transformers.json ``prompts``) to
+    #: put before the text, as sentence-transformers' ``encode(prompt_name=...)`` does;
+    #: "": the model's default prompt, if it has one.
+    prompt_name: str = ""
 
     def check(self) -> None:
         if self.request_id < 0:
             raise ValueError("request_id must be non-negative")
         if self.waited_ms < 0:
             raise ValueError("waited_ms must be non-negative")
+        if self.prompt_name and not self.embed:
+            raise ValueError("prompt_name is for embedding requests only")
+        if len(self.prompt_name) > MAX_PROMPT_NAME:
+            raise ValueError(f"prompt_name is longer than {MAX_PROMPT_NAME} characters")
 
 
 @dataclass(frozen=True, slots=True)

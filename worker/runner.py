@@ -38,6 +38,7 @@ _TASK_BY_ARCH_SUFFIX = (
 )
 
 #: Reserved parameter the worker service sets for REQUEST.embed; never sent to the pipeline.
+#: True, or the REQUEST's prompt_name (so batches hold texts of one prompt).
 EMBED_KEY = "batchwire:embed"
 _NORMALIZE_EPS = 1e-12
 
@@ -154,6 +155,10 @@ class PipelineRunner:
         #: The model's default prompt (config_sentence_transformers.json), put before every
         #: text it embeds, as sentence-transformers' encode does; "" when it has none.
         self.embedding_prompt = ""
+        #: All the prompts it names, for a request's ``prompt_name`` (encode's prompt_name).
+        self.embedding_prompts: dict[str, str] = {}
+        #: Why a ``prompt_name`` is refused though the model names prompts; "" otherwise.
+        self.prompt_refusal = ""
         #: Sentence embeddings of longer inputs are of their first this-many tokens, as
         #: sentence-transformers computes them (its max_seq_length); None: no truncation, an
         #: input past ``max_length`` is refused. Resolved at load.
@@ -269,17 +274,25 @@ class PipelineRunner:
 
     def _follow_declared_modules(self, pooling_config: dict, dense: list[str],
                                  others: list[str]) -> None:
-        """Set up the Dense modules and the default prompt the model declares, or the
-        refusal that says which part of its sentence-transformers files batchwire cannot
-        run (``others``, from :func:`declared_modules`, or one found here)."""
+        """Set up the Dense modules and the prompts the model declares, or the refusal that
+        says which part of its sentence-transformers files batchwire cannot run (``others``,
+        from :func:`declared_modules`, or one found here)."""
         cannot = others or (self._load_dense(dense) if dense else [])
         if not cannot:
-            prompt = declared_prompt(self.model)
-            if prompt and pooling_config.get("include_prompt") is False:
-                cannot = [f"a Pooling that leaves its default prompt {prompt!r} out of the "
-                          "pooling"]
+            prompts, default = declared_prompts(self.model)
+            if pooling_config.get("include_prompt") is False:
+                # sentence-transformers then pools over the text's tokens only; batchwire
+                # pools over all of them, so a prompt would change the vector.
+                if default:
+                    cannot = [f"a Pooling that leaves its default prompt {default!r} out of "
+                              "the pooling"]
+                elif prompts:
+                    self.prompt_refusal = (
+                        "this model's Pooling leaves prompts out of the pooling, which "
+                        "batchwire does not do, so it embeds texts without one: leave "
+                        '"prompt_name" out')
             else:
-                self.embedding_prompt = prompt
+                self.embedding_prompts, self.embedding_prompt = prompts, default
         if cannot:
             self.embedding_refusal = (
                 f"this model's sentence-transformers modules include {', '.join(cannot)}, "
@@ -375,7 +388,8 @@ class PipelineRunner:
             [] if self.batch_encoder is not None and self.batch_encoder.uses_arrivals else None)
         truncate_at = None
         if parameters.get(EMBED_KEY):
-            [input] = self._embedding_inputs([input])  # as _run will see it: one encoding
+            # As _run will see it: one encoding.
+            [input] = self._embedding_inputs([input], parameters[EMBED_KEY])
             truncate_at = self.embed_max_length
         backend = self._truncating_backend if truncate_at else self._counting_backend
         count = self._token_lengths([input], parameters, self._measuring_tokenizer,
@@ -385,16 +399,35 @@ class PipelineRunner:
             self.batch_encoder.remember(input, encodings[0], truncate_at)
         return count
 
-    def _embedding_inputs(self, inputs: list) -> list:
-        """The texts to embed as the model embeds them (its default prompt first), or the
-        400 that says why this worker has no embeddings to give."""
+    def _embedding_inputs(self, inputs: list, prompt_name: Any = True) -> list:
+        """The texts to embed as the model embeds them (the prompt ``prompt_name`` names
+        first, or the model's default one when it is not a name), or the 400 that says why
+        this worker has no embeddings to give, or no such prompt."""
         if not self.pooling:
             raise BadInput(f"this worker serves {self.task}, which has no sentence embeddings")
         if self.embedding_refusal:
             raise BadInput(self.embedding_refusal)
-        if not self.embedding_prompt:
+        prompt = (self._named_prompt(prompt_name) if isinstance(prompt_name, str)
+                  else self.embedding_prompt)
+        if not prompt:
             return inputs
-        return [self.embedding_prompt + x if isinstance(x, str) else x for x in inputs]
+        return [prompt + x if isinstance(x, str) else x for x in inputs]
+
+    def _named_prompt(self, name: str) -> str:
+        prompt = self.embedding_prompts.get(name)
+        if prompt is not None:
+            return prompt
+        if self.prompt_refusal:
+            raise BadInput(self.prompt_refusal)
+        if self._pooling_setting != "auto":
+            raise BadInput('"prompt_name": this server pools as its --pooling flag says, '
+                           "without the model's sentence-transformers prompts; put the "
+                           "prompt before the text instead")
+        if not self.embedding_prompts:
+            raise BadInput(f'"prompt_name" is {name!r}, but this model names no prompts '
+                           "(config_sentence_transformers.json); leave it out")
+        raise BadInput(f'"prompt_name" is {name!r}, which is not one of this model\'s '
+                       f"prompts: {', '.join(sorted(self.embedding_prompts))}")
 
     def __call__(self, inputs: list, parameters: dict,
                  lengths: list[int] | None = None) -> RunOutput:
@@ -404,11 +437,12 @@ class PipelineRunner:
             return self._run(inputs, parameters, lengths)
 
     def _run(self, inputs: list, parameters: dict, lengths: list[int] | None) -> RunOutput:
-        embed = bool(parameters.get(EMBED_KEY))
+        embed = parameters.get(EMBED_KEY)
         if EMBED_KEY in parameters:
             parameters = {k: v for k, v in parameters.items() if k != EMBED_KEY}
         if embed:
-            inputs = self._embedding_inputs(inputs)
+            inputs = self._embedding_inputs(inputs, embed)
+        embed = bool(embed)
         self._check_parameters(parameters)
         truncate_at = self.embed_max_length if embed else None
         if not lengths or not all(lengths):
@@ -863,19 +897,26 @@ def declared_modules(model: str) -> tuple[dict, bool, list[str], list[str]]:
     return pooling, normalize, dense, others
 
 
-def declared_prompt(model: str) -> str:
-    """The prompt sentence-transformers' ``encode`` puts before every text of this model by
-    default (config_sentence_transformers.json: ``prompts[default_prompt_name]``); "" when it
-    names none. A default name with no such prompt is an error, as it is there."""
+def declared_prompts(model: str) -> tuple[dict[str, str], str]:
+    """The prompts a sentence-transformers model names (config_sentence_transformers.json
+    ``prompts``: name -> the text ``encode(prompt_name=name)`` puts before each input) and
+    the one ``encode`` puts there by default (``prompts[default_prompt_name]``; "" when it
+    names none). A default name with no such prompt is an error, as it is there."""
     config = _model_json(model, "config_sentence_transformers.json")
-    name = config.get("default_prompt_name") if isinstance(config, dict) else None
-    if not name:
-        return ""
+    if not isinstance(config, dict):
+        return {}, ""
     prompts = config.get("prompts") or {}
-    if not isinstance(prompts, dict) or not isinstance(prompts.get(name), str):
+    if not isinstance(prompts, dict):
+        raise ValueError("the model's config_sentence_transformers.json has \"prompts\" "
+                         f"that are not a name -> text map: {prompts!r}")
+    prompts = {name: text for name, text in prompts.items() if isinstance(text, str)}
+    name = config.get("default_prompt_name")
+    if not name:
+        return prompts, ""
+    if name not in prompts:
         raise ValueError(f"the model's default_prompt_name {name!r} names no prompt in its "
                          f"config_sentence_transformers.json (it has {sorted(prompts)!r})")
-    return prompts[name]
+    return prompts, prompts[name]
 
 
 def declared_embedding(model: str) -> tuple[str, bool]:

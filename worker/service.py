@@ -168,8 +168,9 @@ class WorkerService:
             now = time.monotonic()
             parameters = message.parameters
             if message.embed:
-                # Embedding requests batch apart from token-level ones with equal parameters.
-                parameters = {**parameters, EMBED_KEY: True}
+                # Embedding requests batch apart from token-level ones with equal parameters,
+                # and apart from those with another prompt.
+                parameters = {**parameters, EMBED_KEY: message.prompt_name or True}
             try:
                 tokens = self.runner.measure(message.inputs, parameters)
             except Exception as exc:  # noqa: BLE001 - the client gets the reason, we go on

@@ -438,6 +438,52 @@ def test_the_openai_python_client_gets_embeddings(default_server):
     for bad in (0, -2, "64", 1.5):
         with pytest.raises(openai.BadRequestError, match='"dimensions" must be a whole'):
             client.embeddings.create(input=texts[0], model="minilm", dimensions=bad)
+    # sentence-transformers' prompt_name, sent as an extra field: MiniLM names no prompts.
+    with pytest.raises(openai.BadRequestError, match="'query', but this model names no "
+                       "prompts"):
+        client.embeddings.create(input=texts, model="minilm", extra_body={"prompt_name": "query"})
+    for bad, why in ((7, "must be a string, not a number"), ("q" * 257, "at most 256")):
+        with pytest.raises(openai.BadRequestError, match=f'"prompt_name" .*{why}'):
+            client.embeddings.create(input=texts[0], model="minilm",
+                                     extra_body={"prompt_name": bad})
+
+
+async def test_a_prompt_name_picks_one_of_the_models_prompts(start_server, tiny_model_dir,
+                                                             tmp_path):
+    """encode(prompt_name=...)'s vectors, for a client that sends prompt_name (the OpenAI
+    client: extra_body), in place of the model's default prompt; usage counts the prompt.
+    Requests of different prompts sent together each get their own prompt."""
+    import openai
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import (Normalize, Pooling,
+                                                                    Transformer)
+
+    model = SentenceTransformer(
+        modules=[Transformer(str(tiny_model_dir)), Pooling(32, "mean"), Normalize()],
+        device="cpu", prompts={"query": "query: ", "passage": "passage: "},
+        default_prompt_name="passage")
+    model.save(str(tmp_path / "model"))
+    server = start_server(["--model", str(tmp_path / "model"), "--task", "feature-extraction",
+                           "--workers", "1", "--max-delay-ms", "20"])
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                                timeout=60)
+    texts = ["a cat sits on the mat", "stock markets fell sharply"]
+    names = (None, "query", "passage", "query")
+    answers = await asyncio.gather(*(
+        client.embeddings.create(input=texts, model="m", encoding_format="float",
+                                 extra_body={"prompt_name": name} if name else None)
+        for name in names))
+    tokenizer = model.tokenizer
+    for name, answer in zip(names, answers):
+        want = model.encode(texts, prompt_name=name)
+        np.testing.assert_allclose([d.embedding for d in answer.data], want, atol=2e-5)
+        prompt = "query: " if name == "query" else "passage: "
+        assert answer.usage.prompt_tokens == sum(len(tokenizer(prompt + t)["input_ids"])
+                                                 for t in texts)
+    with pytest.raises(openai.BadRequestError, match="'search', which is not one of this "
+                       "model's prompts: (document, )?passage, query"):
+        await client.embeddings.create(input=texts, model="m",
+                                       extra_body={"prompt_name": "search"})
 
 
 def test_a_model_that_cannot_load_stops_serve_with_a_clear_error(start_server, tmp_path):

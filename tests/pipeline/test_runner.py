@@ -1256,6 +1256,68 @@ def test_a_default_prompt_is_put_before_every_embedded_text(tiny_model_dir, tmp_
     assert runner([texts[0]], {}).outputs[0].to_numpy().shape[1] == n_tokens(runner, texts[0])
 
 
+@pytest.mark.parametrize("default", [None, "query"], ids=["no-default", "default-query"])
+def test_a_named_prompt_is_put_before_every_embedded_text(tiny_model_dir, tmp_path, default):
+    """A request's prompt_name picks one of the model's prompts, as encode(prompt_name=...)
+    does, in place of its default prompt; a name the model does not have is a 400 that
+    lists those it has. Prompts batch apart, so a batch's texts share their prompt."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    model = SentenceTransformer(
+        modules=[Transformer(str(tiny_model_dir)), Pooling(32, "mean")], device="cpu",
+        prompts={"query": "query: ", "passage": "passage: "}, default_prompt_name=default)
+    model.save(str(tmp_path))
+    runner = _load(str(tmp_path), "feature-extraction")
+    texts = ["a cat", LONG_TEXT]
+    for name in ("query", "passage"):
+        reference = model.encode(texts, prompt_name=name)
+        embed = {EMBED_KEY: name}
+        measured = [runner.measure(t, embed) for t in texts]
+        assert measured == [n_tokens(runner, f"{name}: {t}") for t in texts]
+        for result in (runner(list(texts), embed, measured), runner(list(texts), embed),
+                       runner(texts[:1], embed)):
+            got = np.stack([v.to_numpy() for v in result.outputs])
+            np.testing.assert_allclose(got, reference[:len(got)], atol=2e-5)
+    # No name: the default prompt, or none.
+    (plain,) = runner(texts[:1], {EMBED_KEY: True}).outputs
+    np.testing.assert_allclose(plain.to_numpy(), model.encode(texts[:1])[0], atol=2e-5)
+    assert (np.abs(plain.to_numpy() - model.encode(texts[:1], prompt="")[0]).max() > 1e-3) \
+        == (default is not None)
+    for attempt in (lambda: runner.measure("a cat", {EMBED_KEY: "search"}),
+                    lambda: runner(["a cat"], {EMBED_KEY: "search"})):
+        # (sentence-transformers 6 saves an empty "document" prompt beside those given.)
+        with pytest.raises(BadInput, match="\"prompt_name\" is 'search', which is not one "
+                           "of this model's prompts: (document, )?passage, query$"):
+            attempt()
+
+
+def test_a_prompt_name_the_worker_cannot_honour_is_refused(tiny_model_dir, tmp_path):
+    """No prompts (MiniLM's case), prompts a Pooling leaves out (include_prompt false:
+    batchwire pools over every token), and --pooling (no sentence-transformers prompts):
+    each a 400 that says what to do, while embeddings without a name still work."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    (tmp_path / "bare").mkdir()
+    bare = _sentence_transformers_dir(tiny_model_dir, tmp_path / "bare",
+                                      {"pooling_mode": "mean"})
+    left_out = tmp_path / "left-out"
+    SentenceTransformer(
+        modules=[Transformer(str(tiny_model_dir)), Pooling(32, "mean", include_prompt=False)],
+        device="cpu", prompts={"query": "query: "}).save(str(left_out))
+    chosen = PipelineRunner(str(left_out), "feature-extraction", "cpu", pooling="mean")
+    chosen.load()
+    for runner, why in ((_load(str(bare), "feature-extraction"),
+                         "'query', but this model names no prompts"),
+                        (_load(str(left_out), "feature-extraction"),
+                         "leaves prompts out of the pooling.*leave \"prompt_name\" out"),
+                        (chosen, "pools as its --pooling flag says.*put the prompt before")):
+        with pytest.raises(BadInput, match=why):
+            runner.measure("a cat", {EMBED_KEY: "query"})
+        assert runner(["a cat"], {EMBED_KEY: True}).outputs[0].to_numpy().shape == (32,)
+
+
 def _with_module(model_dir, module: dict, files: dict | None = None):
     modules = json.loads((model_dir / "modules.json").read_text())
     modules.insert(2, {"idx": 2, "name": "2", **module})
@@ -1309,18 +1371,22 @@ def test_an_unknown_declared_pooling_fails_the_load_unless_pooling_is_set(tiny_m
     assert runner.pooling_description == "cls"
 
 
-def test_declared_prompt_reads_the_default_and_refuses_a_missing_one(tmp_path):
-    from worker.runner import declared_prompt
+def test_declared_prompts_reads_the_names_and_the_default(tmp_path):
+    from worker.runner import declared_prompts
 
-    assert declared_prompt(default_model_path()) == ""  # MiniLM names no default prompt
+    assert declared_prompts(default_model_path()) == ({}, "")  # MiniLM names none
+    assert declared_prompts(str(tmp_path)) == ({}, "")  # no config at all
     config = tmp_path / "config_sentence_transformers.json"
-    config.write_text('{"prompts": {"query": "query: "}, "default_prompt_name": null}')
-    assert declared_prompt(str(tmp_path)) == ""
+    config.write_text('{"prompts": {"query": "query: ", "doc": ""}, "default_prompt_name": null}')
+    assert declared_prompts(str(tmp_path)) == ({"query": "query: ", "doc": ""}, "")
     config.write_text('{"prompts": {"query": "query: "}, "default_prompt_name": "query"}')
-    assert declared_prompt(str(tmp_path)) == "query: "
+    assert declared_prompts(str(tmp_path)) == ({"query": "query: "}, "query: ")
     config.write_text('{"prompts": {"query": "query: "}, "default_prompt_name": "search"}')
     with pytest.raises(ValueError, match="default_prompt_name 'search' names no prompt"):
-        declared_prompt(str(tmp_path))
+        declared_prompts(str(tmp_path))
+    config.write_text('{"prompts": ["query: "]}')
+    with pytest.raises(ValueError, match="\"prompts\" that are not a name -> text map"):
+        declared_prompts(str(tmp_path))
 
 
 def test_declared_max_seq_length_reads_the_transformer_modules_config(tmp_path):

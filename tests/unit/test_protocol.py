@@ -116,7 +116,11 @@ def test_wire_layout_is_version_type_then_fields_in_declared_order(message):
     fields = [getattr(message, f.name) for f in dataclasses.fields(message)]
     assert parts[0] == PROTOCOL_VERSION
     assert parts[1] == int(message.TYPE)
-    assert parts[2:] == fields
+    sent = len(parts) - 2
+    assert parts[2:] == fields[:sent]
+    # What is left off is trailing fields at their defaults.
+    assert all(f.default == getattr(message, f.name)
+               for f in dataclasses.fields(message)[sent:])
 
 
 def test_wire_bytes_of_a_known_message_are_stable():
@@ -136,7 +140,8 @@ def test_field_order_on_the_wire():
                dtype="bfloat16", max_seq_length=256),
          [1, 1, "w", 12, "m", "t", "cpu", 2, 16, "h", "mean", 4096, "bfloat16", 256]),
         (Request(request_id=5, inputs="in", parameters={"k": 1}, budget_ms=30.0,
-                 waited_ms=2.5, embed=True), [1, 2, 5, "in", {"k": 1}, 30.0, 2.5, True]),
+                 waited_ms=2.5, embed=True, prompt_name="query"),
+         [1, 2, 5, "in", {"k": 1}, 30.0, 2.5, True, "query"]),
         (Result(request_id=5, output="out", batch_size=3, queue_ms=1.25, inference_ms=4.5,
                 batch_id=9, tokens=11, batch_tokens=48, padding_ratio=0.25),
          [1, 3, 5, "out", 3, 1.25, 4.5, 9, 11, 48, 0.25]),
@@ -152,8 +157,8 @@ def test_field_order_on_the_wire():
     older = decode(msgpack.packb(expected[0][1][:-1], use_bin_type=True))
     assert older.max_seq_length == 0 and older.dtype == "bfloat16"
     ext = msgpack.ExtType(1, msgpack.packb(["<i8", [1], nd.data], use_bin_type=True))
-    assert encode(Result(1, nd, 1, 0.0, 0.0)) == msgpack.packb(
-        [1, 3, 1, ext, 1, 0.0, 0.0, 0, 0, 0, 0.0], use_bin_type=True
+    assert encode(Result(1, nd, 1, 0.0, 0.0, 7)) == msgpack.packb(
+        [1, 3, 1, ext, 1, 0.0, 0.0, 7], use_bin_type=True
     )
 
 
@@ -478,7 +483,7 @@ def test_frame_that_is_not_a_message_array(raw):
         (MessageType.ERROR, [1, "model_error"]),
         (MessageType.REQUEST, [1, "x", {}, 1.0]),
         (MessageType.RESULT, [1, "x", 1, 0.0, 0.0, 0, 0, 0, 0.0, 0]),
-        (MessageType.REQUEST, [1, "x", {}, 1.0, 0.0, False, 1]),
+        (MessageType.REQUEST, [1, "x", {}, 1.0, 0.0, False, "", 1]),
         (MessageType.READY, ["w", 1, "m", "t", "cpu", 1]),
     ],
 )
@@ -908,6 +913,27 @@ def test_trailing_fields_with_defaults_may_be_left_off():
     # ...but never a field without a default.
     with pytest.raises(ProtocolError, match="fields, got"):
         decode(msgpack.packb([1, 3, 5, "out", 2, 1.0]))
+
+
+def test_trailing_fields_at_their_defaults_stay_off_the_wire():
+    """So an older peer, which knows fewer fields, decodes every message that does not use
+    a newer one: a REQUEST without a prompt name is the frame it always was."""
+    plain = Request(5, "in", {}, 9.0, 0.0)
+    assert msgpack.unpackb(encode(plain)) == [1, 2, 5, "in", {}, 9.0, 0.0]
+    embed = Request(5, "in", {}, 9.0, 0.0, embed=True)
+    assert msgpack.unpackb(encode(embed)) == [1, 2, 5, "in", {}, 9.0, 0.0, True]
+    named = Request(5, "in", {}, 9.0, 0.0, embed=True, prompt_name="query")
+    assert msgpack.unpackb(encode(named))[-2:] == [True, "query"]
+    # A field before a used one stays, default or not: fields are positional.
+    assert msgpack.unpackb(encode(Request(5, "in", {}, 9.0, 0.0, prompt_name="q")))[-2:] == \
+        [False, "q"]
+    assert msgpack.unpackb(encode(Disconnect())) == [1, 7]
+    assert msgpack.unpackb(encode(Result(5, "out", 2, 1.0, 3.0, 0, 0, 0, 0.0))) == \
+        [1, 3, 5, "out", 2, 1.0, 3.0]
+    # A value equal to the default but of another type is sent: it decodes as sent.
+    assert len(msgpack.unpackb(encode(Result(5, "out", 2, 1.0, 3.0, padding_ratio=0)))) == 11
+    for message in (plain, embed, named, Disconnect(), Disconnect("bye")):
+        assert decode(encode(message)) == message
 
 
 def test_freeze_startup_objects_takes_them_out_of_the_collectors_reach():
