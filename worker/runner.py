@@ -187,6 +187,15 @@ class PipelineRunner:
         #: That tokenizer's Rust backend, when counting with it directly gives the same
         #: counts as the tokenizer's own call (checked at load): None otherwise.
         self._counting_backend: Any = None
+        #: The tokenizer sentence embeddings are tokenized with when it is not the
+        #: pipeline's: a copy that lowercases first, for a model whose sentence-transformers
+        #: Transformer says do_lower_case (as sentence-transformers makes it). None: the
+        #: pipeline's own. Swapped into the pipeline for an embedding batch.
+        self._embed_tokenizer: Any = None
+        #: The measuring tokenizer and counting backend for embeddings: the ones above, or
+        #: a copy of ``_embed_tokenizer`` and its backend.
+        self._embed_measuring_tokenizer: Any = None
+        self._embed_counting_backend: Any = None
         #: A copy of that backend that cuts at ``embed_max_length``, as the tokenizer's call
         #: with truncation does (checked at load): an embedding's one arrival encoding, the
         #: one its model inputs are built from. None: counted untruncated, cut in the batch.
@@ -250,9 +259,17 @@ class PipelineRunner:
         if self.pipe.tokenizer is not None:
             self._measuring_tokenizer = copy.deepcopy(self.pipe.tokenizer)
             self._counting_backend = counting_backend(self._measuring_tokenizer)
-            if self._counting_backend is not None and self.embed_max_length:
-                self._truncating_backend = truncating_backend(
-                    self._measuring_tokenizer, self._counting_backend, self.embed_max_length)
+            measuring, counting = self._measuring_tokenizer, self._counting_backend
+            if self.pooling and declared_lower_case(self.model):
+                self._embed_tokenizer = lowercasing(self.pipe.tokenizer)
+                measuring = copy.deepcopy(self._embed_tokenizer)
+                counting = counting_backend(measuring)
+                log.info("sentence embeddings: texts lowercased first (the model's "
+                         "do_lower_case)")
+            self._embed_measuring_tokenizer, self._embed_counting_backend = measuring, counting
+            if counting is not None and self.embed_max_length:
+                self._truncating_backend = truncating_backend(measuring, counting,
+                                                              self.embed_max_length)
         if self.stock_pipeline:
             log.info("stock pipeline: no stand-ins for its methods, torch.no_grad as it has")
             return time.monotonic() - started
@@ -387,13 +404,19 @@ class PipelineRunner:
         encodings: list | None = (
             [] if self.batch_encoder is not None and self.batch_encoder.uses_arrivals else None)
         truncate_at = None
+        tokenizer, backend = self._measuring_tokenizer, self._counting_backend
         if parameters.get(EMBED_KEY):
             # As _run will see it: one encoding.
             [input] = self._embedding_inputs([input], parameters[EMBED_KEY])
             truncate_at = self.embed_max_length
-        backend = self._truncating_backend if truncate_at else self._counting_backend
-        count = self._token_lengths([input], parameters, self._measuring_tokenizer,
-                                    backend, encodings, truncate_at)[0] or 0
+            tokenizer = self._embed_measuring_tokenizer
+            backend = self._truncating_backend if truncate_at else self._embed_counting_backend
+            if not truncate_at and self._embed_tokenizer is not None:
+                # Remembered by (text, no cut), it would pass for the text's token-level
+                # encoding, which is not lowercased.
+                encodings = None
+        count = self._token_lengths([input], parameters, tokenizer, backend, encodings,
+                                    truncate_at)[0] or 0
         if encodings:
             # The batch encoder builds this text's model inputs from it: one tokenization.
             self.batch_encoder.remember(input, encodings[0], truncate_at)
@@ -433,8 +456,23 @@ class PipelineRunner:
                  lengths: list[int] | None = None) -> RunOutput:
         """Run one batch. ``lengths``: the inputs' token counts from :meth:`measure` (0 or
         None: measure here)."""
-        with self.inference_context():
+        with self.inference_context(), self._tokenizer_for(parameters.get(EMBED_KEY)):
             return self._run(inputs, parameters, lengths)
+
+    @contextlib.contextmanager
+    def _tokenizer_for(self, embed: Any):
+        """The pipeline tokenizes an embedding batch with ``_embed_tokenizer`` when there is
+        one: its own preprocess, the batch encoder and the counts all read
+        ``pipe.tokenizer``, on this (the inference) thread only."""
+        if not embed or self._embed_tokenizer is None:
+            yield
+            return
+        stock = self.pipe.tokenizer
+        self.pipe.tokenizer = self._embed_tokenizer
+        try:
+            yield
+        finally:
+            self.pipe.tokenizer = stock
 
     def _run(self, inputs: list, parameters: dict, lengths: list[int] | None) -> RunOutput:
         embed = parameters.get(EMBED_KEY)
@@ -830,20 +868,58 @@ def _declared_module_list(model: str) -> list[tuple[str, str, Any]]:
     return out
 
 
-def declared_max_seq_length(model: str) -> int | None:
-    """The token length a sentence-transformers model (see :func:`model_file`) embeds at
-    most: its Transformer module's sentence_bert_config.json ``max_seq_length``; 0 when it
-    declares none (sentence-transformers then takes the tokenizer's limit); None when the
-    model is not a sentence-transformers one (no Transformer module in modules.json)."""
+def declared_transformer_config(model: str) -> dict | None:
+    """A sentence-transformers model's (see :func:`model_file`) Transformer module config
+    (sentence_bert_config.json, under any of the names sentence-transformers reads); {} when
+    it has none; None when the model is not a sentence-transformers one (no Transformer
+    module in modules.json)."""
     for name, folder, _ in _declared_module_list(model):
         if name == "Transformer":
             config = next((c for c in (_model_json(model, f"{folder}/{file}".lstrip("/"))
                                        for file in _TRANSFORMER_CONFIGS) if c is not None),
                           None)
-            value = config.get("max_seq_length") if isinstance(config, dict) else None
-            return value if isinstance(value, int) and not isinstance(value, bool) \
-                and value > 0 else 0
+            return config if isinstance(config, dict) else {}
     return None
+
+
+def declared_max_seq_length(model: str) -> int | None:
+    """The token length a sentence-transformers model embeds at most: its Transformer
+    module's ``max_seq_length``; 0 when it declares none (sentence-transformers then takes
+    the tokenizer's limit); None when the model is not a sentence-transformers one."""
+    config = declared_transformer_config(model)
+    if config is None:
+        return None
+    value = config.get("max_seq_length")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def declared_lower_case(model: str) -> bool:
+    """Whether a sentence-transformers model's Transformer module lowercases its texts
+    (``do_lower_case``), whatever its tokenizer does."""
+    return (declared_transformer_config(model) or {}).get("do_lower_case") is True
+
+
+def lowercasing(tokenizer: Any) -> Any:
+    """A copy of ``tokenizer`` that lowercases texts first, as sentence-transformers makes
+    a do_lower_case model's: a Lowercase normalizer ahead of the tokenizer's own (unless it
+    has one), so special tokens written in a text are still found as written; a slow
+    tokenizer gets its do_lower_case set."""
+    out = copy.deepcopy(tokenizer)
+    if not getattr(out, "is_fast", False):
+        try:
+            out.do_lower_case = True
+        except AttributeError:
+            out.basic_tokenizer.do_lower_case = True
+        return out
+    from tokenizers.normalizers import Lowercase, Sequence
+
+    backend = out.backend_tokenizer
+    normalizer = backend.normalizer
+    parts = (list(normalizer) if isinstance(normalizer, Sequence)
+             else [] if normalizer is None else [normalizer])
+    if not any(isinstance(part, Lowercase) for part in parts):
+        backend.normalizer = Sequence([Lowercase(), *parts])
+    return out
 
 
 #: The older config keys that name sentence-transformers' pooling modes (POOLING_MODES).

@@ -1318,6 +1318,48 @@ def test_a_prompt_name_the_worker_cannot_honour_is_refused(tiny_model_dir, tmp_p
         assert runner(["a cat"], {EMBED_KEY: True}).outputs[0].to_numpy().shape == (32,)
 
 
+def test_do_lower_case_lowercases_embedded_texts_as_sentence_transformers_does(
+        tiny_model_dir, tmp_path):
+    """A Transformer module saved with do_lower_case lowercases every text it embeds, even
+    when its tokenizer keeps case: sentence-transformers puts a Lowercase normalizer ahead
+    of the tokenizer's own, so special tokens written in a text stay special. Token-level
+    answers are the pipeline's, which keeps case."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer
+
+    cased = tmp_path / "cased"
+    shutil.copytree(tiny_model_dir, cased)
+    AutoTokenizer.from_pretrained(str(tiny_model_dir), do_lower_case=False).save_pretrained(
+        str(cased))
+    # Written as published models have it (bge's, for one): sentence-transformers 6 saves
+    # a model it lowercases for without the flag, so its own reload would not lowercase.
+    model_dir = _sentence_transformers_dir(cased, tmp_path, {"pooling_mode": "mean"})
+    (model_dir / "sentence_bert_config.json").write_text(
+        '{"max_seq_length": 128, "do_lower_case": true}')
+    model = SentenceTransformer(str(model_dir), device="cpu")
+    assert "Lowercase()" in str(model.tokenizer.backend_tokenizer.normalizer)
+    runner = _load(str(model_dir), "feature-extraction")
+    texts = ["A Cat SAT on the MAT [SEP] Then LEFT", LONG_TEXT.upper(), "ok"]
+    reference = model.encode(texts)
+    cased_ids = runner.pipe.tokenizer(texts[0])["input_ids"]
+    assert cased_ids != runner.pipe.tokenizer(texts[0].lower())["input_ids"], "keeps case"
+    want_tokens = [len(model.tokenize([t])["input_ids"][0]) for t in texts]
+    embed = {EMBED_KEY: True}
+    measured = [runner.measure(t, embed) for t in texts]
+    assert measured == want_tokens
+    for result in (runner(list(texts), embed, measured), runner(list(texts), embed),
+                   runner(texts[:1], embed)):
+        got = np.stack([v.to_numpy() for v in result.outputs])
+        np.testing.assert_allclose(got, reference[:len(got)], atol=2e-5)
+    # Token-level answers keep case, and never get an embedding's lowercased encoding.
+    runner.measure(texts[0], embed)
+    runner.measure(texts[0], {})
+    (tokens,) = runner([texts[0]], {}).outputs
+    want = runner.pipe(texts[0], return_tensors=True)[0].numpy()
+    np.testing.assert_allclose(tokens.to_numpy()[0], want, atol=1e-5)
+    assert runner.pipe.tokenizer is not runner._embed_tokenizer
+
+
 def _with_module(model_dir, module: dict, files: dict | None = None):
     modules = json.loads((model_dir / "modules.json").read_text())
     modules.insert(2, {"idx": 2, "name": "2", **module})
