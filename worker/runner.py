@@ -157,8 +157,13 @@ class PipelineRunner:
         self.embedding_prompt = ""
         #: All the prompts it names, for a request's ``prompt_name`` (encode's prompt_name).
         self.embedding_prompts: dict[str, str] = {}
-        #: Why a ``prompt_name`` is refused though the model names prompts; "" otherwise.
-        self.prompt_refusal = ""
+        #: Whether the pooling leaves a prompt's tokens out (the Pooling's include_prompt
+        #: false, as instruction-tuned embedders such as INSTRUCTOR and GritLM declare).
+        self.prompt_excluded = False
+        #: prompt text -> how many leading tokens of a prompted input are the prompt's (its
+        #: tokens but a trailing special one, as sentence-transformers counts them); filled
+        #: at load for the declared prompts when ``prompt_excluded``.
+        self._prompt_tokens: dict[str, int] = {}
         #: Sentence embeddings of longer inputs are of their first this-many tokens, as
         #: sentence-transformers computes them (its max_seq_length); None: no truncation, an
         #: input past ``max_length`` is refused. Resolved at load.
@@ -270,6 +275,10 @@ class PipelineRunner:
             if counting is not None and self.embed_max_length:
                 self._truncating_backend = truncating_backend(measuring, counting,
                                                               self.embed_max_length)
+            if self.prompt_excluded:
+                tokenizer = self._embed_tokenizer or self.pipe.tokenizer
+                self._prompt_tokens = {text: prompt_tokens(tokenizer, text)
+                                       for text in self.embedding_prompts.values() if text}
         if self.stock_pipeline:
             log.info("stock pipeline: no stand-ins for its methods, torch.no_grad as it has")
             return time.monotonic() - started
@@ -296,20 +305,8 @@ class PipelineRunner:
         from :func:`declared_modules`, or one found here)."""
         cannot = others or (self._load_dense(dense) if dense else [])
         if not cannot:
-            prompts, default = declared_prompts(self.model)
-            if pooling_config.get("include_prompt") is False:
-                # sentence-transformers then pools over the text's tokens only; batchwire
-                # pools over all of them, so a prompt would change the vector.
-                if default:
-                    cannot = [f"a Pooling that leaves its default prompt {default!r} out of "
-                              "the pooling"]
-                elif prompts:
-                    self.prompt_refusal = (
-                        "this model's Pooling leaves prompts out of the pooling, which "
-                        "batchwire does not do, so it embeds texts without one: leave "
-                        '"prompt_name" out')
-            else:
-                self.embedding_prompts, self.embedding_prompt = prompts, default
+            self.embedding_prompts, self.embedding_prompt = declared_prompts(self.model)
+            self.prompt_excluded = pooling_config.get("include_prompt") is False
         if cannot:
             self.embedding_refusal = (
                 f"this model's sentence-transformers modules include {', '.join(cannot)}, "
@@ -407,7 +404,7 @@ class PipelineRunner:
         tokenizer, backend = self._measuring_tokenizer, self._counting_backend
         if parameters.get(EMBED_KEY):
             # As _run will see it: one encoding.
-            [input] = self._embedding_inputs([input], parameters[EMBED_KEY])
+            [input], _ = self._embedding_inputs([input], parameters[EMBED_KEY])
             truncate_at = self.embed_max_length
             tokenizer = self._embed_measuring_tokenizer
             backend = self._truncating_backend if truncate_at else self._embed_counting_backend
@@ -422,10 +419,10 @@ class PipelineRunner:
             self.batch_encoder.remember(input, encodings[0], truncate_at)
         return count
 
-    def _embedding_inputs(self, inputs: list, prompt_name: Any = True) -> list:
-        """The texts to embed as the model embeds them (the prompt ``prompt_name`` names
-        first, or the model's default one when it is not a name), or the 400 that says why
-        this worker has no embeddings to give, or no such prompt."""
+    def _embedding_inputs(self, inputs: list, prompt_name: Any = True) -> tuple[list, str]:
+        """The texts to embed as the model embeds them, and the prompt put before each: the
+        one ``prompt_name`` names, or the model's default one when it is not a name. Or the
+        400 that says why this worker has no embeddings to give, or no such prompt."""
         if not self.pooling:
             raise BadInput(f"this worker serves {self.task}, which has no sentence embeddings")
         if self.embedding_refusal:
@@ -433,15 +430,13 @@ class PipelineRunner:
         prompt = (self._named_prompt(prompt_name) if isinstance(prompt_name, str)
                   else self.embedding_prompt)
         if not prompt:
-            return inputs
-        return [prompt + x if isinstance(x, str) else x for x in inputs]
+            return inputs, ""
+        return [prompt + x if isinstance(x, str) else x for x in inputs], prompt
 
     def _named_prompt(self, name: str) -> str:
         prompt = self.embedding_prompts.get(name)
         if prompt is not None:
             return prompt
-        if self.prompt_refusal:
-            raise BadInput(self.prompt_refusal)
         if self._pooling_setting != "auto":
             raise BadInput('"prompt_name": this server pools as its --pooling flag says, '
                            "without the model's sentence-transformers prompts; put the "
@@ -478,8 +473,10 @@ class PipelineRunner:
         embed = parameters.get(EMBED_KEY)
         if EMBED_KEY in parameters:
             parameters = {k: v for k, v in parameters.items() if k != EMBED_KEY}
+        skip = 0
         if embed:
-            inputs = self._embedding_inputs(inputs, embed)
+            inputs, prompt = self._embedding_inputs(inputs, embed)
+            skip = self._prompt_tokens.get(prompt, 0)
         embed = bool(embed)
         self._check_parameters(parameters)
         truncate_at = self.embed_max_length if embed else None
@@ -510,38 +507,43 @@ class PipelineRunner:
         if self.kind == "feature-extraction":
             outputs = [self._trim_padding(out, n) for out, n in zip(outputs, lengths)]
             if embed:
-                outputs = [self._pool(out) for out in outputs]
+                outputs = [self._pool(out, skip) for out in outputs]
         return RunOutput([to_wire(out) for out in outputs], [n or 0 for n in lengths])
 
-    def _pool(self, tokens: Any) -> Any:
+    def _pool(self, tokens: Any, skip: int = 0) -> Any:
         """[1, tokens, hidden] (already trimmed: no padding rows) -> [hidden] float32, or
         [modes x hidden] when the model concatenates several poolings (as
-        sentence-transformers' Pooling does, in its order)."""
+        sentence-transformers' Pooling does, in its order). ``skip``: leading tokens left
+        out of the pooling (a prompt's, when the Pooling excludes it); at most all but the
+        last, which only a prompt as long as ``max_seq_length`` would reach (where
+        sentence-transformers pools nothing into zeros)."""
         tokens = tokens[0].float()
+        skip = min(skip, tokens.shape[0] - 1)
         if tokens.device.type == "cpu":
-            return self._pool_numpy(tokens.numpy())
-        return self._pool_torch(tokens)
+            return self._pool_numpy(tokens.numpy(), skip)
+        return self._pool_torch(tokens, skip)
 
-    def _pool_torch(self, tokens: Any) -> Any:
+    def _pool_torch(self, tokens: Any, skip: int = 0) -> Any:
         """[tokens, hidden] float32 on the model's device -> the pooled vector there."""
         import torch
 
-        vectors = []
+        vectors, kept = [], tokens[skip:]
         for mode in self.pooling.split(","):
-            if mode == "cls":
-                vectors.append(tokens[0])
+            if mode == "cls":  # the first token pooled: sentence-transformers' argmax
+                vectors.append(kept[0])
             elif mode == "max":
-                vectors.append(tokens.max(dim=0).values)
+                vectors.append(kept.max(dim=0).values)
             elif mode == "mean_sqrt_len_tokens":
-                vectors.append(tokens.sum(dim=0) / math.sqrt(tokens.shape[0]))
+                vectors.append(kept.sum(dim=0) / math.sqrt(kept.shape[0]))
             elif mode == "weightedmean":
-                weights = torch.arange(1, tokens.shape[0] + 1, dtype=tokens.dtype,
+                # Weighted by position in the input, the left-out tokens' positions counted.
+                weights = torch.arange(skip + 1, tokens.shape[0] + 1, dtype=tokens.dtype,
                                        device=tokens.device)
-                vectors.append((tokens * weights[:, None]).sum(dim=0) / weights.sum())
+                vectors.append((kept * weights[:, None]).sum(dim=0) / weights.sum())
             elif mode == "lasttoken":
-                vectors.append(tokens[-1])
+                vectors.append(kept[-1])
             else:
-                vectors.append(tokens.mean(dim=0))
+                vectors.append(kept.mean(dim=0))
         vector = vectors[0] if len(vectors) == 1 else torch.cat(vectors)
         for layer in self.dense_layers:
             vector = layer(vector)
@@ -549,28 +551,29 @@ class PipelineRunner:
             vector = torch.nn.functional.normalize(vector, dim=0)
         return vector
 
-    def _pool_numpy(self, rows: Any) -> Any:
+    def _pool_numpy(self, rows: Any, skip: int = 0) -> Any:
         """The same pooling on a CPU array. Each torch op costs ~10 us of dispatch, which a
         lone request waits for; numpy does these few reductions in a fraction of that."""
         import numpy as np
 
-        vectors = []
+        vectors, kept = [], rows[skip:]
         for mode in self.pooling.split(","):
             if mode == "cls":
-                vectors.append(rows[0].copy())
+                vectors.append(kept[0].copy())
             elif mode == "max":
-                vectors.append(rows.max(axis=0))
+                vectors.append(kept.max(axis=0))
             elif mode == "mean_sqrt_len_tokens":
-                vectors.append(rows.sum(axis=0, dtype=np.float32)
-                               / np.float32(math.sqrt(rows.shape[0])))
+                vectors.append(kept.sum(axis=0, dtype=np.float32)
+                               / np.float32(math.sqrt(kept.shape[0])))
             elif mode == "weightedmean":
-                # Position weights 1..n over the input's own tokens (padding already cut).
-                weights = np.arange(1, rows.shape[0] + 1, dtype=np.float32)
-                vectors.append((weights @ rows) / weights.sum())
+                # Position weights over the input's own tokens (padding already cut), from
+                # 1 at its first, whether pooled or not.
+                weights = np.arange(skip + 1, rows.shape[0] + 1, dtype=np.float32)
+                vectors.append((weights @ kept) / weights.sum())
             elif mode == "lasttoken":
-                vectors.append(rows[-1].copy())
+                vectors.append(kept[-1].copy())
             else:
-                vectors.append(rows.mean(axis=0, dtype=np.float32))
+                vectors.append(kept.mean(axis=0, dtype=np.float32))
         vector = vectors[0] if len(vectors) == 1 else np.concatenate(vectors)
         if self.dense_layers:
             import torch
@@ -897,6 +900,15 @@ def declared_lower_case(model: str) -> bool:
     """Whether a sentence-transformers model's Transformer module lowercases its texts
     (``do_lower_case``), whatever its tokenizer does."""
     return (declared_transformer_config(model) or {}).get("do_lower_case") is True
+
+
+def prompt_tokens(tokenizer: Any, prompt: str) -> int:
+    """How many leading tokens of a text that starts with ``prompt`` sentence-transformers
+    takes as the prompt's: the prompt's own, special ones included, but a trailing special
+    one (the separator a lone prompt ends in)."""
+    ids = tokenizer(prompt)["input_ids"]
+    special = set(getattr(tokenizer, "all_special_ids", None) or ())
+    return len(ids) - 1 if ids and ids[-1] in special else len(ids)
 
 
 def lowercasing(tokenizer: Any) -> Any:

@@ -1167,16 +1167,53 @@ def test_every_sentence_transformers_pooling_gives_its_vectors(tiny_model_dir, t
                                    atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("skip", [0, 3], ids=["all-tokens", "prompt-left-out"])
 @pytest.mark.parametrize("pooling", ["cls", "max", "mean", "mean_sqrt_len_tokens",
                                      "weightedmean", "lasttoken", "cls,mean"])
-def test_pooling_on_the_device_equals_pooling_in_numpy(pooling):
+def test_pooling_on_the_device_equals_pooling_in_numpy(pooling, skip):
     """A GPU worker pools with torch on the device (no copy of every token to the host);
     the same arithmetic as the CPU's numpy path, checked here on CPU tensors."""
     runner = PipelineRunner(None, None, "cpu")
     runner.pooling, runner.normalize = pooling, True
     tokens = torch.randn(7, 16)
-    np.testing.assert_allclose(runner._pool_torch(tokens).numpy(),
-                               runner._pool_numpy(tokens.numpy()), atol=1e-6)
+    np.testing.assert_allclose(runner._pool_torch(tokens, skip).numpy(),
+                               runner._pool_numpy(tokens.numpy(), skip), atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "max", "mean", "mean_sqrt_len_tokens",
+                                     "weightedmean", "lasttoken", "cls,mean"])
+def test_a_pooling_that_leaves_the_prompt_out_pools_the_texts_tokens(tiny_model_dir, tmp_path,
+                                                                      pooling):
+    """include_prompt false (INSTRUCTOR's and GritLM's Pooling): sentence-transformers
+    pools over what follows the prompt, its leading special token left out with it, and
+    weights positions from the input's start; the vectors must be those, for the default
+    prompt and a named one, batched and alone, on either pooling path."""
+    from sentence_transformers import SentenceTransformer
+
+    model_dir = _sentence_transformers_dir(
+        tiny_model_dir, tmp_path, {"pooling_mode": pooling.split(","), "include_prompt": False})
+    (model_dir / "config_sentence_transformers.json").write_text(json.dumps({
+        "prompts": {"query": "Represent the question for retrieval: ", "doc": "passage: ",
+                    "none": ""},
+        "default_prompt_name": "doc"}))
+    runner = _load(str(model_dir), "feature-extraction")
+    model = SentenceTransformer(str(model_dir), device="cpu")
+    texts = ["Hi.", LONG_TEXT, "A medium sized sentence about cats."]
+    for name, key in ((None, True), ("query", "query"), ("none", "none")):
+        reference = model.encode(texts, prompt_name=name)
+        for pool_on_device in (False, True):
+            if pool_on_device:
+                runner._pool = lambda out, skip=0: runner._pool_torch(out[0].float(), skip)
+            batched = runner(list(texts), {EMBED_KEY: key}).outputs
+            alone = [runner([t], {EMBED_KEY: key}).outputs[0] for t in texts]
+            for got in (batched, alone):
+                np.testing.assert_allclose(np.stack([v.to_numpy() for v in got]), reference,
+                                           atol=2e-5, rtol=1e-5, err_msg=f"{name}")
+            runner.__dict__.pop("_pool", None)
+    # Leaving the prompt out is what made them so (but for the last token, the same).
+    model[1].include_prompt = True
+    assert pooling == "lasttoken" or np.abs(model.encode(texts[:1]) - runner(texts[:1], {EMBED_KEY: True}).outputs[0]
+                  .to_numpy()).max() > 1e-3
 
 
 @pytest.mark.parametrize("layers, safe", [
@@ -1214,7 +1251,7 @@ def test_dense_modules_give_sentence_transformers_vectors(tiny_model_dir, tmp_pa
         np.testing.assert_allclose(np.stack([v.to_numpy() for v in got]), reference,
                                    atol=2e-5)
     # The device path (a GPU worker's), here on CPU tensors.
-    runner._pool = lambda tokens: runner._pool_torch(tokens[0].float())
+    runner._pool = lambda tokens, skip=0: runner._pool_torch(tokens[0].float(), skip)
     on_device = runner(list(texts), {EMBED_KEY: True}).outputs
     np.testing.assert_allclose(np.stack([v.to_numpy() for v in on_device]), reference,
                                atol=2e-5)
@@ -1224,8 +1261,8 @@ def test_dense_modules_give_sentence_transformers_vectors(tiny_model_dir, tmp_pa
 def test_a_default_prompt_is_put_before_every_embedded_text(tiny_model_dir, tmp_path,
                                                              include_prompt):
     """sentence-transformers' encode puts a model's default prompt before every text (a
-    model saved with default_prompt_name); the vectors must be those. A Pooling that leaves
-    the prompt's tokens out is not run: a 400 that says so."""
+    model saved with default_prompt_name); the vectors must be those, whether the Pooling
+    pools the prompt's tokens or leaves them out."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
@@ -1237,12 +1274,8 @@ def test_a_default_prompt_is_put_before_every_embedded_text(tiny_model_dir, tmp_
     model.save(str(tmp_path))
     runner = _load(str(tmp_path), "feature-extraction")
     texts = ["a cat", LONG_TEXT]
-    if not include_prompt:
-        assert runner.embedding_prompt == ""
-        with pytest.raises(BadInput, match="leaves its default prompt 'query: ' out"):
-            runner.measure(texts[0], {EMBED_KEY: True})
-        return
     assert runner.embedding_prompt == "query: "
+    assert runner.prompt_excluded is not include_prompt
     reference = model.encode(texts)
     assert np.abs(reference[0] - model.encode(texts[:1], prompt="")[0]).max() > 1e-3
     measured = [runner.measure(t, {EMBED_KEY: True}) for t in texts]
@@ -1293,25 +1326,21 @@ def test_a_named_prompt_is_put_before_every_embedded_text(tiny_model_dir, tmp_pa
 
 
 def test_a_prompt_name_the_worker_cannot_honour_is_refused(tiny_model_dir, tmp_path):
-    """No prompts (MiniLM's case), prompts a Pooling leaves out (include_prompt false:
-    batchwire pools over every token), and --pooling (no sentence-transformers prompts):
-    each a 400 that says what to do, while embeddings without a name still work."""
+    """No prompts (MiniLM's case) and --pooling (no sentence-transformers prompts): each a
+    400 that says what to do, while embeddings without a name still work."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
     (tmp_path / "bare").mkdir()
     bare = _sentence_transformers_dir(tiny_model_dir, tmp_path / "bare",
                                       {"pooling_mode": "mean"})
-    left_out = tmp_path / "left-out"
-    SentenceTransformer(
-        modules=[Transformer(str(tiny_model_dir)), Pooling(32, "mean", include_prompt=False)],
-        device="cpu", prompts={"query": "query: "}).save(str(left_out))
-    chosen = PipelineRunner(str(left_out), "feature-extraction", "cpu", pooling="mean")
+    prompted = tmp_path / "prompted"
+    SentenceTransformer(modules=[Transformer(str(tiny_model_dir)), Pooling(32, "mean")],
+                        device="cpu", prompts={"query": "query: "}).save(str(prompted))
+    chosen = PipelineRunner(str(prompted), "feature-extraction", "cpu", pooling="mean")
     chosen.load()
     for runner, why in ((_load(str(bare), "feature-extraction"),
                          "'query', but this model names no prompts"),
-                        (_load(str(left_out), "feature-extraction"),
-                         "leaves prompts out of the pooling.*leave \"prompt_name\" out"),
                         (chosen, "pools as its --pooling flag says.*put the prompt before")):
         with pytest.raises(BadInput, match=why):
             runner.measure("a cat", {EMBED_KEY: "query"})
