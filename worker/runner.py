@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -125,6 +126,29 @@ def to_wire(obj: Any) -> Any:
     raise TypeError(f"pipeline output of type {type(obj).__name__} cannot be sent")
 
 
+@dataclasses.dataclass
+class Measurer:
+    """The tokenizers one thread measures arrivals with (:meth:`PipelineRunner.measure`).
+    A fast tokenizer's Rust object is not safe to share between threads (its own call sets
+    padding and truncation on it), so the I/O loop, the thread that measures long texts and
+    the inference thread each tokenize with their own."""
+
+    #: A copy of the pipeline's tokenizer.
+    tokenizer: Any
+    #: Its Rust backend, when counting with it directly gives the tokenizer's own counts
+    #: (checked at load, :func:`counting_backend`); None otherwise.
+    counting: Any = None
+    #: What embeddings are measured with: the two above, or a copy of the lowercasing
+    #: tokenizer (a do_lower_case model's) and its backend.
+    embed_tokenizer: Any = None
+    embed_counting: Any = None
+    #: A copy of ``embed_counting`` that cuts at the embeddings' max_seq_length, as the
+    #: tokenizer's call with truncation does (checked at load): an embedding's one arrival
+    #: encoding, the one its model inputs are built from. None: counted untruncated, cut
+    #: in the batch.
+    truncating: Any = None
+
+
 class PipelineRunner:
     """Callable ``runner(inputs, parameters) -> outputs`` for the batcher."""
 
@@ -185,26 +209,15 @@ class PipelineRunner:
         #: The installed fill-mask _forward that scores a batch's candidates on the model's
         #: device, or None (stock).
         self.mask_scorer: Any = None
-        #: A second tokenizer for :meth:`measure`, which runs on the I/O loop while the
-        #: inference thread tokenizes: a fast tokenizer's Rust object is not safe to share
-        #: between threads (padding and truncation are set on it per call).
-        self._measuring_tokenizer: Any = None
-        #: That tokenizer's Rust backend, when counting with it directly gives the same
-        #: counts as the tokenizer's own call (checked at load): None otherwise.
-        self._counting_backend: Any = None
         #: The tokenizer sentence embeddings are tokenized with when it is not the
         #: pipeline's: a copy that lowercases first, for a model whose sentence-transformers
         #: Transformer says do_lower_case (as sentence-transformers makes it). None: the
         #: pipeline's own. Swapped into the pipeline for an embedding batch.
         self._embed_tokenizer: Any = None
-        #: The measuring tokenizer and counting backend for embeddings: the ones above, or
-        #: a copy of ``_embed_tokenizer`` and its backend.
-        self._embed_measuring_tokenizer: Any = None
-        self._embed_counting_backend: Any = None
-        #: A copy of that backend that cuts at ``embed_max_length``, as the tokenizer's call
-        #: with truncation does (checked at load): an embedding's one arrival encoding, the
-        #: one its model inputs are built from. None: counted untruncated, cut in the batch.
-        self._truncating_backend: Any = None
+        #: What :meth:`measure` counts with on the I/O loop, and on the thread that measures
+        #: long texts apart from it (``bulk``): each its own (see :class:`Measurer`).
+        self._measurer: Measurer | None = None
+        self._bulk_measurer: Measurer | None = None
         self.max_length: int | None = None
         #: What the pipeline is, by class: a custom pipeline subclassing FillMaskPipeline
         #: (loaded with --trust-remote-code) is batched and warmed like fill-mask.
@@ -262,19 +275,11 @@ class PipelineRunner:
                         "of: ignored (its inputs are refused past %s tokens)",
                         self._max_seq_length_setting, self.kind, self.max_length)
         if self.pipe.tokenizer is not None:
-            self._measuring_tokenizer = copy.deepcopy(self.pipe.tokenizer)
-            self._counting_backend = counting_backend(self._measuring_tokenizer)
-            measuring, counting = self._measuring_tokenizer, self._counting_backend
             if self.pooling and declared_lower_case(self.model):
                 self._embed_tokenizer = lowercasing(self.pipe.tokenizer)
-                measuring = copy.deepcopy(self._embed_tokenizer)
-                counting = counting_backend(measuring)
                 log.info("sentence embeddings: texts lowercased first (the model's "
                          "do_lower_case)")
-            self._embed_measuring_tokenizer, self._embed_counting_backend = measuring, counting
-            if counting is not None and self.embed_max_length:
-                self._truncating_backend = truncating_backend(measuring, counting,
-                                                              self.embed_max_length)
+            self._measurer, self._bulk_measurer = self._new_measurer(), self._new_measurer()
             if self.prompt_excluded:
                 tokenizer = self._embed_tokenizer or self.pipe.tokenizer
                 self._prompt_tokens = {text: prompt_tokens(tokenizer, text)
@@ -294,9 +299,21 @@ class PipelineRunner:
             if self.kind == "fill-mask":
                 self.fill_mask_answers = fill_mask_answers.install(self.pipe)
                 self.mask_scorer = mask_scores.install(self.pipe)
-            self.batch_encoder = batch_encoding.install(self.pipe, self.kind,
-                                                        self._counting_backend)
+            self.batch_encoder = batch_encoding.install(
+                self.pipe, self.kind, self._measurer.counting if self._measurer else None)
         return time.monotonic() - started
+
+    def _new_measurer(self) -> Measurer:
+        tokenizer = copy.deepcopy(self.pipe.tokenizer)
+        measurer = Measurer(tokenizer, counting_backend(tokenizer))
+        measurer.embed_tokenizer, measurer.embed_counting = measurer.tokenizer, measurer.counting
+        if self._embed_tokenizer is not None:
+            measurer.embed_tokenizer = copy.deepcopy(self._embed_tokenizer)
+            measurer.embed_counting = counting_backend(measurer.embed_tokenizer)
+        if measurer.embed_counting is not None and self.embed_max_length:
+            measurer.truncating = truncating_backend(
+                measurer.embed_tokenizer, measurer.embed_counting, self.embed_max_length)
+        return measurer
 
     def _follow_declared_modules(self, pooling_config: dict, dense: list[str],
                                  others: list[str]) -> None:
@@ -392,22 +409,25 @@ class PipelineRunner:
             return ""
         return self.pooling + ("+normalize" if self.normalize else "")
 
-    def measure(self, input: Any, parameters: dict) -> int:
+    def measure(self, input: Any, parameters: dict, bulk: bool = False) -> int:
         """One input's token count, on arrival (the I/O loop, not the inference thread), so
         batches can be bounded and bucketed by length; 0 when it has none (not text). Raises
-        :class:`InputTooLong` or :class:`InvalidParameters` for the client at once."""
-        if self._measuring_tokenizer is None or not isinstance(input, str):
+        :class:`InputTooLong` or :class:`InvalidParameters` for the client at once.
+        ``bulk``: called from the one thread that measures long texts apart from the loop,
+        with that thread's own tokenizers."""
+        measurer = self._bulk_measurer if bulk else self._measurer
+        if measurer is None or not isinstance(input, str):
             return 0
         encodings: list | None = (
             [] if self.batch_encoder is not None and self.batch_encoder.uses_arrivals else None)
         truncate_at = None
-        tokenizer, backend = self._measuring_tokenizer, self._counting_backend
+        tokenizer, backend = measurer.tokenizer, measurer.counting
         if parameters.get(EMBED_KEY):
             # As _run will see it: one encoding.
             [input], _ = self._embedding_inputs([input], parameters[EMBED_KEY])
             truncate_at = self.embed_max_length
-            tokenizer = self._embed_measuring_tokenizer
-            backend = self._truncating_backend if truncate_at else self._embed_counting_backend
+            tokenizer = measurer.embed_tokenizer
+            backend = measurer.truncating if truncate_at else measurer.embed_counting
             if not truncate_at and self._embed_tokenizer is not None:
                 # Remembered by (text, no cut), it would pass for the text's token-level
                 # encoding, which is not lowercased.
@@ -659,10 +679,10 @@ class PipelineRunner:
         if "truncation" in parameters:
             kwargs["truncation"] = parameters["truncation"]
         # The counting backend is the measuring tokenizer's own, whose calls (the path below)
-        # set truncation and padding on it; the truncating one is never called but here.
+        # set truncation and padding on it; the truncating one (the backend given with
+        # truncate_at) is never called but here.
         if backend is not None and not kwargs and (
-                backend is self._truncating_backend
-                or (backend.truncation is None and backend.padding is None)):
+                truncate_at or (backend.truncation is None and backend.padding is None)):
             encoded = encode_fast(backend, inputs)
             lengths = [len(encoding) for encoding in encoded]
         else:

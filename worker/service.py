@@ -22,7 +22,7 @@ import zmq
 import zmq.asyncio
 
 from protocol import codec, curve, eventloop
-from protocol.errors import BatchwireError, ProtocolError
+from protocol.errors import BatchwireError, Cancelled, ProtocolError
 from protocol.messages import (
     Cancel,
     Disconnect,
@@ -43,6 +43,12 @@ log = logging.getLogger("batchwire.worker")
 #: A gateway silent for this many heartbeat intervals is presumed gone (restarted, say):
 #: the worker announces itself again so a new gateway on the same endpoint finds it.
 MISSED_HEARTBEATS = 3
+#: Texts longer than this are measured (tokenized) on a thread of their own, not on the I/O
+#: loop. Tokenizing costs up to ~2.5 us a character here (CJK, long words): a 4 MiB body,
+#: which the gateway takes by default, held the loop for 10 s, the gateway heard no
+#: heartbeat and killed the worker, twice, and the client got a 500. At this length the
+#: loop is held at most ~25 ms.
+BULK_TEXT_CHARS = 10_000
 
 
 def parameter_key(parameters: dict) -> Any:
@@ -63,6 +69,11 @@ class WorkerService:
         self._gateway_known = False
         #: The batch limits the last READY announced (see _heartbeat_loop).
         self._announced_limits: tuple[int, int] | None = None
+        #: Measures long texts apart from the loop, one at a time (see BULK_TEXT_CHARS),
+        #: with its own tokenizers (PipelineRunner.measure's bulk).
+        self._bulk = ThreadPoolExecutor(1, thread_name_prefix="measure")
+        #: Requests being measured there -> whether the gateway has cancelled them since.
+        self._measuring: dict[int, bool] = {}
         self.batcher = Batcher(
             runner=runner,
             executor=executor,
@@ -117,6 +128,8 @@ class WorkerService:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # Texts still being measured are not ours to answer: the gateway requeues them too.
+        self._bulk.shutdown(wait=False, cancel_futures=True)
         self._send(Disconnect(reason=self._stop_reason))
         log.info("worker %s leaving (%s); %d queued request(s) handed back to the gateway",
                  self.config.worker_id, self._stop_reason, len(abandoned))
@@ -171,23 +184,21 @@ class WorkerService:
                 # Embedding requests batch apart from token-level ones with equal parameters,
                 # and apart from those with another prompt.
                 parameters = {**parameters, EMBED_KEY: message.prompt_name or True}
+            if isinstance(message.inputs, str) and len(message.inputs) > BULK_TEXT_CHARS:
+                self._measure_apart(message, parameters, now)
+                return
             try:
                 tokens = self.runner.measure(message.inputs, parameters)
             except Exception as exc:  # noqa: BLE001 - the client gets the reason, we go on
                 error = classify_error(exc)
                 self._send(Error(message.request_id, error.code, error.message))
                 return
-            self.batcher.submit(WorkItem(
-                request_id=message.request_id,
-                inputs=message.inputs,
-                parameters=parameters,
-                parameter_key=parameter_key(parameters),
-                admitted_at=now - message.waited_ms / 1000.0,
-                deadline=now + message.budget_ms / 1000.0,
-                tokens=tokens,
-            ))
+            self._submit(message, parameters, now, tokens)
         elif isinstance(message, Cancel):
-            self.batcher.cancel(message.request_id)
+            if message.request_id in self._measuring:
+                self._measuring[message.request_id] = True
+            else:
+                self.batcher.cancel(message.request_id)
         elif isinstance(message, Disconnect):
             if self.config.exit_on_disconnect:
                 self.stop("the gateway said DISCONNECT")
@@ -196,6 +207,48 @@ class WorkerService:
                 log.info("gateway disconnected (%s); waiting for it to return", message.reason)
                 self._gateway_known = False
         # Heartbeats need nothing beyond the _last_heard update.
+
+    def _submit(self, message: Request, parameters: dict, now: float, tokens: int) -> None:
+        self.batcher.submit(WorkItem(
+            request_id=message.request_id,
+            inputs=message.inputs,
+            parameters=parameters,
+            parameter_key=parameter_key(parameters),
+            admitted_at=now - message.waited_ms / 1000.0,
+            deadline=now + message.budget_ms / 1000.0,
+            tokens=tokens,
+        ))
+
+    def _measure_apart(self, message: Request, parameters: dict, now: float) -> None:
+        """Measure a long text on the bulk thread; it joins the batcher when that is done.
+        Its deadline still counts from its arrival."""
+        self._measuring[message.request_id] = False
+        deadline = now + message.budget_ms / 1000.0
+
+        def measure() -> int:
+            # Queued behind other long texts, it may have been cancelled or run out of time
+            # meanwhile: then not tokenized at all (the batcher answers an expired one).
+            if self._measuring.get(message.request_id) or time.monotonic() > deadline:
+                return 0
+            return self.runner.measure(message.inputs, parameters, bulk=True)
+
+        future = asyncio.get_running_loop().run_in_executor(self._bulk, measure)
+        future.add_done_callback(
+            lambda done: self._measured(done, message, parameters, now))
+
+    def _measured(self, future: asyncio.Future, message: Request, parameters: dict,
+                  now: float) -> None:
+        cancelled = self._measuring.pop(message.request_id, False)
+        if self._stopping.is_set() or future.cancelled():
+            return  # leaving: the gateway requeues what this worker did not answer
+        if cancelled:
+            error = Cancelled("the request was cancelled before it ran")
+        elif future.exception() is not None:
+            error = classify_error(future.exception())
+        else:
+            self._submit(message, parameters, now, future.result())
+            return
+        self._send(Error(message.request_id, error.code, error.message))
 
     # -- sending ------------------------------------------------------------------------
     def _send(self, message: Message) -> None:

@@ -14,7 +14,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from tests.e2e.conftest import http_get, post, wait_for
+from tests.e2e.conftest import http_get, info_async, post, wait_for, wait_for_async
 
 
 @pytest.fixture(scope="module")
@@ -446,6 +446,47 @@ def test_the_openai_python_client_gets_embeddings(default_server):
         with pytest.raises(openai.BadRequestError, match=f'"prompt_name" .*{why}'):
             client.embeddings.create(input=texts[0], model="minilm",
                                      extra_body={"prompt_name": bad})
+
+
+async def test_a_long_text_is_tokenized_off_the_workers_io_loop(default_server):
+    """Tokenizing a 4 MiB body of long words took 10 s on the worker's I/O loop: no
+    heartbeat, the gateway killed the worker twice and answered 500. A long text is now
+    measured on a thread of its own: while it is, the worker takes and answers other
+    requests, and nothing is lost or restarted."""
+    server = default_server
+    [worker] = server.info()["workers"]
+    big = ("x" * 99 + " ") * 10_000  # 1 MB: 10,000 one-token words, seconds to tokenize
+    async with aiohttp.ClientSession() as session:
+        long_one = asyncio.create_task(post(session, server.url + "/v1/embeddings",
+                                            json={"input": big}))
+        async def reached_the_worker():
+            return (await info_async(session, server))["workers"][0]["in_flight"] == 1
+
+        await wait_for_async(reached_the_worker, 30, "the long text to reach the worker")
+        answered_meanwhile = 0
+        for i in range(5):
+            status, _, body = await post(session, server.url + "/v1/embeddings",
+                                         json={"input": f"a short one, number {i}"})
+            assert status == 200, body
+            answered_meanwhile += not long_one.done()
+        status, _, body = await long_one
+        assert status == 200, body
+        assert body["usage"]["prompt_tokens"] == 256  # cut where sentence-transformers cuts
+        assert answered_meanwhile == 5
+        # Past its deadline while it is measured: the client gets its 504, and the worker
+        # still answers the gateway's cancel, so its slot comes back.
+        status, _, body = await post(session, server.url + "/v1/embeddings",
+                                     json={"input": big[:300_000]},
+                                     headers={"X-Timeout-Ms": "100"})
+        assert status == 504, body
+
+        async def idle():
+            return (await info_async(session, server))["workers"][0]["in_flight"] == 0
+
+        await wait_for_async(idle, 30, "the cancelled long text to be answered")
+    [after] = server.info()["workers"]
+    assert after["pid"] == worker["pid"], "the worker was restarted"
+    assert "no message for" not in server.log_text()
 
 
 async def test_a_prompt_name_picks_one_of_the_models_prompts(start_server, tiny_model_dir,

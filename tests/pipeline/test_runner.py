@@ -611,7 +611,7 @@ COUNT_TEXTS = [SHORT_TEXT, LONG_TEXT, "", "  tabs\tand\nnewlines ", "na√Øve caf√
 
 def test_measure_counts_through_the_rust_backend_when_it_agrees(fill_runner, tiny_fe_runner):
     for runner in (fill_runner, tiny_fe_runner):
-        assert runner._counting_backend is runner._measuring_tokenizer.backend_tokenizer
+        assert runner._measurer.counting is runner._measurer.tokenizer.backend_tokenizer
         for text in COUNT_TEXTS:
             assert runner.measure(text, {}) == n_tokens(runner, text), text
 
@@ -629,7 +629,7 @@ def test_measure_after_a_truncating_call_counts_in_full(tiny_fe_runner):
 def test_counting_backend_is_refused_when_the_tokenizer_counts_otherwise(tiny_fe_runner):
     from worker.runner import counting_backend
 
-    real = tiny_fe_runner._measuring_tokenizer
+    real = tiny_fe_runner._measurer.tokenizer
 
     class AddsATokenInPython:
         """A tokenizer whose call adds a token its Rust backend knows nothing about."""
@@ -666,11 +666,25 @@ def test_pooling_modes_equal_torch(tiny_fe_runner):
 
 
 def test_measure_uses_its_own_tokenizer(tiny_fe_runner):
-    """measure() runs on the I/O loop while the inference thread tokenizes: sharing one fast
-    tokenizer between threads can raise "Already borrowed" in the Rust backend."""
-    assert tiny_fe_runner._measuring_tokenizer is not tiny_fe_runner.pipe.tokenizer
-    assert tiny_fe_runner._measuring_tokenizer.backend_tokenizer is not (
-        tiny_fe_runner.pipe.tokenizer.backend_tokenizer)
+    """measure() runs on the I/O loop, and on the thread that measures long texts, while
+    the inference thread tokenizes: sharing one fast tokenizer between threads can raise
+    "Already borrowed" in the Rust backend."""
+    loop, bulk = tiny_fe_runner._measurer, tiny_fe_runner._bulk_measurer
+    backends = {id(tiny_fe_runner.pipe.tokenizer.backend_tokenizer)}
+    for measurer in (loop, bulk):
+        assert measurer.tokenizer is not tiny_fe_runner.pipe.tokenizer
+        backends.add(id(measurer.tokenizer.backend_tokenizer))
+    assert len(backends) == 3
+    assert bulk.counting is bulk.tokenizer.backend_tokenizer
+    for text in COUNT_TEXTS + ["word " * 200]:
+        for embed in ({}, {EMBED_KEY: True}, {"truncation": True}):
+            try:
+                want = tiny_fe_runner.measure(text, embed)
+            except InputTooLong:
+                with pytest.raises(InputTooLong):
+                    tiny_fe_runner.measure(text, embed, bulk=True)
+            else:
+                assert tiny_fe_runner.measure(text, embed, bulk=True) == want
 
 
 def test_too_long_input_with_truncation_succeeds(tiny_fe_runner, tiny_fe_pipe):
@@ -1039,8 +1053,11 @@ def test_long_embeddings_are_truncated_as_sentence_transformers_does(minilm_runn
     assert measured == want_counts
     # One Rust call on arrival gives each text its cut encoding, which the batch builds the
     # model inputs from: no second tokenization. The counting backend is left uncut.
-    assert minilm_runner._truncating_backend is not None
-    assert minilm_runner._counting_backend.truncation is None
+    assert minilm_runner._measurer.truncating is not None
+    assert minilm_runner._measurer.counting.truncation is None
+    # The thread that measures long texts cuts with its own copy.
+    assert minilm_runner._bulk_measurer.truncating not in (None, minilm_runner._measurer.truncating)
+    assert minilm_runner.measure(texts[2], embed, bulk=True) == want_counts[2]
     remembered = minilm_runner.batch_encoder._remembered
     assert [len(remembered[(t, 256)]) for t in texts] == want_counts
     check(minilm_runner(list(texts), embed, measured), range(4))
