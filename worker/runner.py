@@ -41,6 +41,10 @@ _TASK_BY_ARCH_SUFFIX = (
 #: Reserved parameter the worker service sets for REQUEST.embed; never sent to the pipeline.
 #: True, or the REQUEST's prompt_name (so batches hold texts of one prompt).
 EMBED_KEY = "batchwire:embed"
+#: Tokenizer arguments that are token counts, bounded by the model's limit (see
+#: PipelineRunner._check_lengths_asked); _NO_LIMIT_TOKENS where the model states none.
+_LENGTH_ARGUMENTS = ("max_length", "pad_to_multiple_of", "stride")
+_NO_LIMIT_TOKENS = 1 << 17
 _NORMALIZE_EPS = 1e-12
 
 
@@ -658,6 +662,23 @@ class PipelineRunner:
                 f"the {self.task} pipeline ignores parameters {ignored}, so they would "
                 f"change nothing: check their names{hint}")
 
+    def _check_lengths_asked(self, kwargs: dict) -> None:
+        """Tokenizer arguments that size what the tokenizer builds must not pass the model's
+        limit: {"padding": "max_length", "max_length": 10**9} had the tokenizer build a
+        billion-token list, which held the worker until the gateway killed it (twice: a 500),
+        and could have taken the host's memory with it."""
+        limit = self.max_length or _NO_LIMIT_TOKENS
+        for name in _LENGTH_ARGUMENTS:
+            value = kwargs.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InvalidParameters(f"tokenizer argument {name!r} must be a whole number "
+                                        f"of tokens, not {value!r}")
+            if value > limit:
+                raise InvalidParameters(f"tokenizer argument {name!r} is {value}, more than "
+                                        f"the {limit} tokens this model takes")
+
     def _token_lengths(self, inputs: list, parameters: dict, tokenizer: Any,
                        backend: Any = None, encodings: list | None = None,
                        truncate_at: int | None = None) -> list[int | None]:
@@ -678,6 +699,7 @@ class PipelineRunner:
             kwargs.update(value or {})
         if "truncation" in parameters:
             kwargs["truncation"] = parameters["truncation"]
+        self._check_lengths_asked(kwargs)
         # The counting backend is the measuring tokenizer's own, whose calls (the path below)
         # set truncation and padding on it; the truncating one (the backend given with
         # truncate_at) is never called but here.

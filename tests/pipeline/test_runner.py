@@ -747,14 +747,28 @@ def test_a_parameter_the_pipeline_would_ignore_is_invalid_parameters(tiny_fe_run
     assert out.to_numpy().shape == (1, 4, 32)
 
 
-def test_tokenizer_arguments_out_of_range_are_invalid_parameters(tiny_fe_runner):
-    """A negative max_length overflows inside the Rust tokenizer: the client's mistake, not a
-    model failure (it used to be a 500)."""
-    parameters = {"tokenize_kwargs": {"max_length": -1, "truncation": True}}
-    with pytest.raises(InvalidParameters, match="tokenizer rejects"):
+@pytest.mark.parametrize("arguments, why", [
+    # Overflowed inside the Rust tokenizer: the client's mistake, not a model failure (it
+    # used to be a 500).
+    ({"max_length": -1, "truncation": True}, "'max_length' must be a whole number of tokens"),
+    ({"max_length": "5", "truncation": True}, "'max_length' must be a whole number of tokens"),
+    # Had the tokenizer build a billion-token list on the worker's I/O loop: killed twice.
+    ({"padding": "max_length", "max_length": 10**9},
+     f"'max_length' is 1000000000, more than the {TINY_LIMIT} tokens"),
+    ({"padding": True, "pad_to_multiple_of": 10**9}, "'pad_to_multiple_of' is 1000000000"),
+    ({"truncation": True, "max_length": TINY_LIMIT, "stride": TINY_LIMIT + 1},
+     f"'stride' is {TINY_LIMIT + 1}"),
+], ids=["negative", "string", "huge-padding", "huge-multiple", "huge-stride"])
+def test_tokenizer_arguments_out_of_range_are_invalid_parameters(tiny_fe_runner, arguments,
+                                                                  why):
+    parameters = {"tokenize_kwargs": arguments}
+    with pytest.raises(InvalidParameters, match=why):
         tiny_fe_runner.measure("hello there", parameters)
-    with pytest.raises(InvalidParameters, match="tokenizer rejects"):
+    with pytest.raises(InvalidParameters, match=why):
         tiny_fe_runner(["hello there"], parameters)
+    # Up to the model's limit they are the tokenizer's to read.
+    padded = {"tokenize_kwargs": {"padding": "max_length", "max_length": TINY_LIMIT}}
+    assert tiny_fe_runner.measure("hello there", padded) == TINY_LIMIT
 
 
 def test_return_tensors_is_the_servers_to_set(tiny_fe_runner):
