@@ -30,6 +30,7 @@ from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
 from protocol import codec, eventloop
 from protocol.errors import (
+    AnswerTooLarge,
     BadInput,
     BatchwireError,
     BodyTooLarge,
@@ -293,7 +294,7 @@ def _timeout_s(request: web.Request) -> float:
 
 # -- inference ----------------------------------------------------------------------------
 #: Failures that belong to one item of a list, so a list's answer says which one.
-ITEM_ERRORS = (BadInput, InputTooLong, ModelError, WorkerCrashed)
+ITEM_ERRORS = (BadInput, InputTooLong, AnswerTooLarge, ModelError, WorkerCrashed)
 
 
 async def _run(request: web.Request, items: list, parameters: dict, embed: bool = False,

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from protocol.eventloop import add_event_loop_flag
-from protocol.flags import Flags, non_negative_float, port_number, positive_float, positive_int
+from protocol.flags import (Flags, body_bytes, non_negative_float, port_number, positive_float,
+                            positive_int)
 from protocol.logs import add_logging_flags
 from worker.config import add_model_flags
 
@@ -79,8 +80,8 @@ def _add_gateway_flags(flags: Flags, *, serve: bool) -> None:
     flags.add("--timeout-ms", type=positive_float, default=d.timeout_ms,
               help="default deadline per request (the X-Timeout-Ms header overrides it); "
               "past it the answer is 504")
-    flags.add("--max-body-bytes", type=positive_int, default=d.max_body_bytes,
-              help="largest request body; larger ones get 413")
+    flags.add("--max-body-bytes", type=body_bytes, default=d.max_body_bytes,
+              help="largest request body; larger ones get 413 (at most 16 MiB)")
     flags.add("--max-inputs", type=positive_int, default=d.max_inputs,
               help="most inputs in one /predict list")
     flags.add("--drain-timeout-s", type=non_negative_float, default=d.drain_timeout_s,

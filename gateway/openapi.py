@@ -18,10 +18,12 @@ from aiohttp import web
 
 from gateway.config import GatewayConfig
 from protocol.errors import (
+    AnswerTooLarge,
     BadInput,
     BodyTooLarge,
     DeadlineExceeded,
     Draining,
+    InputTooLong,
     InvalidParameters,
     MethodNotAllowed,
     ModelError,
@@ -37,8 +39,9 @@ from protocol.messages import MAX_PROMPT_NAME
 OPENAPI_VERSION = "3.0.3"
 #: Errors a client can see, in the order the docs list them (Cancelled only reaches logs).
 CLIENT_VISIBLE_ERRORS = (BadInput, Unauthorized, NotFound, MethodNotAllowed, BodyTooLarge,
-                         UnsupportedMediaType, InvalidParameters, ModelError, WorkerCrashed,
-                         Overloaded, NoWorkers, Draining, DeadlineExceeded)
+                         UnsupportedMediaType, InvalidParameters, InputTooLong, AnswerTooLarge,
+                         ModelError, WorkerCrashed, Overloaded, NoWorkers, Draining,
+                         DeadlineExceeded)
 _REF = "#/components/"
 
 
@@ -347,7 +350,10 @@ def _components(config: GatewayConfig) -> dict:
                               f"({config.max_body_bytes} bytes)."),
         "UnsupportedMediaType": error("unsupported_media_type: this route does not read that "
                                       "Content-Type."),
-        "InvalidParameters": error("invalid_parameters: the pipeline refuses the parameters."),
+        "Unprocessable": error("invalid_parameters (the pipeline refuses the parameters), "
+                               "input_too_long (more tokens than the model takes) or "
+                               "answer_too_large (the answer is more than a worker can send "
+                               "in one message)."),
         "ServerError": error("model_error (the pipeline raised on a valid request), "
                              "worker_crashed (the worker died holding it) or internal_error."),
         "Unavailable": error("overloaded (queue full), no_workers (no worker ready yet) or "
@@ -384,20 +390,18 @@ def _components(config: GatewayConfig) -> dict:
 
 
 def _inference_operation(config: GatewayConfig, *, operation_id: str, summary: str,
-                         description: str, request_body: dict, ok: dict,
-                         invalid_parameters: bool = True) -> dict:
+                         description: str, request_body: dict, ok: dict) -> dict:
     timing = {name: response_header(name) for name in TIMING_HEADERS}
     responses: dict[str, Any] = {
         "200": {**ok, "headers": timing},
         "400": _ref("responses", "BadInput"),
         "413": _ref("responses", "BodyTooLarge"),
         "415": _ref("responses", "UnsupportedMediaType"),
+        "422": _ref("responses", "Unprocessable"),
         "500": _ref("responses", "ServerError"),
         "503": _ref("responses", "Unavailable"),
         "504": _ref("responses", "DeadlineExceeded"),
     }
-    if invalid_parameters:
-        responses["422"] = _ref("responses", "InvalidParameters")
     if config.api_key:
         responses["401"] = _ref("responses", "Unauthorized")
     return {
@@ -540,7 +544,10 @@ def _v2_components(config: GatewayConfig) -> tuple[dict, dict]:
         "V2NotFound": _v2_error("No such model (or version: there are none)."),
         "V2BodyTooLarge": _v2_error("The body is over --max-body-bytes."),
         "V2UnsupportedMediaType": _v2_error("Not application/json."),
-        "V2InvalidParameters": _v2_error("The pipeline refuses the parameters."),
+        "V2InvalidParameters": _v2_error("The pipeline refuses the parameters, the input "
+                                         "has more tokens than the model takes, or the "
+                                         "answer is more than a worker sends in one "
+                                         "message."),
         "V2ServerError": _v2_error("The model or the gateway failed."),
         "V2Unavailable": _v2_error("No worker ready (no model known yet), queue full or "
                                    "draining.", "Retry-After"),
@@ -705,7 +712,6 @@ def openapi_document(config: GatewayConfig) -> dict:
             "content": {"application/json": {"schema": _ref("schemas", "EmbeddingsResponse")},
                         "application/msgpack": {"schema": _ref("schemas",
                                                                "EmbeddingsResponse")}}},
-        invalid_parameters=False,
     )
 
     paths = {

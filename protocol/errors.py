@@ -12,7 +12,8 @@ Who raises what::
     │   ├── BodyTooLarge                body_too_large     413  gateway, before the body is read in full
     │   ├── UnsupportedMediaType        unsupported_media_type 415 gateway
     │   ├── InvalidParameters           invalid_parameters 422  worker: the pipeline refuses the parameters
-    │   └── InputTooLong                input_too_long     422  worker: more tokens than the model takes, no truncation asked
+    │   ├── InputTooLong                input_too_long     422  worker: more tokens than the model takes, no truncation asked
+    │   └── AnswerTooLarge              answer_too_large   422  worker: the answer would not fit in one message (MAX_FRAME_BYTES)
     └── ServerError                                       5xx  batchwire or the model failed; details go to the log
         ├── ModelError                  model_error        500  worker: the pipeline raised on a valid request
         ├── WorkerCrashed               worker_crashed     500  gateway: the worker died holding the request
@@ -106,6 +107,13 @@ class InputTooLong(ClientError):
     status = 422
 
 
+class AnswerTooLarge(ClientError):
+    """The answer to this input is larger than a worker can send in one message."""
+
+    code = "answer_too_large"
+    status = 422
+
+
 class ServerError(BatchwireError):
     status = 500
 
@@ -167,7 +175,8 @@ _BY_CODE: dict[str, type[BatchwireError]] = {
     cls.code: cls
     for cls in (
         ProtocolError, BadInput, Unauthorized, NotFound, MethodNotAllowed, BodyTooLarge,
-        UnsupportedMediaType, InvalidParameters, InputTooLong, ModelError, WorkerCrashed,
+        UnsupportedMediaType, InvalidParameters, InputTooLong, AnswerTooLarge, ModelError,
+        WorkerCrashed,
         Overloaded, NoWorkers, Draining, DeadlineExceeded, Cancelled,
     )
 }

@@ -44,6 +44,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def body_bytes(text: str) -> int:
+    """A request body limit: positive, and at most what one message field carries, since an
+    input travels to a worker as one (a longer one would be dropped there unanswered)."""
+    from protocol.codec import MAX_STR_BYTES
+
+    value = positive_int(text)
+    if value > MAX_STR_BYTES:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_STR_BYTES} (16 MiB, the most text one message to a worker "
+            f"carries), got {value}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:

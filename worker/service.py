@@ -22,7 +22,8 @@ import zmq
 import zmq.asyncio
 
 from protocol import codec, curve, eventloop
-from protocol.errors import BatchwireError, Cancelled, ProtocolError
+from protocol.codec import MAX_FRAME_BYTES
+from protocol.errors import AnswerTooLarge, BatchwireError, Cancelled, ProtocolError
 from protocol.messages import (
     Cancel,
     Disconnect,
@@ -54,6 +55,22 @@ BULK_TEXT_CHARS = 10_000
 def parameter_key(parameters: dict) -> Any:
     """Hashable, order-independent key: equal parameters batch together."""
     return codec.encode_canonical(parameters)
+
+
+def result_frame(item: WorkItem, output: Any, stats: BatchStats) -> bytes:
+    """The RESULT frame for an item's output. Raises :class:`AnswerTooLarge` when it would
+    pass the protocol's frame limit: the gateway would drop it unread, and the request would
+    wait for its deadline while its slot on this worker never came back (fill-mask with
+    every candidate of several masks, token-level answers of a long-context model)."""
+    frame = codec.encode(Result(item.request_id, output, stats.batch_size, stats.queue_ms,
+                                stats.inference_ms, stats.batch_id, stats.tokens,
+                                stats.batch_tokens, stats.padding_ratio))
+    if len(frame) > MAX_FRAME_BYTES:
+        raise AnswerTooLarge(
+            f"the answer to this input is {len(frame) / 2**20:.1f} MiB, more than the "
+            f"{MAX_FRAME_BYTES // 2**20} MiB a worker sends in one message: ask for less "
+            "(fewer candidates, a shorter input)")
+    return frame
 
 
 class WorkerService:
@@ -252,25 +269,29 @@ class WorkerService:
 
     # -- sending ------------------------------------------------------------------------
     def _send(self, message: Message) -> None:
+        self._send_frame(codec.encode(message), type(message).__name__)
+
+    def _send_frame(self, frame: bytes, kind: str) -> None:
         assert self._socket is not None
         # DEALER queues while the gateway is away; a full queue (HWM) would block, so send
         # without waiting and drop instead: the gateway treats silence as death and requeues.
         try:
-            send_now(self._socket, [codec.encode(message)])
+            send_now(self._socket, [frame])
         except zmq.Again:
-            log.warning("send queue to the gateway is full; dropped a %s", type(message).__name__)
+            log.warning("send queue to the gateway is full; dropped a %s", kind)
         except zmq.ZMQError as exc:
-            log.warning("could not send a %s to the gateway (%s); dropped it",
-                        type(message).__name__, exc.strerror)
+            log.warning("could not send a %s to the gateway (%s); dropped it", kind,
+                        exc.strerror)
 
     def _send_result(self, item: WorkItem, output: Any, stats: BatchStats) -> None:
         try:
-            frame = Result(item.request_id, output, stats.batch_size, stats.queue_ms,
-                           stats.inference_ms, stats.batch_id, stats.tokens,
-                           stats.batch_tokens, stats.padding_ratio)
-            self._send(frame)
+            frame = result_frame(item, output, stats)
+        except BatchwireError as exc:
+            self._send_error(item, exc)
         except (TypeError, ValueError) as exc:  # output msgpack cannot carry
             self._send_error(item, classify_error(exc))
+        else:
+            self._send_frame(frame, "Result")
 
     def _send_error(self, item: WorkItem, error: BatchwireError) -> None:
         self._send(Error(item.request_id, error.code, error.message))

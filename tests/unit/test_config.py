@@ -37,6 +37,16 @@ def test_a_port_outside_1_to_65535_is_refused(capsys, port):
         gateway_config.parse(["gateway"], environ={"BATCHWIRE_PORT": port})
 
 
+def test_a_body_limit_past_what_a_worker_message_carries_is_refused(capsys):
+    """A text travels to a worker as one message field, which the protocol bounds at 16
+    MiB: a longer one would be dropped there unanswered."""
+    _, cfg = gateway_config.parse(["serve", "--max-body-bytes", str(16 * 2**20)], environ={})
+    assert cfg.gateway.max_body_bytes == 16 * 2**20
+    with pytest.raises(SystemExit):
+        gateway_config.parse(["gateway"], environ={"BATCHWIRE_MAX_BODY_BYTES": str(2**30)})
+    assert "must be at most 16777216 (16 MiB" in capsys.readouterr().err
+
+
 def test_help_names_every_env_var(capsys):
     with pytest.raises(SystemExit):
         gateway_config.parse(["serve", "--help"], environ={})

@@ -831,6 +831,7 @@ DOCUMENTED_STATUS = {
     "unsupported_media_type": (errors.UnsupportedMediaType, 415),
     "invalid_parameters": (errors.InvalidParameters, 422),
     "input_too_long": (errors.InputTooLong, 422),
+    "answer_too_large": (errors.AnswerTooLarge, 422),
     "model_error": (errors.ModelError, 500),
     "worker_crashed": (errors.WorkerCrashed, 500),
     "overloaded": (errors.Overloaded, 503),
@@ -948,3 +949,21 @@ def test_freeze_startup_objects_takes_them_out_of_the_collectors_reach():
         assert not any(o is survivor for o in gc.get_objects()), "frozen objects are still tracked"
     finally:
         gc.unfreeze()
+
+
+def test_an_answer_past_the_frame_limit_is_an_error_to_send_not_a_frame():
+    """The gateway drops a frame over MAX_FRAME_BYTES unread: the request would wait for its
+    deadline, and the worker's slot for it would never come back. The worker sends the
+    error instead."""
+    from worker.batcher import BatchStats, WorkItem
+    from worker.service import result_frame
+
+    item = WorkItem(7, "x", {}, b"", 0.0, 1.0)
+    stats = BatchStats(batch_size=2, queue_ms=0.5, inference_ms=3.0, batch_id=4, tokens=9)
+    fits = NDArray.from_array(np.zeros(4, np.float32))
+    assert decode(result_frame(item, fits, stats)) == Result(7, fits, 2, 0.5, 3.0, 4, 9)
+    too_large = NDArray.from_array(np.zeros(protocol.MAX_FRAME_BYTES // 4, np.float32))
+    with pytest.raises(errors.AnswerTooLarge, match="the answer to this input is 64.0 MiB, "
+                       "more than the 64 MiB a worker sends in one message"):
+        result_frame(item, too_large, stats)
+    assert errors.AnswerTooLarge.status == 422
