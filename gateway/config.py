@@ -18,10 +18,10 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     zmq_bind: str | None = None
-    max_queue: int = 1024
+    max_queue: int = 4096
     timeout_ms: float = 30_000.0
     max_body_bytes: int = 4 * 1024 * 1024
-    max_inputs: int = 256
+    max_inputs: int = 2048
     drain_timeout_s: float = 30.0
     heartbeat_interval_s: float = 1.0
     batch_timeout_s: float = 60.0
@@ -83,7 +83,7 @@ def _add_gateway_flags(flags: Flags, *, serve: bool) -> None:
     flags.add("--max-body-bytes", type=body_bytes, default=d.max_body_bytes,
               help="largest request body; larger ones get 413 (at most 16 MiB)")
     flags.add("--max-inputs", type=positive_int, default=d.max_inputs,
-              help="most inputs in one /predict list")
+              help="most inputs in one request's list (/predict, /v1/embeddings, /v2 infer)")
     flags.add("--drain-timeout-s", type=non_negative_float, default=d.drain_timeout_s,
               help="on SIGTERM, how long admitted requests may take to finish")
     flags.add("--heartbeat-interval-s", type=positive_float, default=d.heartbeat_interval_s,

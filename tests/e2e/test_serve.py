@@ -438,6 +438,10 @@ def test_the_openai_python_client_gets_embeddings(default_server):
     for bad in (0, -2, "64", 1.5):
         with pytest.raises(openai.BadRequestError, match='"dimensions" must be a whole'):
             client.embeddings.create(input=texts[0], model="minilm", dimensions=bad)
+    # LangChain's OpenAIEmbeddings sends 1000 texts a request; OpenAI takes up to 2048.
+    many = client.embeddings.create(input=[f"text number {i}" for i in range(1000)],
+                                    model="minilm")
+    assert [d.index for d in many.data] == list(range(1000))
     # sentence-transformers' prompt_name, sent as an extra field: MiniLM names no prompts.
     with pytest.raises(openai.BadRequestError, match="'query', but this model names no "
                        "prompts"):
