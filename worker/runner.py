@@ -151,6 +151,9 @@ class Measurer:
     #: encoding, the one its model inputs are built from. None: counted untruncated, cut
     #: in the batch.
     truncating: Any = None
+    #: Whether a long text's embedding may be tokenized from its start only (see
+    #: :func:`embedding_prefix`; checked at load).
+    prefix_cut: bool = False
 
 
 class PipelineRunner:
@@ -222,6 +225,8 @@ class PipelineRunner:
         #: long texts apart from it (``bulk``): each its own (see :class:`Measurer`).
         self._measurer: Measurer | None = None
         self._bulk_measurer: Measurer | None = None
+        #: The load-time check of :func:`prefix_cut_agrees`, made once for both measurers.
+        self._prefix_cut: bool | None = None
         self.max_length: int | None = None
         #: What the pipeline is, by class: a custom pipeline subclassing FillMaskPipeline
         #: (loaded with --trust-remote-code) is batched and warmed like fill-mask.
@@ -317,6 +322,11 @@ class PipelineRunner:
         if measurer.embed_counting is not None and self.embed_max_length:
             measurer.truncating = truncating_backend(
                 measurer.embed_tokenizer, measurer.embed_counting, self.embed_max_length)
+        if measurer.truncating is not None:
+            if self._prefix_cut is None:
+                self._prefix_cut = prefix_cut_agrees(measurer.embed_counting,
+                                                     measurer.truncating, self.embed_max_length)
+            measurer.prefix_cut = self._prefix_cut
         return measurer
 
     def _follow_declared_modules(self, pooling_config: dict, dense: list[str],
@@ -436,6 +446,13 @@ class PipelineRunner:
                 # Remembered by (text, no cut), it would pass for the text's token-level
                 # encoding, which is not lowercased.
                 encodings = None
+        if truncate_at and measurer.prefix_cut and not any(
+                name in parameters for name in batch_encoding.TOKENIZER_PARAMETERS):
+            cut = _prefix_encoding(measurer, input, truncate_at)
+            if cut is not None:
+                if encodings is not None:
+                    self.batch_encoder.remember(input, cut, truncate_at)
+                return len(cut)
         count = self._token_lengths([input], parameters, tokenizer, backend, encodings,
                                     truncate_at)[0] or 0
         if encodings:
@@ -817,6 +834,71 @@ def truncating_backend(tokenizer: Any, backend: Any, max_length: int) -> Any:
                  "differ from the tokenizer's own with truncation")
         return None
     return cutting
+
+
+#: A text's embedding keeps its first max_seq_length tokens. Past this many characters
+#: for each token it keeps (and a margin), it is tokenized from its start only: a 4 MiB
+#: text cost 2.5 to 10 s of tokenizing for 256 tokens. English runs about 4 characters a
+#: token; a text that packs fewer tokens than the margin into its start is tokenized whole.
+PREFIX_CHARS_PER_TOKEN = 32
+PREFIX_MARGIN_TOKENS = 16
+#: How far back from the budget's end a whitespace to cut before is looked for.
+_PREFIX_WHITESPACE_WINDOW = 1024
+
+
+def embedding_prefix(text: str, keep: int) -> str | None:
+    """The start of ``text`` to tokenize for an embedding of its first ``keep`` tokens, cut
+    just before a whitespace character, so no word (and no special token written in the
+    text) is split and the tokens before the cut are those of the whole text; None when the
+    text is short enough to tokenize whole, or no whitespace is near the cut (CJK text, say)."""
+    budget = PREFIX_CHARS_PER_TOKEN * (keep + PREFIX_MARGIN_TOKENS)
+    if len(text) <= budget:
+        return None
+    start = max(budget - _PREFIX_WHITESPACE_WINDOW, 0)
+    cut = max(text.rfind(space, start, budget) for space in (" ", "\n", "\t"))
+    return text[:cut] if cut > 0 else None
+
+
+def _prefix_encoding(measurer: Measurer, text: str, keep: int) -> Any:
+    """``text``'s embedding encoding (cut at ``keep`` tokens) from its start alone, or None
+    when that start holds too few tokens to be sure of it (see :func:`embedding_prefix`)."""
+    prefix = embedding_prefix(text, keep)
+    if prefix is None:
+        return None
+    [whole] = encode_fast(measurer.embed_counting, [prefix])
+    if len(whole) < keep + PREFIX_MARGIN_TOKENS:
+        return None
+    [cut] = encode_fast(measurer.truncating, [prefix])
+    return cut
+
+
+def prefix_cut_agrees(counting: Any, truncating: Any, keep: int) -> bool:
+    """Whether long texts' encodings, cut at ``keep`` tokens, are the same from their start
+    alone (:func:`embedding_prefix`) as from the whole text, on check texts of many kinds:
+    words, punctuation, unicode, special tokens written in the text, line breaks."""
+    pieces = [*_COUNT_CHECKS[1:4], "Don't stop , it's [SEP] here . Really ? [CLS] Yes !",
+              "Pay $5.00 (or 4,5 €) at https://example.com/a?b=c#d — now!"]
+    budget = PREFIX_CHARS_PER_TOKEN * (keep + PREFIX_MARGIN_TOKENS)
+    checks = [(piece + " ") * (budget // (len(piece) + 1) + 2) for piece in pieces]
+    checks.append(" ".join(pieces) * (budget // len(" ".join(pieces)) + 2))
+    # Not periodic: a tokenizer that cuts from the left keeps other tokens here.
+    checks.append(" ".join(f"item {n}," for n in range(budget // 6)))
+    if (getattr(truncating, "truncation", None) or {}).get("direction", "right") != "right":
+        return False  # it keeps a long text's end, which its start cannot give
+    try:
+        for text in checks:
+            measurer = Measurer(None, counting, None, counting, truncating)
+            got = _prefix_encoding(measurer, text, keep)
+            [want] = encode_fast(truncating, [text])
+            if got is None or any(list(getattr(got, attr)) != list(getattr(want, attr))
+                                  for attr in ("ids", "type_ids", "attention_mask")):
+                log.info("long texts' embeddings tokenized whole: from their start alone, "
+                         "the check texts' encodings differ")
+                return False
+    except Exception as exc:  # noqa: BLE001 - any doubt: tokenize them whole
+        log.debug("long texts' embeddings tokenized whole: %s: %s", type(exc).__name__, exc)
+        return False
+    return True
 
 
 def classify_error(exc: BaseException) -> BatchwireError:

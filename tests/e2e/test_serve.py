@@ -459,7 +459,9 @@ async def test_a_long_text_is_tokenized_off_the_workers_io_loop(default_server):
     requests, and nothing is lost or restarted."""
     server = default_server
     [worker] = server.info()["workers"]
-    big = ("x" * 99 + " ") * 10_000  # 1 MB: 10,000 one-token words, seconds to tokenize
+    # 1 MB that takes seconds to tokenize: 10,000 long words, after a run of whitespace that
+    # leaves too few tokens in the text's start for an embedding to be taken from it.
+    big = "start" + " " * 10_000 + ("x" * 99 + " ") * 10_000
     async with aiohttp.ClientSession() as session:
         long_one = asyncio.create_task(post(session, server.url + "/v1/embeddings",
                                             json={"input": big}))

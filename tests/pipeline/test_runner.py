@@ -1100,6 +1100,69 @@ def test_long_embeddings_are_truncated_as_sentence_transformers_does(minilm_runn
         minilm_runner.measure(texts[2], {})
 
 
+class _Recording:
+    """A Rust backend that notes the length of every text it encodes, and encodes it."""
+
+    def __init__(self, backend):
+        self.backend, self.lengths = backend, []
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def encode_batch_fast(self, texts):
+        self.lengths += [len(t) for t in texts]
+        return self.backend.encode_batch_fast(texts)
+
+
+def test_a_long_texts_embedding_is_tokenized_from_its_start(minilm_runner, monkeypatch):
+    """An embedding keeps a text's first 256 tokens, so a 100,000-character text is
+    tokenized from its start only (a 4 MiB one took 2.5 to 10 s whole), cut before a
+    whitespace; the vectors are sentence-transformers' all the same. A start with too few
+    tokens in it (long whitespace runs) and text with no whitespace to cut at (CJK) are
+    tokenized whole."""
+    from sentence_transformers import SentenceTransformer
+
+    from worker.runner import PREFIX_CHARS_PER_TOKEN, embedding_prefix
+
+    measurer = minilm_runner._measurer
+    assert measurer.prefix_cut and minilm_runner._bulk_measurer.prefix_cut
+    recording = _Recording(measurer.truncating)
+    monkeypatch.setattr(measurer, "truncating", recording)
+    texts = [_distinct_words(20_000, 5),
+             "Don't stop , it's [SEP] here .\nReally ? Yes ! " * 3000,
+             "word" + " " * 20_000 + _distinct_words(5_000, 6),
+             "猫が座った。" * 3000]
+    model = SentenceTransformer(minilm_runner.model, device="cpu")
+    reference = model.encode(texts)
+    embed = {EMBED_KEY: True}
+    budget = PREFIX_CHARS_PER_TOKEN * (256 + 16)
+    for text, want in zip(texts, reference):
+        recording.lengths.clear()
+        assert minilm_runner.measure(text, embed) == 256
+        (vector,) = minilm_runner([text], embed, [256]).outputs
+        np.testing.assert_allclose(vector.to_numpy(), want, atol=2e-5)
+        prefix = embedding_prefix(text, 256)
+        if prefix is not None and len(model.tokenizer(prefix)["input_ids"]) >= 256 + 16:
+            assert recording.lengths == [len(prefix)] and budget - 1024 <= len(prefix) <= budget
+            assert text[len(prefix)].isspace()
+        else:
+            assert recording.lengths == [len(text)], "tokenized whole"
+    # Which took which way: the first two from their start.
+    assert [embedding_prefix(t, 256) is not None for t in texts] == [True, True, True, False]
+
+
+def test_a_tokenizer_that_keeps_a_long_texts_end_is_not_cut_at_its_start(minilm_runner):
+    from tokenizers import Tokenizer
+
+    from worker.runner import prefix_cut_agrees
+
+    counting = minilm_runner._measurer.embed_counting
+    for side in ("right", "left"):
+        cutting = Tokenizer.from_str(counting.to_str())
+        cutting.enable_truncation(256, direction=side)
+        assert prefix_cut_agrees(counting, cutting, 256) is (side == "right")
+
+
 def test_max_seq_length_setting_truncates_embeddings_of_any_feature_model(tiny_model_dir,
                                                                          tiny_fe_runner, caplog):
     """--max-seq-length N cuts embeddings at N on a model that declares nothing (which
