@@ -407,9 +407,9 @@ async def handle_embeddings(request: web.Request) -> web.Response:
                        "text (LangChain's OpenAIEmbeddings: check_embedding_ctx_length=False)")
     if not items or not all(isinstance(t, str) and t.strip() for t in items):
         raise BadInput('"input" must be a non-empty string or a non-empty list of them')
-    if len(items) > config.max_inputs:
+    if len(items) > config.max_embedding_inputs:
         raise BadInput(f'"input" holds {len(items)} items; this server takes at most '
-                       f"{config.max_inputs} per request (--max-inputs)")
+                       f"{config.max_embedding_inputs} per request (--max-embedding-inputs)")
     broker = request.app[BROKER]
     worker = next(iter(broker.workers.values()), None)
     if worker is not None and not worker.info.pooling:

@@ -21,7 +21,9 @@ class GatewayConfig:
     max_queue: int = 4096
     timeout_ms: float = 30_000.0
     max_body_bytes: int = 4 * 1024 * 1024
-    max_inputs: int = 2048
+    max_inputs: int = 256
+    #: /v1/embeddings' own: OpenAI's limit, since each answer there is one vector.
+    max_embedding_inputs: int = 2048
     drain_timeout_s: float = 30.0
     heartbeat_interval_s: float = 1.0
     batch_timeout_s: float = 60.0
@@ -83,7 +85,10 @@ def _add_gateway_flags(flags: Flags, *, serve: bool) -> None:
     flags.add("--max-body-bytes", type=body_bytes, default=d.max_body_bytes,
               help="largest request body; larger ones get 413 (at most 16 MiB)")
     flags.add("--max-inputs", type=positive_int, default=d.max_inputs,
-              help="most inputs in one request's list (/predict, /v1/embeddings, /v2 infer)")
+              help="most inputs in one /predict or /v2 infer list")
+    flags.add("--max-embedding-inputs", type=positive_int, default=d.max_embedding_inputs,
+              help="most inputs in one /v1/embeddings request (OpenAI's own limit; "
+              "LangChain sends 1000 texts at a time)")
     flags.add("--drain-timeout-s", type=non_negative_float, default=d.drain_timeout_s,
               help="on SIGTERM, how long admitted requests may take to finish")
     flags.add("--heartbeat-interval-s", type=positive_float, default=d.heartbeat_interval_s,
@@ -153,6 +158,7 @@ def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
         timeout_ms=args.timeout_ms,
         max_body_bytes=args.max_body_bytes,
         max_inputs=args.max_inputs,
+        max_embedding_inputs=args.max_embedding_inputs,
         drain_timeout_s=args.drain_timeout_s,
         heartbeat_interval_s=args.heartbeat_interval_s,
         batch_timeout_s=args.batch_timeout_s,

@@ -178,7 +178,7 @@ def _components(config: GatewayConfig) -> dict:
             "properties": {
                 "input": {"oneOf": [
                     text,
-                    {"type": "array", "minItems": 1, "maxItems": config.max_inputs,
+                    {"type": "array", "minItems": 1, "maxItems": config.max_embedding_inputs,
                      "items": text},
                 ]},
                 "model": {"type": "string", "description": "Echoed in the answer; the server "

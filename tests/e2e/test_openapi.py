@@ -168,11 +168,14 @@ def test_document_is_valid_openapi(document):
 
 
 def test_document_matches_the_served_config(document):
-    """--max-inputs bounds the lists; no --api-key, no security scheme."""
+    """--max-inputs and --max-embedding-inputs bound the lists; no --api-key, no security
+    scheme."""
     config = GatewayConfig()
     assert document == openapi_document(config)
     inputs = document["components"]["schemas"]["PredictRequest"]["properties"]["inputs"]
-    assert inputs["oneOf"][2]["maxItems"] == config.max_inputs
+    assert inputs["oneOf"][2]["maxItems"] == config.max_inputs == 256
+    texts = document["components"]["schemas"]["EmbeddingsRequest"]["properties"]["input"]
+    assert texts["oneOf"][1]["maxItems"] == config.max_embedding_inputs == 2048
     assert "security" not in document and "securitySchemes" not in document["components"]
 
 

@@ -37,6 +37,14 @@ def test_a_port_outside_1_to_65535_is_refused(capsys, port):
         gateway_config.parse(["gateway"], environ={"BATCHWIRE_PORT": port})
 
 
+def test_embeddings_take_openais_2048_inputs_and_other_lists_256():
+    _, cfg = gateway_config.parse(["serve"], environ={})
+    assert (cfg.gateway.max_inputs, cfg.gateway.max_embedding_inputs) == (256, 2048)
+    assert cfg.gateway.max_queue >= cfg.gateway.max_embedding_inputs  # admitted whole
+    _, cfg = gateway_config.parse(["gateway"], environ={"BATCHWIRE_MAX_EMBEDDING_INPUTS": "8"})
+    assert cfg.max_embedding_inputs == 8
+
+
 def test_a_body_limit_past_what_a_worker_message_carries_is_refused(capsys):
     """A text travels to a worker as one message field, which the protocol bounds at 16
     MiB: a longer one would be dropped there unanswered."""
