@@ -662,6 +662,8 @@ class PipelineRunner:
             raise InvalidParameters(
                 "return_tensors is the server's to set: feature-extraction answers are arrays "
                 "already (JSON lists, or raw bytes with Accept: application/msgpack)")
+        if self.kind == "fill-mask" and "top_k" in parameters:
+            self._check_top_k(parameters["top_k"])
         try:
             sanitized = sanitize(**copy.deepcopy(parameters))
         except (TypeError, ValueError) as exc:
@@ -678,6 +680,16 @@ class PipelineRunner:
             raise InvalidParameters(
                 f"the {self.task} pipeline ignores parameters {ignored}, so they would "
                 f"change nothing: check their names{hint}")
+
+    def _check_top_k(self, top_k: Any) -> None:
+        """torch's own words for these were "selected index k out of range" and "topk():
+        argument 'k' must be int", which name neither the parameter nor its bounds."""
+        vocabulary = getattr(self.pipe.model.config, "vocab_size", None)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+            raise InvalidParameters(f"top_k must be a whole number of at least 1, not {top_k!r}")
+        if isinstance(vocabulary, int) and top_k > vocabulary:
+            raise InvalidParameters(f"top_k is {top_k}, more than the {vocabulary} tokens this "
+                                    "model chooses from")
 
     def _check_lengths_asked(self, kwargs: dict) -> None:
         """Tokenizer arguments that size what the tokenizer builds must not pass the model's

@@ -12,6 +12,7 @@ Each pipeline is loaded once per module; the reference pipelines are separate
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -348,11 +349,22 @@ def test_the_scorer_leaves_what_it_cannot_score_to_the_stock_way(fill_runner, pa
     assert fill_runner.mask_scorer.top_k is None
 
 
-def test_a_top_k_the_model_cannot_give_is_still_blamed_on_the_parameters(fill_runner):
-    vocab = fill_runner.pipe.model.config.vocab_size
-    with pytest.raises(InvalidParameters, match="top_k"):
-        fill_runner(["a [MASK]", "the [MASK] b"], {"top_k": vocab + 1})
+@pytest.mark.parametrize("top_k, why", [
+    (10**9, "top_k is 1000000000, more than the 30522 tokens this model chooses from"),
+    (-1, "top_k must be a whole number of at least 1, not -1"),
+    (0, "top_k must be a whole number of at least 1, not 0"),
+    (2.5, "top_k must be a whole number of at least 1, not 2.5"),
+], ids=["past-the-vocabulary", "negative", "zero", "fraction"])
+def test_a_top_k_the_model_cannot_give_is_still_blamed_on_the_parameters(fill_runner, top_k,
+                                                                        why):
+    """The message names the parameter and its bounds, not torch's "selected index k out of
+    range"."""
+    assert fill_runner.pipe.model.config.vocab_size == 30522
+    for texts in (["a [MASK]"], ["a [MASK]", "the [MASK] b"]):
+        with pytest.raises(InvalidParameters, match=f"^{re.escape(why)}$"):
+            fill_runner(texts, {"top_k": top_k})
     assert fill_runner.mask_scorer.top_k is None
+    assert len(fill_runner(["a [MASK]"], {"top_k": 30522}).outputs[0]) == 30522
 
 
 def test_mask_scorer_is_cleared_when_the_batch_fails(fill_runner):
