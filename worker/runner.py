@@ -429,16 +429,24 @@ class PipelineRunner:
         :class:`InputTooLong` or :class:`InvalidParameters` for the client at once.
         ``bulk``: called from the one thread that measures long texts apart from the loop,
         with that thread's own tokenizers."""
+        return self.arrive(input, parameters, bulk)[0]
+
+    def arrive(self, input: Any, parameters: dict, bulk: bool = False) -> tuple[int, Any]:
+        """:meth:`measure`, and the input to run: a long text whose answer is of its first
+        tokens only (an embedding, or token-level answers with ``{"truncation": true}``)
+        comes back as its start (see :func:`embedding_prefix`), so the batch never
+        tokenizes the rest, not even when its arrival encoding is gone."""
         measurer = self._bulk_measurer if bulk else self._measurer
         if measurer is None or not isinstance(input, str):
-            return 0
+            return 0, input
         encodings: list | None = (
             [] if self.batch_encoder is not None and self.batch_encoder.uses_arrivals else None)
         truncate_at = None
         tokenizer, backend = measurer.tokenizer, measurer.counting
+        text, prompt = input, ""
         if parameters.get(EMBED_KEY):
             # As _run will see it: one encoding.
-            [input], _ = self._embedding_inputs([input], parameters[EMBED_KEY])
+            [text], prompt = self._embedding_inputs([input], parameters[EMBED_KEY])
             truncate_at = self.embed_max_length
             tokenizer = measurer.embed_tokenizer
             backend = measurer.truncating if truncate_at else measurer.embed_counting
@@ -446,19 +454,26 @@ class PipelineRunner:
                 # Remembered by (text, no cut), it would pass for the text's token-level
                 # encoding, which is not lowercased.
                 encodings = None
-        if truncate_at and measurer.prefix_cut and not any(
-                name in parameters for name in batch_encoding.TOKENIZER_PARAMETERS):
-            cut = _prefix_encoding(measurer, input, truncate_at)
-            if cut is not None:
-                if encodings is not None:
-                    self.batch_encoder.remember(input, cut, truncate_at)
-                return len(cut)
-        count = self._token_lengths([input], parameters, tokenizer, backend, encodings,
+            elif truncate_at and measurer.prefix_cut and not any(
+                    name in parameters for name in batch_encoding.TOKENIZER_PARAMETERS):
+                start = long_text_start(measurer.embed_counting, text, truncate_at)
+                if start is not None and len(start) > len(prompt):
+                    [cut] = encode_fast(measurer.truncating, [start])
+                    if encodings is not None:
+                        self.batch_encoder.remember(start, cut, truncate_at)
+                    return len(cut), start[len(prompt):]
+        elif (parameters == {"truncation": True} and measurer.prefix_cut and self.max_length
+              and self._embed_tokenizer is None):
+            # Token-level answers of the first max_length tokens: the tokenizer's own cut.
+            start = long_text_start(measurer.counting, text, self.max_length)
+            if start is not None:
+                return self.max_length, start
+        count = self._token_lengths([text], parameters, tokenizer, backend, encodings,
                                     truncate_at)[0] or 0
         if encodings:
             # The batch encoder builds this text's model inputs from it: one tokenization.
-            self.batch_encoder.remember(input, encodings[0], truncate_at)
-        return count
+            self.batch_encoder.remember(text, encodings[0], truncate_at)
+        return count, input
 
     def _embedding_inputs(self, inputs: list, prompt_name: Any = True) -> tuple[list, str]:
         """The texts to embed as the model embeds them, and the prompt put before each: the
@@ -871,17 +886,15 @@ def embedding_prefix(text: str, keep: int) -> str | None:
     return text[:cut] if cut > 0 else None
 
 
-def _prefix_encoding(measurer: Measurer, text: str, keep: int) -> Any:
-    """``text``'s embedding encoding (cut at ``keep`` tokens) from its start alone, or None
-    when that start holds too few tokens to be sure of it (see :func:`embedding_prefix`)."""
+def long_text_start(counting: Any, text: str, keep: int) -> str | None:
+    """``text``'s start (:func:`embedding_prefix`) when it holds the first ``keep`` tokens
+    and the margin, counted with the Rust backend ``counting``; None when ``text`` is to be
+    tokenized whole."""
     prefix = embedding_prefix(text, keep)
     if prefix is None:
         return None
-    [whole] = encode_fast(measurer.embed_counting, [prefix])
-    if len(whole) < keep + PREFIX_MARGIN_TOKENS:
-        return None
-    [cut] = encode_fast(measurer.truncating, [prefix])
-    return cut
+    [whole] = encode_fast(counting, [prefix])
+    return prefix if len(whole) >= keep + PREFIX_MARGIN_TOKENS else None
 
 
 def prefix_cut_agrees(counting: Any, truncating: Any, keep: int) -> bool:
@@ -899,8 +912,8 @@ def prefix_cut_agrees(counting: Any, truncating: Any, keep: int) -> bool:
         return False  # it keeps a long text's end, which its start cannot give
     try:
         for text in checks:
-            measurer = Measurer(None, counting, None, counting, truncating)
-            got = _prefix_encoding(measurer, text, keep)
+            start = long_text_start(counting, text, keep)
+            got = encode_fast(truncating, [start])[0] if start is not None else None
             [want] = encode_fast(truncating, [text])
             if got is None or any(list(getattr(got, attr)) != list(getattr(want, attr))
                                   for attr in ("ids", "type_ids", "attention_mask")):

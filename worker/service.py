@@ -205,12 +205,12 @@ class WorkerService:
                 self._measure_apart(message, parameters, now)
                 return
             try:
-                tokens = self.runner.measure(message.inputs, parameters)
+                arrival = self.runner.arrive(message.inputs, parameters)
             except Exception as exc:  # noqa: BLE001 - the client gets the reason, we go on
                 error = classify_error(exc)
                 self._send(Error(message.request_id, error.code, error.message))
                 return
-            self._submit(message, parameters, now, tokens)
+            self._submit(message, parameters, now, *arrival)
         elif isinstance(message, Cancel):
             if message.request_id in self._measuring:
                 self._measuring[message.request_id] = True
@@ -225,10 +225,13 @@ class WorkerService:
                 self._gateway_known = False
         # Heartbeats need nothing beyond the _last_heard update.
 
-    def _submit(self, message: Request, parameters: dict, now: float, tokens: int) -> None:
+    def _submit(self, message: Request, parameters: dict, now: float, tokens: int,
+                inputs: Any) -> None:
+        """Hand the request to the batcher, with its token count and the input to run (see
+        PipelineRunner.arrive: a long text's start, when only that counts)."""
         self.batcher.submit(WorkItem(
             request_id=message.request_id,
-            inputs=message.inputs,
+            inputs=inputs,
             parameters=parameters,
             parameter_key=parameter_key(parameters),
             admitted_at=now - message.waited_ms / 1000.0,
@@ -242,12 +245,12 @@ class WorkerService:
         self._measuring[message.request_id] = False
         deadline = now + message.budget_ms / 1000.0
 
-        def measure() -> int:
+        def measure() -> tuple[int, Any]:
             # Queued behind other long texts, it may have been cancelled or run out of time
             # meanwhile: then not tokenized at all (the batcher answers an expired one).
             if self._measuring.get(message.request_id) or time.monotonic() > deadline:
-                return 0
-            return self.runner.measure(message.inputs, parameters, bulk=True)
+                return 0, message.inputs
+            return self.runner.arrive(message.inputs, parameters, bulk=True)
 
         future = asyncio.get_running_loop().run_in_executor(self._bulk, measure)
         future.add_done_callback(
@@ -263,7 +266,7 @@ class WorkerService:
         elif future.exception() is not None:
             error = classify_error(future.exception())
         else:
-            self._submit(message, parameters, now, future.result())
+            self._submit(message, parameters, now, *future.result())
             return
         self._send(Error(message.request_id, error.code, error.message))
 

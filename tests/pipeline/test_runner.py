@@ -1161,6 +1161,30 @@ def test_a_long_texts_embedding_is_tokenized_from_its_start(minilm_runner, monke
             assert recording.lengths == [len(text)], "tokenized whole"
     # Which took which way: the first two from their start.
     assert [embedding_prefix(t, 256) is not None for t in texts] == [True, True, True, False]
+    # The item the batch runs is that start, so even with its arrival encoding gone the
+    # batch tokenizes no more than it.
+    for text, want in zip(texts, reference):
+        tokens, run = minilm_runner.arrive(text, embed)
+        assert tokens == 256 and (run == text) == (text is not texts[0] and text is not texts[1])
+        minilm_runner.batch_encoder._remembered.clear()
+        (vector,) = minilm_runner([run], embed, [tokens]).outputs
+        np.testing.assert_allclose(vector.to_numpy(), want, atol=2e-5)
+
+
+def test_token_level_answers_with_truncation_run_a_long_texts_start(minilm_runner):
+    """{"truncation": true} answers the first 512 tokens' vectors: a long text's item is its
+    start, and the answer is the one the whole text gives."""
+    text = _distinct_words(20_000, 7)
+    tokens, run = minilm_runner.arrive(text, {"truncation": True})
+    assert tokens == 512 and len(run) < len(text) // 4 and text.startswith(run)
+    (short,) = minilm_runner([run], {"truncation": True}, [tokens]).outputs
+    (whole,) = minilm_runner([text], {"truncation": True}).outputs
+    assert short.to_numpy().shape == whole.to_numpy().shape == (1, 512, 384)
+    np.testing.assert_array_equal(short.to_numpy(), whole.to_numpy())
+    # Other parameters, or none: the text as sent.
+    assert minilm_runner.arrive(text, {"truncation": True, "tokenize_kwargs": {}})[1] is text
+    with pytest.raises(InputTooLong):
+        minilm_runner.arrive(text, {})
 
 
 def test_a_tokenizer_that_keeps_a_long_texts_end_is_not_cut_at_its_start(minilm_runner):
