@@ -468,6 +468,14 @@ class PipelineRunner:
             start = long_text_start(measurer.counting, text, self.max_length)
             if start is not None:
                 return self.max_length, start
+        if (not truncate_at and self.max_length and backend is not None
+                and backend.truncation is None and not any(
+                    name in parameters for name in batch_encoding.TOKENIZER_PARAMETERS)):
+            # Its start alone holds more tokens than the model takes: refused without
+            # counting the rest (seconds, for a few MiB).
+            if long_text_start(backend, text, self.max_length) is not None:
+                raise self._too_long(f"over {self.max_length + PREFIX_MARGIN_TOKENS}",
+                                     parameters)
         count = self._token_lengths([text], parameters, tokenizer, backend, encodings,
                                     truncate_at)[0] or 0
         if encodings:
@@ -763,17 +771,18 @@ class PipelineRunner:
         elif self.max_length and not kwargs.get("truncation"):
             too_long = [n for n in lengths if n > self.max_length]
             if too_long:
-                # /v1/embeddings takes no parameters: there the only way is a shorter text.
-                hint = (' or send parameters {"truncation": true}'
-                        if self.kind == "feature-extraction" and not parameters.get(EMBED_KEY)
-                        else "")
-                raise InputTooLong(
-                    f"input is {max(too_long)} tokens long but this model takes at most "
-                    f"{self.max_length}; shorten it{hint}"
-                )
+                raise self._too_long(str(max(too_long)), parameters)
         if encodings is not None and encoded is not None:
             encodings.extend(encoded)
         return lengths
+
+    def _too_long(self, tokens: str, parameters: dict) -> InputTooLong:
+        # /v1/embeddings takes no parameters: there the only way is a shorter text.
+        hint = (' or send parameters {"truncation": true}'
+                if self.kind == "feature-extraction" and not parameters.get(EMBED_KEY)
+                else "")
+        return InputTooLong(f"input is {tokens} tokens long but this model takes at most "
+                            f"{self.max_length}; shorten it{hint}")
 
     def _trim_padding(self, output: Any, length: int | None) -> Any:
         # Batched feature-extraction pads every item to the batch's longest input; the

@@ -583,6 +583,19 @@ def test_feature_extraction_one_item_batch_equals_unbatched(tiny_fe_runner, tiny
 
 
 # -- 4. inputs longer than the model takes -----------------------------------------------------
+def test_a_long_text_is_refused_from_its_start(fill_runner, tiny_fe_runner, monkeypatch):
+    """A text whose start alone holds more tokens than the model takes is refused without
+    counting the rest: seconds, for a few MiB, on the worker's measuring thread."""
+    text = "word " * 40_000 + "[MASK]"
+    for runner in (fill_runner, tiny_fe_runner):
+        recording = _Recording(runner._measurer.counting)
+        monkeypatch.setattr(runner._measurer, "counting", recording)
+        with pytest.raises(InputTooLong, match=f"input is over {TINY_LIMIT + 16} tokens long "
+                           f"but this model takes at most {TINY_LIMIT}; shorten it"):
+            runner.measure(text, {})
+        assert len(recording.lengths) == 1 and recording.lengths[0] < len(text) // 10
+
+
 def test_too_long_input_is_422_input_too_long(fill_runner, tiny_fe_runner):
     assert fill_runner.max_length == TINY_LIMIT
     text = "word " * 200 + "[MASK]"
