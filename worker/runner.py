@@ -468,11 +468,15 @@ class PipelineRunner:
             start = long_text_start(measurer.counting, text, self.max_length)
             if start is not None:
                 return self.max_length, start
-        if (not truncate_at and self.max_length and backend is not None
-                and backend.truncation is None and not any(
-                    name in parameters for name in batch_encoding.TOKENIZER_PARAMETERS)):
+        if (not truncate_at and self.max_length and backend is not None and not any(
+                name in parameters for name in batch_encoding.TOKENIZER_PARAMETERS)):
             # Its start alone holds more tokens than the model takes: refused without
-            # counting the rest (seconds, for a few MiB).
+            # counting the rest (seconds, for a few MiB). An earlier call with tokenizer
+            # arguments may have left them set on this thread's backend; the tokenizer's
+            # own next call sets what it needs again.
+            if backend.truncation is not None or backend.padding is not None:
+                backend.no_truncation()
+                backend.no_padding()
             if long_text_start(backend, text, self.max_length) is not None:
                 raise self._too_long(f"over {self.max_length + PREFIX_MARGIN_TOKENS}",
                                      parameters)

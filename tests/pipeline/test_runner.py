@@ -588,6 +588,8 @@ def test_a_long_text_is_refused_from_its_start(fill_runner, tiny_fe_runner, monk
     counting the rest: seconds, for a few MiB, on the worker's measuring thread."""
     text = "word " * 40_000 + "[MASK]"
     for runner in (fill_runner, tiny_fe_runner):
+        # As a call with tokenizer arguments leaves the measuring tokenizer's backend.
+        runner.measure("hello", {"truncation": True})
         recording = _Recording(runner._measurer.counting)
         monkeypatch.setattr(runner._measurer, "counting", recording)
         with pytest.raises(InputTooLong, match=f"input is over {TINY_LIMIT + 16} tokens long "
