@@ -471,12 +471,7 @@ class PipelineRunner:
         if (not truncate_at and self.max_length and backend is not None and not any(
                 name in parameters for name in batch_encoding.TOKENIZER_PARAMETERS)):
             # Its start alone holds more tokens than the model takes: refused without
-            # counting the rest (seconds, for a few MiB). An earlier call with tokenizer
-            # arguments may have left them set on this thread's backend; the tokenizer's
-            # own next call sets what it needs again.
-            if backend.truncation is not None or backend.padding is not None:
-                backend.no_truncation()
-                backend.no_padding()
+            # counting the rest (seconds, for a few MiB).
             if long_text_start(backend, text, self.max_length) is not None:
                 raise self._too_long(f"over {self.max_length + PREFIX_MARGIN_TOKENS}",
                                      parameters)
@@ -906,6 +901,12 @@ def long_text_start(counting: Any, text: str, keep: int) -> str | None:
     prefix = embedding_prefix(text, keep)
     if prefix is None:
         return None
+    if counting.truncation is not None or counting.padding is not None:
+        # An earlier call with tokenizer arguments left them on this thread's backend (the
+        # tokenizer's own next call sets what it needs again): cut, it would count too few;
+        # padded, too many, and a start short of the tokens kept would pass.
+        counting.no_truncation()
+        counting.no_padding()
     [whole] = encode_fast(counting, [prefix])
     return prefix if len(whole) >= keep + PREFIX_MARGIN_TOKENS else None
 
