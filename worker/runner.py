@@ -277,14 +277,18 @@ class PipelineRunner:
             # truncation=True cuts to the tokenizer's limit; when that exceeds the model's
             # position embeddings, "truncated" inputs would still crash the model.
             self.pipe.tokenizer.model_max_length = self.max_length
+        # The Transformer module's sentence_bert_config.json, read once for both of its
+        # settings batchwire follows (None: not a sentence-transformers model).
+        transformer_config = declared_transformer_config(self.model) if self.pooling else None
         if self.pooling:
-            self.embed_max_length = self._embed_max_length()
+            self.embed_max_length = self._embed_max_length(transformer_config)
         elif self._max_seq_length_setting:
             log.warning("--max-seq-length %d is for sentence embeddings, which %s has none "
                         "of: ignored (its inputs are refused past %s tokens)",
                         self._max_seq_length_setting, self.kind, self.max_length)
         if self.pipe.tokenizer is not None:
-            if self.pooling and declared_lower_case(self.model):
+            if (transformer_config or {}).get("do_lower_case") is True:
+                # Whatever the tokenizer itself does, as sentence-transformers makes it.
                 self._embed_tokenizer = lowercasing(self.pipe.tokenizer)
                 log.info("sentence embeddings: texts lowercased first (the model's "
                          "do_lower_case)")
@@ -369,7 +373,7 @@ class PipelineRunner:
                  len(layers), ", ".join(folders), size)
         return []
 
-    def _embed_max_length(self) -> int | None:
+    def _embed_max_length(self, transformer_config: dict | None) -> int | None:
         """sentence-transformers embeds the first ``max_seq_length`` tokens of an input and
         drops the rest, without a word: an index built with it holds vectors of truncated
         texts, and a query embedded here must be truncated alike to match them. The model's
@@ -381,7 +385,7 @@ class PipelineRunner:
                 raise ValueError(f"--max-seq-length {setting} is more than the "
                                  f"{self.max_length} tokens this model takes")
             return setting
-        declared = declared_max_seq_length(self.model)
+        declared = max_seq_length_in(transformer_config)
         if declared is None:
             return None  # not a sentence-transformers model: nothing to match
         if declared and self.max_length and declared > self.max_length:
@@ -707,7 +711,7 @@ class PipelineRunner:
         """torch's own words for these were "selected index k out of range" and "topk():
         argument 'k' must be int", which name neither the parameter nor its bounds."""
         vocabulary = getattr(self.pipe.model.config, "vocab_size", None)
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        if not _whole_number(top_k) or top_k < 1:
             raise InvalidParameters(f"top_k must be a whole number of at least 1, not {top_k!r}")
         if isinstance(vocabulary, int) and top_k > vocabulary:
             raise InvalidParameters(f"top_k is {top_k}, more than the {vocabulary} tokens this "
@@ -723,7 +727,7 @@ class PipelineRunner:
             value = kwargs.get(name)
             if value is None:
                 continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not _whole_number(value) or value < 0:
                 raise InvalidParameters(f"tokenizer argument {name!r} must be a whole number "
                                         f"of tokens, not {value!r}")
             if value > limit:
@@ -940,6 +944,11 @@ def prefix_cut_agrees(counting: Any, truncating: Any, keep: int) -> bool:
     return True
 
 
+def _whole_number(value: Any) -> bool:
+    # JSON's true is a Python int too, and never meant as a count.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def classify_error(exc: BaseException) -> BatchwireError:
     """Map what a pipeline raised to what the client is told; details go to the log."""
     if isinstance(exc, BatchwireError):
@@ -1052,17 +1061,15 @@ def declared_max_seq_length(model: str) -> int | None:
     """The token length a sentence-transformers model embeds at most: its Transformer
     module's ``max_seq_length``; 0 when it declares none (sentence-transformers then takes
     the tokenizer's limit); None when the model is not a sentence-transformers one."""
-    config = declared_transformer_config(model)
+    return max_seq_length_in(declared_transformer_config(model))
+
+
+def max_seq_length_in(config: dict | None) -> int | None:
+    """:func:`declared_max_seq_length` from a Transformer module config already read."""
     if config is None:
         return None
     value = config.get("max_seq_length")
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
-def declared_lower_case(model: str) -> bool:
-    """Whether a sentence-transformers model's Transformer module lowercases its texts
-    (``do_lower_case``), whatever its tokenizer does."""
-    return (declared_transformer_config(model) or {}).get("do_lower_case") is True
+    return value if _whole_number(value) and value > 0 else 0
 
 
 def prompt_tokens(tokenizer: Any, prompt: str) -> int:
