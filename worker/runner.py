@@ -225,8 +225,6 @@ class PipelineRunner:
         #: long texts apart from it (``bulk``): each its own (see :class:`Measurer`).
         self._measurer: Measurer | None = None
         self._bulk_measurer: Measurer | None = None
-        #: The load-time check of :func:`prefix_cut_agrees`, made once for both measurers.
-        self._prefix_cut: bool | None = None
         self.max_length: int | None = None
         #: What the pipeline is, by class: a custom pipeline subclassing FillMaskPipeline
         #: (loaded with --trust-remote-code) is batched and warmed like fill-mask.
@@ -292,7 +290,9 @@ class PipelineRunner:
                 self._embed_tokenizer = lowercasing(self.pipe.tokenizer)
                 log.info("sentence embeddings: texts lowercased first (the model's "
                          "do_lower_case)")
-            self._measurer, self._bulk_measurer = self._new_measurer(), self._new_measurer()
+            self._measurer = self._new_measurer()
+            # The same tokenizers: the load-time check of long texts' starts holds for both.
+            self._bulk_measurer = self._new_measurer(self._measurer.prefix_cut)
             if self.prompt_excluded:
                 tokenizer = self._embed_tokenizer or self.pipe.tokenizer
                 self._prompt_tokens = {text: prompt_tokens(tokenizer, text)
@@ -316,7 +316,9 @@ class PipelineRunner:
                 self.pipe, self.kind, self._measurer.counting if self._measurer else None)
         return time.monotonic() - started
 
-    def _new_measurer(self) -> Measurer:
+    def _new_measurer(self, prefix_cut: bool | None = None) -> Measurer:
+        """A thread's own copies of the tokenizers (see :class:`Measurer`). ``prefix_cut``:
+        the check of :func:`prefix_cut_agrees` made for another copy; None: make it."""
         tokenizer = copy.deepcopy(self.pipe.tokenizer)
         measurer = Measurer(tokenizer, counting_backend(tokenizer))
         measurer.embed_tokenizer, measurer.embed_counting = measurer.tokenizer, measurer.counting
@@ -327,10 +329,8 @@ class PipelineRunner:
             measurer.truncating = truncating_backend(
                 measurer.embed_tokenizer, measurer.embed_counting, self.embed_max_length)
         if measurer.truncating is not None:
-            if self._prefix_cut is None:
-                self._prefix_cut = prefix_cut_agrees(measurer.embed_counting,
-                                                     measurer.truncating, self.embed_max_length)
-            measurer.prefix_cut = self._prefix_cut
+            measurer.prefix_cut = (prefix_cut if prefix_cut is not None else prefix_cut_agrees(
+                measurer.embed_counting, measurer.truncating, self.embed_max_length))
         return measurer
 
     def _follow_declared_modules(self, pooling_config: dict, dense: list[str],
@@ -448,6 +448,8 @@ class PipelineRunner:
         truncate_at = None
         tokenizer, backend = measurer.tokenizer, measurer.counting
         text, prompt = input, ""
+        # No tokenizer arguments: the counts and cuts below are the tokenizer's defaults.
+        plain = not any(name in parameters for name in batch_encoding.TOKENIZER_PARAMETERS)
         if parameters.get(EMBED_KEY):
             # As _run will see it: one encoding.
             [text], prompt = self._embedding_inputs([input], parameters[EMBED_KEY])
@@ -458,8 +460,7 @@ class PipelineRunner:
                 # Remembered by (text, no cut), it would pass for the text's token-level
                 # encoding, which is not lowercased.
                 encodings = None
-            elif truncate_at and measurer.prefix_cut and not any(
-                    name in parameters for name in batch_encoding.TOKENIZER_PARAMETERS):
+            elif truncate_at and measurer.prefix_cut and plain:
                 start = long_text_start(measurer.embed_counting, text, truncate_at)
                 if start is not None and len(start) > len(prompt):
                     [cut] = encode_fast(measurer.truncating, [start])
@@ -472,8 +473,7 @@ class PipelineRunner:
             start = long_text_start(measurer.counting, text, self.max_length)
             if start is not None:
                 return self.max_length, start
-        if (not truncate_at and self.max_length and backend is not None and not any(
-                name in parameters for name in batch_encoding.TOKENIZER_PARAMETERS)):
+        if not truncate_at and self.max_length and backend is not None and plain:
             # Its start alone holds more tokens than the model takes: refused without
             # counting the rest (seconds, for a few MiB).
             if long_text_start(backend, text, self.max_length) is not None:
@@ -537,14 +537,15 @@ class PipelineRunner:
             self.pipe.tokenizer = stock
 
     def _run(self, inputs: list, parameters: dict, lengths: list[int] | None) -> RunOutput:
-        embed = parameters.get(EMBED_KEY)
+        # True, or the prompt's name (see EMBED_KEY).
+        embed_as = parameters.get(EMBED_KEY)
+        embed = bool(embed_as)
         if EMBED_KEY in parameters:
             parameters = {k: v for k, v in parameters.items() if k != EMBED_KEY}
         skip = 0
         if embed:
-            inputs, prompt = self._embedding_inputs(inputs, embed)
+            inputs, prompt = self._embedding_inputs(inputs, embed_as)
             skip = self._prompt_tokens.get(prompt, 0)
-        embed = bool(embed)
         self._check_parameters(parameters)
         truncate_at = self.embed_max_length if embed else None
         if not lengths or not all(lengths):
