@@ -25,8 +25,10 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from gateway import kserve
+from gateway.answer_memory import Claim
 from gateway.broker import Broker, PendingRequest
 from gateway.config import GatewayConfig
+from gateway.encoding import dump_json, json_pieces, msgpack_pieces
 from gateway.metrics import GatewayMetrics
 from protocol import codec, eventloop
 from protocol.errors import (
@@ -52,6 +54,8 @@ STARTED = web.AppKey("started", float)
 # Typed request/response storage keys where aiohttp has them (3.13+), plain strings before.
 REQUEST_ID = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"
 ERROR_CODE = web.ResponseKey("error_code", str) if hasattr(web, "ResponseKey") else "error_code"
+#: The request's account in the answer budget, given back when its handler is done.
+CLAIM = web.RequestKey("answer_claim", Claim) if hasattr(web, "RequestKey") else "answer_claim"
 
 #: Bodies POST / reads as the input text itself, as the guide's server does. curl -d sends
 #: application/x-www-form-urlencoded, so that is text here too.
@@ -76,16 +80,10 @@ _ID_COUNTER = itertools.count()
 
 
 # -- encoding ---------------------------------------------------------------------------
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, NDArray):
-        array = obj.to_numpy()
-        return array.astype("float32") if array.dtype.kind == "f" and array.itemsize < 4 else array
-    raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
-
-
-def dump_json(payload: Any) -> bytes:
-    # orjson writes numpy arrays straight from their buffers: no nested float lists.
-    return orjson.dumps(payload, default=_json_default, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_PASSTHROUGH_DATACLASS)
+#: An answer that holds this much (gateway/answer_memory.py) is written a piece at a time.
+STREAM_ABOVE_BYTES = 1 << 20
+#: Encoded bytes gathered before each write of a streamed answer.
+PIECE_WRITE_BYTES = 1 << 20
 
 
 def json_response(payload: Any, status: int = 200, headers: dict | None = None) -> web.Response:
@@ -103,6 +101,41 @@ def payload_response(request: web.Request, payload: Any, headers: dict) -> web.R
         return web.Response(body=codec.encode_client(payload), headers=headers,
                             content_type=MSGPACK_TYPE)
     return json_response(payload, headers=headers)
+
+
+async def answer_response(request: web.Request, payload: Any, headers: dict,
+                          stream: tuple = (), json_only: bool = False) -> web.StreamResponse:
+    """:func:`payload_response`, except that an answer holding more than
+    :data:`STREAM_ABOVE_BYTES` is written a piece at a time (chunked), letting the event
+    loop run between pieces and each item go once written. ``stream``: the keys down to the
+    answer's list of items (see :func:`gateway.encoding.json_pieces`), which it empties.
+    ``json_only``: JSON whatever the client's Accept says (KServe v2)."""
+    claim = request.get(CLAIM)
+    if claim is None or claim.held < STREAM_ABOVE_BYTES:
+        if json_only:
+            return json_response(payload, headers=headers)
+        return payload_response(request, payload, headers)
+    if wants_msgpack(request) and not json_only:
+        pieces, content_type = msgpack_pieces(payload, stream), MSGPACK_TYPE
+    else:
+        pieces, content_type = json_pieces(payload, stream), JSON_TYPE
+    response = web.StreamResponse(headers=headers)
+    response.content_type = content_type
+    await response.prepare(request)
+    buffered: list[bytes] = []
+    size = 0
+    for piece in pieces:
+        buffered.append(piece)
+        size += len(piece)
+        if size >= PIECE_WRITE_BYTES:
+            await response.write(b"".join(buffered))
+            buffered.clear()
+            size = 0
+            # write() returns without yielding while the client keeps up: yield here, or
+            # the whole answer would be encoded in one stretch of the loop after all.
+            await asyncio.sleep(0)
+    await response.write_eof(b"".join(buffered))
+    return response
 
 
 def error_response(request: web.Request, error: BatchwireError, status: int | None = None,
@@ -188,6 +221,11 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
                                f"{request[REQUEST_ID]}")
         trace = traceback.format_exc() if request.app[CONFIG].debug else None
         return error_response(request, error, debug_trace=trace)
+    finally:
+        # Answered, streamed out, or failed: the answers are the response's now, or gone.
+        claim = request.get(CLAIM)
+        if claim is not None:
+            claim.release()
 
 
 # -- request parsing ----------------------------------------------------------------------
@@ -304,8 +342,9 @@ async def _run(request: web.Request, items: list, parameters: dict, embed: bool 
     client's body names the items, for an error that belongs to one of several."""
     started = time.monotonic()
     broker = request.app[BROKER]
+    claim = request[CLAIM] = broker.answers.claim()
     pendings = broker.submit_many(items, parameters, _timeout_s(request), embed=embed,
-                                  prompt_name=prompt_name)
+                                  prompt_name=prompt_name, claim=claim)
     try:
         results: list[Result] = await asyncio.gather(*(p.future for p in pendings))
     except BaseException as exc:
@@ -339,7 +378,8 @@ async def _infer(request: web.Request, inputs: Any, parameters: dict) -> web.Res
     single = not isinstance(inputs, list)
     results, headers = await _run(request, [inputs] if single else inputs, parameters)
     payload = results[0].output if single else [r.output for r in results]
-    return payload_response(request, payload, headers)
+    del results  # the payload is all that holds the answers now, and it lets them go
+    return await answer_response(request, payload, headers)
 
 
 async def handle_root(request: web.Request) -> web.Response:
@@ -433,7 +473,8 @@ async def handle_embeddings(request: web.Request) -> web.Response:
     model = payload.get("model") or (worker.info.model if worker else None)
     body_out = {"object": "list", "data": data, "model": model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-    return payload_response(request, body_out, headers)
+    del results, vectors, data
+    return await answer_response(request, body_out, headers, stream=("data",))
 
 
 def _is_token_id(value: Any) -> bool:
@@ -555,6 +596,7 @@ async def handle_info(request: web.Request) -> web.Response:
         "queue_depth": broker.queue_depth,
         "in_flight": broker.in_flight,
         "requeued": broker.requeued,
+        "answer_bytes_held": broker.answers.held,
         "zmq_endpoint": broker.endpoint,
         "draining": broker.draining,
         "workers": workers,

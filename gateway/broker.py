@@ -30,6 +30,7 @@ from typing import Any, Callable
 import zmq
 import zmq.asyncio
 
+from gateway.answer_memory import DEFAULT_MAX_ANSWER_BYTES, AnswerMemory, Claim, held_size
 from gateway.metrics import GatewayMetrics
 from protocol import codec, curve
 from protocol.errors import (
@@ -77,6 +78,8 @@ class PendingRequest:
     queued: bool = False
     embed: bool = False
     prompt_name: str = ""
+    #: The request's account in the answer budget (gateway/answer_memory.py), if it has one.
+    claim: Claim | None = None
     #: Answered (or given up on). Not future.done(): a cancelled handler's gather cancels
     #: the future itself, and the broker must still withdraw the request.
     settled: bool = False
@@ -116,6 +119,7 @@ class Broker:
         endpoint: str,
         *,
         max_queue: int,
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
         heartbeat_interval_s: float = 1.0,
         batch_timeout_s: float = 60.0,
         metrics: GatewayMetrics | None = None,
@@ -126,6 +130,7 @@ class Broker:
     ):
         self.endpoint = endpoint
         self.max_queue = max_queue
+        self.answers = AnswerMemory(max_answer_bytes)
         self.heartbeat_interval_s = heartbeat_interval_s
         self.batch_timeout_s = batch_timeout_s
         self.curve_secret_key = curve_secret_key
@@ -230,8 +235,10 @@ class Broker:
         return len(self._pending)
 
     def submit_many(self, inputs: list, parameters: dict, timeout_s: float,
-                    embed: bool = False, prompt_name: str = "") -> list[PendingRequest]:
-        """Admit all the inputs or none of them (503) so a list is never half served."""
+                    embed: bool = False, prompt_name: str = "",
+                    claim: Claim | None = None) -> list[PendingRequest]:
+        """Admit all the inputs or none of them (503) so a list is never half served.
+        ``claim``: the request's account, which each answer is held in as it arrives."""
         if self.draining:
             raise Draining("the server is shutting down; retry on another instance")
         if not self.workers:
@@ -256,6 +263,7 @@ class Broker:
                 future=loop.create_future(),
                 embed=embed,
                 prompt_name=prompt_name,
+                claim=claim,
             )
             pending.timer = loop.call_later(timeout_s, self._expire, pending)
             self._pending[pending.request_id] = pending
@@ -465,11 +473,11 @@ class Broker:
                 log.warning("dropping a malformed frame from %r: %s", identity[:64], exc)
                 continue
             try:
-                self._on_message(identity, message)
+                self._on_message(identity, message, len(payload))
             except Exception:  # noqa: BLE001 - one bad message must not stop the broker
                 log.exception("error handling %s from %r", type(message).__name__, identity)
 
-    def _on_message(self, identity: bytes, message: Message) -> None:
+    def _on_message(self, identity: bytes, message: Message, frame_bytes: int = 0) -> None:
         if isinstance(message, Ready):
             self._register(identity, message)
             return
@@ -491,12 +499,28 @@ class Broker:
                     worker.skipped += 1
                 if isinstance(message, Result):
                     self._observe(worker, message)
-                    self._finish(pending, result=message)
+                    refused = self._hold(pending, message, frame_bytes)
+                    if refused is None:
+                        self._finish(pending, result=message)
+                    else:
+                        self._finish(pending, error=refused)
                 else:
                     self._finish(pending, error=error_from_code(message.code, message.message))
             self._dispatch()
         elif isinstance(message, Disconnect):
             self.worker_lost(worker, f"it disconnected ({message.reason})", crashed=False)
+
+    @staticmethod
+    def _hold(pending: PendingRequest, result: Result, frame_bytes: int) -> BatchwireError | None:
+        """Count the answer in its request's account; the refusal to answer with instead.
+        A settled request's answer is dropped uncounted: its account may be closed."""
+        if pending.claim is None or pending.settled:
+            return None
+        try:
+            pending.claim.hold(held_size(result.output, frame_bytes))
+        except BatchwireError as exc:
+            return exc
+        return None
 
     def _observe(self, worker: WorkerHandle, result: Result) -> None:
         self.metrics.observe_queue_wait(result.queue_ms)

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from gateway.answer_memory import DEFAULT_MAX_ANSWER_BYTES
 from protocol.eventloop import add_event_loop_flag
 from protocol.flags import (Flags, body_bytes, non_negative_float, port_number, positive_float,
                             positive_int)
@@ -24,6 +25,8 @@ class GatewayConfig:
     max_inputs: int = 256
     #: /v1/embeddings' own: OpenAI's limit, since each answer there is one vector.
     max_embedding_inputs: int = 2048
+    #: Bytes of answers held at once, all requests together (gateway/answer_memory.py).
+    max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES
     drain_timeout_s: float = 30.0
     heartbeat_interval_s: float = 1.0
     batch_timeout_s: float = 60.0
@@ -89,6 +92,10 @@ def _add_gateway_flags(flags: Flags, *, serve: bool) -> None:
     flags.add("--max-embedding-inputs", type=positive_int, default=d.max_embedding_inputs,
               help="most inputs in one /v1/embeddings request (OpenAI's own limit; "
               "LangChain sends 1000 texts at a time)")
+    flags.add("--max-answer-bytes", type=positive_int, default=d.max_answer_bytes,
+              help="most bytes of answers the gateway holds at once, all requests together "
+              "(512 MiB): a request whose answers alone need more gets 422 answers_too_large, "
+              "one that would pass it beside the others' 503 overloaded")
     flags.add("--drain-timeout-s", type=non_negative_float, default=d.drain_timeout_s,
               help="on SIGTERM, how long admitted requests may take to finish")
     flags.add("--heartbeat-interval-s", type=positive_float, default=d.heartbeat_interval_s,
@@ -155,6 +162,7 @@ def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
         port=args.port,
         zmq_bind=args.zmq_bind,
         max_queue=args.max_queue,
+        max_answer_bytes=args.max_answer_bytes,
         timeout_ms=args.timeout_ms,
         max_body_bytes=args.max_body_bytes,
         max_inputs=args.max_inputs,

@@ -79,6 +79,7 @@ from aiohttp import web
 # Module import, attributes read at request time: create_app may import this module while
 # gateway.app is still being executed.
 from gateway import app as bw
+from gateway.encoding import Flat
 from protocol.errors import (
     BadInput,
     BatchwireError,
@@ -420,20 +421,18 @@ def _parse_request(request: web.Request, body: bytes,
 
 def _tensor_outputs(results: list[Result]) -> list[dict] | None:
     """Array outputs as FP32/... tensors, or None when the outputs are not all arrays."""
-    import numpy as np
-
     if not all(isinstance(r.output, NDArray) for r in results):
         return None
     arrays = [r.output.to_numpy() for r in results]
     datatypes = [_DATATYPES.get(f"{a.dtype.kind}{a.dtype.itemsize}") for a in arrays]
     if None in datatypes:
         return None
+    # Flat: written as one list without stacking, which copied every answer once more.
     if len({a.shape for a in arrays}) == 1 and len({a.dtype for a in arrays}) == 1:
-        stacked = np.stack(arrays)
-        return [{"name": OUTPUT_NAME, "datatype": datatypes[0], "shape": list(stacked.shape),
-                 "data": stacked.reshape(-1)}]
+        return [{"name": OUTPUT_NAME, "datatype": datatypes[0],
+                 "shape": [len(arrays), *arrays[0].shape], "data": Flat(arrays)}]
     return [{"name": f"{OUTPUT_NAME}_{i}", "datatype": datatype, "shape": list(a.shape),
-             "data": a.reshape(-1)} for i, (a, datatype) in enumerate(zip(arrays, datatypes))]
+             "data": Flat([a])} for i, (a, datatype) in enumerate(zip(arrays, datatypes))]
 
 
 def _outputs(results: list[Result]) -> list[dict]:
@@ -470,7 +469,9 @@ async def infer(request: web.Request, name: str) -> web.Response:
         "id": request_id if request_id is not None else request[bw.REQUEST_ID],
         "outputs": _select(_outputs(results), wanted),
     }
-    return bw.json_response(payload, headers=headers)
+    del results
+    return await bw.answer_response(request, payload, headers, stream=("outputs",),
+                                    json_only=True)
 
 
 # -- wiring ----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from gateway.config import GatewayConfig
 from protocol.errors import (
+    AnswersTooLarge,
     AnswerTooLarge,
     BadInput,
     BodyTooLarge,
@@ -40,7 +41,7 @@ OPENAPI_VERSION = "3.0.3"
 #: Errors a client can see, in the order the docs list them (Cancelled only reaches logs).
 CLIENT_VISIBLE_ERRORS = (BadInput, Unauthorized, NotFound, MethodNotAllowed, BodyTooLarge,
                          UnsupportedMediaType, InvalidParameters, InputTooLong, AnswerTooLarge,
-                         ModelError, WorkerCrashed, Overloaded, NoWorkers, Draining,
+                         AnswersTooLarge, ModelError, WorkerCrashed, Overloaded, NoWorkers, Draining,
                          DeadlineExceeded)
 _REF = "#/components/"
 
@@ -290,6 +291,7 @@ def _components(config: GatewayConfig) -> dict:
                 "queue_depth": {"type": "integer", "minimum": 0},
                 "in_flight": {"type": "integer", "minimum": 0},
                 "requeued": {"type": "integer", "minimum": 0},
+                "answer_bytes_held": {"type": "integer", "minimum": 0},
                 "zmq_endpoint": {"type": "string"},
                 "draining": {"type": "boolean"},
                 "workers": {"type": "array", "items": {
@@ -353,10 +355,12 @@ def _components(config: GatewayConfig) -> dict:
         "Unprocessable": error("invalid_parameters (the pipeline refuses the parameters), "
                                "input_too_long (more tokens than the model takes) or "
                                "answer_too_large (the answer is more than a worker can send "
-                               "in one message)."),
+                               "in one message) or answers_too_large (the request's answers "
+                               "together pass --max-answer-bytes: send fewer inputs)."),
         "ServerError": error("model_error (the pipeline raised on a valid request), "
                              "worker_crashed (the worker died holding it) or internal_error."),
-        "Unavailable": error("overloaded (queue full), no_workers (no worker ready yet) or "
+        "Unavailable": error("overloaded (queue full, or answers held near --max-answer-bytes), "
+                             "no_workers (no worker ready yet) or "
                              "draining (shutting down).", "Retry-After"),
         "DeadlineExceeded": error("deadline_exceeded: the request's deadline (X-Timeout-Ms or "
                                   "--timeout-ms) passed."),

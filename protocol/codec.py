@@ -233,6 +233,15 @@ def encode_client(payload: Any) -> bytes:
     return msgpack.packb(payload, use_bin_type=True, default=_client_default)
 
 
+def client_array_header(length: int) -> bytes:
+    """The start of a msgpack array whose ``length`` items follow, each encoded alone."""
+    return msgpack.Packer().pack_array_header(length)
+
+
+def client_map_header(length: int) -> bytes:
+    return msgpack.Packer().pack_map_header(length)
+
+
 def decode_client(body: bytes, max_bytes: int) -> Any:
     """Decode a client's msgpack body under the same kind of limits as frames."""
     try:

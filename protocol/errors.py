@@ -13,7 +13,8 @@ Who raises what::
     │   ├── UnsupportedMediaType        unsupported_media_type 415 gateway
     │   ├── InvalidParameters           invalid_parameters 422  worker: the pipeline refuses the parameters
     │   ├── InputTooLong                input_too_long     422  worker: more tokens than the model takes, no truncation asked
-    │   └── AnswerTooLarge              answer_too_large   422  worker: the answer would not fit in one message (MAX_FRAME_BYTES)
+    │   ├── AnswerTooLarge              answer_too_large   422  worker: the answer would not fit in one message (MAX_FRAME_BYTES)
+    │   └── AnswersTooLarge             answers_too_large  422  gateway: a request's answers together pass --max-answer-bytes
     └── ServerError                                       5xx  batchwire or the model failed; details go to the log
         ├── ModelError                  model_error        500  worker: the pipeline raised on a valid request
         ├── WorkerCrashed               worker_crashed     500  gateway: the worker died holding the request
@@ -114,6 +115,13 @@ class AnswerTooLarge(ClientError):
     status = 422
 
 
+class AnswersTooLarge(ClientError):
+    """The answers to this request together are more than the gateway holds at once."""
+
+    code = "answers_too_large"
+    status = 422
+
+
 class ServerError(BatchwireError):
     status = 500
 
@@ -175,8 +183,8 @@ _BY_CODE: dict[str, type[BatchwireError]] = {
     cls.code: cls
     for cls in (
         ProtocolError, BadInput, Unauthorized, NotFound, MethodNotAllowed, BodyTooLarge,
-        UnsupportedMediaType, InvalidParameters, InputTooLong, AnswerTooLarge, ModelError,
-        WorkerCrashed,
+        UnsupportedMediaType, InvalidParameters, InputTooLong, AnswerTooLarge, AnswersTooLarge,
+        ModelError, WorkerCrashed,
         Overloaded, NoWorkers, Draining, DeadlineExceeded, Cancelled,
     )
 }

@@ -30,7 +30,9 @@ import zmq.asyncio
 
 from gateway.broker import MAX_CRASHES, Broker, PendingRequest, WorkerHandle
 from protocol import codec
+from gateway.answer_memory import STRUCTURED_EXPANSION
 from protocol.errors import (
+    AnswersTooLarge,
     BatchwireError,
     Cancelled,
     DeadlineExceeded,
@@ -43,6 +45,7 @@ from protocol.errors import (
 from protocol.messages import (
     PROTOCOL_VERSION,
     Cancel,
+    NDArray,
     Disconnect,
     Error,
     Heartbeat,
@@ -177,8 +180,8 @@ class Harness:
         self.deaths: list[tuple[int, str]] = []
 
     async def broker(self, *, max_queue: int = 16, heartbeat_interval_s: float = QUIET_HEARTBEAT_S,
-                     batch_timeout_s: float = 60.0) -> Broker:
-        broker = Broker(self.endpoint, max_queue=max_queue,
+                     batch_timeout_s: float = 60.0, **options: Any) -> Broker:
+        broker = Broker(self.endpoint, max_queue=max_queue, **options,
                         heartbeat_interval_s=heartbeat_interval_s,
                         batch_timeout_s=batch_timeout_s, context=self.ctx)
         # Fake pids: record instead of letting anything act on them.
@@ -840,3 +843,68 @@ async def test_a_worker_that_heartbeats_but_never_answers_is_declared_stuck(h):
     finally:
         beating.cancel()
         await asyncio.gather(beating, return_exceptions=True)
+
+
+# -- answer memory ------------------------------------------------------------------------------
+def frame_bytes(request_id: int, output: Any) -> int:
+    """What the broker counts for an answer: its RESULT frame, as FakeWorker.answer sends it."""
+    return len(codec.encode(Result(request_id=request_id, output=output, batch_size=1,
+                                   queue_ms=1.0, inference_ms=2.0, batch_id=0)))
+
+
+def floats(n: int) -> NDArray:
+    return NDArray("<f4", (n,), bytes(4 * n))
+
+
+async def test_answers_are_held_in_one_budget_too_large_is_422_crowded_is_503(h):
+    broker = await h.broker(max_answer_bytes=10_000)
+    w = await h.worker(broker, "a", capacity=4)
+    first, second = broker.answers.claim(), broker.answers.claim()
+    a = broker.submit_many(["a1", "a2"], {}, 5.0, claim=first)
+    b = broker.submit_many(["b1"], {}, 5.0, claim=second)
+    await w.wait_requests(3)
+
+    await w.answer(a[0].request_id, floats(1500))  # ~6 kB: held
+    assert (await outcome(a[0])).output == floats(1500)
+    held = frame_bytes(a[0].request_id, floats(1500))
+    assert first.held == broker.answers.held == held
+
+    # b1 alone would fit, but not beside a1: the server is busy, not the request wrong.
+    await w.answer(b[0].request_id, floats(1000))
+    assert isinstance(await outcome(b[0]), Overloaded)
+    assert second.held == 0 and broker.answers.held == held
+
+    # a2 takes the first request past the budget on its own: it can never be answered.
+    await w.answer(a[1].request_id, floats(1500))
+    refused = await outcome(a[1])
+    assert isinstance(refused, AnswersTooLarge) and refused.status == 422
+    assert "send fewer inputs per request" in refused.message
+    assert broker.answers.held == held, "a refused answer is not held"
+
+    first.release()
+    assert broker.answers.held == 0 and first.held == 0
+    # Credit came back with every answer, refused or not.
+    assert handle(broker, w).in_flight == {} and broker.in_flight == 0
+
+    # Maps and strings count at their decoded size, several times their frame.
+    third = broker.answers.claim()
+    c = broker.submit_many(["c1"], {}, 5.0, claim=third)
+    await w.wait_requests(4)
+    candidates = [{"score": 0.5, "token": i, "token_str": "w", "sequence": "a w"} for i in range(40)]
+    await w.answer(c[0].request_id, candidates)
+    assert (await outcome(c[0])).output == candidates
+    assert third.held == STRUCTURED_EXPANSION * frame_bytes(c[0].request_id, candidates)
+    third.release()
+
+
+async def test_an_answer_that_comes_after_its_request_was_settled_is_not_held(h):
+    broker = await h.broker(max_answer_bytes=10_000)
+    w = await h.worker(broker, "a", capacity=2)
+    claim = broker.answers.claim()
+    [p] = broker.submit_many(["x"], {}, 5.0, claim=claim)
+    await w.wait_requests(1)
+    broker.cancel(p)
+    claim.release()  # the handler is gone: its account is closed
+    await w.answer(p.request_id, floats(1000))
+    await w.sync()
+    assert broker.answers.held == 0 and claim.held == 0

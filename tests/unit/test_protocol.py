@@ -832,6 +832,7 @@ DOCUMENTED_STATUS = {
     "invalid_parameters": (errors.InvalidParameters, 422),
     "input_too_long": (errors.InputTooLong, 422),
     "answer_too_large": (errors.AnswerTooLarge, 422),
+    "answers_too_large": (errors.AnswersTooLarge, 422),
     "model_error": (errors.ModelError, 500),
     "worker_crashed": (errors.WorkerCrashed, 500),
     "overloaded": (errors.Overloaded, 503),

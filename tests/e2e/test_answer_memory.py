@@ -1,0 +1,107 @@
+"""Large answers on a real server: written a piece at a time, equal to the same answers
+written whole, and bounded by --max-answer-bytes."""
+
+from __future__ import annotations
+
+import aiohttp
+import msgpack
+import numpy as np
+import pytest
+
+from tests.e2e.conftest import info_async, post, wait_for_async
+
+#: About 110 tokens each: the tiny model's token-level answers are 110 x 32 float32, 14 kB.
+TEXTS = [f"text {i} " + "hello world " * 54 for i in range(96)]
+
+
+def arrays_of(answer: list) -> list[np.ndarray]:
+    return [np.asarray(item, dtype=np.float32) for item in answer]
+
+
+async def answers_in_small_requests(session, url: str) -> list[np.ndarray]:
+    answers = []
+    for start in range(0, len(TEXTS), 8):
+        status, headers, body = await post(session, url + "/predict",
+                                           json={"inputs": TEXTS[start:start + 8]})
+        assert status == 200 and "Content-Length" in headers  # written whole
+        answers += arrays_of(body)
+    return answers
+
+
+async def held_goes_back_to_zero(session, url: str) -> None:
+    async def released() -> bool:
+        return (await info_async(session, url))["answer_bytes_held"] == 0
+    await wait_for_async(released, 10, "the answers' bytes to be given back")
+
+
+async def test_a_large_answer_is_streamed_and_equals_the_answer_written_whole(
+        features_server, tiny_model_dir):
+    url = features_server.url
+    async with aiohttp.ClientSession() as session:
+        expected = await answers_in_small_requests(session, url)
+        # 96 answers of 14 kB: over the 1 MiB that is streamed, in JSON and msgpack.
+        status, headers, body = await post(session, url + "/predict", json={"inputs": TEXTS})
+        assert status == 200, body
+        assert headers.get("Transfer-Encoding") == "chunked"
+        assert "X-Request-Id" in headers and int(headers["X-Batch-Size"]) >= 1
+        got = arrays_of(body)
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+        async with session.post(url + "/predict", json={"inputs": TEXTS},
+                                headers={"Accept": "application/msgpack"}) as resp:
+            assert resp.status == 200 and resp.content_type == "application/msgpack"
+            assert resp.headers.get("Transfer-Encoding") == "chunked"
+            packed = msgpack.unpackb(await resp.read())
+        for item, b in zip(packed, expected):
+            array = np.frombuffer(item["data"], dtype=item["dtype"]).reshape(item["shape"])
+            np.testing.assert_allclose(array, b, rtol=1e-5, atol=1e-6)
+
+        # KServe v2: one tensor of all the answers (they have one shape), streamed flat.
+        same_length = [f"text {i:02d} " + "hello world " * 54 for i in range(96)]
+        status, headers, v2 = await post(
+            session, f"{url}/v2/models/{tiny_model_dir.name}/infer",
+            json={"inputs": [{"name": "text", "shape": [96], "datatype": "BYTES",
+                              "data": same_length}]})
+        assert status == 200, v2
+        assert headers.get("Transfer-Encoding") == "chunked"
+        [output] = v2["outputs"]
+        status, _, whole = await post(session, url + "/predict", json={"inputs": same_length})
+        stacked = np.stack(arrays_of(whole))
+        assert output["shape"] == list(stacked.shape) and output["datatype"] == "FP32"
+        np.testing.assert_allclose(np.asarray(output["data"], np.float32), stacked.reshape(-1),
+                                   rtol=1e-5, atol=1e-6)
+        await held_goes_back_to_zero(session, url)
+
+
+@pytest.fixture(scope="module")
+def small_budget_server(start_server, tiny_model_dir):
+    """Room for about 40 of the tiny model's token-level answers of TEXTS."""
+    return start_server(["--model", str(tiny_model_dir), "--task", "feature-extraction",
+                         "--workers", "1", "--max-answer-bytes", "600000"])
+
+
+async def test_a_request_whose_answers_pass_the_budget_is_422_and_smaller_ones_are_served(
+        small_budget_server):
+    url = small_budget_server.url
+    async with aiohttp.ClientSession() as session:
+        status, _, body = await post(session, url + "/predict", json={"inputs": TEXTS})
+        assert status == 422, body
+        assert body["error"]["code"] == "answers_too_large"
+        message = body["error"]["message"]
+        assert "--max-answer-bytes" in message and "fewer inputs" in message
+        assert "inputs\"[" not in message  # the whole request's, not one item's
+        status, _, body = await post(session, url + "/predict", json={"inputs": TEXTS[:16]})
+        assert status == 200 and len(body) == 16
+        # The refused request's answers were let go; its items' slots on the worker too.
+        await held_goes_back_to_zero(session, url)
+
+        async def slots_back() -> bool:
+            info = await info_async(session, url)
+            return info["workers"] and all(w["in_flight"] == 0 for w in info["workers"])
+        await wait_for_async(slots_back, 10, "the worker's slots to come back")
+        info = await info_async(session, url)
+        assert info["config"]["max_answer_bytes"] == 600000
+        async with session.get(url + "/metrics") as resp:
+            assert "batchwire_answer_bytes_held 0.0" in await resp.text()
