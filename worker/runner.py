@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from protocol.errors import BadInput, BatchwireError, InputTooLong, InvalidParameters, ModelError
+from protocol.codec import MAX_FRAME_BYTES
+from protocol.errors import (AnswerTooLarge, BadInput, BatchwireError, InputTooLong,
+                             InvalidParameters, ModelError)
 from protocol.messages import NDArray
 from worker.batcher import RunOutput
 from worker.config import POOLING_MODES
@@ -45,6 +47,10 @@ EMBED_KEY = "batchwire:embed"
 #: PipelineRunner._check_lengths_asked); _NO_LIMIT_TOKENS where the model states none.
 _LENGTH_ARGUMENTS = ("max_length", "pad_to_multiple_of", "stride")
 _NO_LIMIT_TOKENS = 1 << 17
+#: Bytes a fill-mask candidate takes in a RESULT besides its sequence (its score, token,
+#: token_str and their keys take about 50): with the sequence counted at a byte per
+#: token, a low estimate, so that only answers sure to be too large are refused unbuilt.
+_CANDIDATE_BYTES = 40
 _NORMALIZE_EPS = 1e-12
 
 
@@ -484,6 +490,8 @@ class PipelineRunner:
         if encodings:
             # The batch encoder builds this text's model inputs from it: one tokenization.
             self.batch_encoder.remember(text, encodings[0], truncate_at)
+        if self.kind == "fill-mask":
+            self._check_candidates(text, parameters, count)
         return count, input
 
     def _embedding_inputs(self, inputs: list, prompt_name: Any = True) -> tuple[list, str]:
@@ -717,6 +725,27 @@ class PipelineRunner:
         if isinstance(vocabulary, int) and top_k > vocabulary:
             raise InvalidParameters(f"top_k is {top_k}, more than the {vocabulary} tokens this "
                                     "model chooses from")
+
+    def _check_candidates(self, text: str, parameters: dict, tokens: int) -> None:
+        """A fill-mask answer is top_k candidates per mask, each with the whole text filled
+        in. "[MASK] " * 500 with top_k 30522 is 15 million sequences of 500 tokens: the worker
+        built them (tens of GB) before the frame's size check could refuse the answer. Refused
+        here instead, from a low estimate of its size (each token a byte), before the batch."""
+        mask = getattr(self.pipe.tokenizer, "mask_token", None)
+        top_k = parameters.get("top_k", 5)
+        if not mask or not _whole_number(top_k) or top_k < 1:
+            return  # no mask token to count, or a top_k that _check_top_k refuses
+        targets = parameters.get("targets")
+        if isinstance(targets, (str, list)):
+            top_k = min(top_k, 1 if isinstance(targets, str) else max(len(targets), 1))
+        masks = text.count(mask)
+        size = masks * top_k * (_CANDIDATE_BYTES + max(tokens - 2, 0))
+        if size > MAX_FRAME_BYTES:
+            raise AnswerTooLarge(
+                f"the answer would hold {masks} masks x top_k {top_k} candidates, each with the "
+                f"whole text filled in: over {size // 2**20} MiB, more than the "
+                f"{MAX_FRAME_BYTES // 2**20} MiB a worker sends in one message; ask for a "
+                "smaller top_k, or put fewer masks in one input")
 
     def _check_lengths_asked(self, kwargs: dict) -> None:
         """Tokenizer arguments that size what the tokenizer builds must not pass the model's

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from protocol.errors import BadInput, ClientError, InputTooLong, InvalidParameters, ModelError
+from protocol.errors import (AnswerTooLarge, BadInput, ClientError, InputTooLong, InvalidParameters,
+                             ModelError)
 from protocol.messages import NDArray
 from tests.conftest import TOKENIZER_FILES
 from worker.runner import (EMBED_KEY, PipelineRunner, classify_error, default_model_path,
@@ -365,6 +366,26 @@ def test_a_top_k_the_model_cannot_give_is_still_blamed_on_the_parameters(fill_ru
             fill_runner(texts, {"top_k": top_k})
     assert fill_runner.mask_scorer.top_k is None
     assert len(fill_runner(["a [MASK]"], {"top_k": 30522}).outputs[0]) == 30522
+
+
+def test_a_fill_mask_answer_sure_to_be_too_large_is_refused_on_arrival(fill_runner):
+    """500 masks x top_k 30522 would be 15 million sequences of 500 tokens, built (tens of
+    GB) before the frame's size check refused them; the estimate refuses it unbuilt, and
+    lets through answers that may fit, which are then built and checked exactly."""
+    many = "[MASK] " * 120  # the tiny model takes 128 tokens
+    with pytest.raises(AnswerTooLarge, match=r"^the answer would hold 120 masks x top_k 30522 "
+                       r"candidates, each with the whole text filled in: over \d+ MiB, more "
+                       r"than the 64 MiB a worker sends in one message; ask for a smaller "
+                       r"top_k, or put fewer masks in one input$"):
+        fill_runner.arrive(many, {"top_k": 30522})
+    # Targets bound the candidates, whatever top_k says.
+    assert fill_runner.arrive(many, {"top_k": 30522, "targets": ["the", "a"]})[0] == 122
+    # Pad with whitespace: a long text of few tokens has short sequences, so it is not refused.
+    padded = "[MASK] " * 3 + " " * 1_000_000
+    assert fill_runner.arrive(padded, {"top_k": 30522})[0] == 5
+    assert fill_runner.arrive("a [MASK] " * 20, {"top_k": 1000})[0] == 42
+    # The default top_k (5) is counted too: 100 masks x 5 are small.
+    assert fill_runner.arrive("[MASK] " * 100, {})[0] == 102
 
 
 def test_mask_scorer_is_cleared_when_the_batch_fails(fill_runner):
