@@ -74,8 +74,9 @@ class Claim:
                 "request, or shorter ones")
         if memory.held + nbytes > memory.limit:
             raise Overloaded(
-                f"the server holds {_mib(memory.held)} of answers still being sent, near its "
-                f"{_mib(memory.limit)} limit (--max-answer-bytes); retry shortly")
+                f"the server holds {_mib(memory.held)} of other answers until they are sent, "
+                f"and this one would take it past its {_mib(memory.limit)} limit "
+                "(--max-answer-bytes); retry shortly")
         self.held += nbytes
         memory.held += nbytes
 

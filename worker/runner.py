@@ -559,6 +559,8 @@ class PipelineRunner:
         if not lengths or not all(lengths):
             lengths = self._token_lengths(inputs, parameters, getattr(self.pipe, "tokenizer", None),
                                           truncate_at=truncate_at)
+        if self.kind == "fill-mask" and len(inputs) > 1:
+            self._check_batch_candidates(inputs, parameters, lengths)
         scored = self.mask_scorer is not None and self.mask_scorer.prepare(parameters)
         prepared = self.batch_encoder is not None and self.batch_encoder.prepare(
             inputs, parameters, truncate_at)
@@ -730,22 +732,40 @@ class PipelineRunner:
         """A fill-mask answer is top_k candidates per mask, each with the whole text filled
         in. "[MASK] " * 500 with top_k 30522 is 15 million sequences of 500 tokens: the worker
         built them (tens of GB) before the frame's size check could refuse the answer. Refused
-        here instead, from a low estimate of its size (each token a byte), before the batch."""
-        mask = getattr(self.pipe.tokenizer, "mask_token", None)
-        top_k = parameters.get("top_k", 5)
-        if not mask or not _whole_number(top_k) or top_k < 1:
-            return  # no mask token to count, or a top_k that _check_top_k refuses
-        targets = parameters.get("targets")
-        if isinstance(targets, (str, list)):
-            top_k = min(top_k, 1 if isinstance(targets, str) else max(len(targets), 1))
-        masks = text.count(mask)
-        size = masks * top_k * (_CANDIDATE_BYTES + max(tokens - 2, 0))
+        here instead, from a low estimate of its size, before the batch."""
+        masks, top_k, size = self._candidates_estimate(text, parameters, tokens)
         if size > MAX_FRAME_BYTES:
             raise AnswerTooLarge(
                 f"the answer would hold {masks} masks x top_k {top_k} candidates, each with the "
                 f"whole text filled in: over {size // 2**20} MiB, more than the "
                 f"{MAX_FRAME_BYTES // 2**20} MiB a worker sends in one message; ask for a "
                 "smaller top_k, or put fewer masks in one input")
+
+    def _candidates_estimate(self, text: Any, parameters: dict,
+                             tokens: int) -> tuple[int, int, int]:
+        """(masks, candidates per mask, a low estimate of the answer's bytes: each sequence
+        at a byte per token) of one fill-mask input; zeros when there is nothing to count."""
+        mask = getattr(self.pipe.tokenizer, "mask_token", None)
+        top_k = parameters.get("top_k", 5)
+        if not mask or not isinstance(text, str) or not _whole_number(top_k) or top_k < 1:
+            return 0, 0, 0  # no mask token to count, or a top_k that _check_top_k refuses
+        targets = parameters.get("targets")
+        if isinstance(targets, (str, list)):
+            top_k = min(top_k, 1 if isinstance(targets, str) else max(len(targets), 1))
+        masks = text.count(mask)
+        return masks, top_k, masks * top_k * (_CANDIDATE_BYTES + max(tokens - 2, 0))
+
+    def _check_batch_candidates(self, inputs: list, parameters: dict, lengths: list) -> None:
+        """A batch's fill-mask answers are all built before any is sent: sixteen inputs of
+        ten masks with top_k 30522, each fine alone (0.7 GB of Python objects in the worker),
+        would be 11 GB together. Such a batch raises, and the batcher runs it in halves."""
+        size = sum(self._candidates_estimate(text, parameters, n or 0)[2]
+                   for text, n in zip(inputs, lengths))
+        if size > MAX_FRAME_BYTES:
+            log.info("fill-mask batch of %d: its answers come to over %d MiB together; "
+                     "running it in halves", len(inputs), size // 2**20)
+            raise AnswerTooLarge(f"the answers of this batch of {len(inputs)} come to over "
+                                 f"{size // 2**20} MiB together; run it in smaller batches")
 
     def _check_lengths_asked(self, kwargs: dict) -> None:
         """Tokenizer arguments that size what the tokenizer builds must not pass the model's

@@ -388,6 +388,22 @@ def test_a_fill_mask_answer_sure_to_be_too_large_is_refused_on_arrival(fill_runn
     assert fill_runner.arrive("[MASK] " * 100, {})[0] == 102
 
 
+def test_a_batch_of_fill_mask_answers_too_large_together_raises_so_it_runs_in_halves(
+        fill_runner):
+    """Each input fits alone (4 MiB), sixteen together are over 64 MiB: the batch raises
+    before the model runs, and the batcher, which splits a batch that raises, runs halves."""
+    text = "a [MASK] " + "b " * 100
+    parameters = {"top_k": 30522}
+    [tokens] = [fill_runner.arrive(text, parameters)[0]]
+    with pytest.raises(AnswerTooLarge, match="^the answers of this batch of 16 come to over "
+                       r"\d+ MiB together; run it in smaller batches$"):
+        fill_runner([text] * 16, parameters, [tokens] * 16)
+    assert fill_runner.mask_scorer.top_k is None
+    fill_runner._check_batch_candidates([text] * 8, parameters, [tokens] * 8)
+    # The usual top_k is nowhere near it.
+    assert len(fill_runner([text] * 16, {"top_k": 5}).outputs) == 16
+
+
 def test_mask_scorer_is_cleared_when_the_batch_fails(fill_runner):
     with pytest.raises(Exception):
         fill_runner(["a [MASK]", "no mask here"], {})
