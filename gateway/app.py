@@ -122,20 +122,37 @@ async def answer_response(request: web.Request, payload: Any, headers: dict,
     response = web.StreamResponse(headers=headers)
     response.content_type = content_type
     await response.prepare(request)
+    # A client that stops reading would hold its answers, and their share of the answer
+    # budget, for as long as it keeps the connection: each piece gets as long as the
+    # request's own deadline to go out, then the connection is dropped.
+    stall_s = _timeout_s(request)
     buffered: list[bytes] = []
     size = 0
     for piece in pieces:
         buffered.append(piece)
         size += len(piece)
         if size >= PIECE_WRITE_BYTES:
-            await response.write(b"".join(buffered))
+            await _write_within(request, response, b"".join(buffered), stall_s)
             buffered.clear()
             size = 0
             # write() returns without yielding while the client keeps up: yield here, or
             # the whole answer would be encoded in one stretch of the loop after all.
             await asyncio.sleep(0)
-    await response.write_eof(b"".join(buffered))
+    await _write_within(request, response, b"".join(buffered), stall_s, eof=True)
     return response
+
+
+async def _write_within(request: web.Request, response: web.StreamResponse, data: bytes,
+                        stall_s: float, eof: bool = False) -> None:
+    try:
+        await asyncio.wait_for(response.write_eof(data) if eof else response.write(data),
+                               stall_s)
+    except asyncio.TimeoutError:
+        log.warning("request %s: the client read none of its answer for %.1f s; dropping "
+                    "the connection", request[REQUEST_ID], stall_s)
+        if request.transport is not None:
+            request.transport.abort()  # and with it what is buffered for the client
+        raise ConnectionResetError("the client stopped reading its answer") from None
 
 
 def error_response(request: web.Request, error: BatchwireError, status: int | None = None,

@@ -3,12 +3,16 @@ written whole, and bounded by --max-answer-bytes."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import socket
+
 import aiohttp
 import msgpack
 import numpy as np
 import pytest
 
-from tests.e2e.conftest import info_async, post, wait_for_async
+from tests.e2e.conftest import info_async, post, wait_for, wait_for_async
 
 #: About 110 tokens each: the tiny model's token-level answers are 110 x 32 float32, 14 kB.
 TEXTS = [f"text {i} " + "hello world " * 54 for i in range(96)]
@@ -105,3 +109,35 @@ async def test_a_request_whose_answers_pass_the_budget_is_422_and_smaller_ones_a
         assert info["config"]["max_answer_bytes"] == 600000
         async with session.get(url + "/metrics") as resp:
             assert "batchwire_answer_bytes_held 0.0" in await resp.text()
+
+
+async def test_a_client_that_stops_reading_its_answer_is_dropped_and_its_answers_let_go(
+        features_server):
+    """It would otherwise hold its answers, and their share of --max-answer-bytes, for as
+    long as it kept the connection open."""
+    url = features_server.url
+    texts = [f"text {i} " + "hello world " * 57 for i in range(256)]  # ~10 MB of JSON
+    body = json.dumps({"inputs": texts}).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window
+    sock.connect(("127.0.0.1", features_server.port))
+    sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"X-Timeout-Ms: 3000\r\nX-Request-Id: never-reads\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def holding() -> bool:
+                return (await info_async(session, url))["answer_bytes_held"] > 0
+            await wait_for_async(holding, 30, "the answers to be held while being written")
+            await held_goes_back_to_zero(session, url)
+        wait_for(lambda: "never-reads: the client read none of its answer for 3.0 s"
+                 in features_server.log_text(), 10, "the gateway to log the dropped client")
+        # The connection was dropped: what reading finds now ends short of the answer.
+        sock.settimeout(10)
+        received = 0
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(1 << 16):
+                received += len(chunk)
+        assert received < 5_000_000
+    finally:
+        sock.close()
