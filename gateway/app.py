@@ -25,7 +25,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from gateway import kserve
-from gateway.answer_memory import Claim
+from gateway.held_memory import BODY_HOLDS, Claim
 from gateway.broker import Broker, PendingRequest
 from gateway.config import GatewayConfig
 from gateway.encoding import dump_json, json_pieces, msgpack_pieces
@@ -54,7 +54,7 @@ STARTED = web.AppKey("started", float)
 # Typed request/response storage keys where aiohttp has them (3.13+), plain strings before.
 REQUEST_ID = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"
 ERROR_CODE = web.ResponseKey("error_code", str) if hasattr(web, "ResponseKey") else "error_code"
-#: The request's account in the answer budget, given back when its handler is done.
+#: The request's account in the held-memory budget, given back when its handler is done.
 CLAIM = web.RequestKey("answer_claim", Claim) if hasattr(web, "RequestKey") else "answer_claim"
 
 #: Bodies POST / reads as the input text itself, as the guide's server does. curl -d sends
@@ -80,7 +80,7 @@ _ID_COUNTER = itertools.count()
 
 
 # -- encoding ---------------------------------------------------------------------------
-#: An answer that holds this much (gateway/answer_memory.py) is written a piece at a time.
+#: An answer that holds this much (gateway/held_memory.py) is written a piece at a time.
 STREAM_ABOVE_BYTES = 1 << 20
 #: Encoded bytes gathered before each write of a streamed answer.
 PIECE_WRITE_BYTES = 1 << 20
@@ -247,11 +247,27 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
 
 # -- request parsing ----------------------------------------------------------------------
 async def _read_body(request: web.Request) -> bytes:
+    """The body, counted in the held-memory budget before it is read (a chunked one at the
+    most it may be, until it is read), so that a flood of large bodies is refused with 503
+    instead of read (gateway/held_memory.py)."""
     limit = request.app[CONFIG].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"the body is {request.content_length} bytes; this server accepts "
                            f"at most {limit} (--max-body-bytes)")
-    return await request.read()  # aiohttp enforces client_max_size on chunked bodies
+    claim = _claim(request)
+    reserved = limit if request.content_length is None else request.content_length
+    claim.hold_body(reserved)
+    body = await request.read()  # aiohttp enforces client_max_size on chunked bodies
+    claim.release(BODY_HOLDS * max(reserved - len(body), 0))
+    return body
+
+
+def _claim(request: web.Request) -> Claim:
+    """The request's account in the held-memory budget, opened on first use."""
+    claim = request.get(CLAIM)
+    if claim is None:
+        claim = request[CLAIM] = request.app[BROKER].memory.claim()
+    return claim
 
 
 def _text_input(body: bytes, charset: str | None = None) -> str:
@@ -359,7 +375,7 @@ async def _run(request: web.Request, items: list, parameters: dict, embed: bool 
     client's body names the items, for an error that belongs to one of several."""
     started = time.monotonic()
     broker = request.app[BROKER]
-    claim = request[CLAIM] = broker.answers.claim()
+    claim = _claim(request)
     pendings = broker.submit_many(items, parameters, _timeout_s(request), embed=embed,
                                   prompt_name=prompt_name, claim=claim)
     try:
@@ -613,7 +629,7 @@ async def handle_info(request: web.Request) -> web.Response:
         "queue_depth": broker.queue_depth,
         "in_flight": broker.in_flight,
         "requeued": broker.requeued,
-        "answer_bytes_held": broker.answers.held,
+        "held_bytes": broker.memory.held,
         "zmq_endpoint": broker.endpoint,
         "draining": broker.draining,
         "workers": workers,

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import zmq
 import zmq.asyncio
 
-from gateway.answer_memory import DEFAULT_MAX_ANSWER_BYTES, AnswerMemory, Claim, held_size
+from gateway.held_memory import DEFAULT_MAX_HELD_BYTES, Claim, HeldMemory, answer_size
 from gateway.metrics import GatewayMetrics
 from protocol import codec, curve
 from protocol.errors import (
@@ -78,7 +78,7 @@ class PendingRequest:
     queued: bool = False
     embed: bool = False
     prompt_name: str = ""
-    #: The request's account in the answer budget (gateway/answer_memory.py), if it has one.
+    #: The request's account in the held-memory budget (gateway/held_memory.py), if any.
     claim: Claim | None = None
     #: Answered (or given up on). Not future.done(): a cancelled handler's gather cancels
     #: the future itself, and the broker must still withdraw the request.
@@ -119,7 +119,7 @@ class Broker:
         endpoint: str,
         *,
         max_queue: int,
-        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
+        max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
         heartbeat_interval_s: float = 1.0,
         batch_timeout_s: float = 60.0,
         metrics: GatewayMetrics | None = None,
@@ -130,7 +130,7 @@ class Broker:
     ):
         self.endpoint = endpoint
         self.max_queue = max_queue
-        self.answers = AnswerMemory(max_answer_bytes)
+        self.memory = HeldMemory(max_held_bytes)
         self.heartbeat_interval_s = heartbeat_interval_s
         self.batch_timeout_s = batch_timeout_s
         self.curve_secret_key = curve_secret_key
@@ -517,7 +517,7 @@ class Broker:
         if pending.claim is None or pending.settled:
             return None
         try:
-            pending.claim.hold(held_size(result.output, frame_bytes))
+            pending.claim.hold_answer(answer_size(result.output, frame_bytes))
         except BatchwireError as exc:
             return exc
         return None

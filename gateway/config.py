@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from gateway.answer_memory import DEFAULT_MAX_ANSWER_BYTES
+from gateway.held_memory import BODY_HOLDS, DEFAULT_MAX_HELD_BYTES
 from protocol.eventloop import add_event_loop_flag
 from protocol.flags import (Flags, body_bytes, non_negative_float, port_number, positive_float,
                             positive_int)
@@ -25,8 +25,8 @@ class GatewayConfig:
     max_inputs: int = 256
     #: /v1/embeddings' own: OpenAI's limit, since each answer there is one vector.
     max_embedding_inputs: int = 2048
-    #: Bytes of answers held at once, all requests together (gateway/answer_memory.py).
-    max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES
+    #: Bytes of bodies and answers held at once, all requests together (gateway/held_memory.py).
+    max_held_bytes: int = DEFAULT_MAX_HELD_BYTES
     drain_timeout_s: float = 30.0
     heartbeat_interval_s: float = 1.0
     batch_timeout_s: float = 60.0
@@ -92,10 +92,11 @@ def _add_gateway_flags(flags: Flags, *, serve: bool) -> None:
     flags.add("--max-embedding-inputs", type=positive_int, default=d.max_embedding_inputs,
               help="most inputs in one /v1/embeddings request (OpenAI's own limit; "
               "LangChain sends 1000 texts at a time)")
-    flags.add("--max-answer-bytes", type=positive_int, default=d.max_answer_bytes,
-              help="most bytes of answers the gateway holds at once, all requests together "
-              "(512 MiB): a request whose answers alone need more gets 422 answers_too_large, "
-              "one that would pass it beside the others' 503 overloaded")
+    flags.add("--max-held-bytes", type=positive_int, default=d.max_held_bytes,
+              help="most bytes the gateway holds for requests at once, bodies and answers, all "
+              "requests together (512 MiB): a body or answer that would pass it beside the "
+              "others' gets 503 overloaded, a request whose answers alone pass it 422 "
+              "answers_too_large; at least 2 x --max-body-bytes")
     flags.add("--drain-timeout-s", type=non_negative_float, default=d.drain_timeout_s,
               help="on SIGTERM, how long admitted requests may take to finish")
     flags.add("--heartbeat-interval-s", type=positive_float, default=d.heartbeat_interval_s,
@@ -162,7 +163,7 @@ def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
         port=args.port,
         zmq_bind=args.zmq_bind,
         max_queue=args.max_queue,
-        max_answer_bytes=args.max_answer_bytes,
+        max_held_bytes=args.max_held_bytes,
         timeout_ms=args.timeout_ms,
         max_body_bytes=args.max_body_bytes,
         max_inputs=args.max_inputs,
@@ -218,9 +219,15 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None):
     """-> (command, config) for serve and gateway."""
-    args = build_parser(environ).parse_args(argv)
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
     if args.command == "keygen":
         return "keygen", args
+    if args.max_held_bytes < BODY_HOLDS * args.max_body_bytes:
+        # A body that could never be admitted would be refused as "overloaded" forever.
+        parser.error(f"--max-held-bytes ({args.max_held_bytes}) must be at least "
+                     f"{BODY_HOLDS} x --max-body-bytes ({BODY_HOLDS * args.max_body_bytes}): "
+                     "a body is held with the inputs read from it")
     if args.command == "serve":
         return "serve", serve_config_from_args(args)
     return "gateway", gateway_config_from_args(args)

@@ -118,9 +118,9 @@ class _LiveCollector:
         broker = self.broker
         yield GaugeMetricFamily("batchwire_queue_depth", "Requests waiting for a worker",
                                 value=broker.queue_depth)
-        yield GaugeMetricFamily("batchwire_answer_bytes_held",
-                                "Bytes of answers held until their responses are written "
-                                "(bounded by --max-answer-bytes)", value=broker.answers.held)
+        yield GaugeMetricFamily("batchwire_held_bytes",
+                                "Bytes held for requests: bodies until answered, answers until "
+                                "written (bounded by --max-held-bytes)", value=broker.memory.held)
         workers = GaugeMetricFamily("batchwire_workers", "Connected workers by state",
                                     labels=["state"])
         busy = sum(1 for w in broker.workers.values() if w.in_flight)

@@ -291,7 +291,7 @@ def _components(config: GatewayConfig) -> dict:
                 "queue_depth": {"type": "integer", "minimum": 0},
                 "in_flight": {"type": "integer", "minimum": 0},
                 "requeued": {"type": "integer", "minimum": 0},
-                "answer_bytes_held": {"type": "integer", "minimum": 0},
+                "held_bytes": {"type": "integer", "minimum": 0},
                 "zmq_endpoint": {"type": "string"},
                 "draining": {"type": "boolean"},
                 "workers": {"type": "array", "items": {
@@ -356,10 +356,11 @@ def _components(config: GatewayConfig) -> dict:
                                "input_too_long (more tokens than the model takes) or "
                                "answer_too_large (the answer is more than a worker can send "
                                "in one message) or answers_too_large (the request's answers "
-                               "together pass --max-answer-bytes: send fewer inputs)."),
+                               "together pass --max-held-bytes: send fewer inputs)."),
         "ServerError": error("model_error (the pipeline raised on a valid request), "
                              "worker_crashed (the worker died holding it) or internal_error."),
-        "Unavailable": error("overloaded (queue full, or answers held near --max-answer-bytes), "
+        "Unavailable": error("overloaded (queue full, or bodies and answers held near "
+                             "--max-held-bytes), "
                              "no_workers (no worker ready yet) or "
                              "draining (shutting down).", "Retry-After"),
         "DeadlineExceeded": error("deadline_exceeded: the request's deadline (X-Timeout-Ms or "

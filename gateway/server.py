@@ -28,7 +28,7 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
         ipc_dir = tempfile.mkdtemp(prefix="batchwire-")
         endpoint = f"ipc://{ipc_dir}/workers.sock"
     broker = Broker(endpoint, max_queue=config.max_queue,
-                    max_answer_bytes=config.max_answer_bytes,
+                    max_held_bytes=config.max_held_bytes,
                     heartbeat_interval_s=config.heartbeat_interval_s,
                     batch_timeout_s=config.batch_timeout_s,
                     curve_secret_key=config.curve_secret_key,

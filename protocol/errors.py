@@ -14,7 +14,7 @@ Who raises what::
     │   ├── InvalidParameters           invalid_parameters 422  worker: the pipeline refuses the parameters
     │   ├── InputTooLong                input_too_long     422  worker: more tokens than the model takes, no truncation asked
     │   ├── AnswerTooLarge              answer_too_large   422  worker: the answer would not fit in one message (MAX_FRAME_BYTES)
-    │   └── AnswersTooLarge             answers_too_large  422  gateway: a request's answers together pass --max-answer-bytes
+    │   └── AnswersTooLarge             answers_too_large  422  gateway: a request's answers together pass --max-held-bytes
     └── ServerError                                       5xx  batchwire or the model failed; details go to the log
         ├── ModelError                  model_error        500  worker: the pipeline raised on a valid request
         ├── WorkerCrashed               worker_crashed     500  gateway: the worker died holding the request

@@ -30,7 +30,7 @@ import zmq.asyncio
 
 from gateway.broker import MAX_CRASHES, Broker, PendingRequest, WorkerHandle
 from protocol import codec
-from gateway.answer_memory import STRUCTURED_EXPANSION
+from gateway.held_memory import STRUCTURED_EXPANSION
 from protocol.errors import (
     AnswersTooLarge,
     BatchwireError,
@@ -857,9 +857,9 @@ def floats(n: int) -> NDArray:
 
 
 async def test_answers_are_held_in_one_budget_too_large_is_422_crowded_is_503(h):
-    broker = await h.broker(max_answer_bytes=10_000)
+    broker = await h.broker(max_held_bytes=10_000)
     w = await h.worker(broker, "a", capacity=4)
-    first, second = broker.answers.claim(), broker.answers.claim()
+    first, second = broker.memory.claim(), broker.memory.claim()
     a = broker.submit_many(["a1", "a2"], {}, 5.0, claim=first)
     b = broker.submit_many(["b1"], {}, 5.0, claim=second)
     await w.wait_requests(3)
@@ -867,27 +867,27 @@ async def test_answers_are_held_in_one_budget_too_large_is_422_crowded_is_503(h)
     await w.answer(a[0].request_id, floats(1500))  # ~6 kB: held
     assert (await outcome(a[0])).output == floats(1500)
     held = frame_bytes(a[0].request_id, floats(1500))
-    assert first.held == broker.answers.held == held
+    assert first.held == broker.memory.held == held
 
     # b1 alone would fit, but not beside a1: the server is busy, not the request wrong.
     await w.answer(b[0].request_id, floats(1000))
     assert isinstance(await outcome(b[0]), Overloaded)
-    assert second.held == 0 and broker.answers.held == held
+    assert second.held == 0 and broker.memory.held == held
 
     # a2 takes the first request past the budget on its own: it can never be answered.
     await w.answer(a[1].request_id, floats(1500))
     refused = await outcome(a[1])
     assert isinstance(refused, AnswersTooLarge) and refused.status == 422
     assert "send fewer inputs per request" in refused.message
-    assert broker.answers.held == held, "a refused answer is not held"
+    assert broker.memory.held == held, "a refused answer is not held"
 
     first.release()
-    assert broker.answers.held == 0 and first.held == 0
+    assert broker.memory.held == 0 and first.held == 0
     # Credit came back with every answer, refused or not.
     assert handle(broker, w).in_flight == {} and broker.in_flight == 0
 
     # Maps and strings count at their decoded size, several times their frame.
-    third = broker.answers.claim()
+    third = broker.memory.claim()
     c = broker.submit_many(["c1"], {}, 5.0, claim=third)
     await w.wait_requests(4)
     candidates = [{"score": 0.5, "token": i, "token_str": "w", "sequence": "a w"} for i in range(40)]
@@ -898,13 +898,13 @@ async def test_answers_are_held_in_one_budget_too_large_is_422_crowded_is_503(h)
 
 
 async def test_an_answer_that_comes_after_its_request_was_settled_is_not_held(h):
-    broker = await h.broker(max_answer_bytes=10_000)
+    broker = await h.broker(max_held_bytes=10_000)
     w = await h.worker(broker, "a", capacity=2)
-    claim = broker.answers.claim()
+    claim = broker.memory.claim()
     [p] = broker.submit_many(["x"], {}, 5.0, claim=claim)
     await w.wait_requests(1)
     broker.cancel(p)
     claim.release()  # the handler is gone: its account is closed
     await w.answer(p.request_id, floats(1000))
     await w.sync()
-    assert broker.answers.held == 0 and claim.held == 0
+    assert broker.memory.held == 0 and claim.held == 0

@@ -1,5 +1,6 @@
-"""Large answers on a real server: written a piece at a time, equal to the same answers
-written whole, and bounded by --max-answer-bytes."""
+"""What the gateway holds for requests, on a real server: large answers written a piece at
+a time (equal to the same answers written whole), and bodies and answers together bounded by
+--max-held-bytes."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ async def answers_in_small_requests(session, url: str) -> list[np.ndarray]:
 
 async def held_goes_back_to_zero(session, url: str) -> None:
     async def released() -> bool:
-        return (await info_async(session, url))["answer_bytes_held"] == 0
+        return (await info_async(session, url))["held_bytes"] == 0
     await wait_for_async(released, 10, "the answers' bytes to be given back")
 
 
@@ -83,7 +84,8 @@ async def test_a_large_answer_is_streamed_and_equals_the_answer_written_whole(
 def small_budget_server(start_server, tiny_model_dir):
     """Room for about 40 of the tiny model's token-level answers of TEXTS."""
     return start_server(["--model", str(tiny_model_dir), "--task", "feature-extraction",
-                         "--workers", "1", "--max-answer-bytes", "600000"])
+                         "--workers", "1", "--max-held-bytes", "600000",
+                         "--max-body-bytes", "200000"])
 
 
 async def test_a_request_whose_answers_pass_the_budget_is_422_and_smaller_ones_are_served(
@@ -94,7 +96,7 @@ async def test_a_request_whose_answers_pass_the_budget_is_422_and_smaller_ones_a
         assert status == 422, body
         assert body["error"]["code"] == "answers_too_large"
         message = body["error"]["message"]
-        assert "--max-answer-bytes" in message and "fewer inputs" in message
+        assert "--max-held-bytes" in message and "fewer inputs" in message
         assert "inputs\"[" not in message  # the whole request's, not one item's
         status, _, body = await post(session, url + "/predict", json={"inputs": TEXTS[:16]})
         assert status == 200 and len(body) == 16
@@ -106,14 +108,42 @@ async def test_a_request_whose_answers_pass_the_budget_is_422_and_smaller_ones_a
             return info["workers"] and all(w["in_flight"] == 0 for w in info["workers"])
         await wait_for_async(slots_back, 10, "the worker's slots to come back")
         info = await info_async(session, url)
-        assert info["config"]["max_answer_bytes"] == 600000
+        assert info["config"]["max_held_bytes"] == 600000
         async with session.get(url + "/metrics") as resp:
-            assert "batchwire_answer_bytes_held 0.0" in await resp.text()
+            assert "batchwire_held_bytes 0.0" in await resp.text()
+
+
+async def test_a_body_that_would_pass_the_budget_is_refused_503_before_it_is_read(
+        small_budget_server):
+    """A body is counted (twice: the bytes and the inputs parsed from them) from its
+    Content-Length before it is read: a flood of large bodies is shed, not read."""
+    url = small_budget_server.url
+    uploader = socket.create_connection(("127.0.0.1", small_budget_server.port))
+    # 200,000 bytes announced, 10 sent: the gateway waits for the rest, holding 400,000.
+    uploader.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: 200000\r\n\r\n" + b'{"inputs":')
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def uploading() -> bool:
+                return (await info_async(session, url))["held_bytes"] == 400_000
+            await wait_for_async(uploading, 10, "the announced body to be held")
+            large = {"inputs": [text[:600] for text in TEXTS[:160]]}  # about 100 kB
+            status, headers, body = await post(session, url + "/predict", json=large)
+            assert status == 503, body
+            assert body["error"]["code"] == "overloaded" and headers["Retry-After"] == "1"
+            assert "bodies and answers" in body["error"]["message"]
+            assert "--max-held-bytes" in body["error"]["message"]
+            status, _, body = await post(session, url + "/predict", json={"inputs": TEXTS[:2]})
+            assert status == 200 and len(body) == 2
+            uploader.close()  # the upload fails; what it held is given back
+            await held_goes_back_to_zero(session, url)
+    finally:
+        uploader.close()
 
 
 async def test_a_client_that_stops_reading_its_answer_is_dropped_and_its_answers_let_go(
         features_server):
-    """It would otherwise hold its answers, and their share of --max-answer-bytes, for as
+    """It would otherwise hold its answers, and their share of --max-held-bytes, for as
     long as it kept the connection open."""
     url = features_server.url
     texts = [f"text {i} " + "hello world " * 57 for i in range(256)]  # ~10 MB of JSON
@@ -127,7 +157,7 @@ async def test_a_client_that_stops_reading_its_answer_is_dropped_and_its_answers
     try:
         async with aiohttp.ClientSession() as session:
             async def holding() -> bool:
-                return (await info_async(session, url))["answer_bytes_held"] > 0
+                return (await info_async(session, url))["held_bytes"] > 0
             await wait_for_async(holding, 30, "the answers to be held while being written")
             await held_goes_back_to_zero(session, url)
         wait_for(lambda: "never-reads: the client read none of its answer for 3.0 s"
