@@ -55,7 +55,7 @@ STARTED = web.AppKey("started", float)
 REQUEST_ID = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"
 ERROR_CODE = web.ResponseKey("error_code", str) if hasattr(web, "ResponseKey") else "error_code"
 #: The request's account in the held-memory budget, given back when its handler is done.
-CLAIM = web.RequestKey("answer_claim", Claim) if hasattr(web, "RequestKey") else "answer_claim"
+CLAIM = web.RequestKey("held_claim", Claim) if hasattr(web, "RequestKey") else "held_claim"
 
 #: Bodies POST / reads as the input text itself, as the guide's server does. curl -d sends
 #: application/x-www-form-urlencoded, so that is text here too.
@@ -80,7 +80,7 @@ _ID_COUNTER = itertools.count()
 
 
 # -- encoding ---------------------------------------------------------------------------
-#: An answer that holds this much (gateway/held_memory.py) is written a piece at a time.
+#: Answers that hold this much (gateway/held_memory.py) are written a piece at a time.
 STREAM_ABOVE_BYTES = 1 << 20
 #: Encoded bytes gathered before each write of a streamed answer.
 PIECE_WRITE_BYTES = 1 << 20
@@ -105,13 +105,13 @@ def payload_response(request: web.Request, payload: Any, headers: dict) -> web.R
 
 async def answer_response(request: web.Request, payload: Any, headers: dict,
                           stream: tuple = (), json_only: bool = False) -> web.StreamResponse:
-    """:func:`payload_response`, except that an answer holding more than
-    :data:`STREAM_ABOVE_BYTES` is written a piece at a time (chunked), letting the event
+    """:func:`payload_response`, except that answers holding more than
+    :data:`STREAM_ABOVE_BYTES` are written a piece at a time (chunked), letting the event
     loop run between pieces and each item go once written. ``stream``: the keys down to the
     answer's list of items (see :func:`gateway.encoding.json_pieces`), which it empties.
     ``json_only``: JSON whatever the client's Accept says (KServe v2)."""
     claim = request.get(CLAIM)
-    if claim is None or claim.held < STREAM_ABOVE_BYTES:
+    if claim is None or claim.answers < STREAM_ABOVE_BYTES:
         if json_only:
             return json_response(payload, headers=headers)
         return payload_response(request, payload, headers)
@@ -122,7 +122,7 @@ async def answer_response(request: web.Request, payload: Any, headers: dict,
     response = web.StreamResponse(headers=headers)
     response.content_type = content_type
     await response.prepare(request)
-    # A client that stops reading would hold its answers, and their share of the answer
+    # A client that stops reading would hold its answers, and their share of the held-memory
     # budget, for as long as it keeps the connection: each piece gets as long as the
     # request's own deadline to go out, then the connection is dropped.
     stall_s = _timeout_s(request)

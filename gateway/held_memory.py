@@ -67,11 +67,13 @@ class HeldMemory:
 class Claim:
     """One request's account: the bytes its body and answers hold until :meth:`release`."""
 
-    __slots__ = ("memory", "held")
+    __slots__ = ("memory", "held", "answers")
 
     def __init__(self, memory: HeldMemory):
         self.memory = memory
         self.held = 0
+        #: Of ``held``, the answers' share.
+        self.answers = 0
 
     def hold_body(self, body_bytes: int) -> None:
         """Count a body about to be read, and the inputs it will be parsed into, or raise
@@ -100,6 +102,7 @@ class Claim:
                 f"until they are answered, and this answer would take it past its "
                 f"{_mib(memory.limit)} limit (--max-held-bytes); retry shortly")
         self._add(nbytes)
+        self.answers += nbytes
 
     def _add(self, nbytes: int) -> None:
         self.held += nbytes
@@ -109,4 +112,5 @@ class Claim:
         """Give back ``nbytes`` of what this request holds, or all of it."""
         given = self.held if nbytes is None else min(nbytes, self.held)
         self.held -= given
+        self.answers = min(self.answers, self.held)
         self.memory.held -= given
