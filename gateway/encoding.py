@@ -77,10 +77,10 @@ def _flat_json(arrays: list) -> Iterator[bytes]:
     first = True
     for array in arrays:
         flat = array.reshape(-1)
-        if not flat.size:
-            continue
-        for piece in _array_json(flat):
-            yield (b"" if first else b",") + piece[1:-1]
+        per_piece = PIECE_BYTES // flat.itemsize
+        for start in range(0, flat.size, per_piece):
+            run = dump_json(_writable(flat[start:start + per_piece]))[1:-1]
+            yield run if first else b"," + run
             first = False
     yield b"]"
 

@@ -66,7 +66,8 @@ def test_json_pieces_down_a_path_keep_the_other_fields_and_their_order():
 
 def test_flat_writes_arrays_as_one_list_as_concatenating_them_would():
     rng = np.random.default_rng(2)
-    arrays = [rng.standard_normal((1, 600, 384)).astype("float32"), np.zeros((0, 3), "float32"),
+    # One array over a piece (written a run at a time), one under, one empty.
+    arrays = [rng.standard_normal((2, 600, 384)).astype("float32"), np.zeros((0, 3), "float32"),
               rng.standard_normal((1, 5, 4)).astype("float32")]
     halves = [rng.standard_normal((2, 3)).astype("float16"), np.zeros(0, "float16")]
     ints = [np.arange(6, dtype="int64").reshape(2, 3)]
