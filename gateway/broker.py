@@ -62,6 +62,8 @@ MISSED_HEARTBEATS = 3
 LOCAL_HOST = socket.gethostname()
 #: A request on this many workers that died is not retried again: it may be what kills them.
 MAX_CRASHES = 2
+#: A frame this large is followed by a turn of the event loop (see _receive_loop).
+YIELD_AFTER_BYTES = 1 << 20
 
 
 @dataclass(eq=False, slots=True)
@@ -476,6 +478,11 @@ class Broker:
                 self._on_message(identity, message, len(payload))
             except Exception:  # noqa: BLE001 - one bad message must not stop the broker
                 log.exception("error handling %s from %r", type(message).__name__, identity)
+            if len(payload) > YIELD_AFTER_BYTES:
+                # pyzmq hands over a frame already waiting without yielding, and a 44 MiB
+                # answer of fill-mask candidates takes a second to decode: after a large
+                # frame, let the HTTP side run before the next.
+                await asyncio.sleep(0)
 
     def _on_message(self, identity: bytes, message: Message, frame_bytes: int = 0) -> None:
         if isinstance(message, Ready):

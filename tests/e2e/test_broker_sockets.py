@@ -28,7 +28,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from gateway.broker import MAX_CRASHES, Broker, PendingRequest, WorkerHandle
+from gateway.broker import MAX_CRASHES, YIELD_AFTER_BYTES, Broker, PendingRequest, WorkerHandle
 from protocol import codec
 from gateway.held_memory import STRUCTURED_EXPANSION
 from protocol.errors import (
@@ -908,3 +908,34 @@ async def test_an_answer_that_comes_after_its_request_was_settled_is_not_held(h)
     await w.answer(p.request_id, floats(1000))
     await w.sync()
     assert broker.memory.held == 0 and claim.held == 0
+
+
+async def test_the_loop_runs_between_two_large_answers_already_waiting(h, monkeypatch):
+    """pyzmq hands over a frame already waiting without yielding; a large answer takes long
+    to decode (a 44 MiB one of fill-mask candidates, a second), so the broker yields after
+    each, and the HTTP side is not held for a whole burst of them."""
+    broker = await h.broker()
+    w = await h.worker(broker, "a", capacity=2)
+    p = broker.submit_many(["x", "y"], {}, 5.0)
+    await w.wait_requests(2)
+    loop = asyncio.get_running_loop()
+    events: list = []
+    decode = codec.decode
+
+    def recording(payload: bytes) -> Message:
+        message = decode(payload)
+        if isinstance(message, Result) and len(payload) > YIELD_AFTER_BYTES:
+            events.append(message.request_id)
+            if len(events) == 1:
+                loop.call_soon(events.append, "the loop ran")
+                # Hold this frame until the second one waits in the socket too.
+                waiting = zmq.Socket.shadow(broker._socket.underlying)  # a blocking view
+                assert waiting.poll(WAIT_S * 1000), "the second answer never came"
+        return message
+
+    monkeypatch.setattr(codec, "decode", recording)
+    large = floats(YIELD_AFTER_BYTES // 4 + 1)
+    await w.answer(p[0].request_id, large)
+    await w.answer(p[1].request_id, large)
+    assert [(await outcome(x)).output for x in p] == [large, large]
+    assert events == [p[0].request_id, "the loop ran", p[1].request_id]
