@@ -25,7 +25,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from gateway import kserve
-from gateway.held_memory import BODY_HOLDS, Claim
+from gateway.held_memory import Claim
 from gateway.broker import Broker, PendingRequest
 from gateway.config import GatewayConfig
 from gateway.encoding import dump_json, json_pieces, msgpack_pieces
@@ -258,7 +258,7 @@ async def _read_body(request: web.Request) -> bytes:
     reserved = limit if request.content_length is None else request.content_length
     claim.hold_body(reserved)
     body = await request.read()  # aiohttp enforces client_max_size on chunked bodies
-    claim.release(BODY_HOLDS * max(reserved - len(body), 0))
+    claim.body_read(reserved, len(body))
     return body
 
 

@@ -506,11 +506,9 @@ class Broker:
                     worker.skipped += 1
                 if isinstance(message, Result):
                     self._observe(worker, message)
-                    refused = self._hold(pending, message, frame_bytes)
-                    if refused is None:
-                        self._finish(pending, result=message)
-                    else:
-                        self._finish(pending, error=refused)
+                    # An answer the held-memory budget refuses is answered with the refusal.
+                    self._finish(pending, result=message,
+                                 error=self._hold(pending, message, frame_bytes))
                 else:
                     self._finish(pending, error=error_from_code(message.code, message.message))
             self._dispatch()

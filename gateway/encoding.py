@@ -61,9 +61,8 @@ def _array_json(array: np.ndarray) -> Iterator[bytes]:
     per_piece = PIECE_BYTES // row_bytes
     yield b"["
     if per_piece:
-        for start in range(0, len(array), per_piece):
-            run = dump_json(_writable(array[start:start + per_piece]))
-            yield (b"," if start else b"") + run[1:-1]
+        for index, run in enumerate(_runs(array, per_piece)):
+            yield b"," + run if index else run
     else:
         for index in range(len(array)):
             if index:
@@ -72,14 +71,19 @@ def _array_json(array: np.ndarray) -> Iterator[bytes]:
     yield b"]"
 
 
+def _runs(array: np.ndarray, per_piece: int) -> Iterator[bytes]:
+    """The JSON of ``array``'s first-axis items, ``per_piece`` at a time, each run without
+    its brackets (to be joined with commas inside one list)."""
+    for start in range(0, len(array), per_piece):
+        yield dump_json(_writable(array[start:start + per_piece]))[1:-1]
+
+
 def _flat_json(arrays: list) -> Iterator[bytes]:
     yield b"["
     first = True
     for array in arrays:
         flat = array.reshape(-1)
-        per_piece = PIECE_BYTES // flat.itemsize
-        for start in range(0, flat.size, per_piece):
-            run = dump_json(_writable(flat[start:start + per_piece]))[1:-1]
+        for run in _runs(flat, PIECE_BYTES // flat.itemsize):
             yield run if first else b"," + run
             first = False
     yield b"]"

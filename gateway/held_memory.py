@@ -88,6 +88,11 @@ class Claim:
                 "(--max-held-bytes); retry shortly")
         self._add(nbytes)
 
+    def body_read(self, reserved: int, read: int) -> None:
+        """The body counted at ``reserved`` bytes turned out ``read`` long: give back the
+        difference (a chunked body is reserved at --max-body-bytes)."""
+        self._give_back(BODY_HOLDS * max(reserved - read, 0))
+
     def hold_answer(self, nbytes: int) -> None:
         """Count one more answer, or raise without counting it."""
         memory = self.memory
@@ -108,9 +113,11 @@ class Claim:
         self.held += nbytes
         self.memory.held += nbytes
 
-    def release(self, nbytes: int | None = None) -> None:
-        """Give back ``nbytes`` of what this request holds, or all of it."""
-        given = self.held if nbytes is None else min(nbytes, self.held)
-        self.held -= given
-        self.answers = min(self.answers, self.held)
-        self.memory.held -= given
+    def release(self) -> None:
+        """Give back all this request holds: it is answered, or failed."""
+        self._give_back(self.held)
+        self.answers = 0
+
+    def _give_back(self, nbytes: int) -> None:
+        self.held -= nbytes
+        self.memory.held -= nbytes

@@ -550,11 +550,13 @@ def _v2_components(config: GatewayConfig) -> tuple[dict, dict]:
         "V2BodyTooLarge": _v2_error("The body is over --max-body-bytes."),
         "V2UnsupportedMediaType": _v2_error("Not application/json."),
         "V2InvalidParameters": _v2_error("The pipeline refuses the parameters, the input "
-                                         "has more tokens than the model takes, or the "
+                                         "has more tokens than the model takes, the "
                                          "answer is more than a worker sends in one "
-                                         "message."),
+                                         "message, or the request's answers together pass "
+                                         "--max-held-bytes."),
         "V2ServerError": _v2_error("The model or the gateway failed."),
-        "V2Unavailable": _v2_error("No worker ready (no model known yet), queue full or "
+        "V2Unavailable": _v2_error("No worker ready (no model known yet), queue full, "
+                                   "bodies and answers held near --max-held-bytes, or "
                                    "draining.", "Retry-After"),
         "V2DeadlineExceeded": _v2_error("The request's deadline passed."),
     }
