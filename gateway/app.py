@@ -84,6 +84,9 @@ _ID_COUNTER = itertools.count()
 STREAM_ABOVE_BYTES = 1 << 20
 #: Encoded bytes gathered before each write of a streamed answer.
 PIECE_WRITE_BYTES = 1 << 20
+#: Transports (asyncio's and uvloop's) buffer up to this much without making the writer
+#: wait for the client: an answer written whole that is larger is a :class:`HeldAnswer`.
+WRITTEN_AT_ONCE_BYTES = 1 << 16
 
 
 def json_response(payload: Any, status: int = 200, headers: dict | None = None) -> web.Response:
@@ -95,26 +98,27 @@ def wants_msgpack(request: web.Request) -> bool:
     return MSGPACK_TYPE in request.headers.get("Accept", "")
 
 
-def payload_response(request: web.Request, payload: Any, headers: dict) -> web.Response:
+def _encode_whole(request: web.Request, payload: Any, json_only: bool) -> tuple[bytes, str]:
     """JSON, or msgpack when the client's Accept asks for it (arrays then stay raw bytes)."""
-    if wants_msgpack(request):
-        return web.Response(body=codec.encode_client(payload), headers=headers,
-                            content_type=MSGPACK_TYPE)
-    return json_response(payload, headers=headers)
+    if wants_msgpack(request) and not json_only:
+        return codec.encode_client(payload), MSGPACK_TYPE
+    return dump_json(payload), JSON_TYPE
 
 
 async def answer_response(request: web.Request, payload: Any, headers: dict,
                           stream: tuple = (), json_only: bool = False) -> web.StreamResponse:
-    """:func:`payload_response`, except that answers holding more than
+    """The answer, JSON or msgpack as the client's Accept asks. Answers holding more than
     :data:`STREAM_ABOVE_BYTES` are written a piece at a time (chunked), letting the event
     loop run between pieces and each item go once written. ``stream``: the keys down to the
     answer's list of items (see :func:`gateway.encoding.json_pieces`), which it empties.
     ``json_only``: JSON whatever the client's Accept says (KServe v2)."""
     claim = request.get(CLAIM)
     if claim is None or claim.answers < STREAM_ABOVE_BYTES:
-        if json_only:
-            return json_response(payload, headers=headers)
-        return payload_response(request, payload, headers)
+        body, content_type = _encode_whole(request, payload, json_only)
+        if claim is None or len(body) <= WRITTEN_AT_ONCE_BYTES:
+            return web.Response(body=body, headers=headers, content_type=content_type)
+        del request[CLAIM]  # the response gives it back once written
+        return HeldAnswer(request, claim, body, headers, content_type)
     if wants_msgpack(request) and not json_only:
         pieces, content_type = msgpack_pieces(payload, stream), MSGPACK_TYPE
     else:
@@ -148,11 +152,54 @@ async def _write_within(request: web.Request, response: web.StreamResponse, data
         await asyncio.wait_for(response.write_eof(data) if eof else response.write(data),
                                stall_s)
     except asyncio.TimeoutError:
-        log.warning("request %s: the client read none of its answer for %.1f s; dropping "
-                    "the connection", request[REQUEST_ID], stall_s)
-        if request.transport is not None:
-            request.transport.abort()  # and with it what is buffered for the client
+        _drop_stalled(request[REQUEST_ID], request.transport, stall_s)
         raise ConnectionResetError("the client stopped reading its answer") from None
+
+
+def _drop_stalled(request_id: str, transport: asyncio.BaseTransport | None,
+                  stall_s: float) -> None:
+    log.warning("request %s: the client did not take its answer within %.1f s; dropping the "
+                "connection", request_id, stall_s)
+    if transport is not None:
+        transport.abort()  # and with it what is buffered for the client
+
+
+class HeldAnswer(web.Response):
+    """An answer written whole, too large for the socket to be sure to take at once.
+
+    aiohttp writes a handler's response after the handler has returned, with no time limit:
+    a client that never reads would keep such an answer in the gateway for as long as it
+    kept the connection, after its claim in the held-memory budget was given back. So this
+    answer keeps the claim until it is written, and a client that has not taken it within
+    the request's own deadline is dropped, as a streamed answer's is."""
+
+    _claim: Claim | None = None
+
+    def __init__(self, request: web.Request, claim: Claim, body: bytes, headers: dict,
+                 content_type: str):
+        super().__init__(body=body, headers=headers, content_type=content_type)
+        self._claim = claim
+        self._stall_s = _timeout_s(request)
+        self._request_id = request[REQUEST_ID]
+        self._transport = request.transport
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        timer = asyncio.get_running_loop().call_later(
+            self._stall_s, _drop_stalled, self._request_id, self._transport, self._stall_s)
+        try:
+            await super().write_eof(data)
+        finally:
+            timer.cancel()
+            self._let_go()
+
+    def _let_go(self) -> None:
+        claim, self._claim = self._claim, None
+        if claim is not None:
+            claim.release()
+
+    def __del__(self) -> None:
+        # Never written (the connection went before aiohttp wrote it): give it back anyway.
+        self._let_go()
 
 
 def error_response(request: web.Request, error: BatchwireError, status: int | None = None,
@@ -240,6 +287,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return error_response(request, error, debug_trace=trace)
     finally:
         # Answered, streamed out, or failed: the answers are the response's now, or gone.
+        # (A HeldAnswer took the claim over, and gives it back once written.)
         claim = request.get(CLAIM)
         if claim is not None:
             claim.release()

@@ -4,6 +4,7 @@ a time (equal to the same answers written whole), and bodies and answers togethe
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -11,6 +12,7 @@ import socket
 import aiohttp
 import msgpack
 import numpy as np
+import orjson
 import pytest
 
 from tests.e2e.conftest import info_async, post, wait_for, wait_for_async
@@ -160,7 +162,7 @@ async def test_a_client_that_stops_reading_its_answer_is_dropped_and_its_answers
                 return (await info_async(session, url))["held_bytes"] > 0
             await wait_for_async(holding, 30, "the answers to be held while being written")
             await held_goes_back_to_zero(session, url)
-        wait_for(lambda: "never-reads: the client read none of its answer for 3.0 s"
+        wait_for(lambda: "never-reads: the client did not take its answer within 3.0 s"
                  in features_server.log_text(), 10, "the gateway to log the dropped client")
         # The connection was dropped: what reading finds now ends short of the answer.
         sock.settimeout(10)
@@ -171,3 +173,103 @@ async def test_a_client_that_stops_reading_its_answer_is_dropped_and_its_answers
         assert received < 5_000_000
     finally:
         sock.close()
+
+
+# -- in process: an answer written whole, to a socket that takes little ---------------------
+async def test_an_answer_written_whole_keeps_its_claim_until_the_client_takes_it(caplog):
+    """aiohttp writes a handler's response after the handler returns, with no time limit.
+    Over loopback the kernel takes a few MB at once; over a real network it can take far
+    less, so the gateway's socket is given a small send buffer here. The answer must stay
+    counted in the budget while it waits for the client, and a client that never takes it
+    is dropped at the request's deadline. (Before, the claim was given back when the handler
+    returned, and the answer waited uncounted for as long as the client kept the line.)"""
+    from types import SimpleNamespace
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from gateway.app import BROKER, CONFIG, WRITTEN_AT_ONCE_BYTES, _claim, answer_response, \
+        error_middleware
+    from gateway.config import GatewayConfig
+    from gateway.held_memory import HeldMemory
+
+    memory = HeldMemory(1 << 30)
+    answered = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        sock = request.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        _claim(request).hold_answer(200_000)
+        answer = [{"token_str": "x" * 1000, "score": 0.5}] * 600  # ~640 kB of JSON
+        response = await answer_response(request, answer, {})
+        answered.set()
+        return response
+
+    app = web.Application(middlewares=[error_middleware])
+    app[BROKER] = SimpleNamespace(memory=memory)
+    app[CONFIG] = GatewayConfig()
+    app.router.add_post("/", handler)
+    async with TestServer(app, host="127.0.0.1") as server:
+        def request(request_id: str, rcvbuf: int | None) -> socket.socket:
+            sock = socket.socket()
+            if rcvbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nX-Timeout-Ms: 1500\r\n"
+                         b"X-Request-Id: " + request_id.encode() + b"\r\n"
+                         b"Content-Length: 0\r\n\r\n")
+            return sock
+
+        reader = request("reads", None)
+        try:
+            await asyncio.wait_for(answered.wait(), 10)
+            reader.setblocking(False)
+            received = b""
+            while b"\r\n\r\n" not in received or len(received.partition(b"\r\n\r\n")[2]) \
+                    < int(received.partition(b"Content-Length: ")[2].split(b"\r\n")[0]):
+                received += await asyncio.get_running_loop().sock_recv(reader, 1 << 16)
+            head, _, body = received.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and b"chunked" not in head
+            assert len(body) > WRITTEN_AT_ONCE_BYTES and orjson.loads(body)[0]["score"] == 0.5
+            await wait_for_async(lambda: asyncio.sleep(0, memory.held == 0), 5,
+                                 "a client that reads to give its answer's bytes back")
+        finally:
+            reader.close()
+
+        answered.clear()
+        stalled = request("never-reads", 4096)
+        try:
+            await asyncio.wait_for(answered.wait(), 10)
+            # The handler has returned; the answer is still being written, and still held.
+            assert memory.held == 200_000
+            await wait_for_async(lambda: asyncio.sleep(0, memory.held == 0), 10,
+                                 "the stalled client's answer to be given back")
+            assert "never-reads: the client did not take its answer within 1.5 s" \
+                in caplog.text
+            stalled.settimeout(5)
+            received = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := stalled.recv(1 << 16):
+                    received += chunk
+            assert received.startswith(b"HTTP/1.1 200") and len(received) < 600_000
+        finally:
+            stalled.close()
+
+
+def test_an_answer_never_written_gives_its_claim_back_when_dropped():
+    """aiohttp writes nothing when the connection went before the handler returned: the
+    answer's claim must come back with the response object all the same."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from gateway.app import REQUEST_ID, HeldAnswer
+    from gateway.held_memory import HeldMemory
+
+    memory = HeldMemory(1 << 20)
+    claim = memory.claim()
+    claim.hold_answer(1000)
+    request = make_mocked_request("POST", "/", headers={"X-Timeout-Ms": "1000"})
+    request[REQUEST_ID] = "gone"
+    answer = HeldAnswer(request, claim, b"[1]", {}, "application/json")
+    assert memory.held == 1000
+    del answer
+    assert memory.held == 0
