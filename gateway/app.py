@@ -213,7 +213,7 @@ def error_response(request: web.Request, error: BatchwireError, status: int | No
     if error.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     response = json_response({"error": body}, status=status or error.status, headers=headers)
-    response[ERROR_CODE] = error.code  # read by the metrics middleware
+    response[ERROR_CODE] = error.metrics_code  # read by the metrics middleware
     return response
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from protocol.errors import AnswersTooLarge, Overloaded
+from protocol.errors import AnswersTooLarge, HeldMemoryFull
 from protocol.messages import NDArray
 
 #: Decoded msgpack maps and strings (fill-mask's candidates, classification labels) take
@@ -82,7 +82,7 @@ class Claim:
         memory = self.memory
         nbytes = BODY_HOLDS * body_bytes
         if memory.held + nbytes > memory.limit:
-            raise Overloaded(
+            raise HeldMemoryFull(
                 f"the server holds {_mib(memory.held)} of other requests' bodies and answers, "
                 f"and this body would take it past its {_mib(memory.limit)} limit "
                 "(--max-held-bytes); retry shortly")
@@ -102,7 +102,7 @@ class Claim:
                 "server holds for requests at once (--max-held-bytes); send fewer inputs per "
                 "request, or shorter ones")
         if memory.held + nbytes > memory.limit:
-            raise Overloaded(
+            raise HeldMemoryFull(
                 f"the server holds {_mib(memory.held)} of other requests' bodies and answers "
                 f"until they are answered, and this answer would take it past its "
                 f"{_mib(memory.limit)} limit (--max-held-bytes); retry shortly")

@@ -146,7 +146,7 @@ def _v2_route(method: str, handler: Handler) -> Handler:
                 headers["Retry-After"] = str(exc.retry_after)
             if isinstance(exc, MethodNotAllowed):
                 headers["Allow"] = ", ".join(sorted(allowed))
-            return _error(request, exc.message, exc.status, exc.code, headers)
+            return _error(request, exc.message, exc.status, exc.metrics_code, headers)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise

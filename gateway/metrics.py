@@ -28,8 +28,10 @@ SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 # *_created series double the scrape for no use here (Prometheus tracks resets itself).
 disable_created_metrics()
 
+#: metrics_code (protocol/errors.py) -> the reason label of batchwire_rejected_total.
 REJECT_REASONS = {
     "overloaded": "overload",
+    "held_memory_full": "memory",
     "deadline_exceeded": "deadline",
     "no_workers": "no_workers",
     "draining": "draining",

@@ -19,6 +19,7 @@ Who raises what::
         ├── ModelError                  model_error        500  worker: the pipeline raised on a valid request
         ├── WorkerCrashed               worker_crashed     500  gateway: the worker died holding the request
         ├── Overloaded                  overloaded         503  gateway: the queue is full (Retry-After)
+        │   └── HeldMemoryFull          overloaded         503  gateway: --max-held-bytes is full (Retry-After)
         ├── NoWorkers                   no_workers         503  gateway: no worker is ready (Retry-After)
         ├── Draining                    draining           503  gateway: shutting down (Retry-After)
         ├── DeadlineExceeded            deadline_exceeded  504  gateway or worker: the request's time budget ran out
@@ -26,6 +27,8 @@ Who raises what::
 
 Workers send only the code and message in an ERROR frame; the gateway rebuilds the
 exception with :func:`error_from_code`, so status codes live here and nowhere else.
+``metrics_code`` tells apart, in the gateway's metrics only, refusals that clients see as
+one code.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ class BatchwireError(Exception):
     def __init__(self, message: str = ""):
         super().__init__(message or self.__class__.__doc__ or self.code)
         self.message = message or (self.__class__.__doc__ or self.code).strip()
+
+    @property
+    def metrics_code(self) -> str:
+        return self.code
 
 
 class ProtocolError(BatchwireError):
@@ -146,6 +153,15 @@ class Overloaded(ServerError):
     code = "overloaded"
     status = 503
     retry_after = 1
+
+
+class HeldMemoryFull(Overloaded):
+    """The server holds as much for requests as it may (--max-held-bytes); retry shortly.
+
+    The same 503 to clients as a full queue; an operator tells them apart in the metrics,
+    since one calls for more workers and the other for a larger budget or smaller requests."""
+
+    metrics_code = "held_memory_full"
 
 
 class NoWorkers(ServerError):

@@ -137,6 +137,11 @@ async def test_a_body_that_would_pass_the_budget_is_refused_503_before_it_is_rea
             assert "--max-held-bytes" in body["error"]["message"]
             status, _, body = await post(session, url + "/predict", json={"inputs": TEXTS[:2]})
             assert status == 200 and len(body) == 2
+            # The same 503 as a full queue's to the client; not to the operator.
+            async with session.get(url + "/metrics") as resp:
+                scrape = await resp.text()
+            assert 'batchwire_rejected_total{reason="memory"} 1.0' in scrape
+            assert 'batchwire_rejected_total{reason="overload"} 0.0' in scrape
             uploader.close()  # the upload fails; what it held is given back
             await held_goes_back_to_zero(session, url)
     finally:
