@@ -18,7 +18,7 @@ import math
 import os
 import time
 import traceback
-from typing import Any
+from typing import Any, Awaitable, TypeVar
 
 import orjson
 from aiohttp import web
@@ -28,6 +28,7 @@ from gateway import kserve
 from gateway.held_memory import Claim
 from gateway.broker import Broker, PendingRequest
 from gateway.config import GatewayConfig
+from gateway.connections import ConnectionGuard
 from gateway.encoding import dump_json, json_pieces, msgpack_pieces
 from gateway.metrics import GatewayMetrics
 from protocol import codec, eventloop
@@ -36,6 +37,7 @@ from protocol.errors import (
     BadInput,
     BatchwireError,
     BodyTooLarge,
+    DeadlineExceeded,
     InputTooLong,
     MethodNotAllowed,
     ModelError,
@@ -47,10 +49,13 @@ from protocol.errors import (
 from protocol.messages import MAX_PROMPT_NAME, PROTOCOL_VERSION, NDArray, Result
 
 log = logging.getLogger("batchwire.gateway")
+T = TypeVar("T")
 
 BROKER = web.AppKey("broker", Broker)
 CONFIG = web.AppKey("config", GatewayConfig)
 STARTED = web.AppKey("started", float)
+#: The listening socket's protocol factory (gateway/connections.py); server.py listens with it.
+CONNECTIONS = web.AppKey("connections", ConnectionGuard)
 # Typed request/response storage keys where aiohttp has them (3.13+), plain strings before.
 REQUEST_ID = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"
 ERROR_CODE = web.ResponseKey("error_code", str) if hasattr(web, "ResponseKey") else "error_code"
@@ -136,7 +141,8 @@ async def answer_response(request: web.Request, payload: Any, headers: dict,
         buffered.append(piece)
         size += len(piece)
         if size >= PIECE_WRITE_BYTES:
-            await _write_within(request, response, b"".join(buffered), stall_s)
+            if not await _write_within(request, response, b"".join(buffered), stall_s):
+                return response  # dropped: aiohttp finds the connection closed, quietly
             buffered.clear()
             size = 0
             # write() returns without yielding while the client keeps up: yield here, or
@@ -147,13 +153,24 @@ async def answer_response(request: web.Request, payload: Any, headers: dict,
 
 
 async def _write_within(request: web.Request, response: web.StreamResponse, data: bytes,
-                        stall_s: float, eof: bool = False) -> None:
+                        stall_s: float, eof: bool = False) -> bool:
+    """Write, or drop the client if it has not taken the data within ``stall_s`` (False)."""
     try:
-        await asyncio.wait_for(response.write_eof(data) if eof else response.write(data),
-                               stall_s)
+        await _within(response.write_eof(data) if eof else response.write(data), stall_s)
     except asyncio.TimeoutError:
         _drop_stalled(request[REQUEST_ID], request.transport, stall_s)
-        raise ConnectionResetError("the client stopped reading its answer") from None
+        return False
+    return True
+
+
+async def _within(awaitable: Awaitable[T], timeout_s: float) -> T:
+    """``awaitable``, or asyncio.TimeoutError after ``timeout_s``. asyncio.timeout where there
+    is one (3.11): wait_for's own task could swallow the handler's cancellation when a client
+    disconnects, and the disconnect would then reach aiohttp as an error to log."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(timeout_s):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, timeout_s)
 
 
 def _drop_stalled(request_id: str, transport: asyncio.BaseTransport | None,
@@ -251,6 +268,12 @@ async def metrics_middleware(request: web.Request, handler) -> web.StreamRespons
 @web.middleware
 async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     request[REQUEST_ID] = _request_id(request)
+    # Not idle while a request is handled (None: a connection no guard opened).
+    guard = request.app.get(CONNECTIONS)
+    connection = guard.state_of(request.transport) if guard is not None else None
+    if connection is not None:
+        connection.started = True
+        connection.handling += 1
     try:
         _check_api_key(request)
         return await handler(request)
@@ -291,13 +314,17 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         claim = request.get(CLAIM)
         if claim is not None:
             claim.release()
+        if connection is not None:
+            connection.handling -= 1
 
 
 # -- request parsing ----------------------------------------------------------------------
 async def _read_body(request: web.Request) -> bytes:
     """The body, counted in the held-memory budget before it is read (a chunked one at the
     most it may be, until it is read), so that a flood of large bodies is refused with 503
-    instead of read (gateway/held_memory.py)."""
+    instead of read (gateway/held_memory.py). One still arriving gets the request's deadline
+    to arrive in, or 504: a client sending it a byte at a time would otherwise hold its
+    connection and its share of the budget for as long as it liked."""
     limit = request.app[CONFIG].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"the body is {request.content_length} bytes; this server accepts "
@@ -305,7 +332,17 @@ async def _read_body(request: web.Request) -> bytes:
     claim = _claim(request)
     reserved = limit if request.content_length is None else request.content_length
     claim.hold_body(reserved)
-    body = await request.read()  # aiohttp enforces client_max_size on chunked bodies
+    if request.content.is_eof():  # all here already: nothing to wait for
+        body = await request.read()
+    else:
+        timeout_s = _timeout_s(request)
+        try:
+            # aiohttp enforces client_max_size on chunked bodies
+            body = await _within(request.read(), timeout_s)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(
+                f"the body did not arrive within the request's deadline ({timeout_s:g} s, "
+                "X-Timeout-Ms or --timeout-ms); send it faster, or allow more time") from None
     claim.body_read(reserved, len(body))
     return body
 
@@ -678,6 +715,7 @@ async def handle_info(request: web.Request) -> web.Response:
         "in_flight": broker.in_flight,
         "requeued": broker.requeued,
         "held_bytes": broker.memory.held,
+        "connections": request.app[CONNECTIONS].open,
         "zmq_endpoint": broker.endpoint,
         "draining": broker.draining,
         "workers": workers,
@@ -730,6 +768,8 @@ def create_app(config: GatewayConfig, broker: Broker) -> web.Application:
     app[BROKER] = broker
     app[METRICS] = broker.metrics
     app[STARTED] = time.monotonic()
+    app[CONNECTIONS] = ConnectionGuard(config.max_connections, config.idle_timeout_s)
+    broker.metrics.watch_connections(app[CONNECTIONS])
     app.on_response_prepare.append(_server_header)
     app.router.add_post("/", handle_root)
     app.router.add_post("/predict", handle_predict)

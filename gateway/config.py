@@ -27,6 +27,9 @@ class GatewayConfig:
     max_embedding_inputs: int = 2048
     #: Bytes of bodies and answers held at once, all requests together (gateway/held_memory.py).
     max_held_bytes: int = DEFAULT_MAX_HELD_BYTES
+    #: Open client connections at once (gateway/connections.py).
+    max_connections: int = 4096
+    idle_timeout_s: float = 60.0
     drain_timeout_s: float = 30.0
     heartbeat_interval_s: float = 1.0
     batch_timeout_s: float = 60.0
@@ -97,6 +100,13 @@ def _add_gateway_flags(flags: Flags, *, serve: bool) -> None:
               "requests together (512 MiB): a body or answer that would pass it beside the "
               "others' gets 503 overloaded, a request whose answers alone pass it 422 "
               "answers_too_large; at least 2 x --max-body-bytes")
+    flags.add("--max-connections", type=positive_int, default=d.max_connections,
+              help="most client connections open at once; past it a new connection gets 503 "
+              "overloaded and is closed")
+    flags.add("--idle-timeout-s", type=positive_float, default=d.idle_timeout_s,
+              help="a client connection that starts no request for this long while none of "
+              "its requests is being handled (idle, or sending a request head too slowly) is "
+              "closed, between one and two of these after its last request")
     flags.add("--drain-timeout-s", type=non_negative_float, default=d.drain_timeout_s,
               help="on SIGTERM, how long admitted requests may take to finish")
     flags.add("--heartbeat-interval-s", type=positive_float, default=d.heartbeat_interval_s,
@@ -164,6 +174,8 @@ def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
         zmq_bind=args.zmq_bind,
         max_queue=args.max_queue,
         max_held_bytes=args.max_held_bytes,
+        max_connections=args.max_connections,
+        idle_timeout_s=args.idle_timeout_s,
         timeout_ms=args.timeout_ms,
         max_body_bytes=args.max_body_bytes,
         max_inputs=args.max_inputs,

@@ -18,6 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 if TYPE_CHECKING:
     from gateway.broker import Broker
+    from gateway.connections import ConnectionGuard
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BATCH_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
@@ -77,6 +78,11 @@ class GatewayMetrics:
         self._live = _LiveCollector(broker, restarts)
         self.registry.register(self._live)
 
+    def watch_connections(self, guard: "ConnectionGuard") -> None:
+        """Read the listening socket's connection counts at scrape time."""
+        if self._live is not None:
+            self._live.connections = guard
+
     def set_restarts(self, restarts: Callable[[], int]) -> None:
         if self._live is not None:
             self._live.restarts = restarts
@@ -115,6 +121,7 @@ class _LiveCollector:
     def __init__(self, broker: "Broker", restarts: Callable[[], int]):
         self.broker = broker
         self.restarts = restarts
+        self.connections: "ConnectionGuard | None" = None
 
     def collect(self) -> Iterable:
         broker = self.broker
@@ -137,3 +144,15 @@ class _LiveCollector:
         yield CounterMetricFamily("batchwire_requests_cancelled",
                                   "Requests withdrawn because the client went away",
                                   value=broker.cancelled)
+        guard = self.connections
+        if guard is not None:
+            yield GaugeMetricFamily("batchwire_connections", "Client connections open now "
+                                    "(bounded by --max-connections)", value=guard.open)
+            closed = CounterMetricFamily(
+                "batchwire_connections_closed",
+                "Client connections the gateway closed itself, by reason: refused past "
+                "--max-connections (with a 503), or idle past --idle-timeout-s",
+                labels=["reason"])
+            closed.add_metric(["refused"], guard.refused)
+            closed.add_metric(["idle"], guard.idle_closed)
+            yield closed

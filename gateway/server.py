@@ -11,7 +11,7 @@ import tempfile
 import zmq
 from aiohttp import web
 
-from gateway.app import SUPERVISOR, AccessLogger, create_app
+from gateway.app import CONNECTIONS, SUPERVISOR, AccessLogger, create_app
 from gateway.broker import Broker
 from gateway.config import GatewayConfig, ServeConfig
 from gateway.supervisor import Supervisor
@@ -78,9 +78,9 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
     runner = web.AppRunner(app, handler_cancellation=True, access_log_class=AccessLogger,
                            access_log=logging.getLogger("batchwire.access"))
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
+    listener: asyncio.AbstractServer | None = None
     try:
-        await site.start()
+        listener = await app[CONNECTIONS].listen(runner, config.host, config.port)
     except OSError as exc:
         log.critical("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
         stop.set()
@@ -126,6 +126,8 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
         # --drain-timeout-s) computes answers nobody waits for any more: the 503s are out, so
         # it gets one second before SIGKILL, not ten, and the drain timeout bounds the exit.
         await supervisor.stop(timeout_s=10.0 if drained else 1.0)
+    if listener is not None:
+        listener.close()  # no new connections; runner.cleanup() closes the open ones
     await runner.cleanup()
     if ipc_dir is not None:
         for name in os.listdir(ipc_dir):

@@ -28,6 +28,17 @@ def test_bad_env_value_is_refused_like_a_bad_flag(capsys):
         gateway_config.parse(["serve", "--max-queue", "0"], environ={})
 
 
+def test_connection_limits_come_from_flag_or_env_and_must_be_positive():
+    _, cfg = gateway_config.parse(["gateway"], environ={})
+    assert (cfg.max_connections, cfg.idle_timeout_s) == (4096, 60.0)
+    _, cfg = gateway_config.parse(["gateway", "--idle-timeout-s", "2.5"],
+                                  environ={"BATCHWIRE_MAX_CONNECTIONS": "100"})
+    assert (cfg.max_connections, cfg.idle_timeout_s) == (100, 2.5)
+    for argv in (["--max-connections", "0"], ["--idle-timeout-s", "0"]):
+        with pytest.raises(SystemExit):
+            gateway_config.parse(["serve", *argv], environ={})
+
+
 @pytest.mark.parametrize("port", ["0", "70000", "-1"])
 def test_a_port_outside_1_to_65535_is_refused(capsys, port):
     with pytest.raises(SystemExit):

@@ -1,0 +1,146 @@
+"""What clients may hold of the gateway's connections (gateway/connections.py), on the real
+app listening on 127.0.0.1 the way `batchwire serve` listens, with raw sockets as clients:
+no more than --max-connections open, none idle past --idle-timeout-s, no body arriving past
+its request's deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import orjson
+import pytest
+from aiohttp import web
+
+from gateway.app import CONNECTIONS, create_app
+from gateway.broker import Broker
+from gateway.config import GatewayConfig
+from tests.e2e.conftest import wait_for_async
+
+IDLE_TIMEOUT_S = 0.4
+MAX_CONNECTIONS = 3
+HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.fixture
+async def gateway():
+    """start(idle_timeout_s) -> (the guard, connect() -> a raw client socket)."""
+    started: list = []
+    clients: list[socket.socket] = []
+
+    async def start(idle_timeout_s: float = IDLE_TIMEOUT_S):
+        config = GatewayConfig(max_connections=MAX_CONNECTIONS, idle_timeout_s=idle_timeout_s)
+        app = create_app(config, Broker("inproc://connections-test", max_queue=4))
+        runner = web.AppRunner(app, handler_cancellation=True)
+        await runner.setup()
+        guard = app[CONNECTIONS]  # the app's own, which server.py listens with
+        listener = await guard.listen(runner, "127.0.0.1", 0)
+        started.append((listener, runner))
+        port = listener.sockets[0].getsockname()[1]
+
+        async def connect() -> socket.socket:
+            sock = socket.socket()
+            sock.setblocking(False)
+            clients.append(sock)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            return sock
+        return guard, connect
+
+    yield start
+    for sock in clients:
+        sock.close()
+    for listener, runner in started:
+        listener.close()
+        await runner.cleanup()
+
+
+async def recv_until_closed(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """Everything the gateway sends until it closes the connection (or the timeout)."""
+    loop = asyncio.get_running_loop()
+    received = b""
+
+    async def until_closed() -> None:
+        nonlocal received
+        while chunk := await loop.sock_recv(sock, 65536):
+            received += chunk
+    await asyncio.wait_for(until_closed(), timeout)
+    return received
+
+
+async def answer(sock: socket.socket, request: bytes) -> bytes:
+    """One keep-alive request's whole answer (its body is JSON with a Content-Length)."""
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(sock, request)
+    received = b""
+    while True:
+        head, _, body = received.partition(b"\r\n\r\n")
+        if _ and b"Content-Length: " in head:
+            length = int(head.partition(b"Content-Length: ")[2].split(b"\r\n")[0])
+            if len(body) >= length:
+                return received
+        chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 5)
+        assert chunk, f"closed mid-answer: {received!r}"
+        received += chunk
+
+
+async def test_idle_and_slow_head_connections_are_closed_and_busy_ones_kept(gateway):
+    guard, connect = await gateway()
+    idle = await connect()
+    slow_head = await connect()
+    await asyncio.get_running_loop().sock_sendall(slow_head, HEALTH[:20])  # never finished
+    busy = await connect()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    # The busy one asks for something, one request after another, for three timeouts.
+    while loop.time() - started < 3 * IDLE_TIMEOUT_S:
+        assert (await answer(busy, HEALTH)).startswith(b"HTTP/1.1 200")
+    # The other two were closed, between one and two timeouts after they opened.
+    assert await recv_until_closed(idle, 1) == b""
+    assert await recv_until_closed(slow_head, 1) == b""
+    assert guard.idle_closed == 2 and guard.open == 1
+    # And the busy one, once it stops asking, goes too.
+    assert await recv_until_closed(busy, 4 * IDLE_TIMEOUT_S + 2) == b""
+    assert guard.idle_closed == 3 and guard.open == 0
+
+
+async def test_a_connection_past_the_limit_gets_503_and_the_next_one_after_a_close_is_served(
+        gateway):
+    guard, connect = await gateway(idle_timeout_s=60)
+    held = [await connect() for _ in range(MAX_CONNECTIONS)]
+    await wait_for_async(lambda: asyncio.sleep(0, guard.open == MAX_CONNECTIONS), 5,
+                         "the connections to be open")
+    extra = await connect()
+    await asyncio.get_running_loop().sock_sendall(extra, HEALTH)
+    refused = await recv_until_closed(extra)
+    head, _, body = refused.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in head
+    error = orjson.loads(body)["error"]
+    assert error["code"] == "overloaded" and "--max-connections" in error["message"]
+    assert guard.refused == 1 and guard.open == MAX_CONNECTIONS
+
+    held.pop().close()
+    await wait_for_async(lambda: asyncio.sleep(0, guard.open < MAX_CONNECTIONS), 5,
+                         "a connection to close")
+    again = await connect()
+    metrics = await answer(again, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert metrics.startswith(b"HTTP/1.1 200")
+    assert b"batchwire_connections 3.0" in metrics
+    assert b'batchwire_connections_closed_total{reason="refused"} 1.0' in metrics
+    info = orjson.loads((await answer(again, b"GET /info HTTP/1.1\r\nHost: x\r\n\r\n"))
+                        .partition(b"\r\n\r\n")[2])
+    assert info["connections"] == 3 and info["config"]["max_connections"] == MAX_CONNECTIONS
+
+
+async def test_a_body_that_does_not_arrive_within_the_deadline_is_504(gateway):
+    guard, connect = await gateway()
+    sock = await connect()
+    await asyncio.get_running_loop().sock_sendall(
+        sock, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"X-Timeout-Ms: 300\r\nContent-Length: 100\r\n\r\n" + b'{"inputs": ')
+    answered = await recv_until_closed(sock)
+    head, _, body = answered.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 504"), answered
+    error = orjson.loads(body)["error"]
+    assert error["code"] == "deadline_exceeded"
+    assert "body did not arrive" in error["message"] and "0.3 s" in error["message"]
+    assert guard.open == 0  # the rest of the body was never coming: closed
