@@ -7,8 +7,10 @@ the process exited 0, left no child process behind, and freed its port.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,19 +27,40 @@ STOP_TIMEOUT_S = 30.0
 
 
 _PORTS_GIVEN: set[int] = set()
+#: Ports tests listen on come from below the kernel's ephemeral range (32768 and up on
+#: Linux), which it never hands out on its own, split between pytest-xdist's workers: a port
+#: one worker picked cannot be picked by another before its server binds it.
+_PORT_RANGE = (10000, 32000)
+
+
+def _port_slice() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    width = (_PORT_RANGE[1] - _PORT_RANGE[0]) // max(count, 1)
+    start = _PORT_RANGE[0] + index * width
+    return range(start, start + width)
+
+
+_PORTS = _port_slice()
+_next_port = itertools.count(random.randrange(len(_PORTS)))
 
 
 def free_port() -> int:
     """A port free now, and not handed out before in this run: a test that takes two (HTTP
-    and ZeroMQ) binds neither before asking for the second, and the kernel may offer the
-    same free port twice."""
-    while True:
+    and ZeroMQ) binds neither before asking for the second."""
+    for _ in range(len(_PORTS)):
+        port = _PORTS[next(_next_port) % len(_PORTS)]
+        if port in _PORTS_GIVEN:
+            continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _PORTS_GIVEN:
-            _PORTS_GIVEN.add(port)
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free port left in {_PORTS}")
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, dict]:
