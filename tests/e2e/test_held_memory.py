@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import socket
 
@@ -146,6 +147,38 @@ async def test_a_body_that_would_pass_the_budget_is_refused_503_before_it_is_rea
             await held_goes_back_to_zero(session, url)
     finally:
         uploader.close()
+
+
+async def test_a_compressed_body_is_counted_at_its_inflated_size(small_budget_server):
+    """aiohttp inflates a gzip body (up to --max-body-bytes): 2 kB on the wire can be 2 MB
+    once read. Counted at its Content-Length alone, a flood of them would hold about a
+    thousand times what the budget shows."""
+    url = small_budget_server.url
+    # 150 kB of JSON (the padding is whitespace) in a few hundred bytes of gzip.
+    inflated = b'{"inputs": ["hello world"]' + b" " * 150_000 + b"}"
+    packed = gzip.compress(inflated)
+    assert len(packed) < 1000
+    gz = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    async with aiohttp.ClientSession() as session:
+        status, _, body = await post(session, url + "/predict", data=packed, headers=gz)
+        assert status == 200 and len(body) == 1  # room for 2 x 150 kB: served
+
+        uploader = socket.create_connection(("127.0.0.1", small_budget_server.port))
+        try:
+            uploader.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                             b"application/json\r\nContent-Length: 200000\r\n\r\n{")
+            async def uploading() -> bool:
+                return (await info_async(session, url))["held_bytes"] == 400_000
+            await wait_for_async(uploading, 10, "the announced body to be held")
+            # 400 kB held: 2 x 150 kB more would pass 600 kB, though 2 x 1 kB would not.
+            status, headers, body = await post(session, url + "/predict", data=packed,
+                                               headers=gz)
+            assert status == 503, body
+            assert body["error"]["code"] == "overloaded" and headers["Retry-After"] == "1"
+            assert "this body would take it past" in body["error"]["message"]
+        finally:
+            uploader.close()
+        await held_goes_back_to_zero(session, url)
 
 
 async def test_a_client_that_stops_reading_its_answer_is_dropped_and_its_answers_let_go(

@@ -23,6 +23,23 @@ def test_bodies_count_twice_and_only_what_was_read_stays_counted():
     assert memory.held == claim.held == 0
 
 
+def test_a_compressed_body_counts_at_its_inflated_size_once_read():
+    memory = HeldMemory(1000)
+    other, claim = memory.claim(), memory.claim()
+    claim.hold_body(10)  # Content-Length of 10 bytes of gzip
+    claim.body_read(10, 300)  # inflated to 300
+    assert claim.held == memory.held == BODY_HOLDS * 300
+    other.hold_body(100)
+    crowded = memory.claim()
+    crowded.hold_body(10)
+    with pytest.raises(Overloaded, match="this body would take it past"):
+        crowded.body_read(10, 200)  # 600 + 200 + 400 > 1000
+    assert crowded.held == BODY_HOLDS * 10, "what it could not hold is not counted"
+    for c in (claim, other, crowded):
+        c.release()
+    assert memory.held == 0
+
+
 def test_answers_alone_too_large_are_422_and_crowded_out_503():
     memory = HeldMemory(1000)
     other, claim = memory.claim(), memory.claim()
