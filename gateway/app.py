@@ -21,7 +21,7 @@ import traceback
 from typing import Any, Awaitable, TypeVar
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.abc import AbstractAccessLogger
 
 from gateway import kserve
@@ -332,6 +332,7 @@ async def _read_body(request: web.Request) -> bytes:
     claim = _claim(request)
     reserved = limit if request.content_length is None else request.content_length
     claim.hold_body(reserved)
+    await _send_continue(request)
     if request.content.is_eof():  # all here already: nothing to wait for
         body = await request.read()
     else:
@@ -345,6 +346,24 @@ async def _read_body(request: web.Request) -> bytes:
                 "X-Timeout-Ms or --timeout-ms); send it faster, or allow more time") from None
     claim.body_read(reserved, len(body))
     return body
+
+
+async def expect_later(request: web.Request) -> None:
+    """Every route's ``expect_handler``: nothing at the head. aiohttp's default answers
+    ``Expect: 100-continue`` with 100 Continue before the handler runs, so a client that
+    asked (curl does, for bodies over 1 MiB) sent its body even when it was about to be
+    refused (413, 503) unread. :func:`_read_body` sends the 100 once the body is to be read;
+    a request refused first, or one that reads no body, gets its final answer instead, and
+    its client never sends the body. (An expectation other than 100-continue is ignored,
+    as RFC 9110 allows, instead of aiohttp's plain-text 417.)"""
+    return None
+
+
+async def _send_continue(request: web.Request) -> None:
+    if (request.version == HttpVersion11 and not request.content.is_eof()
+            and request.headers.get("Expect", "").lower() == "100-continue"):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the response's own size starts after it
 
 
 def _claim(request: web.Request) -> Claim:
@@ -771,13 +790,13 @@ def create_app(config: GatewayConfig, broker: Broker) -> web.Application:
     app[CONNECTIONS] = ConnectionGuard(config.max_connections, config.idle_timeout_s)
     broker.metrics.watch_connections(app[CONNECTIONS])
     app.on_response_prepare.append(_server_header)
-    app.router.add_post("/", handle_root)
-    app.router.add_post("/predict", handle_predict)
+    app.router.add_post("/", handle_root, expect_handler=expect_later)
+    app.router.add_post("/predict", handle_predict, expect_handler=expect_later)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/ready", handle_ready)
     app.router.add_get("/info", handle_info)
     app.router.add_get("/metrics", handle_metrics)
-    app.router.add_post("/v1/embeddings", handle_embeddings)
+    app.router.add_post("/v1/embeddings", handle_embeddings, expect_handler=expect_later)
     app.router.add_get("/v1/models", handle_models)
     # [\s\S]+: a model's full name may be a path or an org/name hub id.
     app.router.add_get("/v1/models/{name:[\\s\\S]+}", handle_model)

@@ -500,8 +500,10 @@ def register(app: web.Application, *, model_name: str | None = None) -> None:
     ]
     for method, path, handler in routes:
         # Every method: a wrong one is answered 405 in the v2 shape by _v2_route.
-        app.router.add_route("*", path, _v2_route(method, handler))
-    app.router.add_route("*", "/v2/{tail:[\\s\\S]*}", _v2_route("*", unknown_route))
+        app.router.add_route("*", path, _v2_route(method, handler),
+                             expect_handler=bw.expect_later)
+    app.router.add_route("*", "/v2/{tail:[\\s\\S]*}", _v2_route("*", unknown_route),
+                         expect_handler=bw.expect_later)
 
 
 __all__ = ["MODEL_NAME", "register"]

@@ -1,7 +1,7 @@
 """What clients may hold of the gateway's connections (gateway/connections.py), on the real
 app listening on 127.0.0.1 the way `batchwire serve` listens, with raw sockets as clients:
 no more than --max-connections open, none idle past --idle-timeout-s, no body arriving past
-its request's deadline."""
+its request's deadline, and no body sent at all (Expect: 100-continue) that would be refused."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from gateway.app import CONNECTIONS, create_app
+from gateway.app import BROKER, CONNECTIONS, create_app
 from gateway.broker import Broker
 from gateway.config import GatewayConfig
 from tests.e2e.conftest import wait_for_async
@@ -28,9 +28,11 @@ async def gateway():
     started: list = []
     clients: list[socket.socket] = []
 
-    async def start(idle_timeout_s: float = IDLE_TIMEOUT_S):
-        config = GatewayConfig(max_connections=MAX_CONNECTIONS, idle_timeout_s=idle_timeout_s)
-        app = create_app(config, Broker("inproc://connections-test", max_queue=4))
+    async def start(idle_timeout_s: float = IDLE_TIMEOUT_S, **settings):
+        config = GatewayConfig(max_connections=MAX_CONNECTIONS, idle_timeout_s=idle_timeout_s,
+                               **settings)
+        app = create_app(config, Broker("inproc://connections-test", max_queue=4,
+                                        max_held_bytes=config.max_held_bytes))
         runner = web.AppRunner(app, handler_cancellation=True)
         await runner.setup()
         guard = app[CONNECTIONS]  # the app's own, which server.py listens with
@@ -44,6 +46,7 @@ async def gateway():
             clients.append(sock)
             await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
             return sock
+        start.app = app
         return guard, connect
 
     yield start
@@ -144,3 +147,59 @@ async def test_a_body_that_does_not_arrive_within_the_deadline_is_504(gateway):
     assert error["code"] == "deadline_exceeded"
     assert "body did not arrive" in error["message"] and "0.3 s" in error["message"]
     assert guard.open == 0  # the rest of the body was never coming: closed
+
+
+async def read_head(sock: socket.socket) -> bytes:
+    """What the gateway sends, up to at least the end of its first status line and headers
+    (a 100 Continue is one on its own)."""
+    loop = asyncio.get_running_loop()
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 5)
+        assert chunk, f"closed: {received!r}"
+        received += chunk
+    return received
+
+
+def expecting(length: int) -> bytes:
+    return (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\nContent-Length: " + str(length).encode() + b"\r\n\r\n")
+
+
+async def test_expect_100_continue_is_answered_only_once_the_body_is_wanted(gateway):
+    """aiohttp's default sent 100 Continue before the handler ran: the client then sent a
+    body the gateway was about to refuse unread. Now a refusal comes instead of the 100."""
+    guard, connect = await gateway(idle_timeout_s=60, max_body_bytes=1000,
+                                   max_held_bytes=4000)
+    loop = asyncio.get_running_loop()
+    # Over --max-body-bytes: 413 at once, and no 100 before it.
+    sock = await connect()
+    await loop.sock_sendall(sock, expecting(5000))
+    assert (await read_head(sock)).startswith(b"HTTP/1.1 413")
+
+    # The budget full (another request's body holds 4000 of 4000): 503 at once.
+    held = gateway.app[BROKER].memory.claim()
+    held.hold_body(2000)
+    sock = await connect()
+    await loop.sock_sendall(sock, expecting(100))
+    head = await read_head(sock)
+    assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in head
+    held.release()
+
+    # Room for it: 100 Continue, then the body is read and the request goes on (to the 503
+    # of a gateway no worker has joined).
+    sock = await connect()
+    await loop.sock_sendall(sock, expecting(len(b'{"inputs": "a [MASK]"}')))
+    assert await read_head(sock) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    await loop.sock_sendall(sock, b'{"inputs": "a [MASK]"}')
+    answer = await read_head(sock)
+    while b"no_workers" not in answer:
+        answer += await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
+    assert answer.startswith(b"HTTP/1.1 503")
+
+    # An expectation it does not know is ignored (RFC 9110 allows it), not a plain-text 417.
+    sock = await connect()
+    await loop.sock_sendall(sock, b"POST /predict HTTP/1.1\r\nHost: x\r\nExpect: teapot\r\n"
+                                  b"Content-Type: application/json\r\nContent-Length: 22\r\n"
+                                  b"\r\n" + b'{"inputs": "a [MASK]"}')
+    assert (await read_head(sock)).startswith(b"HTTP/1.1 503")
