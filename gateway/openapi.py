@@ -292,6 +292,9 @@ def _components(config: GatewayConfig) -> dict:
                 "in_flight": {"type": "integer", "minimum": 0},
                 "requeued": {"type": "integer", "minimum": 0},
                 "held_bytes": {"type": "integer", "minimum": 0},
+                "connections": {"type": "integer", "minimum": 0,
+                                "description": "Client connections open now "
+                                               "(at most --max-connections)."},
                 "zmq_endpoint": {"type": "string"},
                 "draining": {"type": "boolean"},
                 "workers": {"type": "array", "items": {
@@ -364,7 +367,8 @@ def _components(config: GatewayConfig) -> dict:
                              "no_workers (no worker ready yet) or "
                              "draining (shutting down).", "Retry-After"),
         "DeadlineExceeded": error("deadline_exceeded: the request's deadline (X-Timeout-Ms or "
-                                  "--timeout-ms) passed."),
+                                  "--timeout-ms) passed, or its body did not arrive within "
+                                  "it."),
         "NotFound": error("not_found: no such route, or no such model."),
     }
 
@@ -558,7 +562,8 @@ def _v2_components(config: GatewayConfig) -> tuple[dict, dict]:
         "V2Unavailable": _v2_error("No worker ready (no model known yet), queue full, "
                                    "bodies and answers held near --max-held-bytes, or "
                                    "draining.", "Retry-After"),
-        "V2DeadlineExceeded": _v2_error("The request's deadline passed."),
+        "V2DeadlineExceeded": _v2_error("The request's deadline passed, or its body did not "
+                                        "arrive within it."),
     }
     return schemas, responses
 
