@@ -362,8 +362,9 @@ def _components(config: GatewayConfig) -> dict:
                                "together pass --max-held-bytes: send fewer inputs)."),
         "ServerError": error("model_error (the pipeline raised on a valid request), "
                              "worker_crashed (the worker died holding it) or internal_error."),
-        "Unavailable": error("overloaded (queue full, or bodies and answers held near "
-                             "--max-held-bytes), "
+        "Unavailable": error("overloaded (queue full, bodies and answers held near "
+                             "--max-held-bytes, or --max-connections open: a new "
+                             "connection's only answer), "
                              "no_workers (no worker ready yet) or "
                              "draining (shutting down).", "Retry-After"),
         "DeadlineExceeded": error("deadline_exceeded: the request's deadline (X-Timeout-Ms or "
