@@ -281,6 +281,8 @@ def test_gateway_process_never_loads_torch(fill_mask_server):
 def test_gateway_and_worker_run_on_uvloop_by_default(fill_mask_server):
     info = fill_mask_server.info()
     assert info["event_loop"] == "uvloop"
+    # Its connections go through the guard (gateway/connections.py): this one is counted.
+    assert info["connections"] >= 1
     worker_maps = Path(f"/proc/{info['workers'][0]['pid']}/maps").read_text()
     assert "uvloop" in worker_maps
 
@@ -288,10 +290,13 @@ def test_gateway_and_worker_run_on_uvloop_by_default(fill_mask_server):
 async def test_two_workers_share_the_load_and_env_vars_configure(start_server, tiny_model_dir):
     server = start_server(["--model", str(tiny_model_dir), "--workers", "2"],
                           env={"BATCHWIRE_MAX_BATCH_SIZE": "3", "BATCHWIRE_MAX_DELAY_MS": "5",
-                               "BATCHWIRE_EVENT_LOOP": "asyncio"})
+                               "BATCHWIRE_EVENT_LOOP": "asyncio",
+                               "BATCHWIRE_MAX_CONNECTIONS": "64"})
     wait_for(lambda: len(server.info()["workers"]) == 2, 60, "both workers")
     info = server.info()
     assert {w["max_batch_size"] for w in info["workers"]} == {3}
+    # The guard on asyncio's own loop as on uvloop.
+    assert info["config"]["max_connections"] == 64 and info["connections"] >= 1
     # Four batches: what the gateway lets a worker hold is the look-ahead of length buckets.
     assert {w["capacity"] for w in info["workers"]} == {12}
     async with aiohttp.ClientSession() as session:
