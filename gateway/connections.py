@@ -5,7 +5,8 @@ Measured with aiohttp 3.14: a connection that sends nothing, and one that sends 
 request head, were both still open after 100 s. Each costs a file descriptor and memory
 (measured on the gateway: 4,000 idle connections 22 MB, 4,000 with half-sent bodies 57 MB).
 Enough of them exhaust the descriptors, and the gateway stops taking connections, or its
-memory, and it is killed with every request on it. So the listening socket's protocol factory is a :class:`ConnectionGuard`:
+memory, and it is killed with every request on it. So the listening socket's protocol
+factory is a :class:`ConnectionGuard`:
 
 - past ``--max-connections`` a new connection gets a 503 ``overloaded`` and is closed, without
   its request being read or aiohttp being involved;
