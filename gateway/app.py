@@ -28,7 +28,7 @@ from gateway import kserve
 from gateway.held_memory import Claim
 from gateway.broker import Broker, PendingRequest
 from gateway.config import GatewayConfig
-from gateway.connections import ConnectionGuard
+from gateway.connections import ConnectionGuard, ConnectionState
 from gateway.encoding import dump_json, json_pieces, msgpack_pieces
 from gateway.metrics import GatewayMetrics
 from protocol import codec, eventloop
@@ -188,9 +188,11 @@ class HeldAnswer(web.Response):
     a client that never reads would keep such an answer in the gateway for as long as it
     kept the connection, after its claim in the held-memory budget was given back. So this
     answer keeps the claim until it is written, and a client that has not taken it within
-    the request's own deadline is dropped, as a streamed answer's is."""
+    the request's own deadline is dropped, as a streamed answer's is. Until then its
+    connection counts as handling a request, so the guard does not close it as idle."""
 
     _claim: Claim | None = None
+    _connection: ConnectionState | None = None
 
     def __init__(self, request: web.Request, claim: Claim, body: bytes, headers: dict,
                  content_type: str):
@@ -199,6 +201,11 @@ class HeldAnswer(web.Response):
         self._stall_s = _timeout_s(request)
         self._request_id = request[REQUEST_ID]
         self._transport = request.transport
+        guard = request.app.get(CONNECTIONS)
+        if guard is not None:
+            self._connection = guard.state_of(request.transport)
+            if self._connection is not None:
+                self._connection.handling += 1
 
     async def write_eof(self, data: bytes = b"") -> None:
         timer = asyncio.get_running_loop().call_later(
@@ -211,8 +218,11 @@ class HeldAnswer(web.Response):
 
     def _let_go(self) -> None:
         claim, self._claim = self._claim, None
-        if claim is not None:
-            claim.release()
+        if claim is None:
+            return
+        claim.release()
+        if self._connection is not None:
+            self._connection.handling -= 1
 
     def __del__(self) -> None:
         # Never written (the connection went before aiohttp wrote it): give it back anyway.

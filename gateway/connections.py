@@ -11,8 +11,8 @@ factory is a :class:`ConnectionGuard`:
 - past ``--max-connections`` a new connection gets a 503 ``overloaded`` and is closed, without
   its request being read or aiohttp being involved;
 - a connection that, for a whole ``--idle-timeout-s``, starts no request while none of its
-  requests is being handled is closed: an idle keep-alive connection, or one sending a head
-  too slowly. (A body that is slow to arrive is bounded by its request's own deadline, in
+  requests is being handled (an answer still being written counts) is closed: an idle
+  keep-alive connection, or one sending a head too slowly. (A body that is slow to arrive is bounded by its request's own deadline, in
   :func:`gateway.app._read_body`.) So it is closed between one and two timeouts after its
   last request.
 """

@@ -222,15 +222,17 @@ async def test_an_answer_written_whole_keeps_its_claim_until_the_client_takes_it
     less, so the gateway's socket is given a small send buffer here. The answer must stay
     counted in the budget while it waits for the client, and a client that never takes it
     is dropped at the request's deadline. (Before, the claim was given back when the handler
-    returned, and the answer waited uncounted for as long as the client kept the line.)"""
+    returned, and the answer waited uncounted for as long as the client kept the line.)
+    The connection guard, closing idle connections after 0.4 s, leaves it alone meanwhile:
+    the connection is still answering a request."""
     from types import SimpleNamespace
 
     from aiohttp import web
-    from aiohttp.test_utils import TestServer
 
-    from gateway.app import BROKER, CONFIG, WRITTEN_AT_ONCE_BYTES, _claim, answer_response, \
-        error_middleware
+    from gateway.app import BROKER, CONFIG, CONNECTIONS, WRITTEN_AT_ONCE_BYTES, _claim, \
+        answer_response, error_middleware
     from gateway.config import GatewayConfig
+    from gateway.connections import ConnectionGuard
     from gateway.held_memory import HeldMemory
 
     memory = HeldMemory(1 << 30)
@@ -248,13 +250,18 @@ async def test_an_answer_written_whole_keeps_its_claim_until_the_client_takes_it
     app = web.Application(middlewares=[error_middleware])
     app[BROKER] = SimpleNamespace(memory=memory)
     app[CONFIG] = GatewayConfig()
+    app[CONNECTIONS] = guard = ConnectionGuard(16, idle_timeout_s=0.4)
     app.router.add_post("/", handler)
-    async with TestServer(app, host="127.0.0.1") as server:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    listener = await guard.listen(runner, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
         def request(request_id: str, rcvbuf: int | None) -> socket.socket:
             sock = socket.socket()
             if rcvbuf:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            sock.connect(("127.0.0.1", server.port))
+            sock.connect(("127.0.0.1", port))
             sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nX-Timeout-Ms: 1500\r\n"
                          b"X-Request-Id: " + request_id.encode() + b"\r\n"
                          b"Content-Length: 0\r\n\r\n")
@@ -294,6 +301,9 @@ async def test_an_answer_written_whole_keeps_its_claim_until_the_client_takes_it
             assert received.startswith(b"HTTP/1.1 200") and len(received) < 600_000
         finally:
             stalled.close()
+    finally:
+        listener.close()
+        await runner.cleanup()
 
 
 def test_an_answer_never_written_gives_its_claim_back_when_dropped():
