@@ -23,6 +23,11 @@ import asyncio
 import logging
 from typing import Callable
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None  # type: ignore[assignment]
+
 import orjson
 from aiohttp import web
 
@@ -33,6 +38,37 @@ REFUSED_LINGER_S = 1.0
 #: Connections the kernel may queue before the gateway accepts them (aiohttp's site: 128, too
 #: few for a burst of clients connecting at once).
 LISTEN_BACKLOG = 1024
+
+
+#: Descriptors the gateway needs besides its clients' connections: the worker link, local
+#: workers' pipes, logs, the listening socket, a margin.
+OTHER_DESCRIPTORS = 256
+
+
+def make_room_for(max_connections: int) -> tuple[int, str] | None:
+    """Raise this process's open-files limit (the soft one, up to the hard one) so that
+    ``max_connections`` fit; what to log about it (level, message), if anything. Many hosts start processes
+    at 1,024 descriptors: the guard would then never see its limit, and past the descriptors
+    new connections are reset in the kernel's backlog with nothing in any log."""
+    if resource is None:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + OTHER_DESCRIPTORS
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        except (ValueError, OSError):
+            raised = soft
+        if raised < wanted:
+            return logging.WARNING, (f"the open-files limit is {raised} (hard limit {hard}), under the "
+                    f"{wanted} that --max-connections {max_connections} needs: past "
+                    f"{raised - OTHER_DESCRIPTORS} clients, connections are reset unanswered; "
+                    "raise the hard limit (ulimit -Hn, or the container's nofile) or lower "
+                    "--max-connections")
+        return logging.INFO, (f"raised the open-files limit from {soft} to {raised} for "
+                              "--max-connections")
+    return None
 
 
 def refusal(limit: int) -> bytes:

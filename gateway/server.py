@@ -14,6 +14,7 @@ from aiohttp import web
 from gateway.app import CONNECTIONS, SUPERVISOR, AccessLogger, create_app
 from gateway.broker import Broker
 from gateway.config import GatewayConfig, ServeConfig
+from gateway.connections import make_room_for
 from gateway.supervisor import Supervisor
 from protocol import curve, eventloop
 from protocol.heap import freeze_startup_objects
@@ -78,6 +79,9 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
     runner = web.AppRunner(app, handler_cancellation=True, access_log_class=AccessLogger,
                            access_log=logging.getLogger("batchwire.access"))
     await runner.setup()
+    room = make_room_for(config.max_connections)
+    if room is not None:
+        log.log(*room)
     listener: asyncio.AbstractServer | None = None
     try:
         listener = await app[CONNECTIONS].listen(runner, config.host, config.port)

@@ -6,7 +6,11 @@ its request's deadline, and no body sent at all (Expect: 100-continue) that woul
 from __future__ import annotations
 
 import asyncio
+import resource
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import orjson
 import pytest
@@ -15,7 +19,8 @@ from aiohttp import web
 from gateway.app import BROKER, CONNECTIONS, create_app
 from gateway.broker import Broker
 from gateway.config import GatewayConfig
-from tests.e2e.conftest import wait_for_async
+from gateway.connections import OTHER_DESCRIPTORS
+from tests.e2e.conftest import free_port, http_get, wait_for, wait_for_async
 
 IDLE_TIMEOUT_S = 0.4
 MAX_CONNECTIONS = 3
@@ -203,3 +208,37 @@ async def test_expect_100_continue_is_answered_only_once_the_body_is_wanted(gate
                                   b"Content-Type: application/json\r\nContent-Length: 22\r\n"
                                   b"\r\n" + b'{"inputs": "a [MASK]"}')
     assert (await read_head(sock)).startswith(b"HTTP/1.1 503")
+
+
+@pytest.mark.parametrize("room", ["under the hard limit", "past the hard limit"])
+def test_the_gateway_raises_its_open_files_limit_to_fit_its_connections(tmp_path, room):
+    """Many hosts start processes at 1,024 descriptors: past them, connections would be
+    reset in the kernel's backlog, never reaching the guard, with nothing in any log."""
+    _, runner_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 500 + OTHER_DESCRIPTORS
+    hard = wanted + 100 if room == "under the hard limit" else 300
+    assert runner_hard == resource.RLIM_INFINITY or runner_hard >= hard
+    port, zmq_port = free_port(), free_port()
+    log = tmp_path / "gateway.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "gateway", "--port", str(port), "--zmq-bind",
+             f"tcp://127.0.0.1:{zmq_port}", "--max-connections", "500"],
+            stdout=out, stderr=subprocess.STDOUT,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard)))
+    try:
+        wait_for(lambda: "listening on" in log.read_text(), 30, "the gateway to listen")
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        soft = int(next(line for line in limits.splitlines()
+                        if line.startswith("Max open files")).split()[3])
+        if room == "under the hard limit":
+            assert f"raised the open-files limit from 300 to {wanted}" in log.read_text()
+            assert soft == wanted
+        else:
+            assert ("the open-files limit is 300 (hard limit 300), under the "
+                    f"{wanted} that --max-connections 500 needs") in log.read_text()
+            assert soft == 300
+        assert http_get(f"http://127.0.0.1:{port}/health")[0] == 200
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
