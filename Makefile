@@ -28,10 +28,11 @@ serve: install
 
 # Two processes, a test file each at a time (module-scoped servers stay in one process): the
 # suite is mostly waiting on servers it starts, so on two cores it takes about 5 minutes
-# instead of 7.5. TEST_PROCESSES=0 runs it in this process alone.
+# instead of 7.5. TEST_PROCESSES=0 runs it in this process alone. (no:benchmark: a system-wide
+# pytest-benchmark, visible to the venv, would only warn that it is off under xdist.)
 TEST_PROCESSES ?= 2
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_PROCESSES) --dist loadfile
+	$(PY) -m pytest -q -p no:cacheprovider -p no:benchmark -n $(TEST_PROCESSES) --dist loadfile
 
 bench: install
 	$(PY) -m benchmarks.run
