@@ -103,31 +103,24 @@ def wants_msgpack(request: web.Request) -> bool:
     return MSGPACK_TYPE in request.headers.get("Accept", "")
 
 
-def _encode_whole(request: web.Request, payload: Any, json_only: bool) -> tuple[bytes, str]:
-    """JSON, or msgpack when the client's Accept asks for it (arrays then stay raw bytes)."""
-    if wants_msgpack(request) and not json_only:
-        return codec.encode_client(payload), MSGPACK_TYPE
-    return dump_json(payload), JSON_TYPE
-
-
 async def answer_response(request: web.Request, payload: Any, headers: dict,
                           stream: tuple = (), json_only: bool = False) -> web.StreamResponse:
     """The answer, JSON or msgpack as the client's Accept asks. Answers holding more than
     :data:`STREAM_ABOVE_BYTES` are written a piece at a time (chunked), letting the event
     loop run between pieces and each item go once written. ``stream``: the keys down to the
     answer's list of items (see :func:`gateway.encoding.json_pieces`), which it empties.
-    ``json_only``: JSON whatever the client's Accept says (KServe v2)."""
+    ``json_only``: JSON whatever the client's Accept says (KServe v2); msgpack keeps arrays
+    as raw bytes."""
     claim = request.get(CLAIM)
+    as_msgpack = not json_only and wants_msgpack(request)
+    content_type = MSGPACK_TYPE if as_msgpack else JSON_TYPE
     if claim is None or claim.answers < STREAM_ABOVE_BYTES:
-        body, content_type = _encode_whole(request, payload, json_only)
+        body = codec.encode_client(payload) if as_msgpack else dump_json(payload)
         if claim is None or len(body) <= WRITTEN_AT_ONCE_BYTES:
             return web.Response(body=body, headers=headers, content_type=content_type)
         del request[CLAIM]  # the response gives it back once written
         return HeldAnswer(request, claim, body, headers, content_type)
-    if wants_msgpack(request) and not json_only:
-        pieces, content_type = msgpack_pieces(payload, stream), MSGPACK_TYPE
-    else:
-        pieces, content_type = json_pieces(payload, stream), JSON_TYPE
+    pieces = msgpack_pieces(payload, stream) if as_msgpack else json_pieces(payload, stream)
     response = web.StreamResponse(headers=headers)
     response.content_type = content_type
     await response.prepare(request)
@@ -201,11 +194,9 @@ class HeldAnswer(web.Response):
         self._stall_s = _timeout_s(request)
         self._request_id = request[REQUEST_ID]
         self._transport = request.transport
-        guard = request.app.get(CONNECTIONS)
-        if guard is not None:
-            self._connection = guard.state_of(request.transport)
-            if self._connection is not None:
-                self._connection.handling += 1
+        self._connection = _connection(request)
+        if self._connection is not None:
+            self._connection.handling += 1
 
     async def write_eof(self, data: bytes = b"") -> None:
         timer = asyncio.get_running_loop().call_later(
@@ -252,6 +243,13 @@ def _request_id(request: web.Request) -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
+def _connection(request: web.Request) -> ConnectionState | None:
+    """What the connection guard knows of this request's connection; None for one no guard
+    opened (an app served without ConnectionGuard.listen)."""
+    guard = request.app.get(CONNECTIONS)
+    return guard.state_of(request.transport) if guard is not None else None
+
+
 def _check_api_key(request: web.Request) -> None:
     key = request.app[CONFIG].api_key
     if not key or request.path in OPEN_ROUTES:
@@ -278,9 +276,7 @@ async def metrics_middleware(request: web.Request, handler) -> web.StreamRespons
 @web.middleware
 async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     request[REQUEST_ID] = _request_id(request)
-    # Not idle while a request is handled (None: a connection no guard opened).
-    guard = request.app.get(CONNECTIONS)
-    connection = guard.state_of(request.transport) if guard is not None else None
+    connection = _connection(request)  # not idle while a request is handled
     if connection is not None:
         connection.started = True
         connection.handling += 1
