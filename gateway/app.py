@@ -23,12 +23,14 @@ from typing import Any, Awaitable, TypeVar
 import orjson
 from aiohttp import HttpVersion11, web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import kserve
 from gateway.held_memory import Claim
 from gateway.broker import Broker, PendingRequest
 from gateway.config import GatewayConfig
 from gateway.connections import ConnectionGuard, ConnectionState
+from gateway.malformed_http import body_error
 from gateway.encoding import dump_json, json_pieces, msgpack_pieces
 from gateway.metrics import GatewayMetrics
 from protocol import codec, eventloop
@@ -92,6 +94,9 @@ PIECE_WRITE_BYTES = 1 << 20
 #: Transports (asyncio's and uvloop's) buffer up to this much without making the writer
 #: wait for the client: an answer written whole that is larger is a :class:`HeldAnswer`.
 WRITTEN_AT_ONCE_BYTES = 1 << 16
+#: Content-Encodings aiohttp decodes (br and zstd where their libraries are installed; where
+#: not, aiohttp refuses the head, gateway/malformed_http.py). Any other is refused with 415.
+DECODED_CODINGS = frozenset({"identity", "gzip", "deflate", "br", "zstd"})
 
 
 def json_response(payload: Any, status: int = 200, headers: dict | None = None) -> web.Response:
@@ -231,6 +236,8 @@ def error_response(request: web.Request, error: BatchwireError, status: int | No
     if error.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     response = json_response({"error": body}, status=status or error.status, headers=headers)
+    if error.closes_connection:
+        response.force_close()
     response[ERROR_CODE] = error.metrics_code  # read by the metrics middleware
     return response
 
@@ -335,21 +342,32 @@ async def _read_body(request: web.Request) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"the body is {request.content_length} bytes; this server accepts "
                            f"at most {limit} (--max-body-bytes)")
+    coding = request.headers.get("Content-Encoding", "").strip().lower()
+    if coding and coding not in DECODED_CODINGS:
+        # aiohttp passes a body in a coding it does not know through as it came: the model
+        # would read compressed bytes as text.
+        raise UnsupportedMediaType(f"this server does not decode the body's Content-Encoding "
+                                   f"{coding!r}; send it uncompressed, or as gzip or deflate")
     claim = _claim(request)
     reserved = limit if request.content_length is None else request.content_length
     claim.hold_body(reserved)
     await _send_continue(request)
-    if request.content.is_eof():  # all here already: nothing to wait for
-        body = await request.read()
-    else:
-        timeout_s = _timeout_s(request)
-        try:
-            # aiohttp enforces client_max_size on chunked bodies
-            body = await _within(request.read(), timeout_s)
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded(
-                f"the body did not arrive within the request's deadline ({timeout_s:g} s, "
-                "X-Timeout-Ms or --timeout-ms); send it faster, or allow more time") from None
+    try:
+        if request.content.is_eof():  # all here already: nothing to wait for
+            body = await request.read()
+        else:
+            timeout_s = _timeout_s(request)
+            try:
+                # aiohttp enforces client_max_size on chunked bodies
+                body = await _within(request.read(), timeout_s)
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded(
+                    f"the body did not arrive within the request's deadline ({timeout_s:g} s, "
+                    "X-Timeout-Ms or --timeout-ms); send it faster, or allow more time") from None
+    except (web.RequestPayloadError, HttpProcessingError) as exc:
+        # A body that does not decode as its Content-Encoding says, or whose chunked framing
+        # broke (gateway/malformed_http.py fails it at once): the client's, not a 500.
+        raise body_error(exc) from None
     claim.body_read(reserved, len(body))
     return body
 

@@ -31,6 +31,8 @@ except ImportError:  # not on Windows
 import orjson
 from aiohttp import web
 
+from gateway.malformed_http import MalformedLog, json_errors
+
 log = logging.getLogger("batchwire.gateway.connections")
 
 #: How long a refused connection may take to close its side after its 503 was sent.
@@ -107,6 +109,9 @@ class ConnectionGuard:
         self.refused = 0
         self.idle_closed = 0
         self.refusal = refusal(max_connections)
+        #: Requests that were not HTTP, answered with a JSON error and closed.
+        self.malformed = MalformedLog()
+        self._handler_class = json_errors(self)
 
     @property
     def open(self) -> int:
@@ -125,7 +130,11 @@ class ConnectionGuard:
             raise RuntimeError("ConnectionGuard used before its site started")
         if len(self.states) >= self.max_connections:
             return _Refused(self)
-        return _Guarded(self, self.inner())
+        handler = self.inner()
+        # aiohttp builds its handler itself: switched to a subclass that only overrides
+        # methods, whose errors are JSON (gateway/malformed_http.py).
+        handler.__class__ = self._handler_class
+        return _Guarded(self, handler)
 
     def state_of(self, transport: asyncio.BaseTransport | None) -> ConnectionState | None:
         return self.states.get(transport) if transport is not None else None

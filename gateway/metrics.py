@@ -151,8 +151,10 @@ class _LiveCollector:
             closed = CounterMetricFamily(
                 "batchwire_connections_closed",
                 "Client connections the gateway closed itself, by reason: refused past "
-                "--max-connections (with a 503), or idle past --idle-timeout-s",
+                "--max-connections (with a 503), idle past --idle-timeout-s, or after a "
+                "request that was not valid HTTP (with a 400 or 431)",
                 labels=["reason"])
             closed.add_metric(["refused"], guard.refused)
             closed.add_metric(["idle"], guard.idle_closed)
+            closed.add_metric(["malformed"], guard.malformed.count)
             yield closed

@@ -24,8 +24,10 @@ from protocol.errors import (
     BodyTooLarge,
     DeadlineExceeded,
     Draining,
+    HeadTooLarge,
     InputTooLong,
     InvalidParameters,
+    MalformedRequest,
     MethodNotAllowed,
     ModelError,
     NotFound,
@@ -39,10 +41,10 @@ from protocol.messages import MAX_PROMPT_NAME
 
 OPENAPI_VERSION = "3.0.3"
 #: Errors a client can see, in the order the docs list them (Cancelled only reaches logs).
-CLIENT_VISIBLE_ERRORS = (BadInput, Unauthorized, NotFound, MethodNotAllowed, BodyTooLarge,
-                         UnsupportedMediaType, InvalidParameters, InputTooLong, AnswerTooLarge,
-                         AnswersTooLarge, ModelError, WorkerCrashed, Overloaded, NoWorkers, Draining,
-                         DeadlineExceeded)
+CLIENT_VISIBLE_ERRORS = (BadInput, MalformedRequest, HeadTooLarge, Unauthorized, NotFound,
+                         MethodNotAllowed, BodyTooLarge, UnsupportedMediaType, InvalidParameters,
+                         InputTooLong, AnswerTooLarge, AnswersTooLarge, ModelError, WorkerCrashed,
+                         Overloaded, NoWorkers, Draining, DeadlineExceeded)
 _REF = "#/components/"
 
 
@@ -348,13 +350,17 @@ def _components(config: GatewayConfig) -> dict:
 
     responses = {
         "BadInput": error("bad_input: the body, an input or X-Timeout-Ms is invalid, or the "
-                          "pipeline rejects the input (e.g. too many tokens)."),
+                          "pipeline rejects the input (e.g. too many tokens). Or "
+                          "malformed_request: the body does not decompress as its "
+                          "Content-Encoding says, or its chunked framing broke (the "
+                          "connection is closed after it)."),
         "Unauthorized": error("unauthorized: the Authorization: Bearer key is missing or "
                               "wrong.", "WWW-Authenticate"),
         "BodyTooLarge": error(f"body_too_large: the body is over --max-body-bytes "
                               f"({config.max_body_bytes} bytes)."),
         "UnsupportedMediaType": error("unsupported_media_type: this route does not read that "
-                                      "Content-Type."),
+                                      "Content-Type, or the gateway does not decode that "
+                                      "Content-Encoding."),
         "Unprocessable": error("invalid_parameters (the pipeline refuses the parameters), "
                                "input_too_long (more tokens than the model takes) or "
                                "answer_too_large (the answer is more than a worker can send "

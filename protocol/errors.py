@@ -6,6 +6,8 @@ Who raises what::
     ├── ProtocolError                   protocol_error     --   a peer sent a malformed frame (never reaches a client)
     ├── ClientError                                       4xx  the request is wrong; the message says what to fix
     │   ├── BadInput                    bad_input          400  gateway (body) or worker (the pipeline rejects the input)
+    │   ├── MalformedRequest            malformed_request  400  gateway: not valid HTTP/1.1, or a body its Content-Encoding does not decode
+    │   │   └── HeadTooLarge            head_too_large     431  gateway: a request line or header past aiohttp's limits, or too many headers
     │   ├── Unauthorized                unauthorized       401  gateway: --api-key set, bearer token missing or wrong
     │   ├── NotFound                    not_found          404  gateway routing
     │   ├── MethodNotAllowed            method_not_allowed 405  gateway routing
@@ -28,7 +30,8 @@ Who raises what::
 Workers send only the code and message in an ERROR frame; the gateway rebuilds the
 exception with :func:`error_from_code`, so status codes live here and nowhere else.
 ``metrics_code`` tells apart, in the gateway's metrics only, refusals that clients see as
-one code.
+one code. ``closes_connection`` marks errors after which the connection cannot carry another
+request (its framing is lost): the answer says ``Connection: close``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class BatchwireError(Exception):
     status = 500
     #: Seconds a client should wait before retrying; only set on 503s.
     retry_after: int | None = None
+    closes_connection = False
 
     def __init__(self, message: str = ""):
         super().__init__(message or self.__class__.__doc__ or self.code)
@@ -64,6 +68,22 @@ class BadInput(ClientError):
 
     code = "bad_input"
     status = 400
+
+
+class MalformedRequest(ClientError):
+    """The request is not valid HTTP/1.1."""
+
+    code = "malformed_request"
+    status = 400
+    closes_connection = True
+
+
+class HeadTooLarge(MalformedRequest):
+    """The request line or headers are larger than the server reads."""
+
+    code = "head_too_large"
+    # Go's net/http answers a head past its limit, request line included, with 431 too.
+    status = 431
 
 
 class Unauthorized(ClientError):
@@ -198,7 +218,8 @@ class Cancelled(ServerError):
 _BY_CODE: dict[str, type[BatchwireError]] = {
     cls.code: cls
     for cls in (
-        ProtocolError, BadInput, Unauthorized, NotFound, MethodNotAllowed, BodyTooLarge,
+        ProtocolError, BadInput, MalformedRequest, HeadTooLarge, Unauthorized, NotFound,
+        MethodNotAllowed, BodyTooLarge,
         UnsupportedMediaType, InvalidParameters, InputTooLong, AnswerTooLarge, AnswersTooLarge,
         ModelError, WorkerCrashed,
         Overloaded, NoWorkers, Draining, DeadlineExceeded, Cancelled,

@@ -824,6 +824,8 @@ def test_encoding_an_array_of_unsupported_dtype_raises_type_error(array):
 DOCUMENTED_STATUS = {
     "protocol_error": (errors.ProtocolError, 500),
     "bad_input": (errors.BadInput, 400),
+    "malformed_request": (errors.MalformedRequest, 400),
+    "head_too_large": (errors.HeadTooLarge, 431),
     "unauthorized": (errors.Unauthorized, 401),
     "not_found": (errors.NotFound, 404),
     "method_not_allowed": (errors.MethodNotAllowed, 405),
