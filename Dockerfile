@@ -37,10 +37,12 @@ USER 10001:10001
 WORKDIR /home/batchwire
 EXPOSE 8000 5555
 # slim has no curl: python's urllib asks /health (open even when --api-key is set).
-# It asks $BATCHWIRE_PORT, the port the gateway listens on when no --port is given: set the
-# port that way (the CMD below passes none) and the probe follows it.
+# It asks $BATCHWIRE_PORT, the port the gateway listens on when no --port is given, over
+# HTTPS when $BATCHWIRE_TLS_CERT is set: set both that way (the CMD below passes no --port)
+# and the probe follows them. It does not verify the certificate, which names the public
+# host, not this loopback.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('BATCHWIRE_PORT', '8000'), timeout=2)"]
+    CMD ["python", "-c", "import os, ssl, urllib.request; tls = os.environ.get('BATCHWIRE_TLS_CERT', '').strip(); ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE; urllib.request.urlopen('%s://127.0.0.1:%s/health' % ('https' if tls else 'http', os.environ.get('BATCHWIRE_PORT', '8000')), timeout=2, context=ctx)"]
 ENTRYPOINT ["batchwire"]
 # 0.0.0.0: a container's loopback is its own; --zmq-bind tcp://0.0.0.0 lets workers in other
 # containers connect (publish 5555 only on a network you trust: there is no CURVE yet).

@@ -38,6 +38,9 @@ class GatewayConfig:
     log_format: str = "text"
     event_loop: str = "auto"
     api_key: str | None = None
+    #: HTTPS on --port with this PEM certificate chain and key (gateway/tls.py).
+    tls_cert: str | None = None
+    tls_key: str | None = None
     curve_secret_key: str | None = None
     curve_authorized_keys: str | None = None
     model_name: str | None = None
@@ -128,6 +131,11 @@ def _add_gateway_flags(flags: Flags, *, serve: bool) -> None:
               "model directory's own name")
     flags.add("--api-key", default=None,
               help="require 'Authorization: Bearer KEY' on every route but /health and /ready")
+    flags.add("--tls-cert", default=None,
+              help="serve HTTPS (only) on --port with this PEM certificate chain; needs "
+              "--tls-key. Both files are read again when they change")
+    flags.add("--tls-key", default=None,
+              help="the unencrypted PEM private key of --tls-cert")
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
@@ -188,6 +196,8 @@ def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
         log_format=args.log_format,
         event_loop=args.event_loop,
         api_key=args.api_key or None,
+        tls_cert=args.tls_cert or None,
+        tls_key=args.tls_key or None,
         curve_secret_key=args.curve_secret_key,
         curve_authorized_keys=args.curve_authorized_keys,
         model_name=args.model_name or None,
@@ -240,6 +250,8 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         parser.error(f"--max-held-bytes ({args.max_held_bytes}) must be at least "
                      f"{BODY_HOLDS} x --max-body-bytes ({BODY_HOLDS * args.max_body_bytes}): "
                      "a body is held with the inputs read from it")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together: give both (HTTPS) or neither (HTTP)")
     if args.command == "serve":
         return "serve", serve_config_from_args(args)
     return "gateway", gateway_config_from_args(args)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 try:
     import resource
@@ -32,6 +32,9 @@ import orjson
 from aiohttp import web
 
 from gateway.malformed_http import MalformedLog, json_errors
+
+if TYPE_CHECKING:
+    from ssl import SSLContext
 
 log = logging.getLogger("batchwire.gateway.connections")
 
@@ -117,13 +120,17 @@ class ConnectionGuard:
     def open(self) -> int:
         return len(self.states)
 
-    async def listen(self, runner: web.AppRunner, host: str, port: int) -> asyncio.AbstractServer:
+    async def listen(self, runner: web.AppRunner, host: str, port: int,
+                     ssl: "SSLContext | None" = None) -> asyncio.AbstractServer:
         """Listen on host:port, aiohttp's protocol behind this guard (in place of its
-        TCPSite). Close the returned server before ``runner.cleanup()``, which closes the
-        connections still open."""
+        TCPSite), over TLS with ``ssl``. Close the returned server before
+        ``runner.cleanup()``, which closes the connections still open."""
         self.inner = runner.server
-        return await asyncio.get_running_loop().create_server(self, host, port,
-                                                              backlog=LISTEN_BACKLOG)
+        # A connection is the guard's once its TLS handshake is done; until then the
+        # handshake timeout bounds it, as the idle timeout bounds one that sends nothing.
+        handshake = {"ssl_handshake_timeout": self.idle_timeout_s} if ssl is not None else {}
+        return await asyncio.get_running_loop().create_server(
+            self, host, port, backlog=LISTEN_BACKLOG, ssl=ssl, **handshake)
 
     def __call__(self) -> asyncio.Protocol:
         if self.inner is None:

@@ -16,6 +16,7 @@ from gateway.broker import Broker
 from gateway.config import GatewayConfig, ServeConfig
 from gateway.connections import make_room_for
 from gateway.supervisor import Supervisor
+from gateway.tls import ServerTls, TlsConfigError
 from protocol import curve, eventloop
 from protocol.heap import freeze_startup_objects
 
@@ -23,6 +24,13 @@ log = logging.getLogger("batchwire.gateway")
 
 
 async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -> int:
+    tls: ServerTls | None = None
+    if config.tls_cert and config.tls_key:
+        try:
+            tls = ServerTls(config.tls_cert, config.tls_key)
+        except TlsConfigError as exc:
+            log.critical("%s", exc)
+            return 2
     ipc_dir = None
     endpoint = config.zmq_bind
     if endpoint is None:
@@ -83,15 +91,19 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
     if room is not None:
         log.log(*room)
     listener: asyncio.AbstractServer | None = None
+    tls_watch: asyncio.Task | None = None
     try:
-        listener = await app[CONNECTIONS].listen(runner, config.host, config.port)
+        listener = await app[CONNECTIONS].listen(runner, config.host, config.port,
+                                                 ssl=tls.context if tls is not None else None)
     except OSError as exc:
         log.critical("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
         stop.set()
         exit_code = 2
     else:
-        log.info("listening on http://%s:%d (pid %d, %s loop)", config.host, config.port,
-                 os.getpid(), eventloop.loop_name())
+        log.info("listening on %s://%s:%d (pid %d, %s loop)", "https" if tls else "http",
+                 config.host, config.port, os.getpid(), eventloop.loop_name())
+        if tls is not None:
+            tls_watch = asyncio.create_task(tls.watch())
         freeze_startup_objects()
         if supervisor is not None:
             await supervisor.start()
@@ -130,6 +142,8 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
         # --drain-timeout-s) computes answers nobody waits for any more: the 503s are out, so
         # it gets one second before SIGKILL, not ten, and the drain timeout bounds the exit.
         await supervisor.stop(timeout_s=10.0 if drained else 1.0)
+    if tls_watch is not None:
+        tls_watch.cancel()
     if listener is not None:
         listener.close()  # no new connections; runner.cleanup() closes the open ones
     await runner.cleanup()

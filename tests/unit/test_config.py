@@ -39,6 +39,18 @@ def test_connection_limits_come_from_flag_or_env_and_must_be_positive():
             gateway_config.parse(["serve", *argv], environ={})
 
 
+def test_tls_takes_a_certificate_and_its_key_together(capsys):
+    _, cfg = gateway_config.parse(["gateway"], environ={})
+    assert (cfg.tls_cert, cfg.tls_key) == (None, None)
+    _, cfg = gateway_config.parse(["serve", "--tls-cert", "c.pem"],
+                                  environ={"BATCHWIRE_TLS_KEY": "k.pem"})
+    assert (cfg.gateway.tls_cert, cfg.gateway.tls_key) == ("c.pem", "k.pem")
+    for argv, env in ((["--tls-cert", "c.pem"], {}), ([], {"BATCHWIRE_TLS_KEY": "k.pem"})):
+        with pytest.raises(SystemExit):
+            gateway_config.parse(["gateway", *argv], environ=env)
+        assert "--tls-cert and --tls-key go together" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("port", ["0", "70000", "-1"])
 def test_a_port_outside_1_to_65535_is_refused(capsys, port):
     with pytest.raises(SystemExit):

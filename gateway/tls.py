@@ -1,0 +1,96 @@
+"""HTTPS on the gateway's own port (``--tls-cert``, ``--tls-key``), and certificates renewed
+without a restart.
+
+Without it, the bearer key of ``--api-key`` and every input cross the network in clear unless
+a proxy terminates TLS in front. With it, the gateway serves HTTPS only (TLS 1.2 or later,
+HTTP/1.1 by ALPN) on ``--port``. The files are read at start (an unreadable or mismatched
+pair stops the gateway with one line saying which), then watched: when either changes
+(cert-manager, certbot and Kubernetes Secrets all replace them in place), both are read again
+into the same context, so new connections get the new certificate and open ones keep theirs.
+A pair that fails to load then is logged, and the old one kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+
+log = logging.getLogger("batchwire.gateway.tls")
+
+#: How often the certificate files are checked for a change.
+RELOAD_CHECK_S = 30.0
+
+
+class TlsConfigError(Exception):
+    """The certificate or key cannot be used; the message says which and why."""
+
+
+class ServerTls:
+    """The SSL context the gateway listens with, and the files it was loaded from."""
+
+    def __init__(self, cert_file: str, key_file: str):
+        self.cert_file = cert_file
+        self.key_file = key_file
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols(["http/1.1"])
+        self.context = context
+        self.reloads = 0
+        self._seen = self._stamp()
+        self._load()
+
+    def _stamp(self) -> tuple:
+        """What changes when either file is replaced or rewritten."""
+        stamps = []
+        for path in (self.cert_file, self.key_file):
+            try:
+                info = os.stat(path)
+            except OSError:
+                stamps.append(None)
+            else:
+                stamps.append((info.st_ino, info.st_mtime_ns, info.st_size))
+        return tuple(stamps)
+
+    def _load(self) -> None:
+        for what, path in (("certificate", self.cert_file), ("key", self.key_file)):
+            if not os.access(path, os.R_OK):
+                raise TlsConfigError(f"cannot read the TLS {what} file {path!r} (--tls-"
+                                     f"{'cert' if what == 'certificate' else 'key'})")
+        try:
+            # Into a scratch context first: a pair that fails half-way into the live one
+            # (the certificate taken, then the key refused) would leave it serving neither.
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert_file, self.key_file)
+            self.context.load_cert_chain(self.cert_file, self.key_file)
+        except ssl.SSLError as exc:
+            why = ("the key does not belong to the certificate"
+                   if exc.reason == "KEY_VALUES_MISMATCH" else str(exc.reason or exc))
+            raise TlsConfigError(f"cannot use {self.cert_file!r} with {self.key_file!r}: {why} "
+                                 "(--tls-cert takes a PEM certificate chain, --tls-key its "
+                                 "unencrypted PEM private key)") from None
+
+    def reload_if_changed(self) -> bool:
+        """Read the files again if either changed since last read; whether a new pair is now
+        served. A pair that does not load is logged, and the one before kept."""
+        stamp = self._stamp()
+        if stamp == self._seen:
+            return False
+        self._seen = stamp
+        try:
+            self._load()
+        except TlsConfigError as exc:
+            # Often the moment between one file's replacement and the other's: the next
+            # check, after both, loads them.
+            log.error("the TLS files changed but do not load (%s); still serving the "
+                      "certificate loaded before", exc)
+            return False
+        self.reloads += 1
+        log.info("TLS certificate reloaded from %s", self.cert_file)
+        return True
+
+    async def watch(self, interval_s: float = RELOAD_CHECK_S) -> None:
+        """Check the files every ``interval_s`` until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            self.reload_if_changed()

@@ -1,0 +1,171 @@
+"""HTTPS on the gateway's port (gateway/tls.py): certificates made by trustme for 127.0.0.1,
+the real app listening as `batchwire serve` listens, real TLS clients; a renewed certificate
+served to new connections without a restart; `batchwire gateway` refusing files it cannot
+use; and the Docker healthcheck following BATCHWIRE_TLS_CERT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import ssl
+import subprocess
+import sys
+
+import aiohttp
+import pytest
+import trustme
+from aiohttp import web
+
+from gateway.app import CONNECTIONS, create_app
+from gateway.broker import Broker
+from gateway.config import GatewayConfig
+from gateway.tls import ServerTls, TlsConfigError
+from tests.e2e.conftest import free_port, start_gateway, wait_for
+from tests.e2e.test_connections import recv_until_closed
+from tests.e2e.test_deploy import dockerfile_stages, effective
+
+
+def issue(tmp_path, name: str) -> tuple[trustme.CA, str, str]:
+    """A new CA and a certificate for 127.0.0.1 from it: (ca, cert file, key file)."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_file, key_file = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+    cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(key_file))
+    return ca, str(cert_file), str(key_file)
+
+
+def client_context(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+@pytest.fixture
+async def https_gateway():
+    """start(tls) -> the port of the app listening with ServerTls ``tls``."""
+    started = []
+
+    async def start(tls: ServerTls, **settings) -> int:
+        config = GatewayConfig(**settings)
+        app = create_app(config, Broker("inproc://tls-test", max_queue=4,
+                                        max_held_bytes=config.max_held_bytes))
+        runner = web.AppRunner(app, handler_cancellation=True)
+        await runner.setup()
+        listener = await app[CONNECTIONS].listen(runner, "127.0.0.1", 0, ssl=tls.context)
+        started.append((listener, runner))
+        return listener.sockets[0].getsockname()[1]
+    yield start
+    for listener, runner in started:
+        listener.close()
+        await runner.cleanup()
+
+
+async def get_health(port: int, trust: trustme.CA) -> int:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"https://127.0.0.1:{port}/health",
+                               ssl=client_context(trust)) as response:
+            return response.status
+
+
+async def test_https_serves_every_route_and_plain_http_gets_no_answer(https_gateway, tmp_path):
+    ca, cert, key = issue(tmp_path, "server")
+    port = await https_gateway(ServerTls(cert, key))
+    assert await get_health(port, ca) == 200
+    async with aiohttp.ClientSession() as session:
+        # The app behind TLS is the whole app: a POST is read and answered (no worker here).
+        async with session.post(f"https://127.0.0.1:{port}/", data="a [MASK]",
+                                ssl=client_context(ca)) as response:
+            assert response.status == 503
+            assert (await response.json())["error"]["code"] == "no_workers"
+        with pytest.raises(aiohttp.ClientError):
+            async with session.get(f"http://127.0.0.1:{port}/health") as response:
+                await response.read()
+
+
+async def test_a_renewed_certificate_is_served_to_new_connections(https_gateway, tmp_path,
+                                                                  caplog):
+    old_ca, cert, key = issue(tmp_path, "server")
+    tls = ServerTls(cert, key)
+    port = await https_gateway(tls)
+    assert tls.reload_if_changed() is False  # nothing changed yet
+    # Renewed in place, from another CA, as cert-manager or certbot would.
+    new_ca, new_cert, new_key = issue(tmp_path, "renewed")
+    os.replace(new_cert, cert)
+    os.replace(new_key, key)
+    assert tls.reload_if_changed() is True and tls.reloads == 1
+    assert await get_health(port, new_ca) == 200
+    with pytest.raises(aiohttp.ClientConnectorCertificateError):
+        await get_health(port, old_ca)
+    # A pair that does not load (the key of a third certificate) is logged; the last good one
+    # is still served.
+    _, _, stray_key = issue(tmp_path, "stray")
+    os.replace(stray_key, key)
+    with caplog.at_level(logging.ERROR, logger="batchwire.gateway.tls"):
+        assert tls.reload_if_changed() is False
+    assert any("do not load" in r.getMessage() for r in caplog.records)
+    assert await get_health(port, new_ca) == 200
+
+
+async def test_a_connection_that_never_finishes_its_handshake_is_closed(https_gateway,
+                                                                       tmp_path):
+    _, cert, key = issue(tmp_path, "server")
+    port = await https_gateway(ServerTls(cert, key), idle_timeout_s=0.3)
+    sock = socket.socket()
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        # No ClientHello: the handshake timeout (--idle-timeout-s) closes it.
+        assert await recv_until_closed(sock, 10) == b""
+    finally:
+        sock.close()
+
+
+def test_files_that_cannot_be_used_say_which_and_why(tmp_path):
+    _, cert, key = issue(tmp_path, "server")
+    _, _, other_key = issue(tmp_path, "other")
+    with pytest.raises(TlsConfigError, match="cannot read the TLS key file .*--tls-key"):
+        ServerTls(cert, str(tmp_path / "missing.key"))
+    with pytest.raises(TlsConfigError, match="cannot use .*: the key does not belong to the certificate"):
+        ServerTls(cert, other_key)
+    (tmp_path / "garbage.pem").write_text("not a certificate\n")
+    with pytest.raises(TlsConfigError, match="cannot use"):
+        ServerTls(str(tmp_path / "garbage.pem"), key)
+
+
+def test_gateway_with_a_mismatched_pair_exits_2_with_one_line(tmp_path):
+    _, cert, _ = issue(tmp_path, "server")
+    _, _, other_key = issue(tmp_path, "other")
+    done = subprocess.run([sys.executable, "-m", "gateway", "gateway", "--port", str(free_port()),
+                           "--tls-cert", cert, "--tls-key", other_key],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "the key does not belong to the certificate" in lines[0], \
+        done.stderr
+
+
+def test_gateway_serves_https_and_the_docker_healthcheck_follows_it(procs, tmp_path):
+    ca, cert, key = issue(tmp_path, "server")
+    port = free_port()
+    gateway = start_gateway(procs, tmp_path, port, free_port(), "--tls-cert", cert,
+                            "--tls-key", key)
+    wait_for(lambda: f"listening on https://127.0.0.1:{port}" in gateway.log_text(), 30,
+             "the gateway to listen over HTTPS")
+    healthcheck = json.loads(effective(dockerfile_stages(), "gateway", "HEALTHCHECK")
+                             .split("CMD", 1)[1].strip())
+    assert healthcheck[:2] == ["python", "-c"]
+    env = {**os.environ, "BATCHWIRE_PORT": str(port)}
+    probe = [sys.executable, "-c", healthcheck[2]]
+    # With the image's environment naming the certificate, the probe asks over HTTPS...
+    assert subprocess.run(probe, env={**env, "BATCHWIRE_TLS_CERT": cert},
+                          capture_output=True, timeout=30).returncode == 0
+    # ... and without, plain HTTP, which this port does not answer.
+    assert subprocess.run(probe, env=env, capture_output=True, timeout=30).returncode != 0
+    # A client trusting the CA reads /health; the gateway's own log names no error.
+    assert asyncio.run(get_health(port, ca)) == 200
+    assert gateway.stop() == 0
+    assert " ERROR " not in gateway.log_text() and "Traceback" not in gateway.log_text()
