@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import itertools
 import logging
 import math
@@ -27,6 +26,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import kserve
 from gateway.held_memory import Claim
+from gateway.api_keys import ApiKeys
 from gateway.broker import Broker, PendingRequest
 from gateway.config import GatewayConfig
 from gateway.connections import ConnectionGuard, ConnectionState
@@ -55,6 +55,7 @@ T = TypeVar("T")
 
 BROKER = web.AppKey("broker", Broker)
 CONFIG = web.AppKey("config", GatewayConfig)
+API_KEYS = web.AppKey("api_keys", ApiKeys)
 STARTED = web.AppKey("started", float)
 #: The listening socket's protocol factory (gateway/connections.py); server.py listens with it.
 CONNECTIONS = web.AppKey("connections", ConnectionGuard)
@@ -258,12 +259,10 @@ def _connection(request: web.Request) -> ConnectionState | None:
 
 
 def _check_api_key(request: web.Request) -> None:
-    key = request.app[CONFIG].api_key
-    if not key or request.path in OPEN_ROUTES:
+    keys = request.app[API_KEYS]
+    if not keys.required or request.path in OPEN_ROUTES:
         return
-    given = request.headers.get("Authorization", "")
-    # Constant time: the comparison must not leak how much of a guess was right.
-    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+    if not keys.accepts(request.headers.get("Authorization", "")):
         raise Unauthorized("missing or wrong API key; send 'Authorization: Bearer <key>'")
 
 
@@ -759,6 +758,7 @@ async def handle_info(request: web.Request) -> web.Response:
         "requeued": broker.requeued,
         "held_bytes": broker.memory.held,
         "connections": request.app[CONNECTIONS].open,
+        "api_keys": request.app[API_KEYS].count,
         "zmq_endpoint": broker.endpoint,
         "draining": broker.draining,
         "workers": workers,
@@ -803,11 +803,16 @@ async def _server_header(request: web.Request, response: web.StreamResponse) -> 
     response.headers["Server"] = "batchwire"
 
 
-def create_app(config: GatewayConfig, broker: Broker) -> web.Application:
+def create_app(config: GatewayConfig, broker: Broker,
+               api_keys: ApiKeys | None = None) -> web.Application:
+    """The gateway's app; ``api_keys`` as read from the config's unless given (serve reads
+    them before it starts anything, so that a bad keys file stops it first)."""
     # client_max_size bounds chunked bodies too; Content-Length is checked before reading.
     app = web.Application(middlewares=[metrics_middleware, error_middleware],
                           client_max_size=config.max_body_bytes)
     app[CONFIG] = config
+    app[API_KEYS] = api_keys if api_keys is not None else ApiKeys(config.api_key,
+                                                                  config.api_keys_file)
     app[BROKER] = broker
     app[METRICS] = broker.metrics
     app[STARTED] = time.monotonic()

@@ -38,12 +38,19 @@ class GatewayConfig:
     log_format: str = "text"
     event_loop: str = "auto"
     api_key: str | None = None
+    #: More keys, one per line, read again when the file changes (gateway/api_keys.py).
+    api_keys_file: str | None = None
     #: HTTPS on --port with this PEM certificate chain and key (gateway/tls.py).
     tls_cert: str | None = None
     tls_key: str | None = None
     curve_secret_key: str | None = None
     curve_authorized_keys: str | None = None
     model_name: str | None = None
+
+    @property
+    def requires_key(self) -> bool:
+        """Whether routes but the probes need ``Authorization: Bearer KEY``."""
+        return bool(self.api_key or self.api_keys_file)
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,9 @@ def _add_gateway_flags(flags: Flags, *, serve: bool) -> None:
               "model directory's own name")
     flags.add("--api-key", default=None,
               help="require 'Authorization: Bearer KEY' on every route but /health and /ready")
+    flags.add("--api-keys-file", default=None,
+              help="a file of API keys, one per line (# comments), each accepted as --api-key's "
+              "is, besides it; read again when it changes, so keys rotate without a restart")
     flags.add("--tls-cert", default=None,
               help="serve HTTPS (only) on --port with this PEM certificate chain; needs "
               "--tls-key. Both files are read again when they change")
@@ -196,6 +206,7 @@ def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
         log_format=args.log_format,
         event_loop=args.event_loop,
         api_key=args.api_key or None,
+        api_keys_file=args.api_keys_file or None,
         tls_cert=args.tls_cert or None,
         tls_key=args.tls_key or None,
         curve_secret_key=args.curve_secret_key,

@@ -96,7 +96,7 @@ def open_paths() -> frozenset[str]:
 
 def _with_security(config: GatewayConfig, path: str, operation: dict, responses: dict) -> dict:
     """With --api-key, every route but the open ones needs the bearer token (401 without)."""
-    if config.api_key:
+    if config.requires_key:
         if path in open_paths():
             operation["security"] = []
         else:
@@ -297,6 +297,9 @@ def _components(config: GatewayConfig) -> dict:
                 "connections": {"type": "integer", "minimum": 0,
                                 "description": "Client connections open now "
                                                "(at most --max-connections)."},
+                "api_keys": {"type": "integer", "minimum": 0,
+                             "description": "API keys accepted now: --api-key's and those of "
+                                            "--api-keys-file as last read (0: none needed)."},
                 "zmq_endpoint": {"type": "string"},
                 "draining": {"type": "boolean"},
                 "workers": {"type": "array", "items": {
@@ -396,11 +399,12 @@ def _components(config: GatewayConfig) -> dict:
     }
     components: dict[str, Any] = {"schemas": schemas, "responses": responses,
                                   "parameters": parameters}
-    if config.api_key:
+    if config.requires_key:
         components["securitySchemes"] = {
             "bearerAuth": {"type": "http", "scheme": "bearer",
                            "description": "The key given to --api-key (BATCHWIRE_API_KEY), "
-                                          "compared in constant time."},
+                                          "or one of the lines of --api-keys-file; compared "
+                                          "in constant time."},
         }
     return components
 
@@ -418,7 +422,7 @@ def _inference_operation(config: GatewayConfig, *, operation_id: str, summary: s
         "503": _ref("responses", "Unavailable"),
         "504": _ref("responses", "DeadlineExceeded"),
     }
-    if config.api_key:
+    if config.requires_key:
         responses["401"] = _ref("responses", "Unauthorized")
     return {
         "operationId": operation_id,
@@ -817,7 +821,7 @@ def openapi_document(config: GatewayConfig) -> dict:
         "paths": {**paths, **_v2_paths(config)},
         "components": components,
     }
-    if config.api_key:
+    if config.requires_key:
         document["security"] = [{"bearerAuth": []}]
     return document
 

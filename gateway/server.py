@@ -11,6 +11,7 @@ import tempfile
 import zmq
 from aiohttp import web
 
+from gateway.api_keys import ApiKeys, ApiKeysError
 from gateway.app import CONNECTIONS, SUPERVISOR, AccessLogger, create_app
 from gateway.broker import Broker
 from gateway.config import GatewayConfig, ServeConfig
@@ -25,12 +26,14 @@ log = logging.getLogger("batchwire.gateway")
 
 async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -> int:
     tls: ServerTls | None = None
-    if config.tls_cert and config.tls_key:
-        try:
+    try:
+        # Read first: files that cannot be used stop the gateway before it starts anything.
+        if config.tls_cert and config.tls_key:
             tls = ServerTls(config.tls_cert, config.tls_key)
-        except TlsConfigError as exc:
-            log.critical("%s", exc)
-            return 2
+        api_keys = ApiKeys(config.api_key, config.api_keys_file)
+    except (TlsConfigError, ApiKeysError) as exc:
+        log.critical("%s", exc)
+        return 2
     ipc_dir = None
     endpoint = config.zmq_bind
     if endpoint is None:
@@ -80,7 +83,7 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
         broker.on_worker_dead = supervisor.kill
         broker.metrics.set_restarts(lambda: supervisor.restarts)
 
-    app = create_app(config, broker)
+    app = create_app(config, broker, api_keys)
     app[SUPERVISOR] = supervisor
     # handler_cancellation: a client that disconnects cancels its handler, which withdraws
     # the request from the broker and tells the worker to skip it.
@@ -91,7 +94,7 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
     if room is not None:
         log.log(*room)
     listener: asyncio.AbstractServer | None = None
-    tls_watch: asyncio.Task | None = None
+    watches: list[asyncio.Task] = []
     try:
         listener = await app[CONNECTIONS].listen(runner, config.host, config.port,
                                                  ssl=tls.context if tls is not None else None)
@@ -103,7 +106,9 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
         log.info("listening on %s://%s:%d (pid %d, %s loop)", "https" if tls else "http",
                  config.host, config.port, os.getpid(), eventloop.loop_name())
         if tls is not None:
-            tls_watch = asyncio.create_task(tls.watch())
+            watches.append(asyncio.create_task(tls.watch()))
+        if config.api_keys_file:
+            watches.append(asyncio.create_task(api_keys.watch()))
         freeze_startup_objects()
         if supervisor is not None:
             await supervisor.start()
@@ -142,8 +147,8 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
         # --drain-timeout-s) computes answers nobody waits for any more: the 503s are out, so
         # it gets one second before SIGKILL, not ten, and the drain timeout bounds the exit.
         await supervisor.stop(timeout_s=10.0 if drained else 1.0)
-    if tls_watch is not None:
-        tls_watch.cancel()
+    for watch in watches:
+        watch.cancel()
     if listener is not None:
         listener.close()  # no new connections; runner.cleanup() closes the open ones
     await runner.cleanup()

@@ -12,15 +12,13 @@ A pair that fails to load then is logged, and the old one kept.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import ssl
 
-log = logging.getLogger("batchwire.gateway.tls")
+from gateway.watched_files import CHECK_S, WatchedFiles, every
 
-#: How often the certificate files are checked for a change.
-RELOAD_CHECK_S = 30.0
+log = logging.getLogger("batchwire.gateway.tls")
 
 
 class TlsConfigError(Exception):
@@ -38,20 +36,8 @@ class ServerTls:
         context.set_alpn_protocols(["http/1.1"])
         self.context = context
         self.reloads = 0
-        self._seen = self._stamp()
+        self.files = WatchedFiles(cert_file, key_file)
         self._load()
-
-    def _stamp(self) -> tuple:
-        """What changes when either file is replaced or rewritten."""
-        stamps = []
-        for path in (self.cert_file, self.key_file):
-            try:
-                info = os.stat(path)
-            except OSError:
-                stamps.append(None)
-            else:
-                stamps.append((info.st_ino, info.st_mtime_ns, info.st_size))
-        return tuple(stamps)
 
     def _load(self) -> None:
         for what, path in (("certificate", self.cert_file), ("key", self.key_file)):
@@ -73,10 +59,8 @@ class ServerTls:
     def reload_if_changed(self) -> bool:
         """Read the files again if either changed since last read; whether a new pair is now
         served. A pair that does not load is logged, and the one before kept."""
-        stamp = self._stamp()
-        if stamp == self._seen:
+        if not self.files.changed():
             return False
-        self._seen = stamp
         try:
             self._load()
         except TlsConfigError as exc:
@@ -89,8 +73,6 @@ class ServerTls:
         log.info("TLS certificate reloaded from %s", self.cert_file)
         return True
 
-    async def watch(self, interval_s: float = RELOAD_CHECK_S) -> None:
-        """Check the files every ``interval_s`` until cancelled."""
-        while True:
-            await asyncio.sleep(interval_s)
-            self.reload_if_changed()
+    async def watch(self) -> None:
+        """Check the files every :data:`~gateway.watched_files.CHECK_S` until cancelled."""
+        await every(CHECK_S, self.reload_if_changed)

@@ -229,8 +229,9 @@ async def test_an_answer_written_whole_keeps_its_claim_until_the_client_takes_it
 
     from aiohttp import web
 
-    from gateway.app import BROKER, CONFIG, CONNECTIONS, WRITTEN_AT_ONCE_BYTES, _claim, \
-        answer_response, error_middleware
+    from gateway.api_keys import ApiKeys
+    from gateway.app import API_KEYS, BROKER, CONFIG, CONNECTIONS, WRITTEN_AT_ONCE_BYTES, \
+        _claim, answer_response, error_middleware
     from gateway.config import GatewayConfig
     from gateway.connections import ConnectionGuard
     from gateway.held_memory import HeldMemory
@@ -250,6 +251,7 @@ async def test_an_answer_written_whole_keeps_its_claim_until_the_client_takes_it
     app = web.Application(middlewares=[error_middleware])
     app[BROKER] = SimpleNamespace(memory=memory)
     app[CONFIG] = GatewayConfig()
+    app[API_KEYS] = ApiKeys()
     app[CONNECTIONS] = guard = ConnectionGuard(16, idle_timeout_s=0.4)
     app.router.add_post("/", handler)
     runner = web.AppRunner(app)

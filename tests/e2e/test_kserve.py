@@ -325,12 +325,14 @@ async def test_infer_errors_answer_the_v2_error_shape(fill_mask, tiny_model_dir)
 
 # -- in process: no worker yet, register(model_name=...) -------------------------------------
 async def test_names_and_readiness_without_a_server():
-    from gateway.app import BROKER, CONFIG, error_middleware
+    from gateway.api_keys import ApiKeys
+    from gateway.app import API_KEYS, BROKER, CONFIG, error_middleware
     from gateway.config import GatewayConfig
 
     broker = SimpleNamespace(workers={}, draining=False)
     app = web.Application(middlewares=[error_middleware])
     app[CONFIG] = GatewayConfig()
+    app[API_KEYS] = ApiKeys()
     app[BROKER] = broker
     kserve.register(app, model_name="my-isvc")
     async with TestClient(TestServer(app)) as client:

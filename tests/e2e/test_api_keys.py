@@ -1,0 +1,90 @@
+"""API keys (gateway/api_keys.py): --api-key and the keys of --api-keys-file, rotated by
+rewriting the file, on the real app served on 127.0.0.1; and `batchwire gateway` refusing a
+keys file it cannot use."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.api_keys import ApiKeys, ApiKeysError, read_keys
+from gateway.app import API_KEYS, create_app
+from gateway.broker import Broker
+from gateway.config import GatewayConfig
+from tests.e2e.conftest import free_port
+
+
+def write_keys(path, *lines: str) -> str:
+    # As renewals do: a new file moved over the old one.
+    fresh = path.with_suffix(".new")
+    fresh.write_text("".join(line + "\n" for line in lines))
+    os.replace(fresh, path)
+    return str(path)
+
+
+async def status(client, key: str | None, path: str = "/info") -> int:
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    async with client.get(path, headers=headers) as response:
+        return response.status
+
+
+async def test_keys_rotate_by_rewriting_the_file_with_no_restart(tmp_path, caplog):
+    keys_file = write_keys(tmp_path / "keys", "# clients of team A", "old-key", "", "other-key")
+    config = GatewayConfig(api_key="flag-key", api_keys_file=keys_file)
+    app = create_app(config, Broker("inproc://api-keys-test", max_queue=1))
+    async with TestClient(TestServer(app)) as client:
+        for key in ("flag-key", "old-key", "other-key"):
+            assert await status(client, key) == 200, key
+        for key in (None, "wrong", "old-ke", "# clients of team A"):
+            assert await status(client, key) == 401, key
+        assert await status(client, None, "/health") == 200  # probes stay open
+        info = await (await client.get("/info", headers={"Authorization": "Bearer old-key"})).json()
+        assert info["api_keys"] == 3 and info["config"]["api_key"] == "***"
+
+        # Rotation: the new key added, then the old one removed; each takes effect at the
+        # next check (here called at once, as the gateway's 30 s watch would).
+        keys = app[API_KEYS]
+        write_keys(tmp_path / "keys", "old-key", "other-key", "new-key")
+        assert keys.reload_if_changed()
+        assert await status(client, "new-key") == 200 and await status(client, "old-key") == 200
+        write_keys(tmp_path / "keys", "other-key", "new-key")
+        assert keys.reload_if_changed()
+        assert await status(client, "old-key") == 401 and await status(client, "new-key") == 200
+        assert keys.reload_if_changed() is False  # unchanged since
+
+        # A file that breaks is logged, and the keys before kept.
+        write_keys(tmp_path / "keys", "new-key", "two words")
+        with caplog.at_level(logging.ERROR, logger="batchwire.gateway.api_keys"):
+            assert keys.reload_if_changed() is False
+        assert any("keys:2: not a key" in r.getMessage() for r in caplog.records)
+        assert await status(client, "new-key") == 200 and await status(client, "other-key") == 200
+
+        # Emptied on purpose, it fails closed: only --api-key's key is left.
+        write_keys(tmp_path / "keys", "# every client revoked")
+        assert keys.reload_if_changed()
+        assert await status(client, "new-key") == 401 and await status(client, "flag-key") == 200
+
+
+def test_a_keys_file_that_cannot_be_used_says_where_and_why(tmp_path):
+    with pytest.raises(ApiKeysError, match="cannot read the API keys file .*--api-keys-file"):
+        ApiKeys(keys_file=str(tmp_path / "missing"))
+    with pytest.raises(ApiKeysError, match="holds no key"):
+        ApiKeys(keys_file=write_keys(tmp_path / "empty", "# nothing yet", ""))
+    with pytest.raises(ApiKeysError, match=r"bad:2: not a key"):
+        read_keys(write_keys(tmp_path / "bad", "good", "caf\u00e9"))
+    assert read_keys(write_keys(tmp_path / "ok", "  a  ", "#b", "c")) == ["a", "c"]
+    assert not ApiKeys().required and ApiKeys().accepts("Bearer anything") is False
+
+
+def test_gateway_with_a_keys_file_it_cannot_read_exits_2_with_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "gateway", "gateway", "--port", str(free_port()),
+                           "--api-keys-file", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot read the API keys file" in lines[0], done.stderr
