@@ -30,6 +30,7 @@ from gateway.api_keys import ApiKeys
 from gateway.broker import Broker, PendingRequest
 from gateway.config import GatewayConfig
 from gateway.connections import ConnectionGuard, ConnectionState
+from gateway.cors import Cors
 from gateway.malformed_http import body_error
 from gateway.encoding import dump_json, json_pieces, msgpack_pieces
 from gateway.metrics import GatewayMetrics
@@ -56,6 +57,8 @@ T = TypeVar("T")
 BROKER = web.AppKey("broker", Broker)
 CONFIG = web.AppKey("config", GatewayConfig)
 API_KEYS = web.AppKey("api_keys", ApiKeys)
+#: Set with --cors-origins only.
+CORS = web.AppKey("cors", Cors)
 STARTED = web.AppKey("started", float)
 #: The listening socket's protocol factory (gateway/connections.py); server.py listens with it.
 CONNECTIONS = web.AppKey("connections", ConnectionGuard)
@@ -287,6 +290,9 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         connection.started = True
         connection.handling += 1
     try:
+        cors = request.app.get(CORS)
+        if cors is not None and cors.is_preflight(request):
+            return cors.answer_preflight(request)  # browsers send it without the API key
         _check_api_key(request)
         return await handler(request)
     except BatchwireError as exc:
@@ -819,6 +825,9 @@ def create_app(config: GatewayConfig, broker: Broker,
     app[CONNECTIONS] = ConnectionGuard(config.max_connections, config.idle_timeout_s)
     broker.metrics.watch_connections(app[CONNECTIONS])
     app.on_response_prepare.append(_server_header)
+    if config.cors_origins:
+        app[CORS] = cors = Cors(config.cors_origins)
+        app.on_response_prepare.append(cors.on_prepare)
     app.router.add_post("/", handle_root, expect_handler=expect_later)
     app.router.add_post("/predict", handle_predict, expect_handler=expect_later)
     app.router.add_get("/health", handle_health)

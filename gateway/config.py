@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from gateway import cors
 from gateway.held_memory import BODY_HOLDS, DEFAULT_MAX_HELD_BYTES
 from protocol.eventloop import add_event_loop_flag
 from protocol.flags import (Flags, body_bytes, non_negative_float, port_number, positive_float,
@@ -40,6 +41,8 @@ class GatewayConfig:
     api_key: str | None = None
     #: More keys, one per line, read again when the file changes (gateway/api_keys.py).
     api_keys_file: str | None = None
+    #: Origins whose pages may call the gateway from a browser (gateway/cors.py); ("*",): any.
+    cors_origins: tuple[str, ...] = ()
     #: HTTPS on --port with this PEM certificate chain and key (gateway/tls.py).
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -141,6 +144,10 @@ def _add_gateway_flags(flags: Flags, *, serve: bool) -> None:
     flags.add("--api-keys-file", default=None,
               help="a file of API keys, one per line (# comments), each accepted as --api-key's "
               "is, besides it; read again when it changes, so keys rotate without a restart")
+    flags.add("--cors-origins", type=cors.origins, default=(),
+              help="origins whose web pages may call the gateway from a browser, comma-"
+              "separated (https://app.example.com,http://localhost:3000), or * for any; "
+              "unset: none (no CORS headers)")
     flags.add("--tls-cert", default=None,
               help="serve HTTPS (only) on --port with this PEM certificate chain; needs "
               "--tls-key. Both files are read again when they change")
@@ -207,6 +214,7 @@ def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
         event_loop=args.event_loop,
         api_key=args.api_key or None,
         api_keys_file=args.api_keys_file or None,
+        cors_origins=tuple(args.cors_origins),
         tls_cert=args.tls_cert or None,
         tls_key=args.tls_key or None,
         curve_secret_key=args.curve_secret_key,

@@ -32,6 +32,7 @@ from protocol.errors import (
     ModelError,
     NotFound,
     NoWorkers,
+    OriginNotAllowed,
     Overloaded,
     Unauthorized,
     UnsupportedMediaType,
@@ -41,8 +42,8 @@ from protocol.messages import MAX_PROMPT_NAME
 
 OPENAPI_VERSION = "3.0.3"
 #: Errors a client can see, in the order the docs list them (Cancelled only reaches logs).
-CLIENT_VISIBLE_ERRORS = (BadInput, MalformedRequest, HeadTooLarge, Unauthorized, NotFound,
-                         MethodNotAllowed, BodyTooLarge, UnsupportedMediaType, InvalidParameters,
+CLIENT_VISIBLE_ERRORS = (BadInput, MalformedRequest, HeadTooLarge, Unauthorized,
+                         OriginNotAllowed, NotFound, MethodNotAllowed, BodyTooLarge, UnsupportedMediaType, InvalidParameters,
                          InputTooLong, AnswerTooLarge, AnswersTooLarge, ModelError, WorkerCrashed,
                          Overloaded, NoWorkers, Draining, DeadlineExceeded)
 _REF = "#/components/"

@@ -9,6 +9,7 @@ Who raises what::
     │   ├── MalformedRequest            malformed_request  400  gateway: not valid HTTP/1.1, or a body its Content-Encoding does not decode
     │   │   └── HeadTooLarge            head_too_large     431  gateway: a request line or header past aiohttp's limits, or too many headers
     │   ├── Unauthorized                unauthorized       401  gateway: --api-key set, bearer token missing or wrong
+    │   ├── OriginNotAllowed            origin_not_allowed 403  gateway: a browser's preflight from an origin not in --cors-origins
     │   ├── NotFound                    not_found          404  gateway routing
     │   ├── MethodNotAllowed            method_not_allowed 405  gateway routing
     │   ├── BodyTooLarge                body_too_large     413  gateway, before the body is read in full
@@ -91,6 +92,13 @@ class Unauthorized(ClientError):
 
     code = "unauthorized"
     status = 401
+
+
+class OriginNotAllowed(ClientError):
+    """Browsers on this page's origin may not call this server."""
+
+    code = "origin_not_allowed"
+    status = 403
 
 
 class NotFound(ClientError):
@@ -218,7 +226,8 @@ class Cancelled(ServerError):
 _BY_CODE: dict[str, type[BatchwireError]] = {
     cls.code: cls
     for cls in (
-        ProtocolError, BadInput, MalformedRequest, HeadTooLarge, Unauthorized, NotFound,
+        ProtocolError, BadInput, MalformedRequest, HeadTooLarge, Unauthorized, OriginNotAllowed,
+        NotFound,
         MethodNotAllowed, BodyTooLarge,
         UnsupportedMediaType, InvalidParameters, InputTooLong, AnswerTooLarge, AnswersTooLarge,
         ModelError, WorkerCrashed,

@@ -39,6 +39,18 @@ def test_connection_limits_come_from_flag_or_env_and_must_be_positive():
             gateway_config.parse(["serve", *argv], environ={})
 
 
+def test_cors_origins_come_from_flag_or_env_and_must_be_origins(capsys):
+    assert gateway_config.parse(["gateway"], environ={})[1].cors_origins == ()
+    _, cfg = gateway_config.parse(["serve"], environ={"BATCHWIRE_CORS_ORIGINS": "*"})
+    assert cfg.gateway.cors_origins == ("*",)
+    _, cfg = gateway_config.parse(["gateway", "--cors-origins", "http://a.example:8080,https://b"],
+                                  environ={})
+    assert cfg.cors_origins == ("http://a.example:8080", "https://b")
+    with pytest.raises(SystemExit):
+        gateway_config.parse(["gateway", "--cors-origins", "a.example"], environ={})
+    assert "'a.example' is not an origin" in capsys.readouterr().err
+
+
 def test_tls_takes_a_certificate_and_its_key_together(capsys):
     _, cfg = gateway_config.parse(["gateway"], environ={})
     assert (cfg.tls_cert, cfg.tls_key) == (None, None)

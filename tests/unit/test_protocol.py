@@ -827,6 +827,7 @@ DOCUMENTED_STATUS = {
     "malformed_request": (errors.MalformedRequest, 400),
     "head_too_large": (errors.HeadTooLarge, 431),
     "unauthorized": (errors.Unauthorized, 401),
+    "origin_not_allowed": (errors.OriginNotAllowed, 403),
     "not_found": (errors.NotFound, 404),
     "method_not_allowed": (errors.MethodNotAllowed, 405),
     "body_too_large": (errors.BodyTooLarge, 413),
