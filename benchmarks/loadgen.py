@@ -42,9 +42,12 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import aiohttp
+
+if TYPE_CHECKING:
+    from ssl import SSLContext
 
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_GRACE_S = 15.0
@@ -210,9 +213,11 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, rec: Recor
     rec.record(status, end - started, end, batch, nbytes)
 
 
-def _session(limit: int, timeout_s: float) -> aiohttp.ClientSession:
+def _session(limit: int, timeout_s: float, ssl: "SSLContext | None" = None
+             ) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, force_close=False,
-                                     enable_cleanup_closed=False)
+                                     enable_cleanup_closed=False,
+                                     ssl=ssl if ssl is not None else True)
     return aiohttp.ClientSession(connector=connector,
                                  timeout=aiohttp.ClientTimeout(total=timeout_s),
                                  auto_decompress=False)
@@ -236,10 +241,12 @@ async def closed_loop(url: str, inputs: Sequence[str | bytes], *, concurrency: i
                       duration_s: float, max_requests: int = DEFAULT_MAX_REQUESTS,
                       timeout_s: float = DEFAULT_TIMEOUT_S, grace_s: float = DEFAULT_GRACE_S,
                       headers: dict | None = None, decode: str | None = None,
-                      check=None, keep_latencies: bool = False) -> dict:
+                      check=None, keep_latencies: bool = False,
+                      ssl: "SSLContext | None" = None) -> dict:
     """``concurrency`` clients back to back until ``duration_s`` or ``max_requests``;
     ``keep_latencies``: the answers' latencies too (``latencies_ms``, ascending), for a
-    caller that pools several points (:mod:`benchmarks.interleaved`)."""
+    caller that pools several points (:mod:`benchmarks.interleaved`); ``ssl``: the context
+    an https:// URL is verified with (a test CA's)."""
     if concurrency < 1 or duration_s <= 0 or max_requests < 1:
         raise ValueError("concurrency, duration and max_requests must be positive")
     bodies = _bodies(inputs)
@@ -247,7 +254,7 @@ async def closed_loop(url: str, inputs: Sequence[str | bytes], *, concurrency: i
     decoder = make_decoder(decode)
     rec = Recorder()
     issued = itertools.count()
-    async with _session(concurrency, timeout_s) as session:
+    async with _session(concurrency, timeout_s, ssl) as session:
         cpu0, t0 = time.process_time(), time.perf_counter()
         deadline = t0 + duration_s
 
@@ -281,7 +288,7 @@ async def open_loop(url: str, inputs: Sequence[str | bytes], *, rate: float, dur
                     max_requests: int = DEFAULT_MAX_REQUESTS, max_in_flight: int = 1024,
                     timeout_s: float = DEFAULT_TIMEOUT_S, grace_s: float = DEFAULT_GRACE_S,
                     headers: dict | None = None, decode: str | None = None,
-                    check=None) -> dict:
+                    check=None, ssl: "SSLContext | None" = None) -> dict:
     """Send at ``rate`` per second for ``duration_s`` (at most ``max_requests`` sends)."""
     if rate <= 0 or duration_s <= 0 or max_requests < 1:
         raise ValueError("rate, duration and max_requests must be positive")
@@ -292,7 +299,7 @@ async def open_loop(url: str, inputs: Sequence[str | bytes], *, rate: float, dur
     total = min(max_requests, max(1, int(rate * duration_s)))
     lags: list[float] = []
     tasks: set[asyncio.Task] = set()
-    async with _session(max_in_flight, timeout_s) as session:
+    async with _session(max_in_flight, timeout_s, ssl) as session:
         cpu0, t0 = time.process_time(), time.perf_counter()
         for i in range(total):
             scheduled = t0 + i / rate
@@ -414,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "numpy.frombuffer)")
     run.add_argument("--accept", default=None,
                      help="Accept header, e.g. application/msgpack")
+    run.add_argument("--cafile", default=None,
+                     help="for an https:// URL: the CA file its certificate is verified with")
     run.add_argument("--embeddings", action="store_true",
                      help='send {"input": text} as JSON (for POST /v1/embeddings)')
 
@@ -444,8 +453,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             headers = dict(JSON_HEADERS)
         if args.accept:
             headers["Accept"] = args.accept
+        import ssl
+
         common = {"timeout_s": args.timeout, "grace_s": args.grace, "headers": headers,
-                  "decode": args.decode}
+                  "decode": args.decode,
+                  "ssl": ssl.create_default_context(cafile=args.cafile) if args.cafile else None}
         if args.rate is not None:
             coro = open_loop(args.url, inputs, rate=args.rate, duration_s=args.duration,
                              max_requests=args.max_requests, max_in_flight=args.max_in_flight,

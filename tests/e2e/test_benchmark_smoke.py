@@ -392,3 +392,19 @@ def test_embeddings_rows_all_cut_inputs_where_batchwire_does(tmp_path):
         reference_server.TRUNCATION = {}
     np.testing.assert_allclose(alone, want, atol=2e-5)
     np.testing.assert_allclose(batched, want, atol=2e-5)
+
+
+def test_tls_benchmark_runs_end_to_end(tmp_path):
+    """benchmarks/tls.py: an HTTP and an HTTPS `serve` of the tiny model, both answering 200s
+    to the load generator (the HTTPS one verified against the run's own CA)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.tls", "--out", str(tmp_path), "--models",
+         "tiny-fill-mask", "--duration", "0.5", "--rounds", "1"],
+        cwd=REPO_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+        timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert {(r["scheme"], r["concurrency"]) for r in rows} == {
+        ("http", 1), ("https", 1), ("http", 64), ("https", 64)}
+    for row in rows:
+        assert set(row["statuses"]) == {"200"} and row["rps"] > 0, row
