@@ -160,3 +160,46 @@ async def test_a_body_in_a_coding_the_server_does_not_decode_is_refused_not_pass
     # The framing was fine: the connection takes the next request.
     assert (await answer(sock, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(
         b"HTTP/1.1 200")
+
+
+async def test_garbage_behind_a_whole_body_does_not_fail_that_body():
+    """A parse error fails only a body still arriving: a body that is all here but not yet
+    read, with garbage arriving behind it, is read and answered, then the garbage gets its
+    400."""
+    from gateway.api_keys import ApiKeys
+    from gateway.app import API_KEYS, CONFIG, error_middleware
+    from gateway.connections import ConnectionGuard
+
+    async def handler(request: web.Request) -> web.Response:
+        # The body waits, unread, until aiohttp has queued the garbage behind it (as the
+        # connection's next message: aiohttp's own queue, read here only to sequence this).
+        await wait_for_async(lambda: len(request.protocol._messages) > 0, 5,
+                             "the garbage to be parsed")
+        return web.Response(body=await request.read())
+
+    app = web.Application(middlewares=[error_middleware])
+    app[CONFIG] = GatewayConfig()
+    app[API_KEYS] = ApiKeys()
+    app[CONNECTIONS] = guard = ConnectionGuard(4, idle_timeout_s=60)
+    app.router.add_post("/", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    listener = await guard.listen(runner, "127.0.0.1", 0)
+    sock = socket.socket()
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_connect(sock, listener.sockets[0].getsockname())
+        await loop.sock_sendall(sock, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        await wait_for_async(lambda: any(s.handling for s in guard.states.values()), 5,
+                             "the handler to start")
+        await loop.sock_sendall(sock, b"GARBAGE\r\n\r\n")
+        received = await recv_until_closed(sock, 10)
+    finally:
+        sock.close()
+        listener.close()
+        await runner.cleanup()
+    assert answers(received) == 2, received
+    first, second = re.split(rb"(?=HTTP/1\.[01] \d{3} )", received)[1:]
+    assert first.startswith(b"HTTP/1.1 200") and first.endswith(b"hello")
+    assert second.startswith(b"HTTP/1.0 400") and b'"malformed_request"' in second
