@@ -40,6 +40,12 @@ log = logging.getLogger("batchwire.gateway.connections")
 
 #: How long a refused connection may take to close its side after its 503 was sent.
 REFUSED_LINGER_S = 1.0
+#: Refused connections lingering at once, at most. Past it, one is closed as soon as its 503
+#: is written (its client may then see a reset instead): a flood of new connections past
+#: --max-connections, each holding a descriptor for its linger, would otherwise take the
+#: descriptors kept for everything else (OTHER_DESCRIPTORS), and the listener, out of them,
+#: would stop accepting even the probes' connections.
+MAX_LINGERING = 64
 #: Connections the kernel may queue before the gateway accepts them (aiohttp's site: 128, too
 #: few for a burst of clients connecting at once).
 LISTEN_BACKLOG = 1024
@@ -111,6 +117,9 @@ class ConnectionGuard:
         self.states: dict[asyncio.BaseTransport, ConnectionState] = {}
         self.refused = 0
         self.idle_closed = 0
+        #: Refused connections lingering now (at most max_lingering).
+        self.lingering = 0
+        self.max_lingering = MAX_LINGERING
         self.refusal = refusal(max_connections)
         #: Requests that were not HTTP, answered with a JSON error and closed.
         self.malformed = MalformedLog()
@@ -209,15 +218,20 @@ class _Refused(asyncio.Protocol):
     """A connection past the limit: its 503, then closed. Whatever it sends is read and
     dropped until it closes its side (or :data:`REFUSED_LINGER_S` passes), so that its
     request arriving on a closed socket cannot reset the connection before the client has
-    read the 503."""
+    read the 503; past :data:`MAX_LINGERING` of them at once, closed at once."""
 
     def __init__(self, guard: ConnectionGuard):
         self.guard = guard
         self.linger: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:
-        self.guard.refused += 1
-        transport.write(self.guard.refusal)
+        guard = self.guard
+        guard.refused += 1
+        transport.write(guard.refusal)
+        if guard.lingering >= guard.max_lingering:
+            transport.close()  # after the 503 is written
+            return
+        guard.lingering += 1
         if transport.can_write_eof():
             transport.write_eof()
         self.linger = asyncio.get_running_loop().call_later(REFUSED_LINGER_S, transport.abort)
@@ -231,3 +245,5 @@ class _Refused(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.linger is not None:
             self.linger.cancel()
+            self.linger = None
+            self.guard.lingering -= 1

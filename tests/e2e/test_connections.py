@@ -111,6 +111,24 @@ async def test_idle_and_slow_head_connections_are_closed_and_busy_ones_kept(gate
     assert guard.idle_closed == 3 and guard.open == 0
 
 
+async def test_refused_connections_linger_no_more_than_max_lingering_at_once(gateway):
+    """A flood past the limit must not hold a descriptor per refused connection for its
+    linger: past max_lingering, a refused connection is closed once its 503 is written."""
+    guard, connect = await gateway(idle_timeout_s=60)
+    guard.max_lingering = 1
+    for _ in range(MAX_CONNECTIONS):
+        await connect()
+    await wait_for_async(lambda: asyncio.sleep(0, guard.open == MAX_CONNECTIONS), 5,
+                         "the connections to be open")
+    lingering = await connect()  # has not closed its side: it lingers
+    await wait_for_async(lambda: asyncio.sleep(0, guard.lingering == 1), 5, "a linger")
+    closed = await connect()
+    assert (await recv_until_closed(closed)).startswith(b"HTTP/1.1 503")
+    assert guard.refused == 2 and guard.lingering == 1
+    lingering.close()  # the client closes its side: the linger ends
+    await wait_for_async(lambda: asyncio.sleep(0, guard.lingering == 0), 5, "the linger to end")
+
+
 async def test_a_connection_past_the_limit_gets_503_and_the_next_one_after_a_close_is_served(
         gateway):
     guard, connect = await gateway(idle_timeout_s=60)
