@@ -50,6 +50,7 @@ from protocol.errors import (
     WorkerCrashed,
 )
 from protocol.messages import MAX_PROMPT_NAME, PROTOCOL_VERSION, NDArray, Result
+from protocol.version import package_version
 
 log = logging.getLogger("batchwire.gateway")
 T = TypeVar("T")
@@ -756,6 +757,7 @@ async def handle_info(request: web.Request) -> web.Response:
     return json_response({
         "model": first.info.model if first else None,
         "task": first.info.task if first else None,
+        "version": package_version(),
         "protocol_version": PROTOCOL_VERSION,
         "event_loop": eventloop.loop_name(),
         "uptime_s": round(now - request.app[STARTED], 3),

@@ -12,6 +12,7 @@ from protocol.eventloop import add_event_loop_flag
 from protocol.flags import (Flags, body_bytes, non_negative_float, port_number, positive_float,
                             positive_int)
 from protocol.logs import add_logging_flags
+from protocol.version import package_version
 from worker.config import add_model_flags
 
 
@@ -161,6 +162,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         description="batchwire: serve a Hugging Face transformers pipeline over HTTP with "
         "dynamic batching.",
     )
+    parser.add_argument("--version", action="version",
+                        version=f"batchwire {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.ArgumentDefaultsHelpFormatter
     epilog = "Every flag reads its default from the environment variable named beside it."

@@ -39,6 +39,7 @@ from protocol.errors import (
     WorkerCrashed,
 )
 from protocol.messages import MAX_PROMPT_NAME
+from protocol.version import package_version
 
 OPENAPI_VERSION = "3.0.3"
 #: Errors a client can see, in the order the docs list them (Cancelled only reaches logs).
@@ -76,15 +77,6 @@ def response_header(name: str, required: bool = True) -> dict:
     """A Header Object, inline: OpenAPI 3.0 ignores siblings of $ref such as required."""
     schema, description = _RESPONSE_HEADERS[name]
     return {"description": description, "required": required, "schema": dict(schema)}
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("batchwire")
-    except Exception:  # noqa: BLE001 - not installed (a source checkout on PYTHONPATH)
-        return "0.0.0"
 
 
 def open_paths() -> frozenset[str]:
@@ -289,6 +281,8 @@ def _components(config: GatewayConfig) -> dict:
             "properties": {
                 "model": {"type": "string", "nullable": True},
                 "task": {"type": "string", "nullable": True},
+                "version": {"type": "string", "description": "batchwire's version, as "
+                            "`batchwire --version` prints it."},
                 "protocol_version": {"type": "integer"},
                 "uptime_s": {"type": "number"},
                 "queue_depth": {"type": "integer", "minimum": 0},
@@ -805,7 +799,7 @@ def openapi_document(config: GatewayConfig) -> dict:
         "openapi": OPENAPI_VERSION,
         "info": {
             "title": "batchwire",
-            "version": _version(),
+            "version": package_version(),
             "description": (
                 "A Hugging Face transformers pipeline behind HTTP with deadline-bounded "
                 "dynamic batching.\n\nEvery error is JSON "

@@ -11,6 +11,7 @@ from protocol.eventloop import add_event_loop_flag
 from protocol.flags import (Flags, auto_or_positive_int, non_negative_float, non_negative_int,
                             positive_float, positive_int)
 from protocol.logs import add_logging_flags
+from protocol.version import package_version
 
 #: On two CPU cores with two torch threads the raw pipeline is best at batch 16 on short
 #: inputs (fill-mask, embeddings, token-level features), and with length buckets choosing
@@ -156,6 +157,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         description="Run one model worker that connects to a batchwire gateway.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"batchwire {package_version()}")
     flags = Flags(parser, environ)
     flags.add("--connect", required=False, default=None,
               help="gateway ZeroMQ endpoint, e.g. tcp://gateway:5555 or ipc:///tmp/bw.sock")

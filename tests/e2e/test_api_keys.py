@@ -16,6 +16,7 @@ from gateway.api_keys import ApiKeys, ApiKeysError, read_keys
 from gateway.app import API_KEYS, create_app
 from gateway.broker import Broker
 from gateway.config import GatewayConfig
+from protocol.version import package_version
 from tests.e2e.conftest import free_port
 
 
@@ -45,6 +46,7 @@ async def test_keys_rotate_by_rewriting_the_file_with_no_restart(tmp_path, caplo
         assert await status(client, None, "/health") == 200  # probes stay open
         info = await (await client.get("/info", headers={"Authorization": "Bearer old-key"})).json()
         assert info["api_keys"] == 3 and info["config"]["api_key"] == "***"
+        assert info["version"] == package_version()
 
         # Rotation: the new key added, then the old one removed; each takes effect at the
         # next check (here called at once, as the gateway's 30 s watch would).

@@ -51,6 +51,18 @@ def test_cors_origins_come_from_flag_or_env_and_must_be_origins(capsys):
     assert "'a.example' is not an origin" in capsys.readouterr().err
 
 
+def test_version_is_the_installed_packages(capsys):
+    from protocol.version import package_version
+
+    for parse in (lambda: gateway_config.parse(["--version"], environ={}),
+                  lambda: worker_config.parse(["--version"], environ={})):
+        with pytest.raises(SystemExit) as exit_:
+            parse()
+        assert exit_.value.code == 0
+        assert capsys.readouterr().out.strip() == f"batchwire {package_version()}"
+    assert package_version() not in ("", "0.0.0+source")  # make install installs it
+
+
 def test_tls_takes_a_certificate_and_its_key_together(capsys):
     _, cfg = gateway_config.parse(["gateway"], environ={})
     assert (cfg.tls_cert, cfg.tls_key) == (None, None)
