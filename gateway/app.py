@@ -750,6 +750,7 @@ async def handle_info(request: web.Request) -> web.Response:
             "batches": w.batches,
             "pooling": w.info.pooling,
             "max_seq_length": w.info.max_seq_length,
+            "prompts": list(w.info.prompts),
         }
         for w in broker.workers.values()
     ]

@@ -328,6 +328,9 @@ def _components(config: GatewayConfig) -> dict:
                                            "input's first this-many tokens, as "
                                            "sentence-transformers computes them (0: not "
                                            "truncated; a longer input is a 422)"},
+                        "prompts": {"type": "array", "items": {"type": "string"},
+                                    "description": "the prompts the model declares, by the "
+                                    "name /v1/embeddings' prompt_name takes"},
                     },
                 }},
                 "local_workers": {"type": "array", "items": {"type": "object"},

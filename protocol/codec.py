@@ -132,6 +132,10 @@ def _without_timestamps(value: Any) -> bool:
     return True
 
 
+#: A field of names: a msgpack array of strings, a tuple once decoded (messages are frozen).
+NAMES = tuple[str, ...]
+
+
 def _field_ok(value: Any, kind: Any) -> bool:
     if kind is Any:
         return True
@@ -145,12 +149,19 @@ def _field_ok(value: Any, kind: Any) -> bool:
         return type(value) is str
     if kind is dict:
         return type(value) is dict and all(type(k) is str for k in value)
+    if kind == NAMES:
+        return type(value) is list and all(type(v) is str for v in value)
     raise TypeError(f"no wire check for field type {kind!r}")
 
 
 _SCHEMAS = {
     type_id: [(f.name, f.type) for f in dataclasses.fields(cls)]
     for type_id, cls in MESSAGE_TYPES.items()
+}
+#: Where each message type has NAMES fields (few do: decoding the others skips this).
+_NAMES_FIELDS = {
+    type_id: [i for i, (_, kind) in enumerate(schema) if kind == NAMES]
+    for type_id, schema in _SCHEMAS.items()
 }
 #: Fields without a default must be on the wire; trailing fields with a default may be left
 #: off, so a field added at the end with a default does not break older peers' frames.
@@ -199,6 +210,9 @@ def decode(frame: bytes) -> Message:
         if (kind is Any or kind is dict) and not _without_timestamps(value):
             raise ProtocolError(f"{cls.__name__}.{name} holds a msgpack timestamp, which is "
                                 "not part of the protocol")
+    for i in _NAMES_FIELDS[type_id]:
+        if i < len(values):
+            values[i] = tuple(values[i])
     message = cls(*values)
     try:
         message.check()

@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 PROTOCOL_VERSION = 1
 #: Longest REQUEST.prompt_name: a prompt's name ("query", "search_document"), not its text.
 MAX_PROMPT_NAME = 256
+#: Most prompt names one READY lists.
+MAX_PROMPTS = 256
 
 
 class MessageType(enum.IntEnum):
@@ -100,8 +102,14 @@ class Ready(Message):
     #: Sentence embeddings are of an input's first this-many tokens (sentence-transformers'
     #: max_seq_length); 0: not truncated, a longer input than the model takes is refused.
     max_seq_length: int = 0
+    #: The names of the prompts the model declares, for REQUEST.prompt_name (sorted).
+    prompts: tuple[str, ...] = ()
 
     def check(self) -> None:
+        if len(self.prompts) > MAX_PROMPTS or any(
+                not 0 < len(name) <= MAX_PROMPT_NAME for name in self.prompts):
+            raise ValueError(f"prompts: at most {MAX_PROMPTS} names, each 1 to "
+                             f"{MAX_PROMPT_NAME} characters")
         if self.capacity < 1 or self.max_batch_size < 1:
             raise ValueError("capacity and max_batch_size must be at least 1")
         if self.max_batch_tokens < 0:

@@ -25,6 +25,8 @@ from protocol import codec, curve, eventloop
 from protocol.codec import MAX_FRAME_BYTES
 from protocol.errors import AnswerTooLarge, BatchwireError, Cancelled, ProtocolError
 from protocol.messages import (
+    MAX_PROMPT_NAME,
+    MAX_PROMPTS,
     Cancel,
     Disconnect,
     Error,
@@ -317,6 +319,9 @@ class WorkerService:
             max_batch_tokens=self._announced_limits[1],
             dtype=self.runner.loaded_dtype,
             max_seq_length=self.runner.embed_max_length or 0,
+            # A name no request may send (too long) is not worth announcing.
+            prompts=tuple(sorted(name for name in self.runner.embedding_prompts
+                                 if 0 < len(name) <= MAX_PROMPT_NAME))[:MAX_PROMPTS],
         )
 
     async def _heartbeat_loop(self) -> None:

@@ -536,6 +536,9 @@ async def test_a_prompt_name_picks_one_of_the_models_prompts(start_server, tiny_
                        "model's prompts: (document, )?passage, query"):
         await client.embeddings.create(input=texts, model="m",
                                        extra_body={"prompt_name": "search"})
+    # /info names the prompts, as the worker announced them.
+    status, info = http_get(server.url + "/info")
+    assert status == 200 and {"passage", "query"} <= set(info["workers"][0]["prompts"])
 
 
 def test_a_model_that_cannot_load_stops_serve_with_a_clear_error(start_server, tmp_path):

@@ -79,6 +79,7 @@ SAMPLES = [
     Ready("w-1", 4242, "sentence-transformers/all-MiniLM-L6-v2", "feature-extraction",
           "cuda:0", 8, 32),
     Ready("w-2", 1, "m", "feature-extraction", "cpu", 2, 1, "gpu-host-3", "mean+normalize"),
+    Ready("w-3", 1, "m", "feature-extraction", "cpu", 2, 1, prompts=("passage", "query")),
     Request(9, "embed me", {}, 100.0, 1.0, True),
     Result(9, None, 2, 0.5, 3.0, 17, 12),
     Request(7, "hello", {"truncation": True, "top_k": 3}, 1500.0, 12.5),
@@ -117,7 +118,8 @@ def test_wire_layout_is_version_type_then_fields_in_declared_order(message):
     assert parts[0] == PROTOCOL_VERSION
     assert parts[1] == int(message.TYPE)
     sent = len(parts) - 2
-    assert parts[2:] == fields[:sent]
+    # A field of names is a tuple in the message and an array on the wire.
+    assert parts[2:] == [list(v) if isinstance(v, tuple) else v for v in fields[:sent]]
     # What is left off is trailing fields at their defaults.
     assert all(f.default == getattr(message, f.name)
                for f in dataclasses.fields(message)[sent:])
@@ -137,8 +139,9 @@ def test_field_order_on_the_wire():
     expected = [
         (Ready(worker_id="w", pid=12, model="m", task="t", device="cpu", capacity=2,
                max_batch_size=16, host="h", pooling="mean", max_batch_tokens=4096,
-               dtype="bfloat16", max_seq_length=256),
-         [1, 1, "w", 12, "m", "t", "cpu", 2, 16, "h", "mean", 4096, "bfloat16", 256]),
+               dtype="bfloat16", max_seq_length=256, prompts=("passage", "query")),
+         [1, 1, "w", 12, "m", "t", "cpu", 2, 16, "h", "mean", 4096, "bfloat16", 256,
+          ["passage", "query"]]),
         (Request(request_id=5, inputs="in", parameters={"k": 1}, budget_ms=30.0,
                  waited_ms=2.5, embed=True, prompt_name="query"),
          [1, 2, 5, "in", {"k": 1}, 30.0, 2.5, True, "query"]),
@@ -153,9 +156,10 @@ def test_field_order_on_the_wire():
     for message, parts in expected:
         assert encode(message) == msgpack.packb(parts, use_bin_type=True), message
         assert decode(msgpack.packb(parts, use_bin_type=True)) == message
-    # A READY from a worker that predates max_seq_length (its last field) still decodes.
-    older = decode(msgpack.packb(expected[0][1][:-1], use_bin_type=True))
-    assert older.max_seq_length == 0 and older.dtype == "bfloat16"
+    # A READY from a worker that predates prompts and max_seq_length (its last fields)
+    # still decodes.
+    older = decode(msgpack.packb(expected[0][1][:-2], use_bin_type=True))
+    assert older.max_seq_length == 0 and older.dtype == "bfloat16" and older.prompts == ()
     ext = msgpack.ExtType(1, msgpack.packb(["<i8", [1], nd.data], use_bin_type=True))
     assert encode(Result(1, nd, 1, 0.0, 0.0, 7)) == msgpack.packb(
         [1, 3, 1, ext, 1, 0.0, 0.0, 7], use_bin_type=True
@@ -914,10 +918,22 @@ def test_trailing_fields_with_defaults_may_be_left_off():
     assert decode(msgpack.packb([1, 2, 5, "in", {}, 9.0, 0.0])).embed is False
     assert decode(msgpack.packb([1, 7])) == Disconnect("")
     ready = decode(msgpack.packb([1, 1, "w", 1, "m", "t", "cpu", 2, 1]))
-    assert (ready.host, ready.pooling) == ("", "")
+    assert (ready.host, ready.pooling, ready.prompts) == ("", "", ())
     # ...but never a field without a default.
     with pytest.raises(ProtocolError, match="fields, got"):
         decode(msgpack.packb([1, 3, 5, "out", 2, 1.0]))
+
+
+def test_prompt_names_are_a_list_of_strings_on_the_wire_and_bounded():
+    base = [1, 1, "w", 1, "m", "t", "cpu", 2, 1, "", "", 0, "", 0]
+    assert decode(msgpack.packb(base + [["q"]])).prompts == ("q",)
+    assert_rejected(msgpack.packb(base + [["q", 3]]), "prompts has the wrong type")
+    assert_rejected(msgpack.packb(base + ["q"]), "prompts has the wrong type")
+    assert_rejected(msgpack.packb(base + [[""]]), "each 1 to")
+    assert_rejected(msgpack.packb(base + [["x" * 257]]), "each 1 to")
+    assert_rejected(msgpack.packb(base + [[f"p{i}" for i in range(257)]]), "at most 256")
+    # Left off at its default: an older gateway decodes the READY it always did.
+    assert len(msgpack.unpackb(encode(Ready("w", 1, "m", "t", "cpu", 2, 1)))) == 9
 
 
 def test_trailing_fields_at_their_defaults_stay_off_the_wire():
