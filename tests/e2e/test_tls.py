@@ -23,7 +23,7 @@ from gateway.app import CONNECTIONS, create_app
 from gateway.broker import Broker
 from gateway.config import GatewayConfig
 from gateway.tls import ServerTls, TlsConfigError
-from tests.e2e.conftest import free_port, start_gateway, wait_for
+from tests.e2e.conftest import free_port, start_gateway, wait_for, wait_for_async
 from tests.e2e.test_connections import recv_until_closed
 from tests.e2e.test_deploy import dockerfile_stages, effective
 
@@ -81,6 +81,10 @@ async def test_https_serves_every_route_and_plain_http_gets_no_answer(https_gate
                                 ssl=client_context(ca)) as response:
             assert response.status == 503
             assert (await response.json())["error"]["code"] == "no_workers"
+        async with session.get(f"https://127.0.0.1:{port}/openapi.json",
+                               ssl=client_context(ca)) as response:
+            assert response.status == 200
+            assert json.loads(await response.read())["info"]["title"] == "batchwire"
         with pytest.raises(aiohttp.ClientError):
             async with session.get(f"http://127.0.0.1:{port}/health") as response:
                 await response.read()
@@ -169,3 +173,46 @@ def test_gateway_serves_https_and_the_docker_healthcheck_follows_it(procs, tmp_p
     assert asyncio.run(get_health(port, ca)) == 200
     assert gateway.stop() == 0
     assert " ERROR " not in gateway.log_text() and "Traceback" not in gateway.log_text()
+
+
+async def test_a_large_answer_is_written_whole_over_tls_and_given_back(tmp_path):
+    """An answer larger than a transport takes at once is a HeldAnswer, held in the memory
+    budget until written (gateway/app.py): over TLS, whose transport buffers differently,
+    it still arrives whole and is given back once written."""
+    from types import SimpleNamespace
+
+    from gateway.api_keys import ApiKeys
+    from gateway.app import (API_KEYS, BROKER, CONFIG, CONNECTIONS, WRITTEN_AT_ONCE_BYTES,
+                             _claim, answer_response, error_middleware)
+    from gateway.connections import ConnectionGuard
+    from gateway.held_memory import HeldMemory
+
+    memory = HeldMemory(1 << 30)
+    answer = [{"token_str": "x" * 1000, "score": 0.5}] * 600  # ~640 kB of JSON
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        _claim(request).hold_answer(700_000)
+        return await answer_response(request, answer, {})
+
+    ca, cert, key = issue(tmp_path, "server")
+    app = web.Application(middlewares=[error_middleware])
+    app[BROKER] = SimpleNamespace(memory=memory)
+    app[CONFIG] = GatewayConfig()
+    app[API_KEYS] = ApiKeys()
+    app[CONNECTIONS] = guard = ConnectionGuard(16, idle_timeout_s=60)
+    app.router.add_post("/", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    listener = await guard.listen(runner, "127.0.0.1", 0, ssl=ServerTls(cert, key).context)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"https://127.0.0.1:{port}/", data=b"",
+                                    ssl=client_context(ca)) as response:
+                body = await response.read()
+        assert response.status == 200 and len(body) > WRITTEN_AT_ONCE_BYTES
+        assert json.loads(body) == answer
+        await wait_for_async(lambda: memory.held == 0, 5, "the answer's bytes to be given back")
+    finally:
+        listener.close()
+        await runner.cleanup()
