@@ -6,6 +6,8 @@ its request's deadline, and no body sent at all (Expect: 100-continue) that woul
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import resource
 import socket
 import subprocess
@@ -14,13 +16,13 @@ from pathlib import Path
 
 import orjson
 import pytest
-from aiohttp import web
 
 from gateway.app import BROKER, CONNECTIONS, create_app
 from gateway.broker import Broker
 from gateway.config import GatewayConfig
 from gateway.connections import OTHER_DESCRIPTORS
 from tests.e2e.conftest import free_port, http_get, wait_for, wait_for_async
+from tests.e2e.in_process import connect_raw, listening
 
 IDLE_TIMEOUT_S = 0.4
 MAX_CONNECTIONS = 3
@@ -30,36 +32,22 @@ HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
 @pytest.fixture
 async def gateway():
     """start(idle_timeout_s) -> (the guard, connect() -> a raw client socket)."""
-    started: list = []
     clients: list[socket.socket] = []
+    async with contextlib.AsyncExitStack() as stack:
 
-    async def start(idle_timeout_s: float = IDLE_TIMEOUT_S, **settings):
-        config = GatewayConfig(max_connections=MAX_CONNECTIONS, idle_timeout_s=idle_timeout_s,
-                               **settings)
-        app = create_app(config, Broker("inproc://connections-test", max_queue=4,
-                                        max_held_bytes=config.max_held_bytes))
-        runner = web.AppRunner(app, handler_cancellation=True)
-        await runner.setup()
-        guard = app[CONNECTIONS]  # the app's own, which server.py listens with
-        listener = await guard.listen(runner, "127.0.0.1", 0)
-        started.append((listener, runner))
-        port = listener.sockets[0].getsockname()[1]
+        async def start(idle_timeout_s: float = IDLE_TIMEOUT_S, **settings):
+            config = GatewayConfig(max_connections=MAX_CONNECTIONS,
+                                   idle_timeout_s=idle_timeout_s, **settings)
+            app = create_app(config, Broker("inproc://connections-test", max_queue=4,
+                                            max_held_bytes=config.max_held_bytes))
+            port = await stack.enter_async_context(listening(app, handler_cancellation=True))
+            start.app = app
+            # The app's own guard, which server.py listens with.
+            return app[CONNECTIONS], functools.partial(connect_raw, port, clients)
 
-        async def connect() -> socket.socket:
-            sock = socket.socket()
-            sock.setblocking(False)
-            clients.append(sock)
-            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-            return sock
-        start.app = app
-        return guard, connect
-
-    yield start
-    for sock in clients:
-        sock.close()
-    for listener, runner in started:
-        listener.close()
-        await runner.cleanup()
+        yield start
+        for sock in clients:  # before the servers stop: they wait for open connections
+            sock.close()
 
 
 async def recv_until_closed(sock: socket.socket, timeout: float = 5.0) -> bytes:

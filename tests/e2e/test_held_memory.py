@@ -229,12 +229,10 @@ async def test_an_answer_written_whole_keeps_its_claim_until_the_client_takes_it
 
     from aiohttp import web
 
-    from gateway.api_keys import ApiKeys
-    from gateway.app import API_KEYS, BROKER, CONFIG, CONNECTIONS, WRITTEN_AT_ONCE_BYTES, \
-        _claim, answer_response, error_middleware
-    from gateway.config import GatewayConfig
+    from gateway.app import BROKER, WRITTEN_AT_ONCE_BYTES, _claim, answer_response
     from gateway.connections import ConnectionGuard
     from gateway.held_memory import HeldMemory
+    from tests.e2e.in_process import bare_app, listening
 
     memory = HeldMemory(1 << 30)
     answered = asyncio.Event()
@@ -248,17 +246,9 @@ async def test_an_answer_written_whole_keeps_its_claim_until_the_client_takes_it
         answered.set()
         return response
 
-    app = web.Application(middlewares=[error_middleware])
-    app[BROKER] = SimpleNamespace(memory=memory)
-    app[CONFIG] = GatewayConfig()
-    app[API_KEYS] = ApiKeys()
-    app[CONNECTIONS] = guard = ConnectionGuard(16, idle_timeout_s=0.4)
-    app.router.add_post("/", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    listener = await guard.listen(runner, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
-    try:
+    app = bare_app(handler, ConnectionGuard(16, idle_timeout_s=0.4),
+                   {BROKER: SimpleNamespace(memory=memory)})
+    async with listening(app) as port:
         def request(request_id: str, rcvbuf: int | None) -> socket.socket:
             sock = socket.socket()
             if rcvbuf:
@@ -303,9 +293,6 @@ async def test_an_answer_written_whole_keeps_its_claim_until_the_client_takes_it
             assert received.startswith(b"HTTP/1.1 200") and len(received) < 600_000
         finally:
             stalled.close()
-    finally:
-        listener.close()
-        await runner.cleanup()
 
 
 def test_an_answer_never_written_gives_its_claim_back_when_dropped():

@@ -6,6 +6,7 @@ most and no traceback."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import gzip
 import logging
 import re
@@ -18,7 +19,9 @@ from aiohttp import web
 from gateway.app import CONNECTIONS, AccessLogger, create_app
 from gateway.broker import Broker
 from gateway.config import GatewayConfig
+from gateway.connections import ConnectionGuard
 from tests.e2e.conftest import wait_for_async
+from tests.e2e.in_process import bare_app, connect_raw, listening
 from tests.e2e.test_connections import answer, recv_until_closed
 
 
@@ -29,25 +32,14 @@ async def gateway():
     config = GatewayConfig()
     app = create_app(config, Broker("inproc://malformed-test", max_queue=4,
                                     max_held_bytes=config.max_held_bytes))
-    runner = web.AppRunner(app, handler_cancellation=True, access_log_class=AccessLogger,
-                           access_log=logging.getLogger("batchwire.access"))
-    await runner.setup()
-    listener = await app[CONNECTIONS].listen(runner, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
     clients: list[socket.socket] = []
-
-    async def connect() -> socket.socket:
-        sock = socket.socket()
-        sock.setblocking(False)
-        clients.append(sock)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-        return sock
-    connect.guard = app[CONNECTIONS]
-    yield connect
-    for sock in clients:
-        sock.close()
-    listener.close()
-    await runner.cleanup()
+    async with listening(app, handler_cancellation=True, access_log_class=AccessLogger,
+                         access_log=logging.getLogger("batchwire.access")) as port:
+        connect = functools.partial(connect_raw, port, clients)
+        connect.guard = app[CONNECTIONS]
+        yield connect
+        for sock in clients:
+            sock.close()
 
 
 async def exchange(connect, data: bytes | list[bytes]) -> tuple[bytes, dict]:
@@ -166,10 +158,6 @@ async def test_garbage_behind_a_whole_body_does_not_fail_that_body():
     """A parse error fails only a body still arriving: a body that is all here but not yet
     read, with garbage arriving behind it, is read and answered, then the garbage gets its
     400."""
-    from gateway.api_keys import ApiKeys
-    from gateway.app import API_KEYS, CONFIG, error_middleware
-    from gateway.connections import ConnectionGuard
-
     async def handler(request: web.Request) -> web.Response:
         # The body waits, unread, until aiohttp has queued the garbage behind it (as the
         # connection's next message: aiohttp's own queue, read here only to sequence this).
@@ -177,28 +165,17 @@ async def test_garbage_behind_a_whole_body_does_not_fail_that_body():
                              "the garbage to be parsed")
         return web.Response(body=await request.read())
 
-    app = web.Application(middlewares=[error_middleware])
-    app[CONFIG] = GatewayConfig()
-    app[API_KEYS] = ApiKeys()
-    app[CONNECTIONS] = guard = ConnectionGuard(4, idle_timeout_s=60)
-    app.router.add_post("/", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    listener = await guard.listen(runner, "127.0.0.1", 0)
-    sock = socket.socket()
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    try:
-        await loop.sock_connect(sock, listener.sockets[0].getsockname())
+    guard = ConnectionGuard(4, idle_timeout_s=60)
+    clients: list[socket.socket] = []
+    async with listening(bare_app(handler, guard)) as port:
+        sock = await connect_raw(port, clients)
+        loop = asyncio.get_running_loop()
         await loop.sock_sendall(sock, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
         await wait_for_async(lambda: any(s.handling for s in guard.states.values()), 5,
                              "the handler to start")
         await loop.sock_sendall(sock, b"GARBAGE\r\n\r\n")
         received = await recv_until_closed(sock, 10)
-    finally:
         sock.close()
-        listener.close()
-        await runner.cleanup()
     assert answers(received) == 2, received
     first, second = re.split(rb"(?=HTTP/1\.[01] \d{3} )", received)[1:]
     assert first.startswith(b"HTTP/1.1 200") and first.endswith(b"hello")

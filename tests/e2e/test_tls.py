@@ -6,6 +6,7 @@ use; and the Docker healthcheck following BATCHWIRE_TLS_CERT."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -19,11 +20,12 @@ import pytest
 import trustme
 from aiohttp import web
 
-from gateway.app import CONNECTIONS, create_app
+from gateway.app import create_app
 from gateway.broker import Broker
 from gateway.config import GatewayConfig
 from gateway.tls import ServerTls, TlsConfigError
 from tests.e2e.conftest import free_port, start_gateway, wait_for, wait_for_async
+from tests.e2e.in_process import bare_app, listening
 from tests.e2e.test_connections import recv_until_closed
 from tests.e2e.test_deploy import dockerfile_stages, effective
 
@@ -47,21 +49,14 @@ def client_context(ca: trustme.CA) -> ssl.SSLContext:
 @pytest.fixture
 async def https_gateway():
     """start(tls) -> the port of the app listening with ServerTls ``tls``."""
-    started = []
-
-    async def start(tls: ServerTls, **settings) -> int:
-        config = GatewayConfig(**settings)
-        app = create_app(config, Broker("inproc://tls-test", max_queue=4,
-                                        max_held_bytes=config.max_held_bytes))
-        runner = web.AppRunner(app, handler_cancellation=True)
-        await runner.setup()
-        listener = await app[CONNECTIONS].listen(runner, "127.0.0.1", 0, ssl=tls.context)
-        started.append((listener, runner))
-        return listener.sockets[0].getsockname()[1]
-    yield start
-    for listener, runner in started:
-        listener.close()
-        await runner.cleanup()
+    async with contextlib.AsyncExitStack() as stack:
+        async def start(tls: ServerTls, **settings) -> int:
+            config = GatewayConfig(**settings)
+            app = create_app(config, Broker("inproc://tls-test", max_queue=4,
+                                            max_held_bytes=config.max_held_bytes))
+            return await stack.enter_async_context(listening(app, ssl=tls.context,
+                                                             handler_cancellation=True))
+        yield start
 
 
 async def get_health(port: int, trust: trustme.CA) -> int:
@@ -181,9 +176,7 @@ async def test_a_large_answer_is_written_whole_over_tls_and_given_back(tmp_path)
     it still arrives whole and is given back once written."""
     from types import SimpleNamespace
 
-    from gateway.api_keys import ApiKeys
-    from gateway.app import (API_KEYS, BROKER, CONFIG, CONNECTIONS, WRITTEN_AT_ONCE_BYTES,
-                             _claim, answer_response, error_middleware)
+    from gateway.app import BROKER, WRITTEN_AT_ONCE_BYTES, _claim, answer_response
     from gateway.connections import ConnectionGuard
     from gateway.held_memory import HeldMemory
 
@@ -195,17 +188,9 @@ async def test_a_large_answer_is_written_whole_over_tls_and_given_back(tmp_path)
         return await answer_response(request, answer, {})
 
     ca, cert, key = issue(tmp_path, "server")
-    app = web.Application(middlewares=[error_middleware])
-    app[BROKER] = SimpleNamespace(memory=memory)
-    app[CONFIG] = GatewayConfig()
-    app[API_KEYS] = ApiKeys()
-    app[CONNECTIONS] = guard = ConnectionGuard(16, idle_timeout_s=60)
-    app.router.add_post("/", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    listener = await guard.listen(runner, "127.0.0.1", 0, ssl=ServerTls(cert, key).context)
-    port = listener.sockets[0].getsockname()[1]
-    try:
+    app = bare_app(handler, ConnectionGuard(16, idle_timeout_s=60),
+                   {BROKER: SimpleNamespace(memory=memory)})
+    async with listening(app, ssl=ServerTls(cert, key).context) as port:
         async with aiohttp.ClientSession() as session:
             async with session.post(f"https://127.0.0.1:{port}/", data=b"",
                                     ssl=client_context(ca)) as response:
@@ -213,6 +198,3 @@ async def test_a_large_answer_is_written_whole_over_tls_and_given_back(tmp_path)
         assert response.status == 200 and len(body) > WRITTEN_AT_ONCE_BYTES
         assert json.loads(body) == answer
         await wait_for_async(lambda: memory.held == 0, 5, "the answer's bytes to be given back")
-    finally:
-        listener.close()
-        await runner.cleanup()
