@@ -25,14 +25,14 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import kserve
-from gateway.held_memory import Claim
 from gateway.api_keys import ApiKeys
 from gateway.broker import Broker, PendingRequest
 from gateway.config import GatewayConfig
 from gateway.connections import ConnectionGuard, ConnectionState
 from gateway.cors import Cors
-from gateway.malformed_http import body_error
 from gateway.encoding import dump_json, json_pieces, msgpack_pieces
+from gateway.held_memory import Claim
+from gateway.malformed_http import body_error
 from gateway.metrics import GatewayMetrics
 from protocol import codec, eventloop
 from protocol.errors import (
