@@ -132,6 +132,16 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
 
+    def on_hangup() -> None:
+        # As nginx does: SIGHUP reads the watched files now, not at the next 30 s check.
+        log.info("SIGHUP: checking the TLS and API key files now")
+        if tls is not None:
+            tls.reload_if_changed()
+        api_keys.reload_if_changed()
+
+    if tls is not None or config.api_keys_file:
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+
     await stop.wait()
     drain_task = asyncio.create_task(broker.drain(config.drain_timeout_s))
     drained = False

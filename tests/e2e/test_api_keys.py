@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -17,7 +20,7 @@ from gateway.app import API_KEYS, create_app
 from gateway.broker import Broker
 from gateway.config import GatewayConfig
 from protocol.version import package_version
-from tests.e2e.conftest import free_port
+from tests.e2e.conftest import free_port, start_gateway, wait_for
 
 
 def write_keys(path, *lines: str) -> str:
@@ -90,3 +93,30 @@ def test_gateway_with_a_keys_file_it_cannot_read_exits_2_with_one_line(tmp_path)
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "cannot read the API keys file" in lines[0], done.stderr
+
+
+def test_sighup_reads_the_keys_file_at_once(procs, tmp_path):
+    """The watch checks every 30 s; SIGHUP checks now (as nginx reloads on it)."""
+    keys_file = write_keys(tmp_path / "keys", "first-key")
+    port = free_port()
+    gateway = start_gateway(procs, tmp_path, port, free_port(), "--api-keys-file", keys_file)
+    url = f"http://127.0.0.1:{port}/info"
+
+    def info_status(key: str) -> int:
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as answer:
+                return answer.status
+        except urllib.error.HTTPError as err:
+            return err.code
+        except OSError:
+            return 0  # not listening yet
+
+    wait_for(lambda: info_status("first-key") == 200, 30, "the gateway to answer")
+    write_keys(tmp_path / "keys", "second-key")
+    gateway.proc.send_signal(signal.SIGHUP)
+    # Well inside the 30 s between checks: only the signal can have done it.
+    wait_for(lambda: info_status("second-key") == 200, 10, "the new key to be accepted")
+    assert info_status("first-key") == 401
+    assert gateway.stop() == 0
+    assert "SIGHUP: checking the TLS and API key files now" in gateway.log_text()
