@@ -810,6 +810,9 @@ class AccessLogger(AbstractAccessLogger):
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
     # aiohttp's default names the Python and aiohttp versions: scanners flag that as a leak.
     response.headers["Server"] = "batchwire"
+    # Answers echo what clients sent (a sequence, a token string): a browser must not sniff
+    # one into HTML or script.
+    response.headers["X-Content-Type-Options"] = "nosniff"
 
 
 def create_app(config: GatewayConfig, broker: Broker,

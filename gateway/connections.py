@@ -89,6 +89,7 @@ def refusal(limit: int) -> bytes:
         "message": f"the server holds as many connections as it takes ({limit}, "
                    "--max-connections); retry shortly, or reuse a connection"}})
     return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            b"Server: batchwire\r\nX-Content-Type-Options: nosniff\r\n"
             b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
             + str(len(body)).encode() + b"\r\n\r\n" + body)
 

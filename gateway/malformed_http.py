@@ -136,7 +136,8 @@ class _JsonErrorsHandler(RequestHandler):
             self.guard.malformed.note(request.remote, error, exc)
         response = web.Response(body=error_body(error), status=error.status,
                                 content_type="application/json",
-                                headers={"Server": "batchwire"})
+                                headers={"Server": "batchwire",
+                                         "X-Content-Type-Options": "nosniff"})
         response.force_close()
         return response
 

@@ -128,6 +128,7 @@ async def test_a_connection_past_the_limit_gets_503_and_the_next_one_after_a_clo
     refused = await recv_until_closed(extra)
     head, _, body = refused.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in head
+    assert b"Server: batchwire" in head and b"X-Content-Type-Options: nosniff" in head
     error = orjson.loads(body)["error"]
     assert error["code"] == "overloaded" and "--max-connections" in error["message"]
     assert guard.refused == 1 and guard.open == MAX_CONNECTIONS
@@ -195,6 +196,7 @@ async def test_expect_100_continue_is_answered_only_once_the_body_is_wanted(gate
     await loop.sock_sendall(sock, expecting(100))
     head = await read_head(sock)
     assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in head
+    assert b"Server: batchwire" in head and b"X-Content-Type-Options: nosniff" in head
     held.release()
 
     # Room for it: 100 Continue, then the body is read and the request goes on (to the 503

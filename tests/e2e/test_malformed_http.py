@@ -53,6 +53,7 @@ async def exchange(connect, data: bytes | list[bytes]) -> tuple[bytes, dict]:
     assert answers(received) == 1, f"not one answer: {received!r}"
     head, _, body = received.partition(b"\r\n\r\n")
     assert b"Content-Type: application/json" in head and b"Server: batchwire" in head
+    assert b"X-Content-Type-Options: nosniff" in head
     return head, orjson.loads(body)["error"]
 
 

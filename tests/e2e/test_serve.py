@@ -83,7 +83,8 @@ async def test_request_id_echoed_or_made(fill_mask_server):
         assert len(minted) == 3 and all(len(i) == 32 and int(i, 16) >= 0 for i in minted)
 
 
-async def test_every_answer_names_batchwire_and_no_versions(fill_mask_server):
+async def test_every_answer_names_batchwire_and_no_versions_and_is_not_sniffed(
+        fill_mask_server):
     async with aiohttp.ClientSession() as session:
         answers = [await post(session, fill_mask_server.url + path, data=b"a [MASK]")
                    for path in ("/", "/predict", "/nowhere")]
@@ -91,6 +92,7 @@ async def test_every_answer_names_batchwire_and_no_versions(fill_mask_server):
             answers.append((resp.status, resp.headers.copy(), None))
     assert [status for status, _, _ in answers] == [200, 400, 404, 200]
     assert {headers["Server"] for _, headers, _ in answers} == {"batchwire"}
+    assert {headers["X-Content-Type-Options"] for _, headers, _ in answers} == {"nosniff"}
 
 
 async def test_one_ms_deadline_gets_504_and_frees_the_worker(fill_mask_server):
