@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
+                               disable_created_metrics)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from protocol.version import package_version
 
 if TYPE_CHECKING:
     from gateway.broker import Broker
@@ -70,6 +73,10 @@ class GatewayMetrics:
                                 registry=r)
         for reason in (*REJECT_REASONS.values(), "bad_input"):
             self.rejected.labels(reason)
+        # The Prometheus convention for what is running: join on it to tell versions apart
+        # in a rolling upgrade.
+        Gauge("batchwire_build_info", "This gateway's batchwire version (always 1)",
+              ["version"], registry=r).labels(package_version()).set(1)
         self._live: _LiveCollector | None = None
         self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
 

@@ -123,3 +123,5 @@ async def test_embeddings_on_a_fill_mask_server_say_what_is_needed(fill_mask_ser
     assert metric(scrape, embeddings_400) - metric(before, embeddings_400) == 1.0
     assert metric(scrape, bad_input) - metric(before, bad_input) == 2.0
     assert metric(scrape, 'batchwire_workers{state="ready"}') == 1.0
+    from protocol.version import package_version
+    assert metric(scrape, f'batchwire_build_info{{version="{package_version()}"}}') == 1.0
