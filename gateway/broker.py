@@ -155,6 +155,8 @@ class Broker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._refused_peers: set[bytes] = set()
+        #: (peer, message type) pairs dropped for fields this gateway lacks (logged once each).
+        self._newer_peers: set[tuple[bytes, str]] = set()
         #: Workers refused for serving another task than the gateway's (logged once each).
         self._other_task_peers: set[bytes] = set()
         #: Called with (pid, reason) when a worker is declared dead or stuck, so the
@@ -466,6 +468,13 @@ class Broker:
             identity, payload = frames
             try:
                 message = codec.decode(payload)
+            except codec.NewerFields as exc:
+                # A newer worker re-sends its READY every second: one line says what to do.
+                if (identity, exc.name) not in self._newer_peers:
+                    self._newer_peers.add((identity, exc.name))
+                    log.error("dropping %s from %r, and any more like it: %s (the gateway "
+                              "first, then the workers)", exc.name, identity[:64], exc)
+                continue
             except codec.ProtocolVersionMismatch as exc:
                 if identity not in self._refused_peers:
                     self._refused_peers.add(identity)

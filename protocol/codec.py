@@ -45,6 +45,19 @@ class ProtocolVersionMismatch(ProtocolError):
         self.version = version
 
 
+class NewerFields(ProtocolError):
+    """A message with more fields than this side knows: the peer runs a newer batchwire and
+    sent something this side has no field for (fields are only ever added at the end)."""
+
+    def __init__(self, name: str, sent: int, known: int, request_id: int | None):
+        super().__init__(
+            f"{name} with {sent} fields, of which this side knows {known}: the peer runs a "
+            "newer batchwire and uses something this side lacks; upgrade this side")
+        self.name = name
+        #: The request it was about (REQUEST, RESULT, ERROR and CANCEL lead with it).
+        self.request_id = request_id
+
+
 def _default(obj: Any) -> Any:
     if isinstance(obj, NDArray):
         if obj.dtype not in _DTYPES:
@@ -200,6 +213,10 @@ def decode(frame: bytes) -> Message:
     if cls is None:
         raise ProtocolError(f"unknown message type {type_id!r}")
     schema = _SCHEMAS[type_id]
+    if len(values) > len(schema):
+        first = values[0] if schema and schema[0][0] == "request_id" else None
+        raise NewerFields(cls.__name__, len(values), len(schema),
+                          first if type(first) is int else None)
     if not _REQUIRED[type_id] <= len(values) <= len(schema):
         expected = (str(len(schema)) if _REQUIRED[type_id] == len(schema)
                     else f"{_REQUIRED[type_id]} to {len(schema)}")

@@ -3,7 +3,8 @@
 Who raises what::
 
     BatchwireError                      code              status
-    ├── ProtocolError                   protocol_error     --   a peer sent a malformed frame (never reaches a client)
+    ├── ProtocolError                   protocol_error     500  a peer sent a malformed frame; a client sees it only
+    │                                                          from a worker older than the gateway that cannot read its request
     ├── ClientError                                       4xx  the request is wrong; the message says what to fix
     │   ├── BadInput                    bad_input          400  gateway (body) or worker (the pipeline rejects the input)
     │   ├── MalformedRequest            malformed_request  400  gateway: not valid HTTP/1.1, or a body its Content-Encoding does not decode

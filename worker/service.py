@@ -86,6 +86,8 @@ class WorkerService:
         self._stop_reason = ""
         self._last_heard = time.monotonic()
         self._gateway_known = False
+        #: Message types a newer gateway sent that this worker could not read (logged once).
+        self._newer_logged: set[str] = set()
         #: The batch limits the last READY announced (see _heartbeat_loop).
         self._announced_limits: tuple[int, int] | None = None
         #: Measures long texts apart from the loop, one at a time (see BULK_TEXT_CHARS),
@@ -189,11 +191,25 @@ class WorkerService:
             self._last_heard = time.monotonic()
             try:
                 message = codec.decode(frame)
+            except codec.NewerFields as exc:
+                self._cannot_read(exc)
+                continue
             except ProtocolError as exc:
                 log.warning("ignoring malformed frame from the gateway: %s", exc)
                 continue
             self._gateway_known = True
             self._handle(message)
+
+    def _cannot_read(self, exc: codec.NewerFields) -> None:
+        """A newer gateway sent what this worker has no field for (a REQUEST's prompt_name,
+        say): answer that request at once, rather than leave its client to its deadline."""
+        if exc.name not in self._newer_logged:
+            self._newer_logged.add(exc.name)
+            log.error("the gateway sends %s that this worker cannot read: %s", exc.name, exc)
+        if exc.name == "Request" and exc.request_id is not None:
+            self._send(Error(exc.request_id, ProtocolError.code,
+                             "the worker runs an older batchwire than the gateway and cannot "
+                             "read this request; upgrade the workers to the gateway's release"))
 
     def _handle(self, message: Message) -> None:
         if isinstance(message, Request):

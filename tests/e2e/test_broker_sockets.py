@@ -939,3 +939,21 @@ async def test_the_loop_runs_between_two_large_answers_already_waiting(h, monkey
     await w.answer(p[1].request_id, large)
     assert [(await outcome(x)).output for x in p] == [large, large]
     assert events == [p[0].request_id, "the loop ran", p[1].request_id]
+
+
+async def test_a_newer_workers_ready_is_dropped_with_one_line_saying_to_upgrade(h, caplog):
+    """A READY with a field this gateway does not know comes from a newer worker, which
+    re-sends it every second: dropped (nothing in it can be trusted to mean what this side
+    thinks), with one ERROR saying which side to upgrade, not a warning a second."""
+    caplog.set_level(logging.WARNING, logger="batchwire.gateway.broker")
+    broker = await h.broker()
+    newer = h.peer("newer", capacity=2)
+    fields = msgpack.unpackb(codec.encode(newer.ready))
+    fields += [0] * (len(dataclasses.fields(Ready)) + 2 - len(fields)) + ["a field from later"]
+    for _ in range(3):
+        await newer.send_raw(msgpack.packb(fields))
+    await newer.register()  # the broker has handled the three; a READY it knows still counts
+    assert handle(broker, newer).info.capacity == 2
+    lines = [r for r in caplog.records if "newer batchwire" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.ERROR
+    assert "the gateway first" in lines[0].getMessage()

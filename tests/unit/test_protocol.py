@@ -480,19 +480,35 @@ def test_frame_that_is_not_a_message_array(raw):
 @pytest.mark.parametrize(
     "type_id, values",
     [
-        (MessageType.HEARTBEAT, [None]),
         (MessageType.CANCEL, []),
-        (MessageType.CANCEL, [1, 2]),
-        (MessageType.DISCONNECT, ["a", "b"]),
         (MessageType.ERROR, [1, "model_error"]),
         (MessageType.REQUEST, [1, "x", {}, 1.0]),
-        (MessageType.RESULT, [1, "x", 1, 0.0, 0.0, 0, 0, 0, 0.0, 0]),
-        (MessageType.REQUEST, [1, "x", {}, 1.0, 0.0, False, "", 1]),
         (MessageType.READY, ["w", 1, "m", "t", "cpu", 1]),
     ],
 )
-def test_wrong_field_count(type_id, values):
+def test_too_few_fields(type_id, values):
     assert_rejected(frame(PROTOCOL_VERSION, int(type_id), *values), match="fields, got")
+
+
+@pytest.mark.parametrize(
+    "type_id, values, request_id",
+    [
+        (MessageType.HEARTBEAT, [None], None),
+        (MessageType.CANCEL, [1, 2], 1),
+        (MessageType.DISCONNECT, ["a", "b"], None),
+        (MessageType.RESULT, [1, "x", 1, 0.0, 0.0, 0, 0, 0, 0.0, 0], 1),
+        (MessageType.REQUEST, [7, "x", {}, 1.0, 0.0, False, "", 1], 7),
+        (MessageType.REQUEST, ["not an id", "x", {}, 1.0, 0.0, False, "", 1], None),
+        (MessageType.READY, ["w", 1, "m", "t", "cpu", 1, 1, "", "", 0, "", 0, [], "new"], None),
+    ],
+)
+def test_more_fields_than_known_say_the_peer_is_newer(type_id, values, request_id):
+    """Fields are only added at the end: a frame with more is from a newer peer, told apart
+    from garbage so the side that gets it can say to upgrade (and a worker can answer the
+    request it could not read)."""
+    error = assert_rejected(frame(PROTOCOL_VERSION, int(type_id), *values),
+                            match="the peer runs a newer batchwire")
+    assert isinstance(error, protocol.codec.NewerFields) and error.request_id == request_id
 
 
 @pytest.mark.parametrize(
