@@ -368,7 +368,9 @@ def _components(config: GatewayConfig) -> dict:
                                "in one message) or answers_too_large (the request's answers "
                                "together pass --max-held-bytes: send fewer inputs)."),
         "ServerError": error("model_error (the pipeline raised on a valid request), "
-                             "worker_crashed (the worker died holding it) or internal_error."),
+                             "worker_crashed (the worker died holding it), protocol_error "
+                             "(the worker runs an older release than the gateway and cannot "
+                             "read the request) or internal_error."),
         "Unavailable": error("overloaded (queue full, bodies and answers held near "
                              "--max-held-bytes, or --max-connections open: a new "
                              "connection's only answer), "
