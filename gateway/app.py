@@ -15,6 +15,7 @@ import itertools
 import logging
 import math
 import os
+import re
 import time
 import traceback
 from typing import Any, Awaitable, TypeVar
@@ -84,6 +85,8 @@ METRICS = web.AppKey("metrics", GatewayMetrics)
 #: The local worker supervisor under `batchwire serve` (None for `batchwire gateway`).
 SUPERVISOR = web.AppKey("supervisor", object)
 _MAX_REQUEST_ID = 128
+#: version-trace id-parent id-flags, lowercase hex (W3C Trace Context); version ff is invalid.
+_TRACEPARENT = re.compile(r"^(?!ff)[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?$")
 # Ids the gateway mints: a random per-process prefix and a counter, the shape of a uuid4 hex
 # (32 hex digits) without its urandom call and UUID object on every request. Unique within
 # the process; the prefix keeps them apart across restarts and gateways.
@@ -800,11 +803,24 @@ class AccessLogger(AbstractAccessLogger):
             "total_ms": round(time * 1000.0, 3),
             "bytes": response.body_length,
         }
-        self.logger.info(
-            "%(remote)s %(method)s %(path)s %(status)d %(total_ms).1fms batch=%(batch_size)d "
-            "queue=%(queue_ms).1fms inference=%(inference_ms).1fms id=%(request_id)s" % fields,
-            extra={"fields": fields},
-        )
+        line = ("%(remote)s %(method)s %(path)s %(status)d %(total_ms).1fms "
+                "batch=%(batch_size)d queue=%(queue_ms).1fms inference=%(inference_ms).1fms "
+                "id=%(request_id)s" % fields)
+        trace = trace_id(request.headers.get("traceparent", ""))
+        if trace:
+            fields["trace_id"] = trace
+            line += " trace=" + trace
+        self.logger.info(line, extra={"fields": fields})
+
+
+def trace_id(traceparent: str) -> str | None:
+    """The trace id of a W3C ``traceparent`` header (what OpenTelemetry, Envoy and most
+    proxies send), so that a log pipeline can join the access log to the trace; None for a
+    header that is absent or not one."""
+    match = _TRACEPARENT.match(traceparent.strip())
+    if match is None or match.group(1) == "0" * 32 or match.group(2) == "0" * 16:
+        return None
+    return match.group(1)
 
 
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:

@@ -14,3 +14,29 @@ def test_access_log_is_off_above_info_and_on_at_info():
     assert access.enabled is False  # aiohttp then never calls log(): no line is built
     logger.setLevel(logging.INFO)
     assert access.enabled is True
+
+
+def test_a_w3c_traceparent_puts_its_trace_id_in_the_access_line(caplog):
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from gateway.app import trace_id
+
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    logger = logging.getLogger("batchwire.access.test-trace")
+    access = AccessLogger(logger, "")
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        for header in (f"00-{trace}-00f067aa0ba902b7-01", None):
+            request = make_mocked_request("POST", "/predict",
+                                          headers={"traceparent": header} if header else {})
+            access.log(request, web.Response(status=200), 0.012)
+    traced, plain = caplog.records
+    assert traced.fields["trace_id"] == trace and traced.getMessage().endswith(f" trace={trace}")
+    assert "trace_id" not in plain.fields and "trace=" not in plain.getMessage()
+    # Not a traceparent: no trace id, whatever it holds.
+    for bad in ("", "garbage", f"00-{trace}-00f067aa0ba902b7", f"ff-{trace}-00f067aa0ba902b7-01",
+                f"00-{'0' * 32}-00f067aa0ba902b7-01", f"00-{trace}-{'0' * 16}-01",
+                f"00-{trace.upper()}-00f067aa0ba902b7-01"):
+        assert trace_id(bad) is None, bad
+    # A later version may add fields after the flags.
+    assert trace_id(f"01-{trace}-00f067aa0ba902b7-01-more") == trace
