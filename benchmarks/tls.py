@@ -8,8 +8,8 @@ Usage::
         --models tiny-fill-mask,minilm-fill-mask
 
 Writes ``results.json``: one row per model, scheme, concurrency and round (requests/s,
-p50 and p99 ms), and prints each row as it is measured. The certificate is 2048-bit RSA
-(trustme's); each client keeps its connections, so handshakes are not what is measured,
+p50 and p99 ms), and prints each row as it is measured. The certificate is ECDSA P-256
+(trustme's default); each client keeps its connections, so handshakes are not what is measured,
 the encryption of every request and answer is.
 """
 

@@ -22,6 +22,7 @@ from protocol.version import package_version
 if TYPE_CHECKING:
     from gateway.broker import Broker
     from gateway.connections import ConnectionGuard
+    from gateway.tls import ServerTls
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BATCH_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
@@ -90,6 +91,11 @@ class GatewayMetrics:
         if self._live is not None:
             self._live.connections = guard
 
+    def watch_tls(self, tls: "ServerTls") -> None:
+        """Read the served certificate's expiry at scrape time."""
+        if self._live is not None:
+            self._live.tls = tls
+
     def set_restarts(self, restarts: Callable[[], int]) -> None:
         if self._live is not None:
             self._live.restarts = restarts
@@ -129,6 +135,7 @@ class _LiveCollector:
         self.broker = broker
         self.restarts = restarts
         self.connections: "ConnectionGuard | None" = None
+        self.tls: "ServerTls | None" = None
 
     def collect(self) -> Iterable:
         broker = self.broker
@@ -165,3 +172,9 @@ class _LiveCollector:
             closed.add_metric(["idle"], guard.idle_closed)
             closed.add_metric(["malformed"], guard.malformed.count)
             yield closed
+        tls = self.tls
+        if tls is not None and tls.expires_at is not None:
+            yield GaugeMetricFamily(
+                "batchwire_tls_certificate_expiry_timestamp_seconds",
+                "When the TLS certificate served now expires (Unix seconds): alert on it "
+                "minus time() before a failed renewal reaches clients", value=tls.expires_at)

@@ -84,6 +84,8 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
         broker.metrics.set_restarts(lambda: supervisor.restarts)
 
     app = create_app(config, broker, api_keys)
+    if tls is not None:
+        broker.metrics.watch_tls(tls)
     app[SUPERVISOR] = supervisor
     # handler_cancellation: a client that disconnects cancels its handler, which withdraws
     # the request from the broker and tells the worker to skip it.

@@ -15,10 +15,18 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import time
 
+from gateway.cert_expiry import not_after
 from gateway.watched_files import CHECK_S, WatchedFiles, every
 
 log = logging.getLogger("batchwire.gateway.tls")
+
+#: A certificate expiring within this is warned about (cert-manager renews at 30 days left,
+#: certbot at 30: at 14 a renewal has failed for two weeks).
+EXPIRY_WARNING_S = 14 * 86400.0
+#: At most one expiry warning in this long.
+LOG_EXPIRY_EVERY_S = 86400.0
 
 
 class TlsConfigError(Exception):
@@ -37,7 +45,11 @@ class ServerTls:
         self.context = context
         self.reloads = 0
         self.files = WatchedFiles(cert_file, key_file)
+        #: When the certificate served now expires (Unix seconds; None: unreadable).
+        self.expires_at: float | None = None
+        self._expiry_logged_at = float("-inf")
         self._load()
+        self.check_expiry()
 
     def _load(self) -> None:
         for what, path in (("certificate", self.cert_file), ("key", self.key_file)):
@@ -49,6 +61,7 @@ class ServerTls:
             # (the certificate taken, then the key refused) would leave it serving neither.
             ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert_file, self.key_file)
             self.context.load_cert_chain(self.cert_file, self.key_file)
+            self.expires_at = not_after(self.cert_file)
         except ssl.SSLError as exc:
             why = ("the key does not belong to the certificate"
                    if exc.reason == "KEY_VALUES_MISMATCH" else str(exc.reason or exc))
@@ -60,6 +73,7 @@ class ServerTls:
         """Read the files again if either changed since last read; whether a new pair is now
         served. A pair that does not load is logged, and the one before kept."""
         if not self.files.changed():
+            self.check_expiry()
             return False
         try:
             self._load()
@@ -71,7 +85,29 @@ class ServerTls:
             return False
         self.reloads += 1
         log.info("TLS certificate reloaded from %s", self.cert_file)
+        self._expiry_logged_at = float("-inf")  # a renewal says at once if it is short-lived
+        self.check_expiry()
         return True
+
+    def check_expiry(self, now: float | None = None) -> None:
+        """Warn, once a day, while the certificate served expires within
+        :data:`EXPIRY_WARNING_S` (or has expired), so that a renewal that failed shows in the
+        log before clients start refusing the certificate."""
+        if self.expires_at is None:
+            return
+        now = time.time() if now is None else now
+        left = self.expires_at - now
+        if left > EXPIRY_WARNING_S or now - self._expiry_logged_at < LOG_EXPIRY_EVERY_S:
+            return
+        self._expiry_logged_at = now
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.expires_at))
+        if left <= 0:
+            log.error("the TLS certificate %s expired on %s: clients refuse it; renew it (it "
+                      "is read again when the file changes)", self.cert_file, when)
+        else:
+            log.warning("the TLS certificate %s expires on %s, in %.1f days: renew it (it is "
+                        "read again when the file changes)", self.cert_file, when,
+                        left / 86400.0)
 
     async def watch(self) -> None:
         """Check the files every :data:`~gateway.watched_files.CHECK_S` until cancelled."""

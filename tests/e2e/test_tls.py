@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -14,12 +15,15 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
+import urllib.request
 
 import aiohttp
 import pytest
 import trustme
 from aiohttp import web
 
+from gateway import cert_expiry
 from gateway.app import create_app
 from gateway.broker import Broker
 from gateway.config import GatewayConfig
@@ -166,6 +170,13 @@ def test_gateway_serves_https_and_the_docker_healthcheck_follows_it(procs, tmp_p
     assert subprocess.run(probe, env=env, capture_output=True, timeout=30).returncode != 0
     # A client trusting the CA reads /health; the gateway's own log names no error.
     assert asyncio.run(get_health(port, ca)) == 200
+    # /metrics says when the certificate served expires.
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", timeout=10,
+                                context=client_context(ca)) as answer:
+        scrape = answer.read().decode()
+    line = next(line for line in scrape.splitlines()
+                if line.startswith("batchwire_tls_certificate_expiry_timestamp_seconds "))
+    assert float(line.split()[1]) == cert_expiry.not_after(cert) > time.time()
     assert gateway.stop() == 0
     assert " ERROR " not in gateway.log_text() and "Traceback" not in gateway.log_text()
 
@@ -198,3 +209,46 @@ async def test_a_large_answer_is_written_whole_over_tls_and_given_back(tmp_path)
         assert response.status == 200 and len(body) > WRITTEN_AT_ONCE_BYTES
         assert json.loads(body) == answer
         await wait_for_async(lambda: memory.held == 0, 5, "the answer's bytes to be given back")
+
+
+@pytest.mark.parametrize("expires", [
+    datetime.datetime(2027, 3, 4, 5, 6, 7, tzinfo=datetime.timezone.utc),  # UTCTime
+    datetime.datetime(2051, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc),  # GeneralizedTime
+])
+def test_the_certificates_expiry_is_read_from_the_pem(tmp_path, expires):
+    from cryptography import x509
+
+    issued = trustme.CA().issue_cert("127.0.0.1", not_after=expires)
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    # The first certificate of the chain is the server's own.
+    own = x509.load_pem_x509_certificate(issued.cert_chain_pems[0].bytes())
+    assert cert_expiry.not_after(str(chain)) == expires.timestamp() == \
+        own.not_valid_after_utc.timestamp()
+    (tmp_path / "none.pem").write_text("no certificate here\n")
+    assert cert_expiry.not_after(str(tmp_path / "none.pem")) is None
+    assert cert_expiry.not_after(str(tmp_path / "missing.pem")) is None
+
+
+def test_a_certificate_near_its_expiry_is_warned_about_once_a_day(tmp_path, caplog):
+    soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=3)
+    issued = trustme.CA().issue_cert("127.0.0.1", not_after=soon)
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(str(key))
+    with caplog.at_level(logging.WARNING, logger="batchwire.gateway.tls"):
+        tls = ServerTls(str(cert), str(key))  # warns at start
+        for _ in range(3):
+            tls.reload_if_changed()  # the 30 s checks: nothing more today
+        tls.check_expiry(now=time.time() + 86400.0 + 1)  # a day later: again
+        tls.check_expiry(now=soon.timestamp() + 60)  # expired: an error
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in messages] == [logging.WARNING, logging.WARNING, logging.ERROR]
+    assert "expires on" in messages[0][1] and "in 3.0 days" in messages[0][1]
+    assert "expired on" in messages[2][1]
+    # A certificate with years left says nothing.
+    caplog.clear()
+    _, far_cert, far_key = issue(tmp_path, "far")
+    with caplog.at_level(logging.WARNING, logger="batchwire.gateway.tls"):
+        ServerTls(far_cert, far_key)
+    assert not caplog.records
