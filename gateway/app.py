@@ -26,6 +26,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import kserve
+from gateway.answer_shape import ANSWER_HEADERS, error_payload
 from gateway.api_keys import ApiKeys
 from gateway.broker import Broker, PendingRequest
 from gateway.config import GatewayConfig
@@ -235,15 +236,13 @@ class HeldAnswer(web.Response):
 
 def error_response(request: web.Request, error: BatchwireError, status: int | None = None,
                    debug_trace: str | None = None) -> web.Response:
-    body: dict[str, Any] = {"code": error.code, "message": error.message}
-    if debug_trace:
-        body["traceback"] = debug_trace
     headers = {"X-Request-Id": request.get(REQUEST_ID, "")}
     if error.retry_after is not None:
         headers["Retry-After"] = str(error.retry_after)
     if error.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    response = json_response({"error": body}, status=status or error.status, headers=headers)
+    response = json_response(error_payload(error, debug_trace), status=status or error.status,
+                             headers=headers)
     if error.closes_connection:
         response.force_close()
     response[ERROR_CODE] = error.metrics_code  # read by the metrics middleware
@@ -361,18 +360,18 @@ async def _read_body(request: web.Request) -> bytes:
     reserved = limit if request.content_length is None else request.content_length
     claim.hold_body(reserved)
     await _send_continue(request)
+    timeout_s = 0.0
     try:
         if request.content.is_eof():  # all here already: nothing to wait for
             body = await request.read()
         else:
             timeout_s = _timeout_s(request)
-            try:
-                # aiohttp enforces client_max_size on chunked bodies
-                body = await _within(request.read(), timeout_s)
-            except asyncio.TimeoutError:
-                raise DeadlineExceeded(
-                    f"the body did not arrive within the request's deadline ({timeout_s:g} s, "
-                    "X-Timeout-Ms or --timeout-ms); send it faster, or allow more time") from None
+            # aiohttp enforces client_max_size on chunked bodies
+            body = await _within(request.read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise DeadlineExceeded(
+            f"the body did not arrive within the request's deadline ({timeout_s:g} s, "
+            "X-Timeout-Ms or --timeout-ms); send it faster, or allow more time") from None
     except (web.RequestPayloadError, HttpProcessingError) as exc:
         # A body that does not decode as its Content-Encoding says, or whose chunked framing
         # broke (gateway/malformed_http.py fails it at once): the client's, not a 500.
@@ -823,12 +822,8 @@ def trace_id(traceparent: str) -> str | None:
     return match.group(1)
 
 
-async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
-    # aiohttp's default names the Python and aiohttp versions: scanners flag that as a leak.
-    response.headers["Server"] = "batchwire"
-    # Answers echo what clients sent (a sequence, a token string): a browser must not sniff
-    # one into HTML or script.
-    response.headers["X-Content-Type-Options"] = "nosniff"
+async def _answer_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.update(ANSWER_HEADERS)
 
 
 def create_app(config: GatewayConfig, broker: Broker,
@@ -846,7 +841,7 @@ def create_app(config: GatewayConfig, broker: Broker,
     app[STARTED] = time.monotonic()
     app[CONNECTIONS] = ConnectionGuard(config.max_connections, config.idle_timeout_s)
     broker.metrics.watch_connections(app[CONNECTIONS])
-    app.on_response_prepare.append(_server_header)
+    app.on_response_prepare.append(_answer_headers)
     if config.cors_origins:
         app[CORS] = cors = Cors(config.cors_origins)
         app.on_response_prepare.append(cors.on_prepare)

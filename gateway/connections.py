@@ -28,10 +28,11 @@ try:
 except ImportError:  # not on Windows
     resource = None  # type: ignore[assignment]
 
-import orjson
 from aiohttp import web
 
+from gateway.answer_shape import ANSWER_HEADERS, error_body
 from gateway.malformed_http import MalformedLog, json_errors
+from protocol.errors import Overloaded
 
 if TYPE_CHECKING:
     from ssl import SSLContext
@@ -83,15 +84,17 @@ def make_room_for(max_connections: int) -> tuple[int, str] | None:
 
 
 def refusal(limit: int) -> bytes:
-    """The whole 503 a connection past the limit gets: the error shape of every route."""
-    body = orjson.dumps({"error": {
-        "code": "overloaded",
-        "message": f"the server holds as many connections as it takes ({limit}, "
-                   "--max-connections); retry shortly, or reuse a connection"}})
-    return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            b"Server: batchwire\r\nX-Content-Type-Options: nosniff\r\n"
-            b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
-            + str(len(body)).encode() + b"\r\n\r\n" + body)
+    """The whole 503 a connection past the limit gets: the error shape and headers of every
+    route's answers."""
+    error = Overloaded(f"the server holds as many connections as it takes ({limit}, "
+                       "--max-connections); retry shortly, or reuse a connection")
+    body = error_body(error)
+    headers = {**ANSWER_HEADERS, "Content-Type": "application/json",
+               "Retry-After": str(error.retry_after), "Connection": "close",
+               "Content-Length": str(len(body))}
+    return (b"HTTP/1.1 503 Service Unavailable\r\n"
+            + "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode()
+            + b"\r\n" + body)
 
 
 class ConnectionState:

@@ -21,11 +21,11 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from gateway.answer_shape import ANSWER_HEADERS, error_body
 from protocol.errors import BatchwireError, HeadTooLarge, MalformedRequest, UnsupportedMediaType
 
 if TYPE_CHECKING:
@@ -84,10 +84,6 @@ def body_error(exc: BaseException) -> MalformedRequest:
                             "or chunked encoding")
 
 
-def error_body(error: BatchwireError) -> bytes:
-    return orjson.dumps({"error": {"code": error.code, "message": error.message}})
-
-
 class MalformedLog:
     """One WARNING per :data:`WARN_EVERY_S` about malformed requests, with how many came
     since the last, so that a misconfigured client (https:// to this port) shows in the log,
@@ -136,8 +132,7 @@ class _JsonErrorsHandler(RequestHandler):
             self.guard.malformed.note(request.remote, error, exc)
         response = web.Response(body=error_body(error), status=error.status,
                                 content_type="application/json",
-                                headers={"Server": "batchwire",
-                                         "X-Content-Type-Options": "nosniff"})
+                                headers=ANSWER_HEADERS)
         response.force_close()
         return response
 
