@@ -96,6 +96,10 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
     if room is not None:
         log.log(*room)
     listener: asyncio.AbstractServer | None = None
+    # What the gateway reads again when it changes: every 30 s, and at once on SIGHUP.
+    reread: list[ServerTls | ApiKeys] = [tls] if tls is not None else []
+    if config.api_keys_file:
+        reread.append(api_keys)
     watches: list[asyncio.Task] = []
     try:
         listener = await app[CONNECTIONS].listen(runner, config.host, config.port,
@@ -107,10 +111,7 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
     else:
         log.info("listening on %s://%s:%d (pid %d, %s loop)", "https" if tls else "http",
                  config.host, config.port, os.getpid(), eventloop.loop_name())
-        if tls is not None:
-            watches.append(asyncio.create_task(tls.watch()))
-        if config.api_keys_file:
-            watches.append(asyncio.create_task(api_keys.watch()))
+        watches = [asyncio.create_task(files.watch()) for files in reread]
         freeze_startup_objects()
         if supervisor is not None:
             await supervisor.start()
@@ -137,11 +138,10 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
     def on_hangup() -> None:
         # As nginx does: SIGHUP reads the watched files now, not at the next 30 s check.
         log.info("SIGHUP: checking the TLS and API key files now")
-        if tls is not None:
-            tls.reload_if_changed()
-        api_keys.reload_if_changed()
+        for files in reread:
+            files.reload_if_changed()
 
-    if tls is not None or config.api_keys_file:
+    if reread:
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
 
     await stop.wait()
