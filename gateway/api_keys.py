@@ -50,7 +50,6 @@ class ApiKeys:
         self.key = key
         self.keys_file = keys_file
         self.files = WatchedFiles(keys_file) if keys_file else None
-        self.reloads = 0
         self._accepted: tuple[bytes, ...] = ()
         self._load()
         if keys_file and not self._accepted:
@@ -88,7 +87,6 @@ class ApiKeys:
         except ApiKeysError as exc:
             log.error("%s; still accepting the keys read before", exc)
             return False
-        self.reloads += 1
         if self._accepted:
             log.info("API keys reloaded from %s: %d key(s)", self.keys_file, len(self._accepted))
         else:
