@@ -24,6 +24,8 @@ from protocol.messages import NDArray
 from worker.batcher import RunOutput
 from worker.config import POOLING_MODES
 from worker import batch_encoding, dense_layers, fill_mask_answers, mask_scores, sparse_head
+from worker.text_starts import (PREFIX_MARGIN_TOKENS, ideographs_stand_alone, long_text_start,
+                                prefix_cut_agrees)
 
 log = logging.getLogger("batchwire.worker.runner")
 
@@ -158,8 +160,12 @@ class Measurer:
     #: in the batch.
     truncating: Any = None
     #: Whether a long text's embedding may be tokenized from its start only (see
-    #: :func:`embedding_prefix`; checked at load).
+    #: :func:`worker.text_starts.embedding_prefix`; checked at load).
     prefix_cut: bool = False
+    #: Whether a long text may be cut before a CJK ideograph too: its tokenizers set each
+    #: one apart (:func:`worker.text_starts.ideographs_stand_alone`), and, for embeddings
+    #: cut on arrival, CJK check texts encode alike from their start.
+    ideograph_cut: bool = False
 
 
 class PipelineRunner:
@@ -298,7 +304,8 @@ class PipelineRunner:
                          "do_lower_case)")
             self._measurer = self._new_measurer()
             # The same tokenizers: the load-time check of long texts' starts holds for both.
-            self._bulk_measurer = self._new_measurer(self._measurer.prefix_cut)
+            self._bulk_measurer = self._new_measurer(
+                (self._measurer.prefix_cut, self._measurer.ideograph_cut))
             if self.prompt_excluded:
                 tokenizer = self._embed_tokenizer or self.pipe.tokenizer
                 self._prompt_tokens = {text: prompt_tokens(tokenizer, text)
@@ -322,9 +329,9 @@ class PipelineRunner:
                 self.pipe, self.kind, self._measurer.counting if self._measurer else None)
         return time.monotonic() - started
 
-    def _new_measurer(self, prefix_cut: bool | None = None) -> Measurer:
-        """A thread's own copies of the tokenizers (see :class:`Measurer`). ``prefix_cut``:
-        the check of :func:`prefix_cut_agrees` made for another copy; None: make it."""
+    def _new_measurer(self, cuts: tuple[bool, bool] | None = None) -> Measurer:
+        """A thread's own copies of the tokenizers (see :class:`Measurer`). ``cuts``: its
+        ``prefix_cut`` and ``ideograph_cut``, as checked for another copy; None: check."""
         tokenizer = copy.deepcopy(self.pipe.tokenizer)
         measurer = Measurer(tokenizer, counting_backend(tokenizer))
         measurer.embed_tokenizer, measurer.embed_counting = measurer.tokenizer, measurer.counting
@@ -334,9 +341,19 @@ class PipelineRunner:
         if measurer.embed_counting is not None and self.embed_max_length:
             measurer.truncating = truncating_backend(
                 measurer.embed_tokenizer, measurer.embed_counting, self.embed_max_length)
+        if cuts is not None:
+            measurer.prefix_cut, measurer.ideograph_cut = cuts
+            return measurer
+        measurer.ideograph_cut = all(
+            ideographs_stand_alone(backend) for backend in (measurer.counting,
+                                                            measurer.embed_counting))
         if measurer.truncating is not None:
-            measurer.prefix_cut = (prefix_cut if prefix_cut is not None else prefix_cut_agrees(
-                measurer.embed_counting, measurer.truncating, self.embed_max_length))
+            measurer.prefix_cut = prefix_cut_agrees(
+                measurer.embed_counting, measurer.truncating, self.embed_max_length)
+            if measurer.prefix_cut and measurer.ideograph_cut:
+                measurer.ideograph_cut = prefix_cut_agrees(
+                    measurer.embed_counting, measurer.truncating, self.embed_max_length,
+                    ideographs=True)
         return measurer
 
     def _follow_declared_modules(self, pooling_config: dict, dense: list[str],
@@ -444,8 +461,8 @@ class PipelineRunner:
     def arrive(self, input: Any, parameters: dict, bulk: bool = False) -> tuple[int, Any]:
         """:meth:`measure`, and the input to run: a long text whose answer is of its first
         tokens only (an embedding, or token-level answers with ``{"truncation": true}``)
-        comes back as its start (see :func:`embedding_prefix`), so the batch never
-        tokenizes the rest, not even when its arrival encoding is gone."""
+        comes back as its start (see :func:`worker.text_starts.embedding_prefix`), so the
+        batch never tokenizes the rest, not even when its arrival encoding is gone."""
         measurer = self._bulk_measurer if bulk else self._measurer
         if measurer is None or not isinstance(input, str):
             return 0, input
@@ -467,7 +484,8 @@ class PipelineRunner:
                 # encoding, which is not lowercased.
                 encodings = None
             elif truncate_at and measurer.prefix_cut and plain:
-                start = long_text_start(measurer.embed_counting, text, truncate_at)
+                start = long_text_start(measurer.embed_counting, text, truncate_at,
+                                        measurer.ideograph_cut)
                 if start is not None and len(start) > len(prompt):
                     [cut] = encode_fast(measurer.truncating, [start])
                     if encodings is not None:
@@ -476,13 +494,15 @@ class PipelineRunner:
         elif (parameters == {"truncation": True} and measurer.prefix_cut and self.max_length
               and self._embed_tokenizer is None):
             # Token-level answers of the first max_length tokens: the tokenizer's own cut.
-            start = long_text_start(measurer.counting, text, self.max_length)
+            start = long_text_start(measurer.counting, text, self.max_length,
+                                    measurer.ideograph_cut)
             if start is not None:
                 return self.max_length, start
         if not truncate_at and self.max_length and backend is not None and plain:
             # Its start alone holds more tokens than the model takes: refused without
             # counting the rest (seconds, for a few MiB).
-            if long_text_start(backend, text, self.max_length) is not None:
+            if long_text_start(backend, text, self.max_length,
+                               measurer.ideograph_cut) is not None:
                 raise self._too_long(f"over {self.max_length + PREFIX_MARGIN_TOKENS}",
                                      parameters)
         count = self._token_lengths([text], parameters, tokenizer, backend, encodings,
@@ -924,75 +944,6 @@ def truncating_backend(tokenizer: Any, backend: Any, max_length: int) -> Any:
                  "differ from the tokenizer's own with truncation")
         return None
     return cutting
-
-
-#: A text's embedding keeps its first max_seq_length tokens. Past this many characters
-#: for each token it keeps (and a margin), it is tokenized from its start only: a 4 MiB
-#: text cost 2.5 to 10 s of tokenizing for 256 tokens. English runs about 4 characters a
-#: token; a text that packs fewer tokens than the margin into its start is tokenized whole.
-PREFIX_CHARS_PER_TOKEN = 32
-PREFIX_MARGIN_TOKENS = 16
-#: How far back from the budget's end a whitespace to cut before is looked for.
-_PREFIX_WHITESPACE_WINDOW = 1024
-
-
-def embedding_prefix(text: str, keep: int) -> str | None:
-    """The start of ``text`` to tokenize for an embedding of its first ``keep`` tokens, cut
-    just before a whitespace character, so no word (and no special token written in the
-    text) is split and the tokens before the cut are those of the whole text; None when the
-    text is short enough to tokenize whole, or no whitespace is near the cut (CJK text, say)."""
-    budget = PREFIX_CHARS_PER_TOKEN * (keep + PREFIX_MARGIN_TOKENS)
-    if len(text) <= budget:
-        return None
-    start = max(budget - _PREFIX_WHITESPACE_WINDOW, 0)
-    cut = max(text.rfind(space, start, budget) for space in (" ", "\n", "\t"))
-    return text[:cut] if cut > 0 else None
-
-
-def long_text_start(counting: Any, text: str, keep: int) -> str | None:
-    """``text``'s start (:func:`embedding_prefix`) when it holds the first ``keep`` tokens
-    and the margin, counted with the Rust backend ``counting``; None when ``text`` is to be
-    tokenized whole."""
-    prefix = embedding_prefix(text, keep)
-    if prefix is None:
-        return None
-    if counting.truncation is not None or counting.padding is not None:
-        # An earlier call with tokenizer arguments left them on this thread's backend (the
-        # tokenizer's own next call sets what it needs again): cut, it would count too few;
-        # padded, too many, and a start short of the tokens kept would pass.
-        counting.no_truncation()
-        counting.no_padding()
-    [whole] = encode_fast(counting, [prefix])
-    return prefix if len(whole) >= keep + PREFIX_MARGIN_TOKENS else None
-
-
-def prefix_cut_agrees(counting: Any, truncating: Any, keep: int) -> bool:
-    """Whether long texts' encodings, cut at ``keep`` tokens, are the same from their start
-    alone (:func:`embedding_prefix`) as from the whole text, on check texts of many kinds:
-    words, punctuation, unicode, special tokens written in the text, line breaks."""
-    pieces = [*_COUNT_CHECKS[1:4], "Don't stop , it's [SEP] here . Really ? [CLS] Yes !",
-              "Pay $5.00 (or 4,5 €) at https://example.com/a?b=c#d — now!"]
-    budget = PREFIX_CHARS_PER_TOKEN * (keep + PREFIX_MARGIN_TOKENS)
-    checks = [(piece + " ") * (budget // (len(piece) + 1) + 2) for piece in pieces]
-    checks.append(" ".join(pieces) * (budget // len(" ".join(pieces)) + 2))
-    # Not periodic: a tokenizer that cuts from the left keeps other tokens here.
-    checks.append(" ".join(f"item {n}," for n in range(budget // 6)))
-    if (getattr(truncating, "truncation", None) or {}).get("direction", "right") != "right":
-        return False  # it keeps a long text's end, which its start cannot give
-    try:
-        for text in checks:
-            start = long_text_start(counting, text, keep)
-            got = encode_fast(truncating, [start])[0] if start is not None else None
-            [want] = encode_fast(truncating, [text])
-            if got is None or any(list(getattr(got, attr)) != list(getattr(want, attr))
-                                  for attr in ("ids", "type_ids", "attention_mask")):
-                log.info("long texts' embeddings tokenized whole: from their start alone, "
-                         "the check texts' encodings differ")
-                return False
-    except Exception as exc:  # noqa: BLE001 - any doubt: tokenize them whole
-        log.debug("long texts' embeddings tokenized whole: %s: %s", type(exc).__name__, exc)
-        return False
-    return True
 
 
 def _whole_number(value: Any) -> bool:

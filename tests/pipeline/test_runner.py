@@ -623,16 +623,21 @@ def test_feature_extraction_one_item_batch_equals_unbatched(tiny_fe_runner, tiny
 def test_a_long_text_is_refused_from_its_start(fill_runner, tiny_fe_runner, monkeypatch):
     """A text whose start alone holds more tokens than the model takes is refused without
     counting the rest: seconds, for a few MiB, on the worker's measuring thread."""
-    text = "word " * 40_000 + "[MASK]"
+    texts = ["word " * 40_000 + "[MASK]",
+             # Chinese and Japanese, written without spaces: cut before an ideograph.
+             "".join(chr(0x4E00 + (n * 7919) % 20902) for n in range(200_000)) + "[MASK]",
+             "猫が[MASK]に座った。" * 20_000]
     for runner in (fill_runner, tiny_fe_runner):
-        # As a call with tokenizer arguments leaves the measuring tokenizer's backend.
-        runner.measure("hello", {"truncation": True})
-        recording = _Recording(runner._measurer.counting)
-        monkeypatch.setattr(runner._measurer, "counting", recording)
-        with pytest.raises(InputTooLong, match=f"input is over {TINY_LIMIT + 16} tokens long "
-                           f"but this model takes at most {TINY_LIMIT}; shorten it"):
-            runner.measure(text, {})
-        assert len(recording.lengths) == 1 and recording.lengths[0] < len(text) // 10
+        assert runner._measurer.ideograph_cut and runner._bulk_measurer.ideograph_cut
+        for text in texts:
+            # As a call with tokenizer arguments leaves the measuring tokenizer's backend.
+            runner.measure("hello", {"truncation": True})
+            recording = _Recording(runner._measurer.counting)
+            monkeypatch.setattr(runner._measurer, "counting", recording)
+            with pytest.raises(InputTooLong, match=f"input is over {TINY_LIMIT + 16} tokens "
+                               f"long but this model takes at most {TINY_LIMIT}; shorten it"):
+                runner.measure(text, {})
+            assert len(recording.lengths) == 1 and recording.lengths[0] < len(text) // 10
 
 
 def test_too_long_input_is_422_input_too_long(fill_runner, tiny_fe_runner):
@@ -1181,21 +1186,24 @@ class _Recording:
 def test_a_long_texts_embedding_is_tokenized_from_its_start(minilm_runner, monkeypatch):
     """An embedding keeps a text's first 256 tokens, so a 100,000-character text is
     tokenized from its start only (a 4 MiB one took 2.5 to 10 s whole), cut before a
-    whitespace; the vectors are sentence-transformers' all the same. A start with too few
-    tokens in it (long whitespace runs) and text with no whitespace to cut at (CJK) are
-    tokenized whole."""
+    whitespace or, in CJK text, an ideograph; the vectors are sentence-transformers' all
+    the same. A start with too few tokens in it (long whitespace runs) and text with nowhere
+    to cut (a long run of kana) are tokenized whole."""
     from sentence_transformers import SentenceTransformer
 
-    from worker.runner import PREFIX_CHARS_PER_TOKEN, embedding_prefix
+    from worker.text_starts import PREFIX_CHARS_PER_TOKEN, embedding_prefix
 
     measurer = minilm_runner._measurer
     assert measurer.prefix_cut and minilm_runner._bulk_measurer.prefix_cut
+    assert measurer.ideograph_cut and minilm_runner._bulk_measurer.ideograph_cut
     recording = _Recording(measurer.truncating)
     monkeypatch.setattr(measurer, "truncating", recording)
     texts = [_distinct_words(20_000, 5),
              "Don't stop , it's [SEP] here .\nReally ? Yes ! " * 3000,
              "word" + " " * 20_000 + _distinct_words(5_000, 6),
-             "猫が座った。" * 3000]
+             "猫が座った。" * 3000,
+             "".join(chr(0x4E00 + (n * 7919) % 20902) for n in range(20_000)),
+             "かたかな、カタカナ。" * 3000]
     model = SentenceTransformer(minilm_runner.model, device="cpu")
     reference = model.encode(texts)
     embed = {EMBED_KEY: True}
@@ -1209,19 +1217,22 @@ def test_a_long_texts_embedding_is_tokenized_from_its_start(minilm_runner, monke
         assert minilm_runner.measure(text, embed) == 256
         (vector,) = minilm_runner([text], embed, [256]).outputs
         np.testing.assert_allclose(vector.to_numpy(), want, atol=2e-5)
-        prefix = embedding_prefix(text, 256)
+        prefix = embedding_prefix(text, 256, ideographs=True)
         if prefix is not None and len(model.tokenizer(prefix)["input_ids"]) >= 256 + 16:
             assert recording.lengths == [len(prefix)] and budget - 1024 <= len(prefix) <= budget
-            assert text[len(prefix)].isspace()
+            assert text[len(prefix)].isspace() or 0x4E00 <= ord(text[len(prefix)]) <= 0x9FFF
         else:
             assert recording.lengths == [len(text)], "tokenized whole"
-    # Which took which way: the first two from their start.
-    assert [embedding_prefix(t, 256) is not None for t in texts] == [True, True, True, False]
+    # Which took which way: the first two and the CJK ones from their start.
+    assert [embedding_prefix(t, 256, ideographs=True) is not None
+            for t in texts] == [True, True, True, True, True, False]
+    assert [embedding_prefix(t, 256) is not None
+            for t in texts] == [True, True, True, False, False, False]
     # The item the batch runs is that start, so even with its arrival encoding gone the
     # batch tokenizes no more than it.
     for text, want in zip(texts, reference):
         tokens, run = minilm_runner.arrive(text, embed)
-        assert tokens == 256 and (run == text) == (text is not texts[0] and text is not texts[1])
+        assert tokens == 256 and (run == text) == (text is texts[2] or text is texts[-1])
         minilm_runner.batch_encoder._remembered.clear()
         (vector,) = minilm_runner([run], embed, [tokens]).outputs
         np.testing.assert_allclose(vector.to_numpy(), want, atol=2e-5)
@@ -1246,13 +1257,45 @@ def test_token_level_answers_with_truncation_run_a_long_texts_start(minilm_runne
 def test_a_tokenizer_that_keeps_a_long_texts_end_is_not_cut_at_its_start(minilm_runner):
     from tokenizers import Tokenizer
 
-    from worker.runner import prefix_cut_agrees
+    from worker.text_starts import prefix_cut_agrees
 
     counting = minilm_runner._measurer.embed_counting
     for side in ("right", "left"):
         cutting = Tokenizer.from_str(counting.to_str())
         cutting.enable_truncation(256, direction=side)
         assert prefix_cut_agrees(counting, cutting, 256) is (side == "right")
+
+
+def test_text_is_cut_before_an_ideograph_only_where_the_tokenizer_sets_each_apart(
+        minilm_runner):
+    """BERT's tokenizer makes every CJK ideograph a piece of its own, so a cut before one
+    changes none of the tokens before it. A tokenizer that keeps a run of them together
+    (sentencepiece's, or BERT's without its Chinese-character handling), or has an added
+    token with one in it, is never cut there."""
+    from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
+
+    from worker.text_starts import ideographs_stand_alone, prefix_cut_agrees
+
+    counting = minilm_runner._measurer.embed_counting
+    assert ideographs_stand_alone(counting)
+    cutting = Tokenizer.from_str(counting.to_str())
+    cutting.enable_truncation(256)
+    assert prefix_cut_agrees(counting, cutting, 256, ideographs=True)
+
+    together = Tokenizer.from_str(counting.to_str())
+    together.normalizer = normalizers.BertNormalizer(handle_chinese_chars=False)
+    assert not ideographs_stand_alone(together)
+    spaced = Tokenizer.from_str(counting.to_str())
+    spaced.pre_tokenizer = pre_tokenizers.Metaspace()
+    assert not ideographs_stand_alone(spaced)
+    added = Tokenizer.from_str(counting.to_str())
+    added.add_tokens([AddedToken("新品", single_word=False)])
+    assert not ideographs_stand_alone(added)
+    # Cut all the same, it would be found out by the check texts.
+    together_cutting = Tokenizer.from_str(together.to_str())
+    together_cutting.enable_truncation(256)
+    assert not prefix_cut_agrees(together, together_cutting, 256, ideographs=True)
+    assert prefix_cut_agrees(together, together_cutting, 256)
 
 
 def test_max_seq_length_setting_truncates_embeddings_of_any_feature_model(tiny_model_dir,
