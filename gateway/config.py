@@ -69,6 +69,8 @@ class WorkerLaunchConfig:
     #: None: each worker's device default (worker.config.default_max_batch_size).
     max_batch_size: int | None = None
     max_delay_ms: float = 2.0
+    #: None: the worker's own default (worker.memory_limits.DEFAULT_RECOVERY_S).
+    oom_recovery_s: float | None = None
     #: None: each worker's device default (worker.config.default_max_batch_tokens).
     max_batch_tokens: int | None = None
     length_buckets: bool = True
@@ -246,6 +248,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
             devices=args.devices,
             max_batch_size=args.max_batch_size,
             max_delay_ms=args.max_delay_ms,
+            oom_recovery_s=args.oom_recovery_s,
             max_batch_tokens=args.max_batch_tokens,
             length_buckets=not args.no_length_buckets,
             torch_threads=args.torch_threads,

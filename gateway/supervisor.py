@@ -153,6 +153,8 @@ class Supervisor:
             argv += ["--max-batch-tokens", str(launch.max_batch_tokens)]
         if not launch.length_buckets:
             argv += ["--no-length-buckets"]
+        if launch.oom_recovery_s is not None:
+            argv += ["--oom-recovery-s", str(launch.oom_recovery_s)]
         if launch.trust_remote_code:
             argv += ["--trust-remote-code"]
         argv += ["--pooling", launch.pooling, "--normalize", launch.normalize]

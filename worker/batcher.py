@@ -25,7 +25,8 @@ The policy, in one place:
   stays the hard bound. ``adaptive=False`` is the fixed window.
 * An out-of-memory error also splits the batch, and lowers the effective token budget to
   the larger half's padded tokens (the effective batch size, when inputs have no token
-  counts), so the worker stops asking the device for what it cannot hold.
+  counts), so the worker stops asking the device for what it cannot hold; after a while
+  without another, it is raised again step by step (:mod:`worker.memory_limits`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from protocol.errors import (
 )
 from worker import batch_policy
 from worker.latency_model import LatencyModel, worth_waiting
+from worker.memory_limits import DEFAULT_RECOVERY_S, MemoryLimits
 
 log = logging.getLogger("batchwire.worker.batcher")
 
@@ -138,6 +140,9 @@ class Batcher:
     #: How many of the oldest queued items a batch is chosen from (0: all of them).
     window: int = 0
     max_passes: int = batch_policy.DEFAULT_MAX_PASSES
+    #: Seconds without an out-of-memory error before a lowered limit is raised a step; 0:
+    #: never (:mod:`worker.memory_limits`).
+    oom_recovery_s: float = DEFAULT_RECOVERY_S
     clock: Callable[[], float] = time.monotonic
 
     def __post_init__(self) -> None:
@@ -153,8 +158,8 @@ class Batcher:
         self._busy_since: float | None = None
         self._closing = False
         #: Lowered after an out-of-memory error; never above the configured limits.
-        self.effective_batch_size = self.max_batch_size
-        self.effective_batch_tokens = self.max_batch_tokens
+        self.limits = MemoryLimits(self.max_batch_size, self.max_batch_tokens,
+                                   self.oom_recovery_s, self.clock)
         self.latency = LatencyModel()
         #: Arrival streams by parameter set: a batch can only be joined by items of its own
         #: parameters, so only their arrivals say whether holding it pays.
@@ -184,6 +189,14 @@ class Batcher:
         item.cancelled = True
         self._wakeup.set()
         return True
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.limits.batch_size
+
+    @property
+    def effective_batch_tokens(self) -> int:
+        return self.limits.batch_tokens
 
     @property
     def queued(self) -> int:
@@ -223,6 +236,7 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            self.limits.raise_if_due()
             oldest = min(self._queue, key=lambda it: it.admitted_at)
             group = sorted((it for it in self._queue if it.parameter_key == oldest.parameter_key),
                            key=lambda it: it.admitted_at)
@@ -300,7 +314,7 @@ class Batcher:
         except Exception as exc:  # noqa: BLE001 - every item must still get an answer
             if self.is_out_of_memory(exc) and len(batch) > 1:
                 half = len(batch) // 2
-                self._lower_limits_after_oom(batch, lengths, half)
+                self.limits.out_of_memory(lengths, half)
                 await self._run_isolating(batch[:half])
                 await self._run_isolating(batch[half:])
                 return
@@ -326,25 +340,6 @@ class Batcher:
                                self.batches_run, count, padded, padding)
             self._by_id.pop(item.request_id, None)
             self.on_result(item, output, stats)
-
-    def _lower_limits_after_oom(self, batch: list[WorkItem], lengths: list[int],
-                                half: int) -> None:
-        """Stop asking the device for what it could not hold: the larger half is what the
-        next batches may cost. Activation memory follows padded tokens, so when every token
-        count is known only the token budget drops; short inputs still batch up to the
-        configured count. Without counts (inputs that are not text), the count drops."""
-        if all(lengths):  # both halves hold an item, so the cost below is positive
-            cost = max(batch_policy.padded_tokens(lengths[:half]),
-                       batch_policy.padded_tokens(lengths[half:]))
-            if not self.effective_batch_tokens or cost < self.effective_batch_tokens:
-                self.effective_batch_tokens = cost
-                log.warning("out of memory on a batch of %d (%d padded tokens); effective "
-                            "token budget is now %d padded tokens", len(batch),
-                            batch_policy.padded_tokens(lengths), cost)
-        elif len(batch) - half < self.effective_batch_size:
-            self.effective_batch_size = len(batch) - half
-            log.warning("out of memory on a batch of %d; effective batch size is now %d",
-                        len(batch), self.effective_batch_size)
 
     def _timed_run(self, inputs: list, parameters: dict, lengths: list) -> tuple[Any, float, float]:
         """Runs in the inference thread and times the call there, so inference_ms is the

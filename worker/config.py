@@ -12,6 +12,7 @@ from protocol.flags import (Flags, auto_or_positive_int, non_negative_float, non
                             positive_float, positive_int)
 from protocol.logs import add_logging_flags
 from protocol.version import package_version
+from worker.memory_limits import DEFAULT_RECOVERY_S
 
 #: On two CPU cores with two torch threads the raw pipeline is best at batch 16 on short
 #: inputs (fill-mask, embeddings, token-level features), and with length buckets choosing
@@ -87,6 +88,9 @@ class WorkerConfig:
     stock_pipeline: bool = False
     #: The model's weights and compute dtype (--dtype); "auto": as the checkpoint stores them.
     dtype: str = "auto"
+    #: Seconds without an out-of-memory error before a lowered limit is raised a step; 0:
+    #: never (worker/memory_limits.py).
+    oom_recovery_s: float = DEFAULT_RECOVERY_S
 
     @property
     def max_delay_s(self) -> float:
@@ -113,6 +117,12 @@ def add_model_flags(flags: Flags) -> None:
     flags.add("--max-delay-ms", type=non_negative_float, default=DEFAULT_MAX_DELAY_MS,
               help="longest the oldest waiting item is held for a batch to fill, counted "
               "from gateway admission; 0 takes whatever is queued")
+    flags.add("--oom-recovery-s", type=non_negative_float, default=DEFAULT_RECOVERY_S,
+              help="after the device runs out of memory, the worker's batches are limited to "
+              "what it held; after this many seconds without another such error the limit "
+              "is raised a quarter, step by step, back to --max-batch-tokens/--max-batch-size "
+              "(each raise that runs out again doubles the wait, up to an hour); 0: never "
+              "raised while the worker lives")
     flags.add("--trust-remote-code", action="store_true", default=False,
               help="allow custom pipeline/model code from the model directory "
               "(transformers' trust_remote_code)")
@@ -199,6 +209,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         device=args.device,
         max_batch_size=max_batch_size,
         max_delay_ms=args.max_delay_ms,
+        oom_recovery_s=args.oom_recovery_s,
         capacity=args.capacity or DEFAULT_CAPACITY_BATCHES * max_batch_size,
         max_batch_tokens=(default_max_batch_tokens(args.device) if args.max_batch_tokens is None
                           else args.max_batch_tokens),

@@ -106,6 +106,7 @@ class WorkerService:
             is_out_of_memory=is_out_of_memory,
             adaptive=not config.fixed_delay,
             max_batch_tokens=config.max_batch_tokens,
+            oom_recovery_s=config.oom_recovery_s,
             length_buckets=config.length_buckets,
             # The look-ahead is what the gateway lets this worker hold: its capacity.
             window=config.capacity,

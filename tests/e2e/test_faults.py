@@ -18,8 +18,9 @@ def fault_args(fault_model_dir, *extra: str) -> list[str]:
 
 async def test_out_of_memory_splits_the_batch_and_lowers_the_token_budget(start_server,
                                                                           fault_model_dir):
+    # Raised again only after 5 s without another error, long after the requests below.
     server = start_server(fault_args(fault_model_dir, "--max-batch-size", "8",
-                                     "--max-delay-ms", "300"))
+                                     "--max-delay-ms", "300", "--oom-recovery-s", "5"))
     async with aiohttp.ClientSession() as session:
         replies = await asyncio.gather(*(post(session, server.url + "/",
                                               data=f"OOM {i} [MASK]".encode()) for i in range(8)))
@@ -38,6 +39,18 @@ async def test_out_of_memory_splits_the_batch_and_lowers_the_token_budget(start_
              "/info to show the lowered token budget")
     assert [w["max_batch_size"] for w in server.info()["workers"]] == [8]
     assert "effective batch size" not in server.log_text()  # token counts were known
+
+    # With no error since, the next batch after --oom-recovery-s raises the budget a step,
+    # and /info shows it.
+    async with aiohttp.ClientSession() as session:
+        async def raised() -> bool:
+            status, _, _ = await post(session, server.url + "/", data=b"later [MASK]")
+            assert status == 200
+            workers = (await info_async(session, server))["workers"]
+            return [w["max_batch_tokens"] for w in workers] > [budget]
+
+        await wait_for_async(raised, 30, "the token budget to be raised again", interval=0.2)
+    assert "no out-of-memory error for 5 s" in server.log_text()
     assert "exited with code" not in server.log_text()
 
 

@@ -172,7 +172,7 @@ def test_supervisor_argv_parses_with_the_worker_parser(monkeypatch):
     launch = gateway_config.WorkerLaunchConfig(model="/m", task="fill-mask", workers=2,
                                                devices="cpu", max_batch_size=4, max_delay_ms=7,
                                                trust_remote_code=True, stock_pipeline=True,
-                                               max_seq_length=384)
+                                               max_seq_length=384, oom_recovery_s=5.0)
     sup = Supervisor(launch, "ipc:///tmp/bw.sock", 1.0, 12.0, "INFO", on_exit=lambda *a: None,
                      event_loop="asyncio")
     assert len(sup.slots) == 2
@@ -184,6 +184,7 @@ def test_supervisor_argv_parses_with_the_worker_parser(monkeypatch):
         assert cfg.batch_timeout_s == 12.0 and cfg.torch_threads >= 1
         assert cfg.event_loop == "asyncio"  # serve's --event-loop reaches its workers
         assert cfg.max_seq_length == 384
+        assert cfg.oom_recovery_s == 5.0
         assert slot.env["OMP_NUM_THREADS"] == str(cfg.torch_threads)
 
 
@@ -266,3 +267,15 @@ def test_dtype_comes_from_flag_or_env_and_serve_passes_it_to_its_workers(monkeyp
         # "auto" is the worker's own default: serve leaves it to the worker (and its env).
         assert ("--dtype" in argv) is flag_expected
         assert worker_config.parse(argv[3:], environ={}).dtype == dtype
+
+
+def test_oom_recovery_comes_from_flag_or_env_and_defaults_to_a_minute():
+    base = ["--connect", "tcp://127.0.0.1:5555"]
+    assert worker_config.parse(base, environ={}).oom_recovery_s == 60.0
+    assert worker_config.parse(base + ["--oom-recovery-s", "0"], environ={}).oom_recovery_s == 0
+    assert worker_config.parse(base, environ={"BATCHWIRE_OOM_RECOVERY_S": "300"}
+                               ).oom_recovery_s == 300.0
+    with pytest.raises(SystemExit):
+        worker_config.parse(base + ["--oom-recovery-s", "-1"], environ={})
+    _, serve = gateway_config.parse(["serve", "--oom-recovery-s", "120"], environ={})
+    assert serve.workers.oom_recovery_s == 120.0

@@ -496,6 +496,42 @@ async def test_out_of_memory_on_a_lone_item_fails_it_alone(make_batcher):
     assert h.only(1).output == expected_output(items[1])
 
 
+async def test_a_lowered_token_budget_is_raised_again_once_memory_holds(make_batcher):
+    """The device ran out once (something else held its memory for a while): after a minute
+    without another error the budget rises a step as each batch forms, until full batches
+    run again, and none runs out of memory meanwhile."""
+    failures = iter([True])
+    runner = Runner(raise_if=lambda lengths: (
+        MemoryError("CUDA out of memory") if padded_tokens(lengths) > 100 and next(failures, False)
+        else None))
+    # No delay: each burst is queued whole before the batcher looks, and what is left of
+    # it after a full batch runs at once.
+    h = make_batcher(runner, max_batch_size=8, max_delay=0.0, max_batch_tokens=400,
+                     is_out_of_memory=lambda e: isinstance(e, MemoryError))
+    minutes = [0]
+    h.batcher.limits.clock = lambda: 60.0 * minutes[0]
+    first = queued([20] * 8)
+    h.submit(*first)
+    await h.answered_all(first)
+    assert h.batcher.effective_batch_tokens == 80
+
+    budgets, firsts, items = [], [], list(first)
+    for n in range(1, 7):
+        minutes[0] += 1
+        calls_before = len(runner.calls)
+        burst = queued([20] * 8, start=100 * n)
+        h.submit(*burst)
+        await h.answered_all(burst)
+        items += burst
+        budgets.append(h.batcher.effective_batch_tokens)
+        firsts.append(len(runner.calls[calls_before].lengths))
+    assert budgets == [100, 125, 157, 197, 247, 309]
+    # Each burst's first batch took what the budget allowed: whole again from 160 tokens.
+    assert firsts == [5, 6, 7, 8, 8, 8]
+    assert sum(1 for c in runner.calls if c.raised) == 1
+    h.assert_exactly_once(items)
+
+
 # -- exactly once, with every policy on ---------------------------------------------------------
 
 
