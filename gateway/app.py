@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import itertools
 import logging
 import math
@@ -418,6 +419,18 @@ def _text_input(body: bytes, charset: str | None = None) -> str:
         raise BadInput(f"the body is not valid {encoding if charset else 'UTF-8'} "
                        f"(byte {exc.start}); send text in the charset its Content-Type "
                        "declares, UTF-8 when it declares none") from None
+    except UnicodeError as exc:  # a codec that decodes nothing ("undefined")
+        raise UnsupportedMediaType(f"charset {charset!r} in Content-Type does not decode text "
+                                   f"({exc}); send UTF-8 text") from None
+    if charset and codecs.lookup(encoding).name != "utf-8":
+        # Some codecs (utf-7, unicode_escape) decode to lone surrogates, which are not text:
+        # no model input can hold them, and no message to a worker either.
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise BadInput(f"the body, decoded as {charset}, holds a lone surrogate at "
+                           f"character {exc.start}, which is not Unicode text; send UTF-8 "
+                           "text") from None
     if not text.strip():
         raise BadInput("the body is empty; send the text to run the model on, "
                        'e.g. curl -X POST -d "test [MASK]" http://localhost:8000/')

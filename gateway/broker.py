@@ -34,6 +34,7 @@ from gateway.held_memory import DEFAULT_MAX_HELD_BYTES, Claim, HeldMemory, answe
 from gateway.metrics import GatewayMetrics
 from protocol import codec, curve
 from protocol.errors import (
+    BadInput,
     BatchwireError,
     Cancelled,
     DeadlineExceeded,
@@ -45,6 +46,7 @@ from protocol.errors import (
     error_from_code,
 )
 from protocol.messages import (
+    MAX_NESTING,
     Cancel,
     Disconnect,
     Error,
@@ -53,6 +55,7 @@ from protocol.messages import (
     Ready,
     Request,
     Result,
+    nesting,
 )
 from protocol.transport import send_now
 
@@ -64,6 +67,31 @@ LOCAL_HOST = socket.gethostname()
 MAX_CRASHES = 2
 #: A frame this large is followed by a turn of the event loop (see _receive_loop).
 YIELD_AFTER_BYTES = 1 << 20
+
+
+def check_nesting(inputs: list, parameters: dict) -> None:
+    """400 for inputs or parameters nested deeper than a REQUEST may carry (MAX_NESTING):
+    pipelines take flat arguments, and a worker refuses such a message unread."""
+    depth = nesting(parameters)
+    if depth > MAX_NESTING:
+        raise BadInput(f"the parameters nest {depth} levels deep; at most {MAX_NESTING} are "
+                       "taken (pipeline arguments are numbers, strings, and short lists or "
+                       "objects of them)")
+    for item in inputs:
+        if type(item) is str:
+            continue  # most are: a cheaper test than the walk
+        depth = nesting(item)
+        if depth > MAX_NESTING:
+            raise BadInput(f"an input nests {depth} levels deep; at most {MAX_NESTING} are "
+                           "taken")
+
+
+def unsendable(exc: Exception) -> str:
+    """What to fix, for an input that msgpack cannot encode."""
+    if isinstance(exc, UnicodeEncodeError):
+        return (f"its text holds {exc.object[exc.start:exc.end]!r} at character {exc.start}, "
+                "a lone surrogate, which is not Unicode text; send valid UTF-8")
+    return f"{type(exc).__name__}: {exc}"
 
 
 @dataclass(eq=False, slots=True)
@@ -243,6 +271,7 @@ class Broker:
                     claim: Claim | None = None) -> list[PendingRequest]:
         """Admit all the inputs or none of them (503) so a list is never half served.
         ``claim``: the request's account, which each answer is held in as it arrives."""
+        check_nesting(inputs, parameters)
         if self.draining:
             raise Draining("the server is shutting down; retry on another instance")
         if not self.workers:
@@ -307,7 +336,6 @@ class Broker:
                 worker = next((w for w in self.workers.values() if not w.in_flight), None)
                 if worker is None:
                     return  # wait for a worker to go idle; order is kept
-                worker.suspect = pending
             else:
                 worker = max(self.workers.values(), key=lambda w: w.free)
                 if worker.free <= 0:
@@ -316,20 +344,32 @@ class Broker:
             pending.queued = False
             self._queued -= 1
             now = self.clock()
-            message = Request(
-                request_id=pending.request_id,
-                inputs=pending.inputs,
-                parameters=pending.parameters,
-                budget_ms=max(pending.deadline - now, 0.0) * 1000.0,
-                waited_ms=(now - pending.admitted_at) * 1000.0,
-                embed=pending.embed,
-                prompt_name=pending.prompt_name,
-            )
+            try:
+                frame = codec.encode(Request(
+                    request_id=pending.request_id,
+                    inputs=pending.inputs,
+                    parameters=pending.parameters,
+                    budget_ms=max(pending.deadline - now, 0.0) * 1000.0,
+                    waited_ms=(now - pending.admitted_at) * 1000.0,
+                    embed=pending.embed,
+                    prompt_name=pending.prompt_name,
+                ))
+            except (ValueError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
+                # What the routes let through should always encode; if it does not, the
+                # request is answered here, before any worker holds a slot for it that
+                # would never come back (a lone surrogate once did that, and worse).
+                log.warning("request %d cannot be sent to a worker: %s: %s",
+                            pending.request_id, type(exc).__name__, exc)
+                self._finish(pending, error=BadInput(
+                    f"the input cannot be sent to the model: {unsendable(exc)}"))
+                continue
+            if pending.crashes:
+                worker.suspect = pending
             pending.worker = worker
             if not worker.in_flight:
                 worker.last_progress = now
             worker.in_flight[pending.request_id] = pending
-            if not self._send(worker.identity, message, undelivered=pending):
+            if not self._send_frame(worker.identity, frame, undelivered=pending):
                 return  # the worker vanished; _send already requeued its work
 
     def _expire(self, pending: PendingRequest) -> None:
@@ -445,10 +485,14 @@ class Broker:
     def _send(self, identity: bytes, message: Message,
               undelivered: PendingRequest | None = None) -> bool:
         """Send now; on failure, take the worker out (see worker_lost) and return False."""
+        return self._send_frame(identity, codec.encode(message), undelivered)
+
+    def _send_frame(self, identity: bytes, frame: bytes,
+                    undelivered: PendingRequest | None = None) -> bool:
         if self._socket is None:
             return False
         try:
-            send_now(self._socket, [identity, codec.encode(message)])
+            send_now(self._socket, [identity, frame])
             return True
         except zmq.ZMQError as exc:
             # EHOSTUNREACH (peer gone, ROUTER_MANDATORY) or EAGAIN (its pipe is full).

@@ -45,17 +45,27 @@ class ProtocolVersionMismatch(ProtocolError):
         self.version = version
 
 
-class NewerFields(ProtocolError):
+class Unreadable(ProtocolError):
+    """A well-framed message of a known type whose fields this side refuses: the peer may
+    still be told, when it was about a request (a REQUEST left unanswered holds a slot on
+    the worker until the gateway declares it stuck)."""
+
+    def __init__(self, message: str, name: str, request_id: int | None):
+        super().__init__(message)
+        self.name = name
+        #: The request it was about (REQUEST, RESULT, ERROR and CANCEL lead with it).
+        self.request_id = request_id
+
+
+class NewerFields(Unreadable):
     """A message with more fields than this side knows: the peer runs a newer batchwire and
     sent something this side has no field for (fields are only ever added at the end)."""
 
     def __init__(self, name: str, sent: int, known: int, request_id: int | None):
         super().__init__(
             f"{name} with {sent} fields, of which this side knows {known}: the peer runs a "
-            "newer batchwire and uses something this side lacks; upgrade this side")
-        self.name = name
-        #: The request it was about (REQUEST, RESULT, ERROR and CANCEL lead with it).
-        self.request_id = request_id
+            "newer batchwire and uses something this side lacks; upgrade this side",
+            name, request_id)
 
 
 def _default(obj: Any) -> Any:
@@ -213,20 +223,22 @@ def decode(frame: bytes) -> Message:
     if cls is None:
         raise ProtocolError(f"unknown message type {type_id!r}")
     schema = _SCHEMAS[type_id]
+    first = values[0] if values and schema and schema[0][0] == "request_id" else None
+    request_id = first if type(first) is int else None
     if len(values) > len(schema):
-        first = values[0] if schema and schema[0][0] == "request_id" else None
-        raise NewerFields(cls.__name__, len(values), len(schema),
-                          first if type(first) is int else None)
+        raise NewerFields(cls.__name__, len(values), len(schema), request_id)
     if not _REQUIRED[type_id] <= len(values) <= len(schema):
         expected = (str(len(schema)) if _REQUIRED[type_id] == len(schema)
                     else f"{_REQUIRED[type_id]} to {len(schema)}")
-        raise ProtocolError(f"{cls.__name__} takes {expected} fields, got {len(values)}")
+        raise Unreadable(f"{cls.__name__} takes {expected} fields, got {len(values)}",
+                         cls.__name__, request_id)
     for (name, kind), value in zip(schema, values):
         if not _field_ok(value, kind):
-            raise ProtocolError(f"{cls.__name__}.{name} has the wrong type ({type(value).__name__})")
+            raise Unreadable(f"{cls.__name__}.{name} has the wrong type "
+                             f"({type(value).__name__})", cls.__name__, request_id)
         if (kind is Any or kind is dict) and not _without_timestamps(value):
-            raise ProtocolError(f"{cls.__name__}.{name} holds a msgpack timestamp, which is "
-                                "not part of the protocol")
+            raise Unreadable(f"{cls.__name__}.{name} holds a msgpack timestamp, which is "
+                             "not part of the protocol", cls.__name__, request_id)
     for i in _NAMES_FIELDS[type_id]:
         if i < len(values):
             values[i] = tuple(values[i])
@@ -234,7 +246,7 @@ def decode(frame: bytes) -> Message:
     try:
         message.check()
     except ValueError as exc:
-        raise ProtocolError(f"{cls.__name__}: {exc}") from None
+        raise Unreadable(f"{cls.__name__}: {exc}", cls.__name__, request_id) from None
     return message
 
 
@@ -276,9 +288,9 @@ def client_map_header(length: int) -> bytes:
 def decode_client(body: bytes, max_bytes: int) -> Any:
     """Decode a client's msgpack body under the same kind of limits as frames."""
     try:
-        return msgpack.unpackb(body, raw=False, strict_map_key=True, max_str_len=max_bytes,
-                               max_bin_len=max_bytes, max_array_len=MAX_CONTAINER_LEN,
-                               max_map_len=MAX_CONTAINER_LEN, max_ext_len=0)
+        value = msgpack.unpackb(body, raw=False, strict_map_key=True, max_str_len=max_bytes,
+                                max_bin_len=max_bytes, max_array_len=MAX_CONTAINER_LEN,
+                                max_map_len=MAX_CONTAINER_LEN, max_ext_len=0)
     except Exception as exc:  # msgpack raises many types; the caller maps this to 400
         if "max_ext_len" in str(exc):
             # No pipeline takes a timestamp or a custom extension; msgpack's own words
@@ -287,3 +299,17 @@ def decode_client(body: bytes, max_bytes: int) -> Any:
                 "it holds a msgpack extension type (a timestamp, say), which requests cannot "
                 "carry; send strings, numbers, booleans, nil, bin, arrays and maps") from None
         raise ValueError(f"{type(exc).__name__}: {exc}") from None
+    # strict_map_key lets bin keys through, which a JSON body cannot hold and no pipeline
+    # argument is named by (a bytes key among str ones failed the route's own checks).
+    stack = [value] if type(value) in (dict, list) else []
+    while stack:
+        container = stack.pop()
+        if type(container) is dict:
+            key = next((k for k in container if type(k) is not str), None)
+            if key is not None:
+                raise ValueError(f"map key {key[:40]!r} is bin, not str; send map keys as "
+                                 "msgpack strings (use_bin_type packs Python str as str)")
+            stack.extend(v for v in container.values() if type(v) in (dict, list))
+        else:
+            stack.extend(v for v in container if type(v) in (dict, list))
+    return value

@@ -19,6 +19,28 @@ PROTOCOL_VERSION = 1
 MAX_PROMPT_NAME = 256
 #: Most prompt names one READY lists.
 MAX_PROMPTS = 256
+#: How deep a REQUEST's inputs and parameters may nest (an object in a list is two levels).
+#: Pipelines take flat arguments and inputs a level or two deep; a client's 500 levels had
+#: exhausted the worker's recursion limit while it keyed the parameters for batching.
+MAX_NESTING = 32
+
+
+def nesting(value: Any) -> int:
+    """How many lists and maps deep ``value`` goes (0 for a scalar); iterative, so any depth
+    msgpack or JSON decodes is measured without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        container, depth = stack.pop()
+        if isinstance(container, dict):
+            children = container.values()
+        elif isinstance(container, (list, tuple)):
+            children = container
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, (dict, list, tuple)))
+    return deepest
 
 
 class MessageType(enum.IntEnum):
@@ -150,6 +172,8 @@ class Request(Message):
             raise ValueError("prompt_name is for embedding requests only")
         if len(self.prompt_name) > MAX_PROMPT_NAME:
             raise ValueError(f"prompt_name is longer than {MAX_PROMPT_NAME} characters")
+        if nesting(self.inputs) > MAX_NESTING or nesting(self.parameters) > MAX_NESTING:
+            raise ValueError(f"inputs or parameters nest more than {MAX_NESTING} levels deep")
 
 
 @dataclass(frozen=True, slots=True)

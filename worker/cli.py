@@ -58,10 +58,9 @@ def run(config: WorkerConfig) -> int:
              runner.loaded_dtype or "no floating-point", warmed)
     freeze_startup_objects()
     try:
-        eventloop.run(WorkerService(config, runner, executor).run(), config.event_loop)
+        return eventloop.run(WorkerService(config, runner, executor).run(), config.event_loop)
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -113,7 +113,9 @@ class WorkerService:
         )
 
     # -- lifecycle ----------------------------------------------------------------------
-    async def run(self) -> None:
+    async def run(self) -> int:
+        """Serve until stopped; the process's exit status: 0, or 1 when one of its own tasks
+        failed (a bug), which the gateway is to treat as a crash."""
         ctx = zmq.asyncio.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, self.identity)
@@ -142,6 +144,21 @@ class WorkerService:
         ]
         stop = asyncio.create_task(self._stopping.wait())
         await asyncio.wait([stop, batching, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        failed = next((task for task in (batching, *tasks)
+                       if task.done() and not task.cancelled() and task.exception()), None)
+        if failed is not None:
+            # Not a clean leave: a DISCONNECT would have the gateway requeue what this worker
+            # held as if it never ran, and whatever broke it would break the next one. Gone
+            # silent instead, it is a crash, and poison control settles its requests.
+            log.error("worker %s stopping: its %s task failed", self.config.worker_id,
+                      failed.get_name(), exc_info=failed.exception())
+            stop.cancel()
+            for task in (batching, *tasks):
+                task.cancel()
+            await asyncio.gather(batching, *tasks, return_exceptions=True)
+            self._bulk.shutdown(wait=False, cancel_futures=True)
+            sock.close(linger=0)
+            return 1
         # Finish the batch that is computing and answer it; what has not started is left to
         # the gateway, which requeues it when it reads our DISCONNECT.
         self.batcher.close()
@@ -156,6 +173,7 @@ class WorkerService:
         log.info("worker %s leaving (%s); %d queued request(s) handed back to the gateway",
                  self.config.worker_id, self._stop_reason, len(abandoned))
         sock.close(linger=2000)
+        return 0
 
     def _apply_curve(self, sock: zmq.Socket) -> None:
         config = self.config
@@ -197,9 +215,17 @@ class WorkerService:
                 continue
             except ProtocolError as exc:
                 log.warning("ignoring malformed frame from the gateway: %s", exc)
+                if (isinstance(exc, codec.Unreadable) and exc.name == "Request"
+                        and exc.request_id is not None):
+                    # Answered, so that its slot here comes back to the gateway at once.
+                    self._send(Error(exc.request_id, ProtocolError.code,
+                                     f"the worker cannot read this request: {exc}"))
                 continue
             self._gateway_known = True
-            self._handle(message)
+            try:
+                self._handle(message)
+            except Exception as exc:  # noqa: BLE001 - one message must not end the loop
+                self._handle_failed(message, exc)
 
     def _cannot_read(self, exc: codec.NewerFields) -> None:
         """A newer gateway sent what this worker has no field for (a REQUEST's prompt_name,
@@ -211,6 +237,16 @@ class WorkerService:
             self._send(Error(exc.request_id, ProtocolError.code,
                              "the worker runs an older batchwire than the gateway and cannot "
                              "read this request; upgrade the workers to the gateway's release"))
+
+    def _handle_failed(self, message: Message, exc: Exception) -> None:
+        """A bug met while taking a message: its request (if any) gets the error, which says
+        so, and the loop goes on for the others."""
+        log.error("could not take %s: %s: %s", type(message).__name__, type(exc).__name__,
+                  exc, exc_info=exc)
+        if isinstance(message, Request):
+            self._measuring.pop(message.request_id, None)
+            error = classify_error(exc)
+            self._send(Error(message.request_id, error.code, error.message))
 
     def _handle(self, message: Message) -> None:
         if isinstance(message, Request):
@@ -285,8 +321,13 @@ class WorkerService:
         elif future.exception() is not None:
             error = classify_error(future.exception())
         else:
-            self._submit(message, parameters, now, *future.result())
-            return
+            try:
+                self._submit(message, parameters, now, *future.result())
+                return
+            except Exception as exc:  # noqa: BLE001 - answered, not lost in a callback
+                log.error("could not take a measured request: %s: %s", type(exc).__name__,
+                          exc, exc_info=exc)
+                error = classify_error(exc)
         self._send(Error(message.request_id, error.code, error.message))
 
     # -- sending ------------------------------------------------------------------------

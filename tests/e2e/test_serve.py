@@ -166,6 +166,54 @@ async def test_bad_requests_get_clear_json_errors(fill_mask_server, route, kwarg
     assert "Traceback" not in json.dumps(body)
 
 
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+async def test_inputs_a_worker_could_not_take_are_400_and_harm_nothing(fill_mask_server):
+    """Each of these once reached a worker and broke something: parameters 500 levels deep
+    ended the worker's receive loop (RecursionError keying them for batching), and the
+    gateway requeued the request onto each restarted worker until its deadline; a text body
+    whose charset decodes to a lone surrogate could not be encoded for the worker after it
+    took a slot there, which never came back (a 500, and after a minute the worker was
+    killed as stuck); bin map keys in a msgpack body and a charset that decodes nothing
+    were 500s. Each is a clear 4xx now, and the worker serves on: no restart, no slot
+    held."""
+    import msgpack
+
+    url = fill_mask_server.url
+    json_type = {"Content-Type": "application/json"}
+    cases = [
+        ("/predict", dict(data=f'{{"inputs": "a [MASK]", "parameters": {{"x": {_nested(500)}}}}}',
+                          headers=json_type), 400, "the parameters nest 501 levels deep"),
+        ("/predict", dict(data=f'{{"inputs": {{"text": {_nested(100)}}}}}', headers=json_type),
+         400, "an input nests 101 levels deep"),
+        ("/", dict(data=b"+2AA- [MASK]", headers={"Content-Type": "text/plain; charset=utf-7"}),
+         400, "lone surrogate at character 0"),
+        ("/", dict(data=b"a \\ud800 [MASK]",
+                   headers={"Content-Type": "text/plain; charset=unicode_escape"}),
+         400, "lone surrogate at character 2"),
+        ("/", dict(data=b"a [MASK]", headers={"Content-Type": "text/plain; charset=undefined"}),
+         415, "does not decode text"),
+        ("/predict", dict(data=msgpack.packb({"inputs": "a [MASK]", "parameters": {b"top_k": 2}},
+                                             use_bin_type=True),
+                          headers={"Content-Type": "application/msgpack"}),
+         400, "is bin, not str"),
+    ]
+    restarts = [w["restarts"] for w in fill_mask_server.info()["local_workers"]]
+    logged = len(fill_mask_server.log_text())
+    async with aiohttp.ClientSession() as session:
+        for route, kwargs, status, words in cases:
+            got, _, body = await post(session, url + route, **kwargs)
+            assert (got, words) == (status, words) and words in body["error"]["message"], body
+        got, _, body = await post(session, url + "/", data=b"still [MASK] here")
+        assert got == 200, body
+    info = fill_mask_server.info()
+    assert [w["restarts"] for w in info["local_workers"]] == restarts
+    assert [w["in_flight"] for w in info["workers"]] == [0] * len(info["workers"])
+    assert "Traceback" not in fill_mask_server.log_text()[logged:]
+
+
 @pytest.mark.parametrize("charset", ["latin-1", "utf-16", "cp1252"])
 async def test_text_body_is_read_in_its_declared_charset(fill_mask_server, charset):
     text = "un café à côté [MASK]"

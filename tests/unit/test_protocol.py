@@ -758,11 +758,43 @@ def test_a_clients_msgpack_timestamp_gets_a_message_that_says_what_to_send():
         decode_client(msgpack.packb({"inputs": msgpack.ExtType(5, b"xyz")}), 1 << 20)
 
 
-def test_moderate_nesting_is_fine():
+def test_a_clients_msgpack_map_keys_must_be_strings_at_any_depth():
+    """msgpack's strict_map_key lets bin keys through; a bytes key among str ones was a 500
+    in the routes' own checks."""
+    from protocol.codec import decode_client
+
+    for body in ({"inputs": "a [MASK]", "parameters": {b"top_k": 2}},
+                 {b"a": 1, "inputs": "x"},
+                 {"inputs": [{"text": "a", "deeper": [{b"k" * 100: 1}]}]}):
+        with pytest.raises(ValueError, match=r"map key b'k*[a-z_]*' is bin, not str"):
+            decode_client(msgpack.packb(body, use_bin_type=True), 1 << 20)
+    good = {"inputs": ["a [MASK]", {"text": "b"}], "parameters": {"top_k": 2, "x": [b"bin"]}}
+    assert decode_client(msgpack.packb(good, use_bin_type=True), 1 << 20) == good
+    assert decode_client(msgpack.packb("just text"), 1 << 20) == "just text"
+
+
+def test_a_request_nests_at_most_max_nesting_levels_and_one_deeper_is_answerable():
+    """Pipelines take flat arguments; a client's 500 levels had exhausted the worker's
+    recursion limit. Refused past MAX_NESTING (the gateway says so with a 400 first), with
+    the request's id, so that a worker can still answer it instead of holding its slot."""
+    from protocol.codec import Unreadable
+    from protocol.messages import MAX_NESTING, nesting
+
     inputs = "leaf"
-    for _ in range(200):
+    for _ in range(MAX_NESTING):
         inputs = [inputs]
+    assert nesting(inputs) == MAX_NESTING
     assert roundtrip(Request(1, inputs, {}, 1.0, 0.0)).inputs == inputs
+    parameters = {"a": inputs}
+    for deep_inputs, deep_parameters in (([inputs], {}), ("text", parameters)):
+        with pytest.raises(Unreadable, match=f"nest more than {MAX_NESTING} levels") as info:
+            decode(encode(Request(7, deep_inputs, deep_parameters, 1.0, 0.0)))
+        assert (info.value.name, info.value.request_id) == ("Request", 7)
+    # Measured without recursion, however deep.
+    deep = 0
+    for _ in range(100_000):
+        deep = {"k": [deep]}
+    assert nesting(deep) == 200_000
 
 
 @pytest.mark.parametrize(
