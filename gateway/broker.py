@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import socket
 import time
 from collections import deque
@@ -173,7 +174,11 @@ class Broker:
         self.clock = clock
         self._ctx = context or zmq.asyncio.Context.instance()
         self._socket: zmq.asyncio.Socket | None = None
-        self._ids = itertools.count(1)
+        # Ids start at random: a worker may still hold (and answer) requests of the gateway
+        # this one replaced on the same endpoint, and ids counted from 1 each time matched
+        # those answers to this gateway's own requests, whose clients got them (200, someone
+        # else's answer). Two sessions' ids meet with odds of about one in 2**40.
+        self._ids = itertools.count(secrets.randbits(62) + 1)
         self._queue: deque[PendingRequest] = deque()
         self._queued = 0
         self._pending: dict[int, PendingRequest] = {}
@@ -235,6 +240,11 @@ class Broker:
     async def close(self) -> None:
         self.draining = True  # nothing new is admitted once the workers are told to go
         for worker in list(self.workers.values()):
+            # What is answered "draining" below is not to be computed: a worker that stays up
+            # for the next gateway (a remote one) would spend its time on it.
+            for request_id, pending in list(worker.in_flight.items()):
+                if not pending.done:
+                    self._send(worker.identity, Cancel(request_id))
             self._send(worker.identity, Disconnect(reason="gateway shutting down"))
         for task in self._tasks:
             task.cancel()

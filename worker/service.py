@@ -276,7 +276,13 @@ class WorkerService:
                 self.stop("the gateway said DISCONNECT")
             else:
                 # A gateway going away may come back on the same endpoint: say READY again.
-                log.info("gateway disconnected (%s); waiting for it to return", message.reason)
+                # What it sent us and had not been answered, it answered itself as it left:
+                # computing it would only keep the next gateway's requests waiting.
+                dropped = self.batcher.abandon_queued()
+                for request_id in self._measuring:
+                    self._measuring[request_id] = True
+                log.info("gateway disconnected (%s); %d queued request(s) dropped; waiting for "
+                         "it to return", message.reason, len(dropped) + len(self._measuring))
                 self._gateway_known = False
         # Heartbeats need nothing beyond the _last_heard update.
 

@@ -48,6 +48,42 @@ async def test_gateway_restart_finds_running_workers_again(procs, tmp_path, tiny
     assert worker.stop() == 0
 
 
+async def test_a_replaced_gateways_requests_are_never_answered_to_the_next_ones_clients(
+        procs, tmp_path, fault_model_dir):
+    """A worker outlives its gateway holding that gateway's requests. Request ids counted
+    from 1 in each gateway matched those answers to the next gateway's own requests, whose
+    clients got someone else's answer with a 200. Now the ids never meet, a gateway that
+    shuts down cancels what it answered "draining", and a worker told DISCONNECT drops its
+    queue, so the next gateway's clients wait for nothing of the old one's either."""
+    port, zmq_port = free_port(), free_port()
+    url = f"http://127.0.0.1:{port}"
+    gateway = start_gateway(procs, tmp_path, port, zmq_port, "--drain-timeout-s", "0.5")
+    worker = start_worker(procs, tmp_path, zmq_port, fault_model_dir, "--task", FAULT_TASK,
+                          "--trust-remote-code", "--max-batch-size", "1", "--capacity", "12")
+    wait_for(workers_ready(url, 1), 90, "the worker to register")
+    pid = worker.proc.pid
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            # Half a second each, one at a time: the worker is still busy with them below.
+            old = [asyncio.ensure_future(post(session, url + "/", data=f"SLOW old {i} [MASK]"))
+                   for i in range(10)]
+            await wait_worker_busy(session, url, pid)
+            gateway.stop(sig)
+            await asyncio.gather(*old, return_exceptions=True)
+        gateway = start_gateway(procs, tmp_path, port, zmq_port, "--drain-timeout-s", "0.5")
+        wait_for(workers_ready(url, 1), 30, f"the worker to find the new gateway ({sig.name})")
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            new = await asyncio.gather(*(post(session, url + "/", data=f"new item{i} [MASK]")
+                                         for i in range(10)))
+        assert [status for status, _, _ in new] == [200] * 10, new
+        for i, (_, _, answer) in enumerate(new):
+            assert all(f"item{i}" in c["sequence"] and "old" not in c["sequence"]
+                       for c in answer), (i, answer)
+    assert "queued request(s) dropped" in worker.log_text()
+    gateway.stop()
+    assert worker.proc.poll() is None and worker.stop() == 0
+
+
 async def test_sigterm_on_a_lone_worker_finishes_and_leaves_cleanly(procs, tmp_path,
                                                                     tiny_model_dir):
     port, zmq_port = free_port(), free_port()
