@@ -600,9 +600,23 @@ class Broker:
                                        result.padding_ratio)
 
     async def _heartbeat_loop(self) -> None:
+        ticked = self.clock()
         while True:
             await asyncio.sleep(self.heartbeat_interval_s)
             now = self.clock()
+            away, ticked = now - ticked - self.heartbeat_interval_s, now
+            if away > 0:
+                # This process did not run (its loop held by a long call, a paused VM, a GC
+                # pause): what workers sent meanwhile still waits unread in the socket, and
+                # this tick may come before it is read. That silence was the gateway's, so it
+                # does not count against them; one that is really gone misses the next ones.
+                # (After a 5 s pause every healthy worker had been declared dead and killed.)
+                if away >= self.heartbeat_interval_s:
+                    log.warning("the gateway did not run for %.1f s (event loop held, or the "
+                                "process paused); workers' silence meanwhile not counted", away)
+                for worker in self.workers.values():
+                    worker.last_seen += away
+                    worker.last_progress += away
             limit = MISSED_HEARTBEATS * self.heartbeat_interval_s
             # The worker's own watchdog exits at batch_timeout_s; this is the backstop for a
             # worker whose watchdog cannot act, so it waits a few heartbeats longer.

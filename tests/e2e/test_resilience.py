@@ -84,6 +84,29 @@ async def test_a_replaced_gateways_requests_are_never_answered_to_the_next_ones_
     assert worker.proc.poll() is None and worker.stop() == 0
 
 
+async def test_a_gateway_that_did_not_run_for_a_while_does_not_blame_its_workers(
+        start_server, tiny_model_dir):
+    """The gateway's heartbeat check ran first after a pause (a GC, a paused VM, a loop held
+    by a long call), before it read the heartbeats waiting in its socket, and declared every
+    healthy worker dead: SIGKILLed, reloaded, their requests charged as crashes. The time
+    the gateway itself was away is no longer counted against them."""
+    server = start_server(["--model", str(tiny_model_dir), "--heartbeat-interval-s", "0.25"])
+    pid = server.info()["workers"][0]["pid"]
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(2.0)  # the pause being survived (eight heartbeats), not a wait on anything
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    async with aiohttp.ClientSession() as session:
+        status, _, body = await post(session, server.url + "/", data=b"after [MASK]")
+    assert status == 200, body
+    wait_for(lambda: "did not run for" in server.log_text(), 5, "the pause to be logged")
+    info = server.info()
+    assert [w["pid"] for w in info["workers"]] == [pid], server.log_text()
+    assert [w["restarts"] for w in info["local_workers"]] == [0]
+    assert "no message for" not in server.log_text()
+
+
 async def test_sigterm_on_a_lone_worker_finishes_and_leaves_cleanly(procs, tmp_path,
                                                                     tiny_model_dir):
     port, zmq_port = free_port(), free_port()
