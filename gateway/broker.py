@@ -68,6 +68,8 @@ LOCAL_HOST = socket.gethostname()
 MAX_CRASHES = 2
 #: A frame this large is followed by a turn of the event loop (see _receive_loop).
 YIELD_AFTER_BYTES = 1 << 20
+#: Identities of killed local workers remembered, to refuse their late READYs.
+MAX_KILLED_REMEMBERED = 1024
 
 
 def check_nesting(inputs: list, parameters: dict) -> None:
@@ -193,8 +195,13 @@ class Broker:
         #: Workers refused for serving another task than the gateway's (logged once each).
         self._other_task_peers: set[bytes] = set()
         #: Called with (pid, reason) when a worker is declared dead or stuck, so the
-        #: supervisor can end a local process that may still be hanging around.
-        self.on_worker_dead: Callable[[int, str], None] = lambda pid, reason: None
+        #: supervisor can end a local process that may still be hanging around; True when
+        #: it did.
+        self.on_worker_dead: Callable[[int, str], bool | None] = lambda pid, reason: None
+        #: Workers whose process the supervisor was told to end: a READY of theirs still
+        #: waiting in the socket would have them back, idle, until they die (most recent
+        #: kept; a replacement process comes with an identity of its own).
+        self._killed: dict[bytes, None] = {}
         self.requeued = 0
         self.cancelled = 0
 
@@ -431,7 +438,10 @@ class Broker:
         worker.in_flight.clear()
         worker.suspect = None
         if crashed and worker.info.host in ("", LOCAL_HOST):
-            self.on_worker_dead(worker.info.pid, reason)
+            if self.on_worker_dead(worker.info.pid, reason):
+                self._killed[worker.identity] = None
+                if len(self._killed) > MAX_KILLED_REMEMBERED:
+                    del self._killed[next(iter(self._killed))]
         log.warning("worker %s (pid %d) lost: %s; %d request(s) to requeue",
                     worker.info.worker_id, worker.info.pid, reason, len(orphans))
         for pending in reversed(orphans):
@@ -455,6 +465,12 @@ class Broker:
     def _register(self, identity: bytes, ready: Ready) -> None:
         now = self.clock()
         worker = self.workers.get(identity)
+        if identity in self._killed:
+            # Taken back in, it looked idle and was handed a suspect (a request that was on
+            # a dead worker), and its death a moment later failed that innocent request.
+            log.debug("ignoring READY from worker %s (pid %d): it is being killed",
+                      ready.worker_id, ready.pid)
+            return
         if worker is None and not self._admissible(identity, ready):
             return
         if worker is not None:

@@ -209,13 +209,15 @@ class Supervisor:
             except asyncio.TimeoutError:
                 pass
 
-    def kill(self, pid: int, reason: str) -> None:
+    def kill(self, pid: int, reason: str) -> bool:
         """End a worker the broker declared dead or stuck (it may be hung or SIGSTOPped);
-        its watcher then restarts it."""
+        its watcher then restarts it. True if it was one of ours, still running."""
         for slot in self.slots:
             if slot.process is not None and slot.process.pid == pid and slot.process.returncode is None:
                 log.warning("killing worker-%d (pid %d): %s", slot.index, pid, reason)
                 _signal(slot.process, signal.SIGKILL)
+                return True
+        return False
 
     def describe(self) -> list[dict]:
         """The local worker processes, for /info."""

@@ -428,6 +428,30 @@ async def test_worker_death_requeues_its_requests_in_order_at_the_front(h):
     assert broker.queue_depth == 0 and broker.in_flight == 0
 
 
+async def test_a_killed_workers_late_ready_does_not_bring_it_back(h, caplog):
+    """A worker declared dead whose process is being killed may have a READY still waiting
+    in the socket. Taken back in by it, the worker looked idle and was handed the suspect
+    (the request it held); its death a moment later charged that innocent request a second
+    crash: 500 worker_crashed."""
+    broker = await h.broker()
+    broker.on_worker_dead = lambda pid, reason: h.deaths.append((pid, reason)) or True
+    a = await h.worker(broker, "a", capacity=2)
+    (p,) = broker.submit_many(["innocent"], {}, 5.0)
+    await a.wait_requests(1)
+    broker.worker_lost(handle(broker, a), "no message for 5.2 s")
+    assert h.deaths == [(a.pid, "no message for 5.2 s")] and p.crashes == 1
+    with caplog.at_level(logging.DEBUG, logger="batchwire.gateway.broker"):
+        await a.send(a.ready)
+        await wait_until(lambda: "ignoring READY from worker a" in caplog.text,
+                         "the late READY to be read")
+    assert a.identity not in broker.workers and len(a.requests) == 1
+    assert broker.queue_depth == 1 and not p.future.done()
+    b = await h.worker(broker, "b", capacity=2)
+    await b.wait_requests(1)
+    await b.answer(p.request_id, "fine")
+    assert (await outcome(p)).output == "fine"
+
+
 # -- 7. poison isolation ----------------------------------------------------------------------
 async def test_suspect_runs_alone_and_a_second_death_answers_worker_crashed(h):
     broker = await h.broker()
