@@ -113,6 +113,8 @@ class PendingRequest:
     prompt_name: str = ""
     #: The request's account in the held-memory budget (gateway/held_memory.py), if any.
     claim: Claim | None = None
+    #: The task of the workers it was admitted for: its client expects that task's answer.
+    task: str = ""
     #: Answered (or given up on). Not future.done(): a cancelled handler's gather cancels
     #: the future itself, and the broker must still withdraw the request.
     settled: bool = False
@@ -302,6 +304,8 @@ class Broker:
             )
         now = self.clock()
         loop = asyncio.get_running_loop()
+        # One task at a time (see _admissible): any worker's is the gateway's.
+        task = next(iter(self.workers.values())).info.task
         admitted = []
         for item in inputs:
             pending = PendingRequest(
@@ -314,6 +318,7 @@ class Broker:
                 embed=embed,
                 prompt_name=prompt_name,
                 claim=claim,
+                task=task,
             )
             pending.timer = loop.call_later(timeout_s, self._expire, pending)
             self._pending[pending.request_id] = pending
@@ -358,6 +363,14 @@ class Broker:
                 if worker.free <= 0:
                     return
             self._queue.popleft()
+            if worker.info.task != pending.task:
+                # Every worker of its task left and one of another task took their place
+                # (_admissible lets it in then): that one would answer in another shape,
+                # with a 200 (embeddings to a fill-mask client).
+                self._finish(pending, error=NoWorkers(
+                    f"the workers of this request's task ({pending.task}) are gone, and this "
+                    f"gateway now serves {worker.info.task}; retry for its answer"))
+                continue
             pending.queued = False
             self._queued -= 1
             now = self.clock()

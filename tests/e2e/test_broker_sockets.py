@@ -734,6 +734,31 @@ async def test_a_worker_of_another_task_is_refused_while_the_gateways_task_is_se
     assert list(broker.workers) == [features.identity]
 
 
+async def test_requests_of_a_task_whose_workers_are_gone_never_reach_another_tasks(h):
+    """Once a task's workers are all gone, a worker of another task may join; requests
+    admitted for the first task and still queued (requeued from the dead ones) went to it,
+    and their clients got its answers with a 200: vectors to fill-mask clients. They get
+    503 no_workers now, saying why; requests admitted after get the new task."""
+    broker = await h.broker()
+    fill = await h.worker(broker, "fill", capacity=1)
+    queued = broker.submit_many(["a", "b"], {}, 5.0)
+    await fill.wait_requests(1)
+    broker.worker_process_exited(fill.pid, "killed")
+    features = h.peer("features", capacity=2)
+    features.ready = dataclasses.replace(features.ready, task="feature-extraction")
+    await features.register()
+    for pending in queued:
+        error = await outcome(pending)
+        assert isinstance(error, NoWorkers) and "task (fill-mask) are gone" in error.message
+    (later,) = broker.submit_many(["c"], {}, 5.0)
+    got = await features.wait_requests(1)
+    assert [r.request_id for r in got] == [later.request_id]
+    await features.answer(later.request_id, "vectors")
+    assert (await outcome(later)).output == "vectors"
+    await features.sync()
+    assert len(features.requests) == 1 and broker.queue_depth == 0
+
+
 async def test_error_answers_resolve_with_the_workers_error(h):
     broker = await h.broker()
     w = await h.worker(broker, "a", capacity=2)
