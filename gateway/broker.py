@@ -200,6 +200,8 @@ class Broker:
         #: supervisor can end a local process that may still be hanging around; True when
         #: it did.
         self.on_worker_dead: Callable[[int, str], bool | None] = lambda pid, reason: None
+        #: Called with the pid of each local worker that joins (the supervisor's bookkeeping).
+        self.on_worker_ready: Callable[[int], None] = lambda pid: None
         #: Workers whose process the supervisor was told to end: a READY of theirs still
         #: waiting in the socket would have them back, idle, until they die (most recent
         #: kept; a replacement process comes with an identity of its own).
@@ -494,6 +496,8 @@ class Broker:
             log.info("worker %s ready: pid %d, %s (%s) on %s, capacity %d",
                      ready.worker_id, ready.pid, ready.model, ready.task, ready.device,
                      ready.capacity)
+            if ready.host in ("", LOCAL_HOST):
+                self.on_worker_ready(ready.pid)
         self._send(identity, Heartbeat())
         self._dispatch()
 

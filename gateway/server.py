@@ -81,6 +81,7 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
                                 log_format=config.log_format, on_give_up=give_up,
                                 extra_args=local_worker_args, event_loop=config.event_loop)
         broker.on_worker_dead = supervisor.kill
+        broker.on_worker_ready = supervisor.ready
         broker.metrics.set_restarts(lambda: supervisor.restarts)
 
     app = create_app(config, broker, api_keys)

@@ -100,6 +100,9 @@ class WorkerSlot:
     #: starting | running | restarting | failed (cannot load the model: not retried)
     state: str = "starting"
     last_exit: str = ""
+    #: A process of this slot loaded the model once: a later failure to load is taken for
+    #: a passing condition (device memory its killed predecessor still held), and retried.
+    loaded: bool = False
 
 
 class Supervisor:
@@ -192,7 +195,11 @@ class Supervisor:
             reason = f"process {slot.process.pid} exited with code {code}"
             slot.last_exit = reason
             self.on_exit(slot.process.pid, reason)
-            if code == EXIT_CANNOT_LOAD:
+            if code == EXIT_CANNOT_LOAD and slot.loaded:
+                log.error("worker-%d could not load its model this time, though it had "
+                          "before (see its log above); retried with the backoff below",
+                          slot.index)
+            elif code == EXIT_CANNOT_LOAD:
                 slot.state = "failed"
                 log.critical("worker-%d cannot load its model (see its log above); not "
                              "restarting it", slot.index)
@@ -208,6 +215,12 @@ class Supervisor:
                 await asyncio.wait_for(self._wake.wait(), delay)
             except asyncio.TimeoutError:
                 pass
+
+    def ready(self, pid: int) -> None:
+        """A worker process announced itself: its slot's model loads (see WorkerSlot.loaded)."""
+        for slot in self.slots:
+            if slot.process is not None and slot.process.pid == pid:
+                slot.loaded = True
 
     def kill(self, pid: int, reason: str) -> bool:
         """End a worker the broker declared dead or stuck (it may be hung or SIGSTOPped);

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -600,6 +602,31 @@ def test_a_model_that_cannot_load_stops_serve_with_a_clear_error(start_server, t
     assert "could not load" in log and "no-such-model" in log
     assert "no worker could load the model" in log
     assert log.count("not restarting it") == 2
+
+
+def test_a_worker_that_loaded_once_is_restarted_after_failing_to_load_again(
+        start_server, tiny_model_dir, tmp_path):
+    """Exit 2 (cannot load) ended a slot for good even when its model had loaded before: a
+    passing condition at a restart (on a GPU, memory its killed predecessor still held)
+    lost the slot for as long as serve ran. A slot that has loaded is retried."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    server = start_server(["--model", str(model), "--workers", "1"])
+    pid = server.info()["workers"][0]["pid"]
+    weights = next(model.glob("model.safetensors"))
+    weights.rename(tmp_path / "away")
+    try:
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: "could not load its model this time" in server.log_text(), 60,
+                 "the restarted worker to fail to load")
+    finally:
+        (tmp_path / "away").rename(weights)
+    wait_for(lambda: [w["pid"] for w in server.info()["workers"]] not in ([], [pid]), 90,
+             "the slot to load again")
+    assert server.info()["local_workers"][0]["state"] == "running"
+    assert "not restarting it" not in server.log_text()
 
 
 def test_port_in_use_is_a_one_line_error(tiny_model_dir, fill_mask_server):
