@@ -29,7 +29,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from gateway import kserve
 from gateway.answer_shape import ANSWER_HEADERS, error_payload
 from gateway.api_keys import ApiKeys
-from gateway.broker import Broker, PendingRequest
+from gateway.broker import CLIENT_GONE, LIST_ITEM_FAILED, Broker, PendingRequest
 from gateway.config import GatewayConfig
 from gateway.connections import ConnectionGuard, ConnectionState
 from gateway.cors import Cors
@@ -531,8 +531,9 @@ async def _run(request: web.Request, items: list, parameters: dict, embed: bool 
         results: list[Result] = await asyncio.gather(*(p.future for p in pendings))
     except BaseException as exc:
         # The client left (CancelledError) or one item failed: nobody wants the others.
+        reason = CLIENT_GONE if isinstance(exc, asyncio.CancelledError) else LIST_ITEM_FAILED
         for pending in pendings:
-            broker.cancel(pending)
+            broker.cancel(pending, reason)
         if len(pendings) > 1 and isinstance(exc, ITEM_ERRORS):
             index = next((i for i, p in enumerate(pendings) if p.future.done()
                           and not p.future.cancelled() and p.future.exception() is exc), None)

@@ -70,6 +70,11 @@ MAX_CRASHES = 2
 YIELD_AFTER_BYTES = 1 << 20
 #: Identities of killed local workers remembered, to refuse their late READYs.
 MAX_KILLED_REMEMBERED = 1024
+#: Why a request was withdrawn (Broker.cancel): its client went away, or another input of
+#: the same list failed, which fails the whole list.
+CLIENT_GONE = "client_gone"
+LIST_ITEM_FAILED = "list_item_failed"
+CANCEL_REASONS = (CLIENT_GONE, LIST_ITEM_FAILED)
 
 
 def check_nesting(inputs: list, parameters: dict) -> None:
@@ -207,7 +212,8 @@ class Broker:
         #: kept; a replacement process comes with an identity of its own).
         self._killed: dict[bytes, None] = {}
         self.requeued = 0
-        self.cancelled = 0
+        #: Requests withdrawn before their answer, by why (CANCEL_REASONS).
+        self.cancelled = dict.fromkeys(CANCEL_REASONS, 0)
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -331,13 +337,15 @@ class Broker:
         self._dispatch()
         return admitted
 
-    def cancel(self, pending: PendingRequest) -> None:
-        """The client went away: stop caring, and tell the worker to skip the item."""
+    def cancel(self, pending: PendingRequest, reason: str = CLIENT_GONE) -> None:
+        """Nobody wants the answer (the client went away, or another item of its list
+        failed): stop caring, and tell the worker to skip the item."""
         if pending.done:
             return
         worker = pending.worker
-        self.cancelled += 1
-        self._finish(pending, error=Cancelled("the client disconnected"))
+        self.cancelled[reason] += 1
+        self._finish(pending, error=Cancelled("the client disconnected" if reason == CLIENT_GONE
+                                              else "another input of its list failed"))
         if worker is not None and pending.request_id in worker.in_flight:
             self._send(worker.identity, Cancel(pending.request_id))
         else:

@@ -155,9 +155,12 @@ class _LiveCollector:
         yield CounterMetricFamily("batchwire_requests_requeued",
                                   "Requests moved off a worker that died or left",
                                   value=broker.requeued)
-        yield CounterMetricFamily("batchwire_requests_cancelled",
-                                  "Requests withdrawn because the client went away",
-                                  value=broker.cancelled)
+        cancelled = CounterMetricFamily(
+            "batchwire_requests_cancelled", "Requests withdrawn before their answer: the "
+            "client went away, or another input of its list failed", labels=["reason"])
+        for reason, count in broker.cancelled.items():
+            cancelled.add_metric([reason], count)
+        yield cancelled
         guard = self.connections
         if guard is not None:
             yield GaugeMetricFamily("batchwire_connections", "Client connections open now "

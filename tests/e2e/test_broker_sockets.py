@@ -28,7 +28,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from gateway.broker import MAX_CRASHES, YIELD_AFTER_BYTES, Broker, PendingRequest, WorkerHandle
+from gateway.broker import (LIST_ITEM_FAILED, MAX_CRASHES, YIELD_AFTER_BYTES, Broker,
+                            PendingRequest, WorkerHandle)
 from protocol import codec
 from gateway.held_memory import STRUCTURED_EXPANSION
 from protocol.errors import (
@@ -777,11 +778,14 @@ async def test_cancel_withdraws_and_tells_the_worker(h):
     w = await h.worker(broker, "a", capacity=1)
     p = broker.submit_many(["x", "queued"], {}, 5.0)
     await w.wait_requests(1)
-    broker.cancel(p[1])  # still queued: nothing to tell the worker
+    broker.cancel(p[1], LIST_ITEM_FAILED)  # still queued: nothing to tell the worker
     broker.cancel(p[0])
     assert isinstance(await outcome(p[0]), Cancelled) and isinstance(await outcome(p[1]), Cancelled)
+    assert "list failed" in (await outcome(p[1])).message
     await w.wait(lambda: w.cancels == [p[0].request_id], "a CANCEL")
-    assert broker.queue_depth == 0 and broker.in_flight == 0 and broker.cancelled == 2
+    assert broker.queue_depth == 0 and broker.in_flight == 0
+    # Counted apart: a client that left, and a list that failed as a whole.
+    assert broker.cancelled == {"client_gone": 1, "list_item_failed": 1}
     await w.fail(p[0].request_id, "cancelled")
     await w.sync()
     assert w.request_ids() == [p[0].request_id] and handle(broker, w).in_flight == {}
