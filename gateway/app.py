@@ -273,14 +273,26 @@ def _check_api_key(request: web.Request) -> None:
         raise Unauthorized("missing or wrong API key; send 'Authorization: Bearer <key>'")
 
 
+#: The status a request is counted under when its client left before the answer (no answer
+#: is sent): nginx's "client closed request".
+CLIENT_CLOSED_REQUEST = 499
+
+
 @web.middleware
 async def metrics_middleware(request: web.Request, handler) -> web.StreamResponse:
     """Outermost: counts every answer, errors included, by route template (not raw path,
     which would let clients mint unbounded label values)."""
     started = time.monotonic()
-    response = await handler(request)
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
+    try:
+        response = await handler(request)
+    except asyncio.CancelledError:
+        # The client left first (aiohttp cancels its handler). Counted, as 499 after nginx's
+        # "client closed request", so that requests by status add up to what came in.
+        request.app[METRICS].observe_response(route, CLIENT_CLOSED_REQUEST,
+                                              time.monotonic() - started, "cancelled")
+        raise
     request.app[METRICS].observe_response(route, response.status, time.monotonic() - started,
                                           response.get(ERROR_CODE))
     return response

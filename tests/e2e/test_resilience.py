@@ -177,6 +177,11 @@ async def test_client_disconnect_makes_the_worker_skip_the_item(start_server, fa
             return (await info_async(session, server))["workers"][0]["skipped"] == 1
         await wait_for_async(skipped, 10, "the worker to report the skipped item")
         assert (await post(session, server.url + "/", data=b"next [MASK]"))[0] == 200
+        async with session.get(server.url + "/metrics") as resp:
+            scrape = await resp.text()
+    # Counted, so that requests by status add up to what came in.
+    assert 'batchwire_requests_total{route="/",status="499"} 1.0' in scrape
+    assert 'batchwire_requests_cancelled_total{reason="client_gone"} 1.0' in scrape
 
 
 async def test_rogue_peer_with_garbage_frames_is_ignored(start_server, tiny_model_dir):
