@@ -177,6 +177,12 @@ class PipelineRunner:
                  sparse_mlm_head: bool = True,
                  stock_pipeline: bool = False, dtype: str = "auto"):
         self.model = model or default_model_path()
+        written_as_path = self.model.startswith(("/", "./", "../", "~"))
+        if written_as_path and not Path(self.model).expanduser().exists():
+            # Written as a path, it is one: transformers would take it for a hub id and say
+            # "Repo id must be in the form 'repo_name'", which hides the typo.
+            raise ValueError(f"could not load {self.model!r}: no such directory; pass the "
+                             "folder that holds the model's config.json, or a hub id")
         self.task = task or ("feature-extraction" if model is None else infer_task(self.model))
         self.device = device
         self.torch_threads = torch_threads
