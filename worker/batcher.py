@@ -275,10 +275,12 @@ class Batcher:
         keep = sorted(self._arrivals.items(), key=lambda kv: kv[1].last)[len(self._arrivals) // 2:]
         self._arrivals = dict(keep)
 
-    def _drop_dead_items(self) -> None:
+    def _drop_dead_items(self, items: list[WorkItem] | None = None) -> list[WorkItem]:
+        """Answer the cancelled and expired of ``items`` (the queue when None) and return
+        the others; the queue keeps the others."""
         now = self.clock()
         alive = []
-        for item in self._queue:
+        for item in self._queue if items is None else items:
             if item.cancelled:
                 self._finish_error(item, Cancelled("the request was cancelled before it ran"))
             elif now >= item.deadline:
@@ -289,7 +291,9 @@ class Batcher:
                 alive.append(item)
                 continue
             self.items_skipped += 1
-        self._queue = alive
+        if items is None:
+            self._queue = alive
+        return alive
 
     async def _execute(self, batch: list[WorkItem]) -> None:
         try:
@@ -298,6 +302,11 @@ class Batcher:
             self._busy_since = None
 
     async def _run_isolating(self, batch: list[WorkItem]) -> None:
+        # A half of a failed batch runs after the whole did: what was cancelled or ran out
+        # of time meanwhile is answered as such, not computed.
+        batch = self._drop_dead_items(batch)
+        if not batch:
+            return
         loop = asyncio.get_running_loop()
         self._busy_since = self.clock()
         try:

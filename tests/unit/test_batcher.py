@@ -303,6 +303,33 @@ async def test_cancel_while_model_busy_skips_only_that_item(make_batcher):
     assert [h.only(i).kind for i in (0, 1, 2, 4)] == ["result"] * 4
 
 
+async def test_a_failed_batchs_halves_skip_what_was_cancelled_or_expired_meanwhile(
+        make_batcher):
+    """A batch that raises is run again in halves, after the whole batch's call: an item
+    cancelled, or out of time, while that call ran is answered as such, not computed."""
+    runner = Runner(poison_compute, block_first=True)
+    h = make_batcher(runner, max_batch_size=4, max_delay=0.0)
+    soon = time.monotonic() + 0.2
+    items = [make_item(0, inputs="poison"), make_item(1, inputs="fine"),
+             make_item(2, inputs="cancelled"), make_item(3, inputs="expires", deadline=soon)]
+    h.submit(*items)
+    await wait_until(runner.first_started.is_set, what="the whole batch to start")
+    assert h.batcher.cancel(2) is True
+    await wait_until(lambda: time.monotonic() > soon, what="the last item's deadline")
+    runner.release()
+    await h.answered_all(items)
+
+    h.assert_exactly_once(items)
+    assert runner.calls[0].inputs == ["poison", "fine", "cancelled", "expires"]
+    # [poison, fine] fails again and splits; [cancelled, expires] is never called.
+    assert [x for call in runner.calls[1:] for x in call.inputs] == ["poison", "fine", "poison",
+                                                                     "fine"]
+    assert isinstance(h.only(2).error, Cancelled)
+    assert isinstance(h.only(3).error, DeadlineExceeded)
+    assert h.only(1).output == expected_output(items[1])
+    assert h.batcher.items_skipped == 2
+
+
 async def test_cancel_answers_promptly_without_waiting_for_the_delay(make_batcher):
     h = make_batcher(max_batch_size=8, max_delay=30.0)
     item = make_item(1)
