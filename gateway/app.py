@@ -828,9 +828,13 @@ class AccessLogger(AbstractAccessLogger):
             "total_ms": round(time * 1000.0, 3),
             "bytes": response.body_length,
         }
+        # The path is percent-decoded: a client's %0a would start a forged line of its own
+        # in a text log (the JSON format escapes it by itself).
+        path = fields["path"]
+        printable = path if path.isprintable() else path.encode("unicode_escape").decode()
         line = ("%(remote)s %(method)s %(path)s %(status)d %(total_ms).1fms "
                 "batch=%(batch_size)d queue=%(queue_ms).1fms inference=%(inference_ms).1fms "
-                "id=%(request_id)s" % fields)
+                "id=%(request_id)s" % {**fields, "path": printable})
         trace = trace_id(request.headers.get("traceparent", ""))
         if trace:
             fields["trace_id"] = trace

@@ -40,3 +40,23 @@ def test_a_w3c_traceparent_puts_its_trace_id_in_the_access_line(caplog):
         assert trace_id(bad) is None, bad
     # A later version may add fields after the flags.
     assert trace_id(f"01-{trace}-00f067aa0ba902b7-01-more") == trace
+
+
+def test_a_path_with_control_characters_cannot_forge_a_text_log_line(caplog):
+    """aiohttp percent-decodes the path: /x%0a... held a line break, and the text access
+    log printed a second line the client wrote."""
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    logger = logging.getLogger("batchwire.access.test-path")
+    access = AccessLogger(logger, "")
+    forged = "/x\n127.0.0.1 POST /predict 200 1.0ms\x00"
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        request = make_mocked_request("GET", "/x%0A127.0.0.1%20POST%20/predict%20200%201.0ms%00")
+        assert request.path == forged
+        access.log(request, web.Response(status=404), 0.001)
+    (record,) = caplog.records
+    line = record.getMessage()
+    assert "\n" not in line and "\x00" not in line
+    assert " /x\\n127.0.0.1 POST /predict 200 1.0ms\\x00 404 " in line
+    assert record.fields["path"] == forged  # the JSON format escapes it by itself
