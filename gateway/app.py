@@ -623,12 +623,14 @@ async def handle_embeddings(request: web.Request) -> web.Response:
         if name in payload and not isinstance(payload[name], (str, type(None))):
             raise BadInput(f'"{name}" must be a string, not {json_type(payload[name])}')
     # The official OpenAI Python client asks for base64 unless its caller names a format.
-    encoding = payload.get("encoding_format") or "float"
-    if encoding not in ("float", "base64"):
+    encoding = payload.get("encoding_format")
+    encoding = "float" if encoding is None else encoding
+    if not isinstance(encoding, str) or encoding not in ("float", "base64"):
         raise BadInput(f'"encoding_format" must be "float" or "base64", not {encoding!r}')
     dimensions = payload.get("dimensions")
     if dimensions is not None and not (_is_token_id(dimensions) and dimensions >= 1):
-        got = dimensions if _is_token_id(dimensions) else json_type(dimensions)
+        got = (dimensions if isinstance(dimensions, (int, float))
+               and not isinstance(dimensions, bool) else json_type(dimensions))
         raise BadInput(f'"dimensions" must be a whole number of at least 1, not {got}')
     texts = payload["input"]
     items = texts if isinstance(texts, list) else [texts]

@@ -727,6 +727,14 @@ class PipelineRunner:
                 "already (JSON lists, or raw bytes with Accept: application/msgpack)")
         if self.kind == "fill-mask" and "top_k" in parameters:
             self._check_top_k(parameters["top_k"])
+        targets = parameters.get("targets") if self.kind == "fill-mask" else None
+        if targets is not None and not (isinstance(targets, str) or (
+                isinstance(targets, list) and targets
+                and all(isinstance(t, str) and t for t in targets))):
+            # The pipeline iterates whatever it gets: an object's keys were taken as the
+            # targets, and a number failed deep inside it.
+            raise InvalidParameters(f"targets must be a word or a non-empty list of words, "
+                                    f"not {targets!r:.80}")
         try:
             sanitized = sanitize(**copy.deepcopy(parameters))
         except (TypeError, ValueError) as exc:
@@ -759,6 +767,9 @@ class PipelineRunner:
         in. "[MASK] " * 500 with top_k 30522 is 15 million sequences of 500 tokens: the worker
         built them (tens of GB) before the frame's size check could refuse the answer. Refused
         here instead, from a low estimate of its size, before the batch."""
+        if "top_k" in parameters:
+            # Its own bounds first: top_k 2**64 is past the vocabulary, not a large answer.
+            self._check_top_k(parameters["top_k"])
         masks, top_k, size = self._candidates_estimate(text, parameters, tokens)
         if size > MAX_FRAME_BYTES:
             raise AnswerTooLarge(

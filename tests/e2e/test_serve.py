@@ -473,8 +473,9 @@ def test_the_openai_python_client_gets_embeddings(default_server):
     assert isinstance(raw.data[0].embedding, str)
     vector = np.frombuffer(base64.b64decode(raw.data[0].embedding), dtype="<f4")
     np.testing.assert_allclose(vector, floats.data[0].embedding, atol=1e-6)
-    with pytest.raises(openai.BadRequestError, match="must be \"float\" or \"base64\""):
-        client.embeddings.create(input=texts[0], model="minilm", encoding_format="int8")
+    for bad in ("int8", "", False, {}):  # a falsy value once passed for "float"
+        with pytest.raises(openai.BadRequestError, match="must be \"float\" or \"base64\""):
+            client.embeddings.create(input=texts[0], model="minilm", encoding_format=bad)
     # Clients list models before they use one: the one this server runs, by its basename
     # (the default MiniLM's directory is "model"), found under its full path too.
     (listed,) = client.models.list().data
@@ -492,8 +493,9 @@ def test_the_openai_python_client_gets_embeddings(default_server):
         np.testing.assert_allclose(cut.embedding, want / np.linalg.norm(want), atol=1e-6)
     with pytest.raises(openai.BadRequestError, match="this model's embeddings have 384"):
         client.embeddings.create(input=texts[0], model="minilm", dimensions=385)
-    for bad in (0, -2, "64", 1.5):
-        with pytest.raises(openai.BadRequestError, match='"dimensions" must be a whole'):
+    for bad, said in ((0, "0"), (-2, "-2"), ("64", "a string"), (1.5, "1.5"), (2.0, "2.0")):
+        with pytest.raises(openai.BadRequestError,
+                           match=f'"dimensions" must be a whole number of at least 1, not {said}'):
             client.embeddings.create(input=texts[0], model="minilm", dimensions=bad)
     # LangChain's OpenAIEmbeddings sends 1000 texts a request; OpenAI takes up to 2048.
     many = client.embeddings.create(input=[f"text number {i}" for i in range(1000)],

@@ -366,6 +366,19 @@ def test_a_top_k_the_model_cannot_give_is_still_blamed_on_the_parameters(fill_ru
             fill_runner(texts, {"top_k": top_k})
     assert fill_runner.mask_scorer.top_k is None
     assert len(fill_runner(["a [MASK]"], {"top_k": 30522}).outputs[0]) == 30522
+    # On arrival too, before the answer's size is estimated: top_k 2**64 - 1 was refused as
+    # an answer too large, with a message quoting 18446744073709551615 candidates.
+    with pytest.raises(InvalidParameters, match=f"^{re.escape(why)}$"):
+        fill_runner.arrive("[MASK] " * 50, {"top_k": top_k})
+
+
+@pytest.mark.parametrize("targets", [{"the": 1}, 3, [], ["the", 2], [""], [None]])
+def test_targets_that_are_not_words_are_refused_with_what_to_send(fill_runner, targets):
+    """The pipeline iterates whatever it gets: an object's keys were used as the targets."""
+    with pytest.raises(InvalidParameters, match="^targets must be a word or a non-empty "
+                       "list of words, not "):
+        fill_runner(["a [MASK]"], {"targets": targets})
+    assert len(fill_runner(["a [MASK]"], {"targets": ["the", "a"]}).outputs[0]) == 2
 
 
 def test_a_fill_mask_answer_sure_to_be_too_large_is_refused_on_arrival(fill_runner):
