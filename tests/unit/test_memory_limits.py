@@ -21,6 +21,19 @@ def limits(max_batch_size=32, max_batch_tokens=4096, recovery_s=60.0):
     return MemoryLimits(max_batch_size, max_batch_tokens, recovery_s, clock), clock
 
 
+def steps_back(memory: MemoryLimits, clock: Clock, read) -> list:
+    """``read(memory)`` after each raise, a minute apart, until the configured limits are
+    back; each raise is asked for twice at its moment, and must happen once."""
+    seen = []
+    while memory.lowered:
+        clock.now += 60
+        memory.raise_if_due()
+        seen.append(read(memory))
+        memory.raise_if_due()
+        assert read(memory) == seen[-1]
+    return seen
+
+
 def test_the_limit_a_failed_batch_leaves_is_its_larger_half():
     memory, _ = limits()
     assert not memory.lowered
@@ -36,14 +49,8 @@ def test_a_lowered_limit_rises_a_quarter_at_a_time_back_to_the_configured_one(ca
     clock.now += 59.9
     memory.raise_if_due()
     assert memory.batch_tokens == 800, "not before recovery_s"
-    seen = []
     with caplog.at_level(logging.INFO, logger="batchwire.worker.batcher"):
-        while memory.lowered:
-            clock.now += 60
-            memory.raise_if_due()
-            seen.append(memory.batch_tokens)
-            memory.raise_if_due()  # twice at the same moment: one step
-            assert memory.batch_tokens == seen[-1]
+        seen = steps_back(memory, clock, lambda m: m.batch_tokens)
     assert seen == [1000, 1250, 1563, 1954, 2000]
     assert "no out-of-memory error for 60 s: effective batch size 32, token budget 1000" \
         in caplog.text
@@ -86,24 +93,17 @@ def test_the_batch_size_rises_too_when_it_was_what_dropped():
     memory.out_of_memory([0] * 8, 4)
     memory.out_of_memory([0] * 4, 2)
     assert memory.batch_size == 2
-    sizes = []
-    while memory.lowered:
-        clock.now += 60
-        memory.raise_if_due()
-        sizes.append(memory.batch_size)
-    assert sizes == [3, 4, 5, 7, 8] and memory.batch_tokens == 0
+    assert steps_back(memory, clock, lambda m: m.batch_size) == [3, 4, 5, 7, 8]
+    assert memory.batch_tokens == 0
 
 
 def test_with_no_configured_budget_the_lowered_one_goes_once_past_twice_what_failed():
     memory, clock = limits(max_batch_tokens=0)
     memory.out_of_memory([100] * 16, 8)
     assert memory.batch_tokens == 800
-    seen = []
-    while memory.lowered:
-        clock.now += 60
-        memory.raise_if_due()
-        seen.append(memory.batch_tokens)
-    assert seen == [1000, 1250, 1563, 1954, 2443, 3054, 0]  # 3,818 >= 2 x 1,600: no budget
+    # 3,818 >= 2 x 1,600: no budget again.
+    assert steps_back(memory, clock, lambda m: m.batch_tokens) == [1000, 1250, 1563, 1954,
+                                                                   2443, 3054, 0]
 
 
 def test_recovery_zero_keeps_the_lowered_limit_for_good():
