@@ -90,6 +90,10 @@ class WorkerService:
         self._newer_logged: set[str] = set()
         #: The batch limits the last READY announced (see _heartbeat_loop).
         self._announced_limits: tuple[int, int] | None = None
+        #: The prompt names READY lists, fixed at load. A name no request may send (too
+        #: long) is not worth announcing.
+        self._prompts = tuple(sorted(name for name in runner.embedding_prompts
+                                     if 0 < len(name) <= MAX_PROMPT_NAME))[:MAX_PROMPTS]
         #: Measures long texts apart from the loop, one at a time (see BULK_TEXT_CHARS),
         #: with its own tokenizers (PipelineRunner.measure's bulk).
         self._bulk = ThreadPoolExecutor(1, thread_name_prefix="measure")
@@ -383,9 +387,7 @@ class WorkerService:
             max_batch_tokens=self._announced_limits[1],
             dtype=self.runner.loaded_dtype,
             max_seq_length=self.runner.embed_max_length or 0,
-            # A name no request may send (too long) is not worth announcing.
-            prompts=tuple(sorted(name for name in self.runner.embedding_prompts
-                                 if 0 < len(name) <= MAX_PROMPT_NAME))[:MAX_PROMPTS],
+            prompts=self._prompts,
         )
 
     async def _heartbeat_loop(self) -> None:
