@@ -92,6 +92,26 @@ class ServeConfig:
     workers: WorkerLaunchConfig = field(default_factory=WorkerLaunchConfig)
 
 
+def is_device(name: str) -> bool:
+    """``cpu`` or ``cuda:N``: the devices a worker takes."""
+    return name == "cpu" or (name.startswith("cuda:") and name[5:].isdigit())
+
+
+def devices_spec(text: str) -> str:
+    """``--devices``: checked with the other flags, so a typo ("gpu") is one line and exit 2,
+    not a traceback once the broker has bound its socket."""
+    spec = text.strip()
+    if spec == "auto":
+        return spec
+    devices = [d.strip() for d in spec.split(",") if d.strip()]
+    bad = next((d for d in devices if not is_device(d)), None)
+    if bad is not None or not devices:
+        raise argparse.ArgumentTypeError(
+            f"unknown device {bad or text!r}: use auto, cpu, cuda:N, or a list such as "
+            "cuda:0,cuda:1")
+    return spec
+
+
 def _add_gateway_flags(flags: Flags, *, serve: bool) -> None:
     d = GatewayConfig()
     flags.add("--host", default=d.host, help="HTTP listen address")
@@ -178,7 +198,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
               help="local worker processes to run, or auto: one per visible GPU, else one per "
               "usable CPU core with one torch thread each (each worker holds its own copy of "
               "the model; on CPU that is the throughput layout, see docs/operations.md)")
-    flags.add("--devices", default="auto",
+    flags.add("--devices", type=devices_spec, default="auto",
               help="auto, cpu, or a list such as cuda:0,cuda:1 (worker i takes device i mod n)")
     add_model_flags(flags)
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from gateway.config import WorkerLaunchConfig
+from gateway.config import WorkerLaunchConfig, is_device
 from worker.config import EXIT_CANNOT_LOAD
 
 log = logging.getLogger("batchwire.gateway.supervisor")
@@ -28,11 +28,6 @@ BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
 #: A worker up this long is considered healthy again: its next crash restarts quickly.
 STABLE_AFTER_S = 60.0
-
-
-def is_device(name: str) -> bool:
-    """``cpu`` or ``cuda:N``: the devices a worker takes."""
-    return name == "cpu" or (name.startswith("cuda:") and name[5:].isdigit())
 
 
 def resolve_devices(spec: str, count: int | None) -> list[str]:

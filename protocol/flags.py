@@ -12,6 +12,11 @@ import os
 from typing import Any, Mapping
 
 
+#: What a BATCHWIRE_<FLAG> variable of an on/off flag may say.
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
 class Flags:
     """Adds ``--flag`` options whose default comes from ``BATCHWIRE_FLAG`` when set."""
 
@@ -33,7 +38,12 @@ class Flags:
             # validated exactly like flags.
             default = self.environ[env]
             if kwargs.get("action") == "store_true":
-                default = default.strip().lower() in ("1", "true", "yes", "on")
+                word = default.strip().lower()
+                if word not in TRUE_WORDS + FALSE_WORDS:
+                    # "maybe" or "enabled" had quietly meant off.
+                    self.parser.error(f"{env}={default!r}: must be one of "
+                                      f"{', '.join(TRUE_WORDS)} or {', '.join(FALSE_WORDS)}")
+                default = word in TRUE_WORDS
         self.parser.add_argument(flag, default=default, help=f"{help} [env {env}]", **kwargs)
 
 

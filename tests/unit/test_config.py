@@ -279,3 +279,35 @@ def test_oom_recovery_comes_from_flag_or_env_and_defaults_to_a_minute():
         worker_config.parse(base + ["--oom-recovery-s", "-1"], environ={})
     _, serve = gateway_config.parse(["serve", "--oom-recovery-s", "120"], environ={})
     assert serve.workers.oom_recovery_s == 120.0
+
+
+def test_an_on_off_variable_that_says_neither_is_an_error_not_off(capsys):
+    """BATCHWIRE_DEBUG=maybe (or "enabled", "2") had started the gateway with debug off,
+    silently."""
+    for word, on in (("1", True), ("TRUE", True), ("yes", True), (" on ", True),
+                     ("0", False), ("false", False), ("No", False), ("off", False)):
+        _, cfg = gateway_config.parse(["serve"], environ={"BATCHWIRE_DEBUG": word})
+        assert cfg.gateway.debug is on, word
+    for word in ("maybe", "enabled", "2"):
+        with pytest.raises(SystemExit) as exit_:
+            gateway_config.parse(["serve"], environ={"BATCHWIRE_DEBUG": word})
+        assert exit_.value.code == 2
+        assert f"BATCHWIRE_DEBUG='{word}': must be one of 1, true" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        worker_config.parse(["--connect", "ipc:///x"], environ={"BATCHWIRE_TRUST_REMOTE_CODE":
+                                                                "sure"})
+
+
+def test_devices_are_checked_with_the_other_flags(capsys):
+    """--devices gpu was a traceback once the broker had bound its socket (and left its
+    ipc directory behind); it is a one-line error before anything starts."""
+    for spec in ("gpu", "cuda", "cpu,gpu", "", " , "):
+        with pytest.raises(SystemExit) as exit_:
+            gateway_config.parse(["serve", "--devices", spec], environ={})
+        assert exit_.value.code == 2
+        assert "argument --devices: unknown device" in capsys.readouterr().err
+    for spec in ("auto", "cpu", "cuda:0,cuda:1", "cpu,cpu"):
+        _, cfg = gateway_config.parse(["serve", "--devices", spec], environ={})
+        assert cfg.workers.devices == spec
+    with pytest.raises(SystemExit):
+        gateway_config.parse(["serve"], environ={"BATCHWIRE_DEVICES": "gpu"})
