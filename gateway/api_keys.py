@@ -14,7 +14,7 @@ from __future__ import annotations
 import hmac
 import logging
 
-from gateway.watched_files import CHECK_S, WatchedFiles, every
+from gateway.watched_files import CHECK_S, WatchedFiles, every, unreadable
 
 log = logging.getLogger("batchwire.gateway.api_keys")
 
@@ -25,6 +25,9 @@ class ApiKeysError(Exception):
 
 def read_keys(path: str) -> list[str]:
     """The keys in ``path``: one per line; blank lines and lines starting with # skipped."""
+    why = unreadable(path)
+    if why is not None:
+        raise ApiKeysError(f"cannot read the API keys file {path!r} (--api-keys-file): {why}")
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
@@ -86,6 +89,7 @@ class ApiKeys:
             self._load()
         except ApiKeysError as exc:
             log.error("%s; still accepting the keys read before", exc)
+            self.files.retry()
             return False
         if self._accepted:
             log.info("API keys reloaded from %s: %d key(s)", self.keys_file, len(self._accepted))

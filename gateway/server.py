@@ -18,6 +18,7 @@ from gateway.config import GatewayConfig, ServeConfig
 from gateway.connections import make_room_for
 from gateway.supervisor import Supervisor
 from gateway.tls import ServerTls, TlsConfigError
+from gateway.watched_files import check_now
 from protocol import curve, eventloop
 from protocol.heap import freeze_startup_objects
 
@@ -140,7 +141,7 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
         # As nginx does: SIGHUP reads the watched files now, not at the next 30 s check.
         log.info("SIGHUP: checking the TLS and API key files now")
         for files in reread:
-            files.reload_if_changed()
+            check_now(files.reload_if_changed)
 
     if reread:
         loop.add_signal_handler(signal.SIGHUP, on_hangup)

@@ -13,12 +13,11 @@ A pair that fails to load then is logged, and the old one kept.
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 import time
 
 from gateway.cert_expiry import not_after
-from gateway.watched_files import CHECK_S, WatchedFiles, every
+from gateway.watched_files import CHECK_S, WatchedFiles, every, unreadable
 
 log = logging.getLogger("batchwire.gateway.tls")
 
@@ -27,6 +26,19 @@ log = logging.getLogger("batchwire.gateway.tls")
 EXPIRY_WARNING_S = 14 * 86400.0
 #: At most one expiry warning in this long.
 LOG_EXPIRY_EVERY_S = 86400.0
+
+
+def _no_pass_phrase() -> bytes:
+    return b""
+
+
+def _encrypted(key_file: str) -> bool:
+    try:
+        with open(key_file, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return b"ENCRYPTED" in head
 
 
 class TlsConfigError(Exception):
@@ -53,18 +65,23 @@ class ServerTls:
 
     def _load(self) -> None:
         for what, path in (("certificate", self.cert_file), ("key", self.key_file)):
-            if not os.access(path, os.R_OK):
+            why = unreadable(path)
+            if why is not None:
                 raise TlsConfigError(f"cannot read the TLS {what} file {path!r} (--tls-"
-                                     f"{'cert' if what == 'certificate' else 'key'})")
+                                     f"{'cert' if what == 'certificate' else 'key'}): {why}")
         try:
             # Into a scratch context first: a pair that fails half-way into the live one
             # (the certificate taken, then the key refused) would leave it serving neither.
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert_file, self.key_file)
-            self.context.load_cert_chain(self.cert_file, self.key_file)
+            # No pass phrase: OpenSSL would ask for one on the terminal (and wait there).
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+                self.cert_file, self.key_file, password=_no_pass_phrase)
+            self.context.load_cert_chain(self.cert_file, self.key_file, password=_no_pass_phrase)
             self.expires_at = not_after(self.cert_file)
-        except ssl.SSLError as exc:
-            why = ("the key does not belong to the certificate"
-                   if exc.reason == "KEY_VALUES_MISMATCH" else str(exc.reason or exc))
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None)
+            why = ("the key does not belong to the certificate" if reason == "KEY_VALUES_MISMATCH"
+                   else "the key is encrypted with a pass phrase" if _encrypted(self.key_file)
+                   else str(reason or exc.strerror or exc))
             raise TlsConfigError(f"cannot use {self.cert_file!r} with {self.key_file!r}: {why} "
                                  "(--tls-cert takes a PEM certificate chain, --tls-key its "
                                  "unencrypted PEM private key)") from None
@@ -79,9 +96,12 @@ class ServerTls:
             self._load()
         except TlsConfigError as exc:
             # Often the moment between one file's replacement and the other's: the next
-            # check, after both, loads them.
+            # check, after both, loads them. Read again then even if neither changes: a pair
+            # replaced between this load's two reads may have left the live context with one
+            # file's new half, which only a load of the settled pair mends.
             log.error("the TLS files changed but do not load (%s); still serving the "
                       "certificate loaded before", exc)
+            self.files.retry()
             return False
         self.reloads += 1
         log.info("TLS certificate reloaded from %s", self.cert_file)

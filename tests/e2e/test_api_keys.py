@@ -75,9 +75,60 @@ async def test_keys_rotate_by_rewriting_the_file_with_no_restart(tmp_path, caplo
         assert await status(client, "new-key") == 401 and await status(client, "flag-key") == 200
 
 
+def test_a_keys_file_that_failed_to_load_is_read_again_at_the_next_check(tmp_path,
+                                                                         monkeypatch, caplog):
+    """A file that could not be read when it changed (written root-only, say) was not read
+    again once it could be, since a chmod leaves its mtime alone: the new key stayed
+    refused until the file changed again. A failed load is retried at each check."""
+    import gateway.api_keys
+
+    keys_file = write_keys(tmp_path / "keys", "old")
+    keys = ApiKeys(keys_file=keys_file)
+    write_keys(tmp_path / "keys", "old", "new")
+    monkeypatch.setattr(gateway.api_keys, "unreadable", lambda path: "permission denied")
+    with caplog.at_level(logging.ERROR, logger="batchwire.gateway.api_keys"):
+        assert keys.reload_if_changed() is False
+    assert "permission denied; still accepting the keys read before" in caplog.text
+    assert not keys.accepts("Bearer new")
+    monkeypatch.undo()  # the chmod: nothing about the file changes
+    assert keys.reload_if_changed() is True and keys.accepts("Bearer new")
+    assert keys.reload_if_changed() is False
+
+
+def test_a_watch_goes_on_after_a_check_that_raises(caplog):
+    """One check that raised something unexpected (an encrypted TLS key did) ended the 30 s
+    watch for good, silently: no renewal was picked up again."""
+    import asyncio
+
+    from gateway.watched_files import every
+
+    calls = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(22, "Invalid argument")
+
+    async def watch_three() -> None:
+        task = asyncio.create_task(every(0.001, check))
+        try:
+            while len(calls) < 3:
+                await asyncio.sleep(0.001)
+        finally:
+            task.cancel()
+
+    with caplog.at_level(logging.ERROR, logger="batchwire.gateway.watched_files"):
+        asyncio.run(asyncio.wait_for(watch_three(), 5))
+    assert len(calls) >= 3 and "checking watched files failed" in caplog.text
+
+
 def test_a_keys_file_that_cannot_be_used_says_where_and_why(tmp_path):
     with pytest.raises(ApiKeysError, match="cannot read the API keys file .*--api-keys-file"):
         ApiKeys(keys_file=str(tmp_path / "missing"))
+    # A FIFO would block the event loop on open (every request, probes included, hung).
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ApiKeysError, match="fifo' .*: not a regular file"):
+        ApiKeys(keys_file=str(tmp_path / "fifo"))
     with pytest.raises(ApiKeysError, match="holds no key"):
         ApiKeys(keys_file=write_keys(tmp_path / "empty", "# nothing yet", ""))
     with pytest.raises(ApiKeysError, match=r"bad:2: not a key"):

@@ -111,6 +111,16 @@ async def test_a_renewed_certificate_is_served_to_new_connections(https_gateway,
         assert tls.reload_if_changed() is False
     assert any("do not load" in r.getMessage() for r in caplog.records)
     assert await get_health(port, new_ca) == 200
+    # An encrypted key neither stops the watch nor waits for a pass phrase; the next good
+    # pair is served.
+    _, _, plain_key = issue(tmp_path, "to-encrypt")
+    os.replace(encrypted(plain_key, tmp_path), key)
+    assert tls.reload_if_changed() is False
+    third_ca, third_cert, third_key = issue(tmp_path, "third")
+    os.replace(third_cert, cert)
+    os.replace(third_key, key)
+    assert tls.reload_if_changed() is True
+    assert await get_health(port, third_ca) == 200
 
 
 async def test_a_connection_that_never_finishes_its_handshake_is_closed(https_gateway,
@@ -137,18 +147,39 @@ def test_files_that_cannot_be_used_say_which_and_why(tmp_path):
     (tmp_path / "garbage.pem").write_text("not a certificate\n")
     with pytest.raises(TlsConfigError, match="cannot use"):
         ServerTls(str(tmp_path / "garbage.pem"), key)
+    # OpenSSL asked for its pass phrase on the terminal (and waited), then raised an OSError
+    # that nothing caught.
+    with pytest.raises(TlsConfigError, match="the key is encrypted with a pass phrase"):
+        ServerTls(cert, encrypted(key, tmp_path))
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(TlsConfigError, match="fifo' .*: not a regular file"):
+        ServerTls(cert, str(tmp_path / "fifo"))
 
 
-def test_gateway_with_a_mismatched_pair_exits_2_with_one_line(tmp_path):
-    _, cert, _ = issue(tmp_path, "server")
+def encrypted(key_file: str, tmp_path) -> str:
+    """The key, encrypted with a pass phrase as `openssl pkey -aes256` writes it."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(open(key_file, "rb").read(), password=None)
+    path = tmp_path / "encrypted.key"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.BestAvailableEncryption(b"secret")))
+    return str(path)
+
+
+@pytest.mark.parametrize("which", ["mismatched", "encrypted"])
+def test_gateway_with_a_pair_it_cannot_use_exits_2_with_one_line(tmp_path, which):
+    _, cert, key = issue(tmp_path, "server")
     _, _, other_key = issue(tmp_path, "other")
+    key, why = ((other_key, "the key does not belong to the certificate") if which == "mismatched"
+                else (encrypted(key, tmp_path), "the key is encrypted with a pass phrase"))
     done = subprocess.run([sys.executable, "-m", "gateway", "gateway", "--port", str(free_port()),
-                           "--tls-cert", cert, "--tls-key", other_key],
-                          capture_output=True, text=True, timeout=60)
+                           "--tls-cert", cert, "--tls-key", key],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "the key does not belong to the certificate" in lines[0], \
-        done.stderr
+    assert len(lines) == 1 and why in lines[0], done.stderr
 
 
 def test_gateway_serves_https_and_the_docker_healthcheck_follows_it(procs, tmp_path):
