@@ -30,6 +30,7 @@ EXPOSED_HEADERS = ", ".join(("X-Request-Id", "X-Batch-Size", "X-Batch-Tokens",
 ALLOWED_METHODS = "GET, HEAD, POST"
 #: How long a browser may cache a preflight's answer.
 MAX_AGE_S = 600
+DEFAULT_PORTS = {"http": 80, "https": 443}
 _HEADER_LIST = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*$")
 
 
@@ -47,7 +48,11 @@ def origins(text: str) -> tuple[str, ...]:
                 or parts.username or parts.password):
             raise argparse.ArgumentTypeError(
                 f"{origin!r} is not an origin: give scheme://host[:port] (no path), or * alone")
-        normalized.append(f"{parts.scheme}://{parts.netloc.lower()}")
+        netloc = parts.netloc.lower()
+        if parts.port == DEFAULT_PORTS[parts.scheme]:
+            # Browsers leave a default port out of Origin: kept in, it matched no page.
+            netloc = netloc.rsplit(":", 1)[0]
+        normalized.append(f"{parts.scheme}://{netloc}")
     return tuple(normalized)
 
 
@@ -75,20 +80,25 @@ class Cors:
                                    "add it to --cors-origins")
         headers = {"Access-Control-Allow-Methods": ALLOWED_METHODS,
                    "Access-Control-Max-Age": str(MAX_AGE_S)}
-        asked = request.headers.get("Access-Control-Request-Headers", "").strip()
         # The headers a page asks to send are allowed as asked (the OpenAI JS client adds its
         # own x-stainless-*): the gateway reads only those it knows, and ignores the rest.
+        # Empty items ("content-type,,authorization") are skipped, not a reason to allow none.
+        asked = ", ".join(name.strip() for name in
+                          request.headers.get("Access-Control-Request-Headers", "").split(",")
+                          if name.strip())
         if asked and _HEADER_LIST.match(asked):
             headers["Access-Control-Allow-Headers"] = asked
         return web.Response(status=204, headers=headers)
 
     async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
         """Every answer to an allowed origin says so (errors too, so the page reads why)."""
+        if not self.any:
+            # Answers differ by origin, the one without an Origin too: a shared cache that
+            # stored that one would hand it to pages of allowed origins, which then fail.
+            response.headers.add("Vary", "Origin")
         origin = request.headers.get("Origin")
         if origin is None:
             return
-        if not self.any:
-            response.headers.add("Vary", "Origin")  # answers differ by origin: caches key on it
         if self.allows(origin):
             response.headers["Access-Control-Allow-Origin"] = "*" if self.any else origin
             response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS

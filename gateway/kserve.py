@@ -54,9 +54,10 @@ Errors. Every v2 route answers errors in the protocol's shape, ``{"error": "<mes
 with the status :mod:`protocol.errors` gives the exception (400 bad input, 404 unknown
 model or route, 405, 413, 415, 422 parameters the pipeline rejects, 503 no worker or
 draining with Retry-After, 504 deadline), not batchwire's ``{"error": {"code",
-"message"}}``. One exception, raised before any route runs: 401 for a missing API key (the
-v2 health routes need the key too when ``--api-key`` is set; only ``/health`` and ``/ready``
-are open) comes in batchwire's shape from :func:`gateway.app.error_middleware`.
+"message"}}``. One exception, raised before any route runs: 401 for a missing API key (every
+v2 route but the health ones, which stay open like ``/health`` and ``/ready``: see
+``gateway.app.OPEN_ROUTES``) comes in batchwire's shape from
+:func:`gateway.app.error_middleware`.
 
 Register last: the v2 routes take every method on their paths (to answer 405 in the v2
 shape) and ``/v2/{tail}`` catches the rest of ``/v2/`` (404 in the v2 shape), so a ``/v2/``

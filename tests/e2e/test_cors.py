@@ -94,6 +94,22 @@ def test_origins_are_scheme_host_and_port():
     assert cors.origins("http://LocalHost:3000, https://a.example.com/") == \
         ("http://localhost:3000", "https://a.example.com")
     assert cors.origins("*") == ("*",)
+    # Browsers leave a default port out of Origin: written in, it matched no page.
+    assert cors.origins("https://ok.example:443,http://ok.example:80,https://ok.example:8443") \
+        == ("https://ok.example", "http://ok.example", "https://ok.example:8443")
     for bad in ("localhost:3000", "http://a.example.com/app", "ftp://a.example.com", "*,http://a.b"):
         with pytest.raises(argparse.ArgumentTypeError, match="not an origin"):
             cors.origins(bad)
+
+
+async def test_every_answer_varies_by_origin_and_odd_header_lists_still_get_theirs():
+    """An answer to a request without Origin lacked Vary: a shared cache could store it and
+    hand it to a page of an allowed origin, which then failed. A header list with an empty
+    item got a preflight that allowed no header at all, and the browser an opaque failure."""
+    async with client_for(cors_origins=(PAGE,)) as client:
+        async with client.get("/health") as response:
+            assert "Origin" in response.headers.getall("Vary")
+        odd = preflight(PAGE, headers="content-type,,authorization")
+        async with client.options("/", headers=odd) as response:
+            assert response.status == 204
+            assert response.headers["Access-Control-Allow-Headers"] == "content-type, authorization"
