@@ -456,6 +456,12 @@ def load_json_body(body: bytes, example: str) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            # orjson says "str is not valid UTF-8: surrogates not allowed" for a 0xff byte.
+            raise BadInput(f"the body is not valid UTF-8 (byte {bad.start}); JSON is UTF-8 "
+                           "text") from None
         raise BadInput(f"the body is not valid JSON: {exc}") from None
 
 

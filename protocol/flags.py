@@ -8,6 +8,7 @@ environment.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Any, Mapping
 
@@ -76,15 +77,16 @@ def non_negative_int(text: str) -> int:
 
 def non_negative_float(text: str) -> float:
     value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be zero or more, got {text}")
+    # inf passed for "no limit" here, and a heartbeat interval of inf sent none.
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number, zero or more, got {text}")
     return value
 
 
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than zero, got {text}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number more than zero, got {text}")
     return value
 
 

@@ -839,6 +839,11 @@ class PipelineRunner:
             value = parameters.get(name)
             if value is not None and not isinstance(value, dict):
                 raise InvalidParameters(f"{name} must be an object of tokenizer arguments")
+            if value and "return_tensors" in value:
+                # The pipeline sets it itself; given twice, the tokenizer's TypeError quoted
+                # its whole repr, the model's path included.
+                raise InvalidParameters(f"{name}.return_tensors is the pipeline's to set; "
+                                        "leave it out")
             kwargs.update(value or {})
         if "truncation" in parameters:
             kwargs["truncation"] = parameters["truncation"]

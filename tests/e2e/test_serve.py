@@ -124,6 +124,10 @@ async def test_bad_timeout_header_is_400(fill_mask_server, header):
     ("/predict", {"data": b"{not json", "headers": {"Content-Type": "application/json"}},
      400, "bad_input", "not valid JSON"),
     ("/predict", {"json": ["a"]}, 400, "bad_input", "JSON object"),
+    # orjson's own words were "str is not valid UTF-8: surrogates not allowed".
+    ("/predict", {"data": b'{"inputs": "\xff [MASK]"}', "headers": {"Content-Type":
+                                                                    "application/json"}},
+     400, "bad_input", "the body is not valid UTF-8 (byte 12)"),
     ("/predict", {"json": {"input": "a [MASK]"}}, 400, "bad_input", "unknown field"),
     ("/predict", {"json": {"inputs": 5}}, 400, "bad_input", "string or an object"),
     ("/predict", {"json": {"inputs": []}}, 400, "bad_input", "empty list"),

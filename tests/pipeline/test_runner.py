@@ -698,6 +698,15 @@ def test_measure_counts_through_the_rust_backend_when_it_agrees(fill_runner, tin
             assert runner.measure(text, {}) == n_tokens(runner, text), text
 
 
+def test_tokenizer_arguments_the_pipeline_sets_itself_are_refused_plainly(tiny_fe_runner):
+    """return_tensors given in tokenize_kwargs: the tokenizer's TypeError quoted its whole
+    repr, the model's path included, and said nothing of what to change."""
+    for name in ("tokenize_kwargs", "tokenizer_kwargs"):
+        with pytest.raises(InvalidParameters, match=f"^{name}.return_tensors is the pipeline's "
+                           "to set; leave it out$"):
+            tiny_fe_runner.measure("hello", {name: {"return_tensors": "pt"}})
+
+
 def test_measure_after_a_truncating_call_counts_in_full(tiny_fe_runner):
     """A call with truncation leaves settings on the Rust backend; the next count without
     truncation must not inherit them (a too-long input would slip through, truncated)."""

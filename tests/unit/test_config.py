@@ -311,3 +311,16 @@ def test_devices_are_checked_with_the_other_flags(capsys):
         assert cfg.workers.devices == spec
     with pytest.raises(SystemExit):
         gateway_config.parse(["serve"], environ={"BATCHWIRE_DEVICES": "gpu"})
+
+
+def test_durations_are_finite():
+    """--timeout-ms inf was taken for "no deadline", and --heartbeat-interval-s inf would send
+    no heartbeat at all; nan was refused. Both are refused now, with what to give."""
+    for flag in ("--timeout-ms", "--heartbeat-interval-s", "--drain-timeout-s"):
+        for bad in ("inf", "-inf", "nan", "1e999"):
+            with pytest.raises(SystemExit):
+                gateway_config.parse(["serve", flag, bad], environ={})
+    with pytest.raises(SystemExit):
+        worker_config.parse(["--connect", "ipc:///x", "--max-delay-ms", "inf"], environ={})
+    _, cfg = gateway_config.parse(["serve", "--timeout-ms", "1e9"], environ={})
+    assert cfg.gateway.timeout_ms == 1e9
