@@ -276,21 +276,19 @@ async def unknown_route(request: web.Request, tail: str) -> web.Response:
 
 
 # -- inference -----------------------------------------------------------------------------
-def _flatten(data: Any, where: str) -> list:
-    """Nested row-major data, flat. A loop, not recursion: JSON nests up to 1024 deep."""
+def _flat(data: Any, shape: list, where: str) -> list:
+    """The data of a tensor of shape [n] or [n, 1], flat: given flat, or nested as its shape
+    says (n rows of one). Nesting that contradicts the shape is refused: [["x"], ["y"]] for
+    shape [2], or [[[]], "x"], whose empty lists vanished when flattened whatever the depth."""
     if not isinstance(data, list):
         raise BadInput(f"{where} must be a list of strings, not {bw.json_type(data)}")
-    flat: list = []
-    stack = [iter(data)]
-    while stack:
-        for item in stack[-1]:
-            if isinstance(item, list):
-                stack.append(iter(item))
-                break
-            flat.append(item)
-        else:
-            stack.pop()
-    return flat
+    if not any(isinstance(item, list) for item in data):
+        return data
+    if len(shape) == 2 and all(isinstance(row, list) and len(row) == 1
+                               and not isinstance(row[0], list) for row in data):
+        return [row[0] for row in data]
+    raise BadInput(f"{where} nests otherwise than the shape {shape} says; send the strings "
+                   'flat, ["a", "b"], or for shape [n, 1] as rows of one, [["a"], ["b"]]')
 
 
 def _parse_input(tensor: Any, max_inputs: int) -> list[str]:
@@ -332,7 +330,7 @@ def _parse_input(tensor: Any, max_inputs: int) -> list[str]:
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
         raise BadInput(f"{where} has shape {shape}; send the n strings as shape [n] "
                        "(or [n, 1])")
-    data = _flatten(tensor["data"], f'{where}: "data"')
+    data = _flat(tensor["data"], shape, f'{where}: "data"')
     if len(data) != math.prod(shape):
         raise BadInput(f"{where} has shape {shape} but {len(data)} data element(s); the "
                        f"shape must match the data: [{len(data)}]")

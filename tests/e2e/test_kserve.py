@@ -289,6 +289,11 @@ BAD_REQUESTS = {
                           "outputs": [{"name": "output", "parameters": {"binary_data": True}}]},
                          "binary_data"),
     "non-string id": ({"id": 5, "inputs": [bytes_input(["a [MASK]"])]}, "id"),
+    # Nesting that contradicts the shape (both were taken, flattened).
+    "rows for shape [n]": ({"inputs": [bytes_input([["a [MASK]"], ["b [MASK]"]], shape=[2])]},
+                           "nests otherwise than the shape [2]"),
+    "empty lists nested": ({"inputs": [bytes_input([[[]], "a [MASK]"], shape=[1])]},
+                           "nests otherwise than the shape [1]"),
     "pipeline argument on the input": (
         {"inputs": [bytes_input(["a [MASK]"], parameters={"top_k": 1})]},
         "request's own \"parameters\""),
