@@ -28,9 +28,9 @@ Inputs. Exactly one input tensor (any name; the metadata calls it ``text``) of d
 ``/predict``'s ``"inputs"`` list. The request's ``"parameters"`` are the pipeline's keyword
 arguments (``{"top_k": 3}``), less ``content_type`` and ``headers``, which are
 protocol-level codec hints (MLServer, KServe) and never pipeline arguments. Input-level
-``"parameters"`` may hold only those two hints; any other name (a ``top_k`` put there by mistake) is 400, not silently dropped. The
-binary tensor data extension is not supported (``"extensions": []``): a body carrying it,
-or asking for it, is 400.
+``"parameters"`` may hold only those two hints; any other name (a ``top_k`` put there by
+mistake) is 400, not silently dropped. The binary tensor data extension is not supported
+(``"extensions": []``): a body carrying it, or asking for it, is 400.
 
 Outputs. How the n pipeline outputs become output tensors:
 
