@@ -26,7 +26,8 @@ log = logging.getLogger("batchwire.gateway.supervisor")
 
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
-#: A worker up this long is considered healthy again: its next crash restarts quickly.
+#: A worker up this long (or one that joined the gateway) is considered healthy again: its
+#: next crash restarts quickly.
 STABLE_AFTER_S = 60.0
 
 
@@ -98,6 +99,8 @@ class WorkerSlot:
     #: A process of this slot loaded the model once: a later failure to load is taken for
     #: a passing condition (device memory its killed predecessor still held), and retried.
     loaded: bool = False
+    #: The pid of the last process of this slot that joined the gateway.
+    ready_pid: int | None = None
 
 
 class Supervisor:
@@ -202,7 +205,13 @@ class Supervisor:
                     self.on_give_up("no worker could load the model")
                 return
             slot.state = "restarting"
-            failures = 0 if time.monotonic() - started > STABLE_AFTER_S else failures + 1
+            # Backing off is for a worker that cannot get going. One that loaded and joined
+            # was ended by what it ran (a client's poison input, a kill for silence): started
+            # again at once. Counted as failures, a few poison inputs had slots wait 30 s to
+            # restart, and with two workers the pool was empty most of the time.
+            served = slot.ready_pid == slot.process.pid
+            lived = time.monotonic() - started
+            failures = 0 if served or lived > STABLE_AFTER_S else failures + 1
             delay = min(BACKOFF_MAX_S, BACKOFF_START_S * 2 ** max(failures - 1, 0))
             slot.restarts += 1
             log.warning("worker-%d %s; restarting in %.1f s", slot.index, reason, delay)
@@ -216,6 +225,7 @@ class Supervisor:
         for slot in self.slots:
             if slot.process is not None and slot.process.pid == pid:
                 slot.loaded = True
+                slot.ready_pid = pid
 
     def kill(self, pid: int, reason: str) -> bool:
         """End a worker the broker declared dead or stuck (it may be hung or SIGSTOPped);

@@ -24,6 +24,7 @@ async def test_kill_9_a_worker_mid_burst_loses_nothing(start_server, tiny_model_
     server = start_server(["--model", str(tiny_model_dir), "--workers", "2",
                            "--max-batch-size", "4", "--max-delay-ms", "20"])
     wait_for(lambda: len(server.info()["workers"]) == 2, 60, "both workers")
+    first_pids = {w["pid"] for w in server.info()["workers"]}
     victim = server.info()["workers"][0]["pid"]
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         requests = burst(session, server.url, 150, "burst")
@@ -40,6 +41,15 @@ async def test_kill_9_a_worker_mid_burst_loses_nothing(start_server, tiny_model_
     assert re.search(r"^batchwire_worker_restarts_total 1\.0$", scrape, re.M)
     requeued = re.search(r"^batchwire_requests_requeued_total (\S+)$", scrape, re.M)
     assert requeued and float(requeued.group(1)) >= 1, scrape
+    # Killed again once it has joined, it is started again at once: backing off is for a
+    # worker that cannot get going, not one ended by what it ran (a poison input had slots
+    # wait up to 30 s, and a pool of two empty most of the time).
+    (replacement,) = {w["pid"] for w in server.info()["workers"]} - first_pids
+    os.kill(replacement, signal.SIGKILL)
+    wait_for(lambda: len(server.info()["workers"]) == 2 and
+             replacement not in {w["pid"] for w in server.info()["workers"]}, 60,
+             "a second replacement")
+    assert server.log_text().count("restarting in 0.5 s") == 2, server.log_text()
 
 
 async def test_sigterm_under_load_answers_every_admitted_request(start_server, tiny_model_dir):
