@@ -45,7 +45,8 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, ssl, urllib.request; tls = os.environ.get('BATCHWIRE_TLS_CERT', '').strip(); ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE; urllib.request.urlopen('%s://127.0.0.1:%s/health' % ('https' if tls else 'http', os.environ.get('BATCHWIRE_PORT', '8000')), timeout=2, context=ctx)"]
 ENTRYPOINT ["batchwire"]
 # 0.0.0.0: a container's loopback is its own; --zmq-bind tcp://0.0.0.0 lets workers in other
-# containers connect (publish 5555 only on a network you trust: there is no CURVE yet).
+# containers connect (publish 5555 only on a network you trust, or with CURVE keys:
+# docs/deploy.md, "CURVE keys").
 CMD ["gateway", "--host", "0.0.0.0", "--zmq-bind", "tcp://0.0.0.0:5555"]
 
 # --- worker: one model process per GPU ---------------------------------------------------

@@ -1,11 +1,16 @@
 # The two commands of the README. Both build .venv first; the install reuses any torch
 # already importable (system site-packages are visible to the venv) and otherwise takes the
-# pinned CPU wheel, so a resolver never pulls a second, multi-GB CUDA torch.
+# pinned torch (see TORCH_INDEX_URL for its CPU build), and constrains the rest to it, so a
+# resolver never pulls a second, multi-GB CUDA torch.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 TORCH_MIN ?= 2.1
+# Where that torch comes from. Empty: pip's own configuration (a local CPU wheel where one is
+# configured, else PyPI, whose Linux x86_64 torch is the CUDA build with gigabytes of nvidia
+# packages); https://download.pytorch.org/whl/cpu: the CPU build.
+TORCH_INDEX_URL ?=
 HOST ?= 127.0.0.1
 PORT ?= 8000
 export HF_HUB_OFFLINE ?= 1
@@ -16,7 +21,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch, sys; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(v < tuple(int(x) for x in '$(TORCH_MIN)'.split('.')))" 2>/dev/null \
-		|| $(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
+		|| $(PY) -m pip install --quiet $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "torch==$(TORCH_VERSION)"
 	$(PY) -c "import torch; print('torch=='+torch.__version__)" > $(VENV)/constraints.txt
 	$(PY) -m pip install --quiet --constraint $(VENV)/constraints.txt -e ".[worker,test,bench]"
 	touch $@

@@ -34,6 +34,7 @@ from protocol.errors import (
     NoWorkers,
     OriginNotAllowed,
     Overloaded,
+    ProtocolError,
     Unauthorized,
     UnsupportedMediaType,
     WorkerCrashed,
@@ -46,7 +47,7 @@ OPENAPI_VERSION = "3.0.3"
 CLIENT_VISIBLE_ERRORS = (BadInput, MalformedRequest, HeadTooLarge, Unauthorized,
                          OriginNotAllowed, NotFound, MethodNotAllowed, BodyTooLarge, UnsupportedMediaType, InvalidParameters,
                          InputTooLong, AnswerTooLarge, AnswersTooLarge, ModelError, WorkerCrashed,
-                         Overloaded, NoWorkers, Draining, DeadlineExceeded)
+                         ProtocolError, Overloaded, NoWorkers, Draining, DeadlineExceeded)
 _REF = "#/components/"
 
 
