@@ -353,13 +353,20 @@ class PipelineRunner:
         measurer.ideograph_cut = all(
             ideographs_stand_alone(backend) for backend in (measurer.counting,
                                                             measurer.embed_counting))
-        if measurer.truncating is not None:
-            measurer.prefix_cut = prefix_cut_agrees(
-                measurer.embed_counting, measurer.truncating, self.embed_max_length)
+        counting, truncating, keep = (measurer.embed_counting, measurer.truncating,
+                                      self.embed_max_length)
+        if truncating is None and measurer.counting is not None and self.max_length:
+            # No embedding cut (a model without sentence-transformers files): checked at the
+            # model's own limit, where token-level answers with {"truncation": true} are cut.
+            # Unchecked, a 4 MiB text was tokenized whole on arrival and again in its batch,
+            # holding the inference thread for 3 s.
+            counting, keep = measurer.counting, self.max_length
+            truncating = truncating_backend(measurer.tokenizer, counting, keep)
+        if truncating is not None:
+            measurer.prefix_cut = prefix_cut_agrees(counting, truncating, keep)
             if measurer.prefix_cut and measurer.ideograph_cut:
-                measurer.ideograph_cut = prefix_cut_agrees(
-                    measurer.embed_counting, measurer.truncating, self.embed_max_length,
-                    ideographs=True)
+                measurer.ideograph_cut = prefix_cut_agrees(counting, truncating, keep,
+                                                           ideographs=True)
         return measurer
 
     def _follow_declared_modules(self, pooling_config: dict, dense: list[str],
@@ -789,7 +796,9 @@ class PipelineRunner:
         targets = parameters.get("targets")
         if isinstance(targets, (str, list)):
             top_k = min(top_k, 1 if isinstance(targets, str) else max(len(targets), 1))
-        masks = text.count(mask)
+        # A mask is a token: a text cut at its first tokens (truncation) keeps no more masks
+        # than that, however many the rest holds.
+        masks = text.count(mask) if not tokens else min(text.count(mask), tokens)
         return masks, top_k, masks * top_k * (_CANDIDATE_BYTES + max(tokens - 2, 0))
 
     def _check_batch_candidates(self, inputs: list, parameters: dict, lengths: list) -> None:

@@ -1260,6 +1260,22 @@ def test_a_long_texts_embedding_is_tokenized_from_its_start(minilm_runner, monke
         np.testing.assert_allclose(vector.to_numpy(), want, atol=2e-5)
 
 
+def test_a_plain_models_long_text_with_truncation_is_cut_on_arrival_too(tiny_fe_runner):
+    """A model without sentence-transformers files has no embedding cut to check the start
+    against; unchecked, {"truncation": true} on a 4 MiB text tokenized it whole on arrival
+    and again in its batch, which held the inference thread for 3 s. Checked at the model's
+    own limit, its item is the start, and the answer the whole text's."""
+    assert tiny_fe_runner.embed_max_length is None and tiny_fe_runner.max_length == TINY_LIMIT
+    assert tiny_fe_runner._measurer.prefix_cut and tiny_fe_runner._bulk_measurer.prefix_cut
+    for text in (_distinct_words(20_000, 8), "".join(chr(0x4E00 + (n * 7919) % 20902)
+                                                      for n in range(20_000))):
+        tokens, run = tiny_fe_runner.arrive(text, {"truncation": True})
+        assert tokens == TINY_LIMIT and len(run) < len(text) // 4 and text.startswith(run)
+        (short,) = tiny_fe_runner([run], {"truncation": True}, [tokens]).outputs
+        (whole,) = tiny_fe_runner([text], {"truncation": True}).outputs
+        np.testing.assert_array_equal(short.to_numpy(), whole.to_numpy())
+
+
 def test_token_level_answers_with_truncation_run_a_long_texts_start(minilm_runner):
     """{"truncation": true} answers the first 512 tokens' vectors: a long text's item is its
     start, and the answer is the one the whole text gives."""
