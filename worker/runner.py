@@ -1188,19 +1188,26 @@ def declared_modules(model: str) -> tuple[dict, bool, list[str], list[str]]:
     return pooling, normalize, dense, others
 
 
+#: The prompts sentence-transformers gives every model that does not name them itself.
+DEFAULT_PROMPTS = {"query": "", "document": ""}
+
+
 def declared_prompts(model: str) -> tuple[dict[str, str], str]:
     """The prompts a sentence-transformers model names (config_sentence_transformers.json
     ``prompts``: name -> the text ``encode(prompt_name=name)`` puts before each input) and
     the one ``encode`` puts there by default (``prompts[default_prompt_name]``; "" when it
-    names none). A default name with no such prompt is an error, as it is there."""
+    names none). A default name with no such prompt is an error, as it is there. As
+    sentence-transformers does (since 5.0), "query" and "document" are there, empty, unless
+    the model names them: clients written for encode_query/encode_document send them."""
     config = _model_json(model, "config_sentence_transformers.json")
     if not isinstance(config, dict):
-        return {}, ""
+        return dict(DEFAULT_PROMPTS), ""
     prompts = config.get("prompts") or {}
     if not isinstance(prompts, dict):
         raise ValueError("the model's config_sentence_transformers.json has \"prompts\" "
                          f"that are not a name -> text map: {prompts!r}")
-    prompts = {name: text for name, text in prompts.items() if isinstance(text, str)}
+    prompts = {**DEFAULT_PROMPTS,
+               **{name: text for name, text in prompts.items() if isinstance(text, str)}}
     name = config.get("default_prompt_name")
     if not name:
         return prompts, ""

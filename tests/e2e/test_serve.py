@@ -505,10 +505,15 @@ def test_the_openai_python_client_gets_embeddings(default_server):
     many = client.embeddings.create(input=[f"text number {i}" for i in range(1000)],
                                     model="minilm")
     assert [d.index for d in many.data] == list(range(1000))
-    # sentence-transformers' prompt_name, sent as an extra field: MiniLM names no prompts.
-    with pytest.raises(openai.BadRequestError, match="'query', but this model names no "
-                       "prompts"):
-        client.embeddings.create(input=texts, model="minilm", extra_body={"prompt_name": "query"})
+    # sentence-transformers' prompt_name, sent as an extra field: MiniLM names no prompts,
+    # so it has sentence-transformers' empty "query" and "document", and no other.
+    queried = client.embeddings.create(input=texts, model="minilm",
+                                       extra_body={"prompt_name": "query"})
+    for named, plain in zip(queried.data, floats.data):
+        np.testing.assert_allclose(named.embedding, plain.embedding, atol=1e-6)
+    with pytest.raises(openai.BadRequestError, match="'search', which is not one of this "
+                       "model's prompts: document, query"):
+        client.embeddings.create(input=texts, model="minilm", extra_body={"prompt_name": "search"})
     for bad, why in ((7, "must be a string, not a number"), ("q" * 257, "at most 256")):
         with pytest.raises(openai.BadRequestError, match=f'"prompt_name" .*{why}'):
             client.embeddings.create(input=texts[0], model="minilm",

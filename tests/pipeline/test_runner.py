@@ -1594,8 +1594,9 @@ def test_a_named_prompt_is_put_before_every_embedded_text(tiny_model_dir, tmp_pa
 
 
 def test_a_prompt_name_the_worker_cannot_honour_is_refused(tiny_model_dir, tmp_path):
-    """No prompts (MiniLM's case) and --pooling (no sentence-transformers prompts): each a
-    400 that says what to do, while embeddings without a name still work."""
+    """A name the model lacks (it has only sentence-transformers' empty "query" and
+    "document", MiniLM's case) and --pooling (no sentence-transformers prompts): each a 400
+    that says what to do, while embeddings without a name, or of "query", still work."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
@@ -1607,12 +1608,20 @@ def test_a_prompt_name_the_worker_cannot_honour_is_refused(tiny_model_dir, tmp_p
                         device="cpu", prompts={"query": "query: "}).save(str(prompted))
     chosen = PipelineRunner(str(prompted), "feature-extraction", "cpu", pooling="mean")
     chosen.load()
-    for runner, why in ((_load(str(bare), "feature-extraction"),
-                         "'query', but this model names no prompts"),
-                        (chosen, "pools as its --pooling flag says.*put the prompt before")):
+    bare_runner = _load(str(bare), "feature-extraction")
+    for runner, name, why in (
+            (bare_runner, "search",
+             "'search', which is not one of this model's prompts: document, query"),
+            (chosen, "query", "pools as its --pooling flag says.*put the prompt before")):
         with pytest.raises(BadInput, match=why):
-            runner.measure("a cat", {EMBED_KEY: "query"})
+            runner.measure("a cat", {EMBED_KEY: name})
         assert runner(["a cat"], {EMBED_KEY: True}).outputs[0].to_numpy().shape == (32,)
+    # sentence-transformers' own empty prompts: the text as it is.
+    assert bare_runner.embedding_prompts == {"query": "", "document": ""}
+    plain = bare_runner(["a cat"], {EMBED_KEY: True}).outputs[0].to_numpy()
+    for name in ("query", "document"):
+        named = bare_runner(["a cat"], {EMBED_KEY: name}).outputs[0].to_numpy()
+        np.testing.assert_array_equal(named, plain)
 
 
 def test_do_lower_case_lowercases_embedded_texts_as_sentence_transformers_does(
@@ -1713,13 +1722,16 @@ def test_an_unknown_declared_pooling_fails_the_load_unless_pooling_is_set(tiny_m
 def test_declared_prompts_reads_the_names_and_the_default(tmp_path):
     from worker.runner import declared_prompts
 
-    assert declared_prompts(default_model_path()) == ({}, "")  # MiniLM names none
-    assert declared_prompts(str(tmp_path)) == ({}, "")  # no config at all
+    # sentence-transformers' empty "query" and "document" unless the model names them.
+    empty = {"query": "", "document": ""}
+    assert declared_prompts(default_model_path()) == (empty, "")  # MiniLM names none
+    assert declared_prompts(str(tmp_path)) == (empty, "")  # no config at all
     config = tmp_path / "config_sentence_transformers.json"
     config.write_text('{"prompts": {"query": "query: ", "doc": ""}, "default_prompt_name": null}')
-    assert declared_prompts(str(tmp_path)) == ({"query": "query: ", "doc": ""}, "")
+    assert declared_prompts(str(tmp_path)) == (
+        {"query": "query: ", "document": "", "doc": ""}, "")
     config.write_text('{"prompts": {"query": "query: "}, "default_prompt_name": "query"}')
-    assert declared_prompts(str(tmp_path)) == ({"query": "query: "}, "query: ")
+    assert declared_prompts(str(tmp_path)) == ({"query": "query: ", "document": ""}, "query: ")
     config.write_text('{"prompts": {"query": "query: "}, "default_prompt_name": "search"}')
     with pytest.raises(ValueError, match="default_prompt_name 'search' names no prompt"):
         declared_prompts(str(tmp_path))
