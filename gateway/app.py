@@ -649,7 +649,8 @@ async def handle_embeddings(request: web.Request) -> web.Response:
                        "another tokenizer (tiktoken's) are not its model's tokens: send the "
                        "text (LangChain's OpenAIEmbeddings: check_embedding_ctx_length=False)")
     if not items or not all(isinstance(t, str) and t.strip() for t in items):
-        raise BadInput('"input" must be a non-empty string or a non-empty list of them')
+        raise BadInput('"input" must be text or a non-empty list of texts, each with more '
+                       "than whitespace in it")
     if len(items) > config.max_embedding_inputs:
         raise BadInput(f'"input" holds {len(items)} items; this server takes at most '
                        f"{config.max_embedding_inputs} per request (--max-embedding-inputs)")

@@ -407,6 +407,11 @@ async def test_openai_embeddings_rank_by_meaning_with_the_default_minilm(default
                                        json={"input": texts[0]})
         assert status == 200
         bad, _, err = await post(session, server.url + "/v1/embeddings", json={"input": []})
+        # Whitespace alone is not "empty", and the message does not say it is.
+        for blank in (" ", [" ", "x"]):
+            status, _, blank_err = await post(session, server.url + "/v1/embeddings",
+                                              json={"input": blank})
+            assert status == 400 and "more than whitespace" in blank_err["error"]["message"]
         # Token ids, as clients counting with tiktoken send them: told to send text.
         for ids in ([101, 7592, 102], [[101, 7592], [101]]):
             no_ids, _, ids_err = await post(session, server.url + "/v1/embeddings",
