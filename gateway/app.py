@@ -114,8 +114,36 @@ def json_response(payload: Any, status: int = 200, headers: dict | None = None) 
                         content_type=JSON_TYPE)
 
 
+#: What an Accept header may call msgpack, and what it may call JSON (for its q-value).
+MSGPACK_ACCEPTED = frozenset({MSGPACK_TYPE, "application/x-msgpack", "application/vnd.msgpack"})
+JSON_ACCEPTED = frozenset({JSON_TYPE, "application/*", "*/*"})
+
+
 def wants_msgpack(request: web.Request) -> bool:
-    return MSGPACK_TYPE in request.headers.get("Accept", "")
+    """Whether the client's Accept prefers msgpack to JSON: named with a q-value above 0
+    and at least JSON's (a tie goes to msgpack, the type it named). Case and parameters as
+    HTTP has them: "application/msgpack;q=0" refuses it, and q-values rank the two (only
+    the header's mention of msgpack was looked for, so q=0 got msgpack, and "Application/
+    MsgPack" JSON)."""
+    accept = ",".join(request.headers.getall("Accept", ())).lower()
+    if "msgpack" not in accept:
+        return False
+    msgpack_q = json_q = 0.0
+    for item in accept.split(","):
+        media, *params = (part.strip() for part in item.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    q = min(max(float(value), 0.0), 1.0)
+                except ValueError:
+                    q = 0.0
+        if media in MSGPACK_ACCEPTED:
+            msgpack_q = max(msgpack_q, q)
+        elif media in JSON_ACCEPTED:
+            json_q = max(json_q, q)
+    return msgpack_q > 0 and msgpack_q >= json_q
 
 
 async def answer_response(request: web.Request, payload: Any, headers: dict,
@@ -128,6 +156,9 @@ async def answer_response(request: web.Request, payload: Any, headers: dict,
     as raw bytes."""
     claim = request.get(CLAIM)
     as_msgpack = not json_only and wants_msgpack(request)
+    if not json_only:
+        # The answer's format follows Accept: a cache must not hand one client's to another.
+        headers = {**headers, "Vary": "Accept"}
     content_type = MSGPACK_TYPE if as_msgpack else JSON_TYPE
     if claim is None or claim.answers < STREAM_ABOVE_BYTES:
         body = codec.encode_client(payload) if as_msgpack else dump_json(payload)
@@ -162,13 +193,41 @@ async def answer_response(request: web.Request, payload: Any, headers: dict,
 
 async def _write_within(request: web.Request, response: web.StreamResponse, data: bytes,
                         stall_s: float, eof: bool = False) -> bool:
-    """Write, or drop the client if it has not taken the data within ``stall_s`` (False)."""
-    try:
-        await _within(response.write_eof(data) if eof else response.write(data), stall_s)
-    except asyncio.TimeoutError:
+    """Write, or drop the client if it takes none of what waits for it for ``stall_s``
+    (False)."""
+    write = response.write_eof(data) if eof else response.write(data)
+    if not await _taken_steadily(write, request.transport, stall_s):
         _drop_stalled(request[REQUEST_ID], request.transport, stall_s)
         return False
     return True
+
+
+async def _taken_steadily(write: Awaitable[None], transport: asyncio.BaseTransport | None,
+                          stall_s: float) -> bool:
+    """Await ``write``; False as soon as the client has taken nothing of what is buffered
+    for it for ``stall_s``. A client that keeps reading, however slowly, is not dropped:
+    with the deadline on a whole 1 MiB piece, one reading 160 kB/s steadily was cut off
+    mid-answer at X-Timeout-Ms 4000 (and any client slower than 35 kB/s at the default)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(write)
+    try:
+        left, progressed = None, loop.time()
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=max(min(stall_s / 4, 1.0), 0.01))
+            if done:
+                task.result()
+                return True
+            waiting = transport.get_write_buffer_size() if transport is not None else 0
+            now = loop.time()
+            if left is None or waiting < left:
+                progressed = now
+            left = waiting
+            if now - progressed >= stall_s:
+                return False
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 async def _within(awaitable: Awaitable[T], timeout_s: float) -> T:
@@ -214,12 +273,11 @@ class HeldAnswer(web.Response):
             self._connection.handling += 1
 
     async def write_eof(self, data: bytes = b"") -> None:
-        timer = asyncio.get_running_loop().call_later(
-            self._stall_s, _drop_stalled, self._request_id, self._transport, self._stall_s)
         try:
-            await super().write_eof(data)
+            if not await _taken_steadily(super().write_eof(data), self._transport,
+                                         self._stall_s):
+                _drop_stalled(self._request_id, self._transport, self._stall_s)
         finally:
-            timer.cancel()
             self._let_go()
 
     def _let_go(self) -> None:

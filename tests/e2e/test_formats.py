@@ -51,6 +51,37 @@ async def test_msgpack_request_and_response(features_server):
     assert len(made["request_id"]) >= 16 and made["status"] == 200
 
 
+async def test_accept_is_read_with_its_q_values_and_the_answer_varies_by_it(fill_mask_server):
+    """Only the header's mention of msgpack was looked for: "application/msgpack;q=0" (it
+    will not take msgpack) got msgpack, a client preferring JSON by q-value got msgpack, and
+    "Application/MsgPack" got JSON. And with no Vary: Accept, a cache could hand one
+    client's format to another."""
+    cases = {
+        "application/msgpack": "application/msgpack",
+        "Application/MsgPack": "application/msgpack",
+        "application/x-msgpack": "application/msgpack",
+        "application/json, application/msgpack": "application/msgpack",
+        "application/msgpack;q=0.5, application/json": "application/json",
+        "application/json;q=0.4, application/msgpack;q=0.6": "application/msgpack",
+        "application/msgpack;q=0": "application/json",
+        "application/msgpack; q=bad": "application/json",
+        "*/*": "application/json",
+        "text/html": "application/json",
+    }
+    async with aiohttp.ClientSession() as session:
+        for accept, content_type in cases.items():
+            async with session.post(fill_mask_server.url + "/predict",
+                                    json={"inputs": "a [MASK] day"},
+                                    headers={"Accept": accept}) as resp:
+                assert resp.status == 200, accept
+                assert resp.content_type == content_type, accept
+                assert "Accept" in resp.headers.getall("Vary"), accept
+                body = await resp.read()
+                value = (msgpack.unpackb(body) if content_type == "application/msgpack"
+                         else json.loads(body))
+                assert value[0]["token_str"], accept
+
+
 async def test_bad_msgpack_body_is_400(fill_mask_server):
     server = fill_mask_server
     async with aiohttp.ClientSession() as session:

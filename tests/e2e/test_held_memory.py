@@ -295,6 +295,63 @@ async def test_an_answer_written_whole_keeps_its_claim_until_the_client_takes_it
             stalled.close()
 
 
+@pytest.mark.parametrize("held", [300_000, 3_000_000], ids=["written-whole", "streamed"])
+async def test_a_client_that_reads_slowly_but_steadily_gets_its_whole_answer(held):
+    """The deadline is on the client taking nothing at all, not on its speed. With it on a
+    whole piece of the answer (1 MiB streamed, all of it written whole), a client reading
+    160 kB/s without a pause was cut off mid-answer at X-Timeout-Ms 4000. Here the gateway's
+    socket takes little at a time, the client reads 32 kB every 40 ms (800 kB/s, so 1 MiB
+    takes longer than its 1 s deadline), and the whole answer arrives."""
+    from types import SimpleNamespace
+
+    from aiohttp import web
+
+    from gateway.app import BROKER, _claim, answer_response
+    from gateway.connections import ConnectionGuard
+    from gateway.held_memory import HeldMemory
+    from tests.e2e.in_process import bare_app, listening
+
+    memory = HeldMemory(1 << 30)
+    items = 1400 if held > 1_000_000 else 900
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        sock = request.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        _claim(request).hold_answer(held)
+        answer = [{"token_str": f"{i:05d}" + "x" * 1000, "score": 0.5} for i in range(items)]
+        return await answer_response(request, answer, {})
+
+    app = bare_app(handler, ConnectionGuard(16, idle_timeout_s=30),
+                   {BROKER: SimpleNamespace(memory=memory)})
+    async with listening(app) as port:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nX-Timeout-Ms: 1000\r\n"
+                     b"Connection: close\r\nContent-Length: 0\r\n\r\n")
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        received = b""
+        try:
+            while chunk := await asyncio.wait_for(loop.sock_recv(sock, 32768), 10):
+                received += chunk
+                await asyncio.sleep(0.04)  # the client's pace, not a wait on the server
+        finally:
+            sock.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    if b"chunked" in head:
+        chunks, rest = [], body
+        while rest:
+            size, _, rest = rest.partition(b"\r\n")
+            chunks.append(rest[:int(size, 16)])
+            rest = rest[int(size, 16) + 2:]
+        body = b"".join(chunks)
+    assert (b"chunked" in head) == (held > 1_000_000)
+    answer = orjson.loads(body)
+    assert len(answer) == items and answer[-1]["token_str"].startswith(f"{items - 1:05d}")
+
+
 def test_an_answer_never_written_gives_its_claim_back_when_dropped():
     """aiohttp writes nothing when the connection went before the handler returned: the
     answer's claim must come back with the response object all the same."""
