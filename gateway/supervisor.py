@@ -96,10 +96,9 @@ class WorkerSlot:
     #: starting | running | restarting | failed (cannot load the model: not retried)
     state: str = "starting"
     last_exit: str = ""
-    #: A process of this slot loaded the model once: a later failure to load is taken for
-    #: a passing condition (device memory its killed predecessor still held), and retried.
-    loaded: bool = False
-    #: The pid of the last process of this slot that joined the gateway.
+    #: The pid of the last process of this slot that joined the gateway; None while none
+    #: has. Once one has, the slot's model loads: a later failure to load is taken for a
+    #: passing condition (device memory its killed predecessor still held), and retried.
     ready_pid: int | None = None
 
 
@@ -193,7 +192,7 @@ class Supervisor:
             reason = f"process {slot.process.pid} exited with code {code}"
             slot.last_exit = reason
             self.on_exit(slot.process.pid, reason)
-            if code == EXIT_CANNOT_LOAD and slot.loaded:
+            if code == EXIT_CANNOT_LOAD and slot.ready_pid is not None:
                 log.error("worker-%d could not load its model this time, though it had "
                           "before (see its log above); retried with the backoff below",
                           slot.index)
@@ -221,10 +220,9 @@ class Supervisor:
                 pass
 
     def ready(self, pid: int) -> None:
-        """A worker process announced itself: its slot's model loads (see WorkerSlot.loaded)."""
+        """A worker process announced itself (see WorkerSlot.ready_pid)."""
         for slot in self.slots:
             if slot.process is not None and slot.process.pid == pid:
-                slot.loaded = True
                 slot.ready_pid = pid
 
     def kill(self, pid: int, reason: str) -> bool:
