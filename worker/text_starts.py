@@ -114,11 +114,9 @@ def prefix_cut_agrees(counting: Any, truncating: Any, keep: int,
     alone (:func:`embedding_prefix`) as from the whole text, on check texts of many kinds:
     words, punctuation, unicode, special tokens written in the text, line breaks; with
     ``ideographs``, Chinese and Japanese text cut before an ideograph."""
-    from worker.runner import encode_fast
+    from worker.runner import _COUNT_CHECKS, encode_fast
 
-    pieces = ["Paris is the capital of France.", "  spaces\tand\nnewlines  ",
-              "déjà vu, naïve café: ünïcödé and 日本語 and 😀",
-              "Don't stop , it's [SEP] here . Really ? [CLS] Yes !",
+    pieces = [*_COUNT_CHECKS[1:4], "Don't stop , it's [SEP] here . Really ? [CLS] Yes !",
               "Pay $5.00 (or 4,5 €) at https://example.com/a?b=c#d — now!"]
     budget = PREFIX_CHARS_PER_TOKEN * (keep + PREFIX_MARGIN_TOKENS)
     checks = [(piece + " ") * (budget // (len(piece) + 1) + 2) for piece in pieces]
