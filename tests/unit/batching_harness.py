@@ -137,14 +137,21 @@ class Runner:
             if self.raise_if is not None:
                 exc = self.raise_if(lengths)
                 if exc is not None:
-                    call.raised = exc
                     raise exc
             return self.compute(inputs, parameters)
+        except BaseException as exc:
+            call.raised = exc
+            raise
         finally:
             call.ended = time.monotonic()
 
     def release(self) -> None:
         self._release.set()
+
+    @property
+    def computed_inputs(self) -> set:
+        """The inputs of every call that returned outputs (not of one that raised)."""
+        return {x for call in self.calls if call.raised is None for x in call.inputs}
 
     @property
     def seen_inputs(self) -> list:
