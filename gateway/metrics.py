@@ -49,7 +49,8 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("batchwire_requests", "HTTP requests answered, by route and status (499: the client left before its answer)",
+        self.requests = Counter("batchwire_requests", "HTTP requests answered, by route and "
+                                "status (499: the client left before its answer)",
                                 ["route", "status"], registry=r)
         self.request_duration = Histogram(
             "batchwire_request_duration_seconds", "Time from request to answer, by route",

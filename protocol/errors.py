@@ -228,8 +228,7 @@ _BY_CODE: dict[str, type[BatchwireError]] = {
     cls.code: cls
     for cls in (
         ProtocolError, BadInput, MalformedRequest, HeadTooLarge, Unauthorized, OriginNotAllowed,
-        NotFound,
-        MethodNotAllowed, BodyTooLarge,
+        NotFound, MethodNotAllowed, BodyTooLarge,
         UnsupportedMediaType, InvalidParameters, InputTooLong, AnswerTooLarge, AnswersTooLarge,
         ModelError, WorkerCrashed,
         Overloaded, NoWorkers, Draining, DeadlineExceeded, Cancelled,
