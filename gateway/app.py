@@ -171,8 +171,8 @@ async def answer_response(request: web.Request, payload: Any, headers: dict,
     response.content_type = content_type
     await response.prepare(request)
     # A client that stops reading would hold its answers, and their share of the held-memory
-    # budget, for as long as it keeps the connection: each piece gets as long as the
-    # request's own deadline to go out, then the connection is dropped.
+    # budget, for as long as it keeps the connection: once it has taken nothing of what
+    # waits for it for the request's own deadline, the connection is dropped.
     stall_s = _timeout_s(request)
     buffered: list[bytes] = []
     size = 0
@@ -254,7 +254,7 @@ class HeldAnswer(web.Response):
     aiohttp writes a handler's response after the handler has returned, with no time limit:
     a client that never reads would keep such an answer in the gateway for as long as it
     kept the connection, after its claim in the held-memory budget was given back. So this
-    answer keeps the claim until it is written, and a client that has not taken it within
+    answer keeps the claim until it is written, and a client that takes nothing of it for
     the request's own deadline is dropped, as a streamed answer's is. Until then its
     connection counts as handling a request, so the guard does not close it as idle."""
 
