@@ -26,7 +26,7 @@ from aiohttp import HttpVersion11, web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway import kserve
+from gateway import body_coding, kserve
 from gateway.answer_shape import ANSWER_HEADERS, error_payload
 from gateway.api_keys import ApiKeys
 from gateway.broker import CLIENT_GONE, LIST_ITEM_FAILED, Broker, PendingRequest
@@ -104,9 +104,6 @@ PIECE_WRITE_BYTES = 1 << 20
 #: Transports (asyncio's and uvloop's) buffer up to this much without making the writer
 #: wait for the client: an answer written whole that is larger is a :class:`HeldAnswer`.
 WRITTEN_AT_ONCE_BYTES = 1 << 16
-#: Content-Encodings aiohttp decodes (br and zstd where their libraries are installed; where
-#: not, aiohttp refuses the head, gateway/malformed_http.py). Any other is refused with 415.
-DECODED_CODINGS = frozenset({"identity", "gzip", "deflate", "br", "zstd"})
 
 
 def json_response(payload: Any, status: int = 200, headers: dict | None = None) -> web.Response:
@@ -422,11 +419,7 @@ async def _read_body(request: web.Request) -> bytes:
         raise BodyTooLarge(f"the body is {request.content_length} bytes; this server accepts "
                            f"at most {limit} (--max-body-bytes)")
     coding = request.headers.get("Content-Encoding", "").strip().lower()
-    if coding and coding not in DECODED_CODINGS:
-        # aiohttp passes a body in a coding it does not know through as it came: the model
-        # would read compressed bytes as text.
-        raise UnsupportedMediaType(f"this server does not decode the body's Content-Encoding "
-                                   f"{coding!r}; send it uncompressed, or as gzip or deflate")
+    body_coding.check_coding(coding)
     claim = _claim(request)
     reserved = limit if request.content_length is None else request.content_length
     claim.hold_body(reserved)
@@ -444,9 +437,11 @@ async def _read_body(request: web.Request) -> bytes:
             f"the body did not arrive within the request's deadline ({timeout_s:g} s, "
             "X-Timeout-Ms or --timeout-ms); send it faster, or allow more time") from None
     except (web.RequestPayloadError, HttpProcessingError) as exc:
-        # A body that does not decode as its Content-Encoding says, or whose chunked framing
-        # broke (gateway/malformed_http.py fails it at once): the client's, not a 500.
+        # Chunked framing that broke (gateway/malformed_http.py fails it at once): the
+        # client's, not a 500.
         raise body_error(exc) from None
+    if getattr(request.content, "total_compressed_bytes", None) is None:  # not inflated yet
+        body = body_coding.decode(body, coding, limit)
     claim.body_read(reserved, len(body))
     return body
 
@@ -921,6 +916,19 @@ def trace_id(traceparent: str) -> str | None:
 
 async def _answer_headers(request: web.Request, response: web.StreamResponse) -> None:
     response.headers.update(ANSWER_HEADERS)
+
+
+def runner_settings() -> dict[str, Any]:
+    """How the gateway's app is served (``web.AppRunner(app, **runner_settings())``)."""
+    return {
+        # A client that disconnects cancels its handler, which withdraws the request from
+        # the broker and tells the worker to skip it.
+        "handler_cancellation": True,
+        "access_log_class": AccessLogger,
+        "access_log": logging.getLogger("batchwire.access"),
+        # Bodies come as sent; _read_body decodes them whole (gateway/body_coding.py).
+        "auto_decompress": False,
+    }
 
 
 def create_app(config: GatewayConfig, broker: Broker,

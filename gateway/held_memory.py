@@ -16,7 +16,7 @@ request on it lost. So everything is counted against ``--max-held-bytes``:
   Content-Length, or at ``--max-body-bytes`` for a chunked one until its real size is known:
   one that would pass the budget beside what is held now gets 503 ``overloaded`` with
   Retry-After, like a full queue, and is never read. A compressed body is counted again at
-  its inflated size once read (aiohttp inflates it, up to ``--max-body-bytes``);
+  its inflated size once read (gateway/body_coding.py inflates it, up to ``--max-body-bytes``);
 - each answer as it arrives from its worker: a request whose own answers pass the budget
   can never be served, 422 ``answers_too_large`` (send fewer inputs per request); one that
   fits alone but not beside what the others hold now gets 503 ``overloaded``.
@@ -92,7 +92,7 @@ class Claim:
     def body_read(self, reserved: int, read: int) -> None:
         """The body counted at ``reserved`` bytes turned out ``read`` long. Shorter: give
         back the difference (a chunked body is reserved at --max-body-bytes). Longer, as a
-        compressed body is once aiohttp has inflated it (2 kB of gzip can be 2 MB of text):
+        compressed body is once inflated (2 kB of gzip can be 2 MB of text):
         count the rest too, or raise 503 as for a body that would not fit."""
         if read <= reserved:
             self._give_back(BODY_HOLDS * (reserved - read))

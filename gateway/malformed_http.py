@@ -22,11 +22,11 @@ import time
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError, LineTooLong
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.answer_shape import ANSWER_HEADERS, error_body
-from protocol.errors import BatchwireError, HeadTooLarge, MalformedRequest, UnsupportedMediaType
+from protocol.errors import BatchwireError, HeadTooLarge, MalformedRequest
 
 if TYPE_CHECKING:
     from gateway.connections import ConnectionGuard
@@ -53,9 +53,6 @@ def error_for(exc: BaseException | None) -> BatchwireError:
     if "PRI/Upgrade" in why:
         return MalformedRequest("this server speaks HTTP/1.1; HTTP/2 with prior knowledge (h2c) "
                                 "is not supported: send HTTP/1.1")
-    if isinstance(exc, ContentEncodingError):  # br or zstd, without their libraries here
-        return UnsupportedMediaType("this server does not decode the body's Content-Encoding; "
-                                    "send it uncompressed, or as gzip or deflate")
     return MalformedRequest(f"the request is not valid HTTP/1.1 ({why or 'unparsable'}); "
                             "check the request line, the headers, and the body's framing "
                             "(Content-Length, or chunked encoding)")
@@ -74,12 +71,9 @@ def reason(exc: BaseException | None) -> str:
 
 
 def body_error(exc: BaseException) -> MalformedRequest:
-    """What to tell the client whose body failed to read with ``exc``: its compression, or
-    its framing."""
+    """What to tell the client whose body failed to read with ``exc``: its framing. (Its
+    compression is gateway/body_coding.py's to check.)"""
     why = reason(exc)
-    if "content-encoding" in why.lower():
-        return MalformedRequest(f"the body does not decompress as its Content-Encoding says "
-                                f"({why}); compress it whole, or send it uncompressed")
     return MalformedRequest(f"the body's framing is broken ({why}); check its Content-Length "
                             "or chunked encoding")
 

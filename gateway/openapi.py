@@ -353,13 +353,13 @@ def _components(config: GatewayConfig) -> dict:
     responses = {
         "BadInput": error("bad_input: the body, an input or X-Timeout-Ms is invalid, or the "
                           "pipeline rejects the input (e.g. too many tokens). Or "
-                          "malformed_request: the body does not decompress as its "
+                          "malformed_request: the body does not decompress whole as its "
                           "Content-Encoding says, or its chunked framing broke (the "
-                          "connection is closed after it)."),
+                          "connection is closed after that)."),
         "Unauthorized": error("unauthorized: the Authorization: Bearer key is missing or "
                               "wrong.", "WWW-Authenticate"),
-        "BodyTooLarge": error(f"body_too_large: the body is over --max-body-bytes "
-                              f"({config.max_body_bytes} bytes)."),
+        "BodyTooLarge": error(f"body_too_large: the body, or what it inflates to, is over "
+                              f"--max-body-bytes ({config.max_body_bytes} bytes)."),
         "UnsupportedMediaType": error("unsupported_media_type: this route does not read that "
                                       "Content-Type, or the gateway does not decode that "
                                       "Content-Encoding."),

@@ -12,7 +12,7 @@ import zmq
 from aiohttp import web
 
 from gateway.api_keys import ApiKeys, ApiKeysError
-from gateway.app import CONNECTIONS, SUPERVISOR, AccessLogger, create_app
+from gateway.app import CONNECTIONS, SUPERVISOR, create_app, runner_settings
 from gateway.broker import Broker
 from gateway.config import GatewayConfig, ServeConfig
 from gateway.connections import make_room_for
@@ -89,10 +89,7 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
     if tls is not None:
         broker.metrics.watch_tls(tls)
     app[SUPERVISOR] = supervisor
-    # handler_cancellation: a client that disconnects cancels its handler, which withdraws
-    # the request from the broker and tells the worker to skip it.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log_class=AccessLogger,
-                           access_log=logging.getLogger("batchwire.access"))
+    runner = web.AppRunner(app, **runner_settings())
     await runner.setup()
     room = make_room_for(config.max_connections)
     if room is not None:

@@ -7,8 +7,9 @@ Who raises what::
     │                                                          from a worker older than the gateway that cannot read its request
     ├── ClientError                                       4xx  the request is wrong; the message says what to fix
     │   ├── BadInput                    bad_input          400  gateway (body) or worker (the pipeline rejects the input)
-    │   ├── MalformedRequest            malformed_request  400  gateway: not valid HTTP/1.1, or a body its Content-Encoding does not decode
-    │   │   └── HeadTooLarge            head_too_large     431  gateway: a request line or header past aiohttp's limits, or too many headers
+    │   ├── MalformedRequest            malformed_request  400  gateway: not valid HTTP/1.1
+    │   │   ├── HeadTooLarge            head_too_large     431  gateway: a request line or header past aiohttp's limits, or too many headers
+    │   │   └── UndecodableBody         malformed_request  400  gateway: a body its Content-Encoding does not decode whole
     │   ├── Unauthorized                unauthorized       401  gateway: --api-key set, bearer token missing or wrong
     │   ├── OriginNotAllowed            origin_not_allowed 403  gateway: a browser's preflight from an origin not in --cors-origins
     │   ├── NotFound                    not_found          404  gateway routing
@@ -86,6 +87,15 @@ class HeadTooLarge(MalformedRequest):
     code = "head_too_large"
     # Go's net/http answers a head past its limit, request line included, with 431 too.
     status = 431
+
+
+class UndecodableBody(MalformedRequest):
+    """The body does not decode as its Content-Encoding says.
+
+    Its framing is whole (it was read to its end), so the connection carries the next
+    request; to clients it is one more malformed request."""
+
+    closes_connection = False
 
 
 class Unauthorized(ClientError):

@@ -150,7 +150,7 @@ async def test_a_body_that_would_pass_the_budget_is_refused_503_before_it_is_rea
 
 
 async def test_a_compressed_body_is_counted_at_its_inflated_size(small_budget_server):
-    """aiohttp inflates a gzip body (up to --max-body-bytes): 2 kB on the wire can be 2 MB
+    """The gateway inflates a gzip body (up to --max-body-bytes): 2 kB on the wire can be 2 MB
     once read. Counted at its Content-Length alone, a flood of them would hold about a
     thousand times what the budget shows."""
     url = small_budget_server.url
