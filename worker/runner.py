@@ -707,12 +707,17 @@ class PipelineRunner:
         try:
             return self.pipe(inputs, **copy.deepcopy(parameters), **extra)
         except Exception as exc:
-            if not parameters or is_out_of_memory(exc):
+            if not parameters or is_out_of_memory(exc) or "batch_size" in extra:
+                # A batch that runs without its parameters shows that they fail with one of
+                # its inputs, not with all: blamed on the parameters, every client batched
+                # with that one input got a 422 it gets nowhere else. The error stands, and
+                # the batcher runs the batch in halves down to the input at fault.
                 raise
             # Blame the parameters only if the same input runs without them (top_k="x",
-            # top_k=-1 ...); otherwise the input is at fault and the error stands. This costs
-            # a second call, on the failure path only, the stock way: what was prepared for
-            # these parameters does not apply to a call without them.
+            # a truncation that cuts the input's [MASK] off ...); otherwise the input is at
+            # fault and the error stands. This costs a second call, on the failure path
+            # only, the stock way: what was prepared for these parameters does not apply to
+            # a call without them.
             if self.mask_scorer is not None:
                 self.mask_scorer.clear()
             try:

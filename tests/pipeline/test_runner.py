@@ -11,6 +11,7 @@ Each pipeline is loaded once per module; the reference pipelines are separate
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -941,6 +942,57 @@ def test_missing_mask_is_bad_input(fill_runner, inputs):
     assert err.status == 400
     assert "mask" in str(err).lower()
     assert "[MASK]" in str(err)
+
+
+async def test_an_input_its_parameters_fail_with_fails_alone_not_the_clients_batched_with_it(
+        fill_runner):
+    """A truncation that cuts one input's [MASK] off: the batch failed, ran again without
+    the parameters, and the parameters were blamed for all of it, so the four clients batched
+    with that one input got a 422 that each got nowhere else."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.batcher import Batcher, WorkItem
+
+    parameters = {"tokenizer_kwargs": {"truncation": True, "max_length": 6}}
+    good = ["a [MASK] day", "the [MASK] sat", "[MASK] is here", "so [MASK]"]
+    bad = "one two three four five six [MASK]"
+    with pytest.raises(Exception) as info:
+        fill_runner(good + [bad], parameters)
+    assert not isinstance(info.value, InvalidParameters)
+    with pytest.raises(InvalidParameters, match="cannot use parameters"):
+        fill_runner([bad], parameters)
+
+    answers: dict[int, object] = {}
+    batch_sizes: list[int] = []
+    all_answered = asyncio.Event()
+
+    def answer(item: WorkItem, outcome: object) -> None:
+        answers[item.request_id] = outcome
+        if len(answers) == 5:
+            all_answered.set()
+
+    def on_result(item: WorkItem, output: object, stats) -> None:
+        batch_sizes.append(stats.batch_size)
+        answer(item, output)
+
+    executor = ThreadPoolExecutor(max_workers=1)
+    batcher = Batcher(runner=fill_runner, executor=executor, max_batch_size=8, max_delay_s=5.0,
+                      on_result=on_result, on_error=answer, classify_error=classify_error,
+                      adaptive=False)
+    running = asyncio.create_task(batcher.run())
+    now = time.monotonic()
+    for rid, text in enumerate(good + [bad]):
+        batcher.submit(WorkItem(rid, text, parameters, "p", now, now + 60))
+    try:
+        await asyncio.wait_for(all_answered.wait(), 60)
+    finally:
+        batcher.close()
+        await running
+        executor.shutdown()
+    assert isinstance(answers[4], InvalidParameters), answers[4]
+    for rid, text in enumerate(good):
+        assert_same_fill_mask(answers[rid], fill_runner([text], parameters).outputs[0])
+    assert max(batch_sizes) > 1  # the four were answered in batches, not only one at a time
 
 
 def test_classify_error_unknown_failure_is_model_error():
