@@ -54,6 +54,11 @@ _NO_LIMIT_TOKENS = 1 << 17
 #: token, a low estimate, so that only answers sure to be too large are refused unbuilt.
 _CANDIDATE_BYTES = 40
 _NORMALIZE_EPS = 1e-12
+#: Pipelines whose answers hold nothing of a text but what its tokens computed, so that a
+#: text sent with {"truncation": true} may be cut to its start on arrival. Not
+#: text-generation: its answer begins with the prompt, which must be the client's whole.
+_START_CUT_KINDS = frozenset({"feature-extraction", "text-classification",
+                              "sentiment-analysis"})
 
 
 def default_model_path() -> str:
@@ -247,6 +252,9 @@ class PipelineRunner:
         #: What the pipeline is, by class: a custom pipeline subclassing FillMaskPipeline
         #: (loaded with --trust-remote-code) is batched and warmed like fill-mask.
         self.kind = self.task
+        #: Whether the pipeline answers a text alone, without top_k, in a list of one
+        #: (text-classification's legacy shape), but each text of a list without.
+        self.lists_a_lone_text = False
         #: The autograd mode every pipeline call runs in: torch.inference_mode, unless
         #: --stock-pipeline (see :meth:`load`).
         self.inference_context: Any = contextlib.nullcontext
@@ -266,6 +274,16 @@ class PipelineRunner:
                                           trust_remote_code=self.trust_remote_code,
                                           **pipeline_dtype(self.dtype))
         self.loaded_dtype = model_dtype(self.pipe.model)
+        self.lists_a_lone_text = isinstance(self.pipe, transformers.TextClassificationPipeline)
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        if (isinstance(self.pipe, transformers.TextGenerationPipeline) and tokenizer is not None
+                and tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None):
+            # GPT-2 and its kin have no pad token, and the pipeline refuses to batch without
+            # one (the warm-up batch stopped the worker). Padding with eos, as transformers
+            # advises, changes no answer: the pipeline pads prompts on the left and masks it.
+            tokenizer.pad_token = tokenizer.eos_token
+            log.info("the tokenizer has no pad token: batches are padded with its eos token "
+                     "%r", tokenizer.eos_token)
         if isinstance(self.pipe, transformers.FeatureExtractionPipeline):
             self.kind = "feature-extraction"
         elif isinstance(self.pipe, transformers.FillMaskPipeline):
@@ -439,9 +457,12 @@ class PipelineRunner:
         if sample is None:
             log.warning("no warm-up input known for task %s; skipping warm-up", self.task)
             return 0.0
-        self([sample], {})
+        # One new token is warm-up enough: generating the default's hundreds would take
+        # prompts past a small model's positions, and a large one's warm-up minutes.
+        parameters = {"max_new_tokens": 1} if self.kind == "text-generation" else {}
+        self([sample], parameters)
         if batch_size > 1:
-            self([sample] * min(batch_size, 8), {})
+            self([sample] * min(batch_size, 8), parameters)
         return time.monotonic() - started
 
     def _sample_input(self) -> Any:
@@ -504,8 +525,8 @@ class PipelineRunner:
                     if encodings is not None:
                         self.batch_encoder.remember(start, cut, truncate_at)
                     return len(cut), start[len(prompt):]
-        elif (parameters == {"truncation": True} and measurer.prefix_cut and self.max_length
-              and self._embed_tokenizer is None):
+        elif (parameters == {"truncation": True} and self.kind in _START_CUT_KINDS
+              and measurer.prefix_cut and self.max_length and self._embed_tokenizer is None):
             # Token-level answers of the first max_length tokens: the tokenizer's own cut.
             start = long_text_start(measurer.counting, text, self.max_length,
                                     measurer.ideograph_cut)
@@ -615,6 +636,11 @@ class PipelineRunner:
                 self.batch_encoder.clear()
             if scored:
                 self.mask_scorer.clear()
+        if self.lists_a_lone_text and len(inputs) > 1 and "top_k" not in parameters:
+            # pipe("text") answers [{label, score}], and pipe(["text", ...]) each text
+            # {label, score}: each text answers as it does alone, whoever it ran beside.
+            outputs = [[out] if isinstance(text, str) else out
+                       for out, text in zip(outputs, inputs)]
         if self.kind == "feature-extraction":
             outputs = [self._trim_padding(out, n) for out, n in zip(outputs, lengths)]
             if embed:

@@ -896,8 +896,9 @@ def test_parameters_a_pipeline_passes_on_are_not_refused(nli_model_dir):
     outputs = classify([LONG_TEXT, SHORT_TEXT], parameters).outputs
     for text, output in zip([LONG_TEXT, SHORT_TEXT], outputs):
         [want] = reference(text, **parameters)
-        assert output["label"] == want["label"]
-        assert output["score"] == pytest.approx(want["score"], abs=1e-5)
+        [got] = output
+        assert got["label"] == want["label"]
+        assert got["score"] == pytest.approx(want["score"], abs=1e-5)
 
     zero_shot = _load(str(nli_model_dir), "zero-shot-classification")
     labels = {"candidate_labels": ["sport", "music"]}
@@ -906,6 +907,88 @@ def test_parameters_a_pipeline_passes_on_are_not_refused(nli_model_dir):
     assert sorted(answer["labels"]) == ["music", "sport"]
     with pytest.raises(InvalidParameters, match=r"ignores parameters \['hypotesis_template'\]"):
         zero_shot(["a song"], {**labels, "hypotesis_template": "It is about {}."})
+
+
+@pytest.mark.parametrize("parameters", [{}, {"top_k": 2}, {"top_k": None},
+                                        {"function_to_apply": "none"}],
+                         ids=["plain", "top_k", "all", "function"])
+def test_a_classification_has_the_shape_of_the_pipelines_answer_alone_or_batched(
+        nli_model_dir, parameters):
+    """pipe("text") answers [{label, score}] and pipe(["text", ...]) each text a bare
+    {label, score}: a text batched with others was answered in the second shape, one alone
+    in the first, so a client's answer changed shape with the load."""
+    classify = _load(str(nli_model_dir), "text-classification")
+    reference = _reference("text-classification", str(nli_model_dir))
+    pair = {"text": SHORT_TEXT, "text_pair": LONG_TEXT}
+    for inputs in ([SHORT_TEXT], [SHORT_TEXT, LONG_TEXT, pair], [pair, LONG_TEXT]):
+        outputs = classify(inputs, parameters).outputs
+        for text, output in zip(inputs, outputs):
+            assert_same_classification(output, reference(text, **parameters))
+
+
+def assert_same_classification(got, want):
+    """The same shape (a {label, score}, or a list of them), labels, and scores to 1e-5."""
+    if isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), (got, want)
+        for one, wanted in zip(got, want):
+            assert_same_classification(one, wanted)
+        return
+    assert isinstance(got, dict) and got.keys() == want.keys(), (got, want)
+    assert got["label"] == want["label"] and got["score"] == pytest.approx(want["score"],
+                                                                           abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory) -> Path:
+    """A 2-layer GPT-2 with a byte-level BPE trained here on the README, taking 64 tokens,
+    and without a pad token, as GPT-2's own tokenizer."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    target = tmp_path_factory.mktemp("tiny-gpt2")
+    end = "<|endoftext|>"
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([(Path(__file__).parents[2] / "README.md").read_text()],
+                            vocab_size=400, special_tokens=[end])
+    bpe.save(str(target / "tokenizer.json"))
+    tokenizer = transformers.GPT2TokenizerFast(tokenizer_file=str(target / "tokenizer.json"),
+                                               bos_token=end, eos_token=end, unk_token=end,
+                                               model_max_length=64)
+    tokenizer.save_pretrained(target)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )).eval().save_pretrained(target)
+    return target
+
+
+GENERATE = {"max_new_tokens": 4, "do_sample": False}
+
+
+def test_a_model_without_a_pad_token_batches_each_prompt_as_it_runs_alone(gpt2_dir):
+    """The pipeline refuses to batch without a pad token: the warm-up batch stopped the
+    worker, and such a model served only with --max-batch-size 1."""
+    generate = _load(str(gpt2_dir), "text-generation")
+    generate.warm_up(8)
+    reference = _reference("text-generation", str(gpt2_dir))
+    assert reference.tokenizer.pad_token is None
+    texts = [SHORT_TEXT, LONG_TEXT[:100], "A medium sized sentence about cats."]
+    for text, output in zip(texts, generate(texts, GENERATE).outputs):
+        assert output == reference(text, **GENERATE)
+
+
+def test_a_truncated_prompt_is_answered_after_the_whole_prompt(gpt2_dir):
+    """text-generation's answer begins with the prompt: cut to its start on arrival, as
+    texts whose answers hold nothing of them are, the answer began with the cut."""
+    generate = _load(str(gpt2_dir), "text-generation")
+    reference = _reference("text-generation", str(gpt2_dir))
+    prompt = " ".join(f"queue {i} of workers" for i in range(300))  # past 32 x (64 + 16) chars
+    parameters = {"truncation": True, **GENERATE}
+    _, kept = generate.arrive(prompt, parameters)
+    assert kept == prompt
+    [answer] = generate([kept, SHORT_TEXT], parameters).outputs[:1]
+    assert answer == reference(prompt, **parameters)
+    assert answer[0]["generated_text"].startswith(prompt)
 
 
 def test_conflicting_parameters_are_invalid_parameters(tiny_fe_runner):
