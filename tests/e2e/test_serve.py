@@ -507,8 +507,9 @@ def test_the_openai_python_client_gets_embeddings(default_server):
                            match=f'"dimensions" must be a whole number of at least 1, not {said}'):
             client.embeddings.create(input=texts[0], model="minilm", dimensions=bad)
     # LangChain's OpenAIEmbeddings sends 1000 texts a request; OpenAI takes up to 2048.
+    # (About 5 s of inference on two cores: a busy machine could take it past 30 s.)
     many = client.embeddings.create(input=[f"text number {i}" for i in range(1000)],
-                                    model="minilm")
+                                    model="minilm", extra_headers={"X-Timeout-Ms": "120000"})
     assert [d.index for d in many.data] == list(range(1000))
     # sentence-transformers' prompt_name, sent as an extra field: MiniLM names no prompts,
     # so it has sentence-transformers' empty "query" and "document", and no other.
