@@ -34,6 +34,7 @@ import zmq.asyncio
 from gateway.held_memory import DEFAULT_MAX_HELD_BYTES, Claim, HeldMemory, answer_size
 from gateway.metrics import GatewayMetrics
 from protocol import codec, curve
+from protocol.codec import MAX_FRAME_BYTES
 from protocol.errors import (
     BadInput,
     BatchwireError,
@@ -58,6 +59,7 @@ from protocol.messages import (
     Result,
     nesting,
 )
+from protocol.logs import Throttled
 from protocol.transport import send_now
 
 log = logging.getLogger("batchwire.gateway.broker")
@@ -66,8 +68,13 @@ MISSED_HEARTBEATS = 3
 LOCAL_HOST = socket.gethostname()
 #: A request on this many workers that died is not retried again: it may be what kills them.
 MAX_CRASHES = 2
-#: A frame this large is followed by a turn of the event loop (see _receive_loop).
+#: The receive loop gives the event loop a turn after this many bytes, or this many frames,
+#: taken without one (see _receive_loop).
 YIELD_AFTER_BYTES = 1 << 20
+YIELD_AFTER_FRAMES = 64
+#: Peers remembered per "said once" log set (refused, newer, other task); past it the set
+#: starts afresh, so a stream of new identities costs a line a minute, not memory forever.
+MAX_PEERS_REMEMBERED = 1024
 #: Identities of killed local workers remembered, to refuse their late READYs.
 MAX_KILLED_REMEMBERED = 1024
 #: Why a request was withdrawn (Broker.cancel): its client went away, or another input of
@@ -197,6 +204,8 @@ class Broker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._refused_peers: set[bytes] = set()
+        #: Malformed frames: one WARNING a minute at most, however many come.
+        self._log_dropped = Throttled(log, logging.WARNING)
         #: (peer, message type) pairs dropped for fields this gateway lacks (logged once each).
         self._newer_peers: set[tuple[bytes, str]] = set()
         #: Workers refused for serving another task than the gateway's (logged once each).
@@ -223,6 +232,9 @@ class Broker:
         # A restarted worker process reconnecting under a known identity takes it over.
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         sock.setsockopt(zmq.LINGER, 0)
+        # A peer sending a larger frame is disconnected as it arrives, instead of the frame
+        # being read whole and refused after: three 1 GiB frames took the gateway to 4 GB.
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         self._apply_curve(sock)
         sock.bind(self.endpoint)
         self._socket = sock
@@ -519,7 +531,7 @@ class Broker:
         clash = next((w for w in others if w.info.task != ready.task), None)
         if clash is not None:
             if identity not in self._other_task_peers:
-                self._other_task_peers.add(identity)
+                _remember(self._other_task_peers, identity)
                 log.error("refusing worker %s (pid %d on %s): it serves %s (%s), but this "
                           "gateway's workers serve %s (%s); start it against a gateway of "
                           "its own", ready.worker_id, ready.pid, ready.host or "?", ready.task,
@@ -555,38 +567,47 @@ class Broker:
 
     async def _receive_loop(self) -> None:
         assert self._socket is not None
+        frames_taken = bytes_taken = 0
         while True:
             frames = await self._socket.recv_multipart(copy=True)
-            if len(frames) != 2:
-                log.warning("dropping a message of %d frames (want identity + payload)", len(frames))
-                continue
-            identity, payload = frames
-            try:
-                message = codec.decode(payload)
-            except codec.NewerFields as exc:
-                # A newer worker re-sends its READY every second: one line says what to do.
-                if (identity, exc.name) not in self._newer_peers:
-                    self._newer_peers.add((identity, exc.name))
-                    log.error("dropping %s from %r, and any more like it: %s (the gateway "
-                              "first, then the workers)", exc.name, identity[:64], exc)
-                continue
-            except codec.ProtocolVersionMismatch as exc:
-                if identity not in self._refused_peers:
-                    self._refused_peers.add(identity)
-                    log.error("refusing peer %r: %s", identity, exc)
-                continue
-            except ProtocolError as exc:
-                log.warning("dropping a malformed frame from %r: %s", identity[:64], exc)
-                continue
-            try:
-                self._on_message(identity, message, len(payload))
-            except Exception:  # noqa: BLE001 - one bad message must not stop the broker
-                log.exception("error handling %s from %r", type(message).__name__, identity)
-            if len(payload) > YIELD_AFTER_BYTES:
-                # pyzmq hands over a frame already waiting without yielding, and a 44 MiB
-                # answer of fill-mask candidates takes a second to decode: after a large
-                # frame, let the HTTP side run before the next.
+            self._take(frames)
+            frames_taken += 1
+            bytes_taken += sum(len(frame) for frame in frames)
+            if frames_taken >= YIELD_AFTER_FRAMES or bytes_taken >= YIELD_AFTER_BYTES:
+                # pyzmq hands over a frame already waiting without yielding: a peer sending
+                # small frames faster than they are taken (heartbeats, garbage) held the
+                # event loop, /health included, for as long as it sent them, and a 44 MiB
+                # answer takes a second to decode. The HTTP side runs between turns.
+                frames_taken = bytes_taken = 0
                 await asyncio.sleep(0)
+
+    def _take(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            self._log_dropped("dropping a message of %d frames (want identity + payload)",
+                              len(frames))
+            return
+        identity, payload = frames
+        try:
+            message = codec.decode(payload)
+        except codec.NewerFields as exc:
+            # A newer worker re-sends its READY every second: one line says what to do.
+            if (identity, exc.name) not in self._newer_peers:
+                _remember(self._newer_peers, (identity, exc.name))
+                log.error("dropping %s from %r, and any more like it: %s (the gateway "
+                          "first, then the workers)", exc.name, identity[:64], exc)
+            return
+        except codec.ProtocolVersionMismatch as exc:
+            if identity not in self._refused_peers:
+                _remember(self._refused_peers, identity)
+                log.error("refusing peer %r: %s", identity[:64], exc)
+            return
+        except ProtocolError as exc:
+            self._log_dropped("dropping a malformed frame from %r: %s", identity[:64], exc)
+            return
+        try:
+            self._on_message(identity, message, len(payload))
+        except Exception:  # noqa: BLE001 - one bad message must not stop the broker
+            log.exception("error handling %s from %r", type(message).__name__, identity[:64])
 
     def _on_message(self, identity: bytes, message: Message, frame_bytes: int = 0) -> None:
         if isinstance(message, Ready):
@@ -670,3 +691,11 @@ class Broker:
                                      f"with no answer for {now - worker.last_progress:.1f} s")
                 else:
                     self._send(worker.identity, Heartbeat())
+
+
+def _remember(peers: set, peer: object) -> None:
+    """Add ``peer`` to a "logged once" set, which starts afresh once it holds
+    :data:`MAX_PEERS_REMEMBERED`."""
+    if len(peers) >= MAX_PEERS_REMEMBERED:
+        peers.clear()
+    peers.add(peer)

@@ -38,6 +38,31 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class Throttled:
+    """A log line a peer can set off at any rate, written once per ``every_s`` at most, with
+    how many came since the last: a peer sending garbage shows in the log, and cannot fill
+    it (nor spend the process's time on writing it)."""
+
+    def __init__(self, logger: logging.Logger, level: int, every_s: float = 60.0):
+        self.logger = logger
+        self.level = level
+        self.every_s = every_s
+        self._unlogged = 0
+        self._logged_at = float("-inf")
+
+    def __call__(self, message: str, *args) -> None:
+        self._unlogged += 1
+        now = time.monotonic()
+        if now - self._logged_at < self.every_s:
+            return
+        more = self._unlogged - 1
+        self.logger.log(self.level, message + (
+            f" (and {more} more such since the last, at most one line a minute)" if more else ""),
+            *args)
+        self._logged_at = now
+        self._unlogged = 0
+
+
 def setup_logging(level: str, process_name: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":

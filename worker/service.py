@@ -127,6 +127,9 @@ class WorkerService:
         # Reconnect quickly when a gateway restarts on the same endpoint.
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        # A larger frame is refused as it arrives (the peer is disconnected), not read whole
+        # first: a 1 GiB frame took a worker to 2.6 GB.
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         self._apply_curve(sock)
         sock.connect(self.config.connect)
         self._socket = sock

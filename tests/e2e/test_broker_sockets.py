@@ -28,8 +28,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from gateway.broker import (LIST_ITEM_FAILED, MAX_CRASHES, YIELD_AFTER_BYTES, Broker,
-                            PendingRequest, WorkerHandle)
+from gateway.broker import (LIST_ITEM_FAILED, MAX_CRASHES, YIELD_AFTER_BYTES,
+                            YIELD_AFTER_FRAMES, Broker, PendingRequest, WorkerHandle)
 from protocol import codec
 from gateway.held_memory import STRUCTURED_EXPANSION
 from protocol.errors import (
@@ -992,6 +992,50 @@ async def test_the_loop_runs_between_two_large_answers_already_waiting(h, monkey
     await w.answer(p[1].request_id, large)
     assert [(await outcome(x)).output for x in p] == [large, large]
     assert events == [p[0].request_id, "the loop ran", p[1].request_id]
+
+
+async def test_the_loop_runs_while_small_frames_keep_coming(h, monkeypatch, caplog):
+    """A peer sending small frames (heartbeats, garbage) faster than they are taken held the
+    event loop for as long as it sent them: one second of heartbeats froze /health for 19 s.
+    The broker gives the loop a turn every YIELD_AFTER_FRAMES frames; garbage gets one
+    WARNING, not one each."""
+    caplog.set_level(logging.WARNING, logger="batchwire.gateway.broker")
+    # inproc: a frame sent is in the broker's pipe when send returns, so all of them wait
+    # there before the broker's loop runs again.
+    h.endpoint = f"inproc://flood-{uuid.uuid4().hex}"
+    await h.broker()
+    loop = asyncio.get_running_loop()
+    taken: list[int] = []
+    taken_when_the_loop_ran: list[int] = []
+    decode = codec.decode
+
+    def counting(payload: bytes) -> Message:
+        taken.append(len(payload))
+        if len(taken) == 1:
+            loop.call_soon(lambda: taken_when_the_loop_ran.append(len(taken)))
+        return decode(payload)
+
+    monkeypatch.setattr(codec, "decode", counting)
+    flood = h.ctx.socket(zmq.DEALER)
+    flood.setsockopt(zmq.SNDHWM, 0)  # the pipe takes every frame before the broker reads
+    try:
+        flood.connect(h.endpoint)
+        blocking = zmq.Socket.shadow(flood.underlying)
+        count = 4 * YIELD_AFTER_FRAMES
+        for i in range(count):
+            blocking.send(codec.encode(Heartbeat()) if i % 2 else b"garbage")
+        await wait_until(lambda: len(taken) == count, "every frame to be taken")
+    finally:
+        flood.close(linger=0)
+    assert taken_when_the_loop_ran == [YIELD_AFTER_FRAMES]
+    assert len([r for r in caplog.records if "malformed" in r.getMessage()]) == 1
+
+
+async def test_a_frame_past_the_limit_is_refused_as_it_arrives_not_read_first(h):
+    """Checked after it was read whole, three 1 GiB frames took the gateway to 4 GB: libzmq
+    drops the peer of a frame past MAXMSGSIZE as it arrives."""
+    broker = await h.broker()
+    assert broker._socket.getsockopt(zmq.MAXMSGSIZE) == codec.MAX_FRAME_BYTES
 
 
 async def test_a_newer_workers_ready_is_dropped_with_one_line_saying_to_upgrade(h, caplog):
