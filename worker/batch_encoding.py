@@ -41,8 +41,11 @@ ENCODING_FIELDS = {"input_ids": "ids", "token_type_ids": "type_ids",
 #: Arrival encodings kept at most: four times a worker's default capacity on a GPU (4
 #: batches of 32). Requests that never reach a batch (cancelled, expired) leave theirs
 #: behind; past this many the lot is dropped, which costs only tokenizing those texts again.
-#: A 512-token encoding holds about 70 kB (measured), so the worst case is about 36 MB.
+#: A 512-token encoding holds about 70 kB (measured), so the worst case is about 36 MB,
+#: with the texts they are kept by, up to MAX_REMEMBERED_CHARS (a client sending 1 MB texts
+#: that were then refused left 1 MB each: 512 MB per worker).
 MAX_REMEMBERED = 512
+MAX_REMEMBERED_CHARS = 1 << 24
 
 
 class BatchEncoder:
@@ -66,6 +69,8 @@ class BatchEncoder:
         #: its token-level answer (whole) and for its embedding (cut), and neither may get
         #: the other's inputs.
         self._remembered: dict[tuple[str, int | None], Any] = {}
+        #: Characters of the texts remembered (their keys).
+        self._remembered_chars = 0
 
     @property
     def uses_arrivals(self) -> bool:
@@ -76,9 +81,15 @@ class BatchEncoder:
         parameters; ``cut_at``: cut at that many tokens) for the batch it will run in."""
         if not self.fields:
             return
-        if len(self._remembered) >= MAX_REMEMBERED:
-            self._remembered.clear()
+        if (len(self._remembered) >= MAX_REMEMBERED
+                or self._remembered_chars + len(text) > MAX_REMEMBERED_CHARS):
+            self.forget_arrivals()
         self._remembered[(text, cut_at)] = encoding
+        self._remembered_chars += len(text)
+
+    def forget_arrivals(self) -> None:
+        self._remembered.clear()
+        self._remembered_chars = 0
 
     def prepare(self, texts: list, parameters: dict, max_length: int | None = None) -> bool:
         """Tokenize ``texts`` for the next pipeline call; False (nothing prepared) when the
@@ -96,6 +107,7 @@ class BatchEncoder:
             if encoding is None:
                 missing.append(text)
             else:
+                self._remembered_chars -= len(text)
                 ready[text] = {name: getattr(encoding, attr) for name, attr in fields}
         if missing:
             if len(texts) == 1:
@@ -191,7 +203,7 @@ def _check_arrivals(encoder: BatchEncoder, pipe: Any, backend: Any, texts: list,
         reused, want, fast = False, None, None
         log.debug("arrival encodings not reused: %s: %s", type(exc).__name__, exc)
     encoder.clear()
-    encoder._remembered.clear()
+    encoder.forget_arrivals()
     if not (reused and _same(want, fast)):
         encoder.fields = []
         log.warning("arrival encodings not reused: they did not give the stock inputs")

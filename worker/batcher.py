@@ -32,6 +32,7 @@ The policy, in one place:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from concurrent.futures import Executor
@@ -86,6 +87,8 @@ class WorkItem:
 #: Parameter sets whose arrival rates are tracked at once; past it the quietest half is
 #: forgotten (a forgotten set starts afresh: its next batch does not wait).
 MAX_ARRIVAL_STREAMS = 256
+#: Parameter keys longer than this are tracked by a 16-byte digest of theirs.
+STREAM_KEY_DIGEST_ABOVE = 64
 
 
 @dataclass(slots=True)
@@ -170,11 +173,12 @@ class Batcher:
     # -- feeding (called from the I/O loop) -------------------------------------------
     def submit(self, item: WorkItem) -> None:
         now = self.clock()
-        stream = self._arrivals.get(item.parameter_key)
+        key = _stream_key(item.parameter_key)
+        stream = self._arrivals.get(key)
         if stream is None:
             if len(self._arrivals) >= MAX_ARRIVAL_STREAMS:
                 self._forget_quiet_streams()
-            self._arrivals[item.parameter_key] = ArrivalStream(now, tokens=float(item.tokens))
+            self._arrivals[key] = ArrivalStream(now, tokens=float(item.tokens))
         else:
             stream.observe(now, item.tokens)
         self._queue.append(item)
@@ -263,7 +267,7 @@ class Batcher:
     def _worth_waiting(self, selection: batch_policy.Selection, now: float) -> float:
         """How much longer the batch may wait for the next arrival of its own parameter set
         (see latency_model)."""
-        stream = self._arrivals.get(selection.items[0].parameter_key)
+        stream = self._arrivals.get(_stream_key(selection.items[0].parameter_key))
         if stream is None or stream.gap is None:
             return 0.0  # one arrival so far: nothing says another is coming
         return worth_waiting(
@@ -360,3 +364,11 @@ class Batcher:
     def _finish_error(self, item: WorkItem, error: BatchwireError) -> None:
         self._by_id.pop(item.request_id, None)
         self.on_error(item, error)
+
+
+def _stream_key(parameter_key: Any) -> Any:
+    """The key of a parameter set's arrival stream: a digest of a long one, so that streams
+    of parameters a client filled with megabytes (refused or not) cannot hold 256 of them."""
+    if isinstance(parameter_key, bytes) and len(parameter_key) > STREAM_KEY_DIGEST_ABOVE:
+        return hashlib.blake2b(parameter_key, digest_size=16).digest()
+    return parameter_key

@@ -457,7 +457,7 @@ def test_a_batch_is_tokenized_in_one_call_unless_parameters_tokenize(kind, fill_
     runner = fill_runner if kind == "fill-mask" else tiny_fe_runner
     encoder = runner.batch_encoder
     assert encoder is not None and runner.pipe.preprocess is encoder
-    encoder._remembered.clear()  # other tests' measured texts: this one measures none
+    encoder.forget_arrivals()  # other tests' measured texts: this one measures none
     stock_calls: list[str] = []
     stock = encoder.stock
     encoder.stock = lambda text, **kw: (stock_calls.append(text), stock(text, **kw))[1]
@@ -491,7 +491,7 @@ def test_a_text_counted_on_arrival_is_not_tokenized_again(kind, fill_runner, tin
     real_call = tokenizer_type.__call__
     monkeypatch.setattr(tokenizer_type, "__call__",
                         lambda self, *a, **k: (calls.append(a), real_call(self, *a, **k))[1])
-    encoder._remembered.clear()
+    encoder.forget_arrivals()
     lengths = [runner.measure(text, {}) for text in texts]
     assert set(encoder._remembered) == {(t, None) for t in texts}
     outputs = runner(texts, {}, lengths).outputs
@@ -520,7 +520,28 @@ def test_arrival_encodings_are_dropped_past_their_limit(tiny_fe_runner, monkeypa
             tiny_fe_runner.measure(f"text number {i}", {})
         assert 0 < len(encoder._remembered) <= 3
     finally:
-        encoder._remembered.clear()
+        encoder.forget_arrivals()
+
+
+def test_arrival_encodings_are_dropped_past_their_texts_size(tiny_fe_runner, monkeypatch):
+    """They are kept by their texts: whitespace-padded 1 MB texts, refused afterwards (a
+    parameter the pipeline rejects), left 1 MB each in the worker, 512 MB at the count's
+    limit."""
+    from worker import batch_encoding
+
+    monkeypatch.setattr(batch_encoding, "MAX_REMEMBERED_CHARS", 3_000_000)
+    encoder = tiny_fe_runner.batch_encoder
+    padded = " " * 1_000_000
+    try:
+        for i in range(7):
+            tiny_fe_runner.measure(f"text number {i}{padded}", {})
+        assert 0 < len(encoder._remembered) <= 3
+        assert sum(len(text) for text, _ in encoder._remembered) == encoder._remembered_chars
+        assert encoder._remembered_chars <= 3_000_000
+        assert tiny_fe_runner([f"text number 6{padded}", "x"], {}).outputs
+        assert encoder._remembered_chars == sum(len(text) for text, _ in encoder._remembered)
+    finally:
+        encoder.forget_arrivals()
 
 
 def test_a_too_long_arrival_is_not_remembered(tiny_fe_runner):
@@ -1390,7 +1411,7 @@ def test_a_long_texts_embedding_is_tokenized_from_its_start(minilm_runner, monke
     for text, want in zip(texts, reference):
         tokens, run = minilm_runner.arrive(text, embed)
         assert tokens == 256 and (run == text) == (text is texts[2] or text is texts[-1])
-        minilm_runner.batch_encoder._remembered.clear()
+        minilm_runner.batch_encoder.forget_arrivals()
         (vector,) = minilm_runner([run], embed, [tokens]).outputs
         np.testing.assert_allclose(vector.to_numpy(), want, atol=2e-5)
 

@@ -719,3 +719,20 @@ async def test_fixed_delay_holds_a_lone_item_for_the_whole_window(make_batcher):
     h.submit(item)
     await h.answered_all([item])
     assert h.only(1).stats.queue_ms >= 150 - TOL * 1000
+
+
+async def test_the_arrival_stream_of_long_parameters_is_kept_by_a_digest(make_batcher):
+    """Streams are kept by parameter set, refused sets included: 256 sets of 1 MB values
+    held 256 MB in the worker."""
+    h = make_batcher(max_delay=0.0)
+    items = [make_item(rid) for rid in (1, 2)]
+    for item in items:
+        item.parameter_key = b"v" * (1 << 20)  # the worker's keys are encoded parameters
+    items.append(make_item(3))
+    for item in items:
+        h.submit(item)
+    await h.answered_all(items)
+    assert len(h.batcher._arrivals) == 2
+    assert max(len(key) for key in h.batcher._arrivals if isinstance(key, bytes)) == 16
+    assert [h.only(item.request_id).output for item in items] == [expected_output(i)
+                                                                   for i in items]
