@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
+import socket
 import tempfile
+import time
 
 import zmq
 from aiohttp import web
@@ -24,8 +27,44 @@ from protocol.heap import freeze_startup_objects
 
 log = logging.getLogger("batchwire.gateway")
 
+#: A second SIGTERM or SIGINT this soon after the first is the same one delivered twice, not
+#: a request to stop at once.
+REPEAT_WITHIN_S = 1.0
+
 
 async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -> int:
+    """Serve until stopped; the exit status. The private directories made on the way (the
+    workers' socket, serve's workers' CURVE keys) are removed however it ends."""
+    private_dirs: list[str] = []
+    try:
+        return await _run_gateway(config, serve, private_dirs)
+    finally:
+        for path in private_dirs:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def ipc_in_use(endpoint: str) -> bool:
+    """Whether a process listens at ``endpoint``'s socket file. Binding an ipc:// endpoint
+    replaces the file: a second gateway on the same path, even one that then failed to
+    start, took the running one's workers from it, and its restarted workers never joined."""
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return False
+    path = endpoint[len("ipc://"):]
+    if not os.path.exists(path):
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:  # refused: a file left by a process that is gone
+        return False
+    finally:
+        probe.close()
+
+
+async def _run_gateway(config: GatewayConfig, serve: ServeConfig | None,
+                       private_dirs: list[str]) -> int:
     tls: ServerTls | None = None
     try:
         # Read first: files that cannot be used stop the gateway before it starts anything.
@@ -35,11 +74,15 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
     except (TlsConfigError, ApiKeysError) as exc:
         log.critical("%s", exc)
         return 2
-    ipc_dir = None
     endpoint = config.zmq_bind
     if endpoint is None:
         ipc_dir = tempfile.mkdtemp(prefix="batchwire-")
+        private_dirs.append(ipc_dir)
         endpoint = f"ipc://{ipc_dir}/workers.sock"
+    elif ipc_in_use(endpoint):
+        log.critical("another process listens at %s: stop it, or give this gateway another "
+                     "--zmq-bind", endpoint)
+        return 2
     broker = Broker(endpoint, max_queue=config.max_queue,
                     max_held_bytes=config.max_held_bytes,
                     heartbeat_interval_s=config.heartbeat_interval_s,
@@ -51,6 +94,7 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
         # serve's own workers get a fresh key pair in a private (0700) directory, admitted
         # alongside any --curve-authorized-keys.
         keys_dir = tempfile.mkdtemp(prefix="batchwire-keys-")
+        private_dirs.append(keys_dir)
         public, secret = curve.generate(keys_dir, "local-worker")
         broker.extra_worker_keys.add(curve.load_public(public))
         local_worker_args = ["--curve-server-key", config.curve_secret_key,
@@ -115,33 +159,49 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
         if supervisor is not None:
             await supervisor.start()
 
-    signals_seen = 0
+    first_signal_at: float | None = None
     drain_task: asyncio.Task | None = None
 
     def on_signal(sig: signal.Signals) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen == 1:
+        nonlocal first_signal_at
+        now = time.monotonic()
+        if first_signal_at is None:
+            first_signal_at = now
             log.info("%s: draining (again to force)", sig.name)
+            if supervisor is not None:
+                supervisor.stop_restarting()
             stop.set()
+        elif now - first_signal_at < REPEAT_WITHIN_S:
+            # GNU timeout signals the process, then its group; so do some init systems.
+            # One request to stop, delivered twice, skipped the drain.
+            log.debug("%s again %.3f s after the first: the same request to stop", sig.name,
+                      now - first_signal_at)
         else:
             log.warning("%s again: stopping now", sig.name)
             broker.draining = True
             if drain_task is not None:
                 drain_task.cancel()
+            if supervisor is not None:
+                supervisor.hurry()
 
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGQUIT as nginx reads it: a graceful stop. (Its default ended the gateway at once,
+    # dropping admitted requests, with nothing logged.)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         loop.add_signal_handler(sig, on_signal, sig)
 
     def on_hangup() -> None:
         # As nginx does: SIGHUP reads the watched files now, not at the next 30 s check.
-        log.info("SIGHUP: checking the TLS and API key files now")
+        # Without any, it is ignored: its default ended the gateway at once (a closed
+        # terminal, or an operator used to SIGHUP meaning "reload").
+        if not reread:
+            log.info("SIGHUP: no TLS or API key files to read again; ignored")
+        else:
+            log.info("SIGHUP: checking the TLS and API key files now")
         for files in reread:
             check_now(files.reload_if_changed)
 
-    if reread:
-        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
 
     await stop.wait()
     drain_task = asyncio.create_task(broker.drain(config.drain_timeout_s))
@@ -163,9 +223,5 @@ async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -
     if listener is not None:
         listener.close()  # no new connections; runner.cleanup() closes the open ones
     await runner.cleanup()
-    if ipc_dir is not None:
-        for name in os.listdir(ipc_dir):
-            os.unlink(os.path.join(ipc_dir, name))
-        os.rmdir(ipc_dir)
     log.info("stopped")
     return exit_code

@@ -122,6 +122,7 @@ class Supervisor:
             for i, device in enumerate(devices)
         ]
         self._stopping = False
+        self._hurry = asyncio.Event()
         self._watchers: list[asyncio.Task] = []
         self._wake = asyncio.Event()
 
@@ -184,7 +185,11 @@ class Supervisor:
         failures = 0
         while not self._stopping:
             started = time.monotonic()
-            slot.process = await asyncio.create_subprocess_exec(*slot.argv, env=slot.env)
+            # A session of its own: a terminal's Ctrl-C, or a signal to the gateway's process
+            # group, is the gateway's to act on (it drains, then stops its workers), not each
+            # worker's at once. The worker watches its parent, so it never outlives it.
+            slot.process = await asyncio.create_subprocess_exec(*slot.argv, env=slot.env,
+                                                                start_new_session=True)
             slot.state = "running"
             code = await slot.process.wait()
             if self._stopping:
@@ -248,20 +253,35 @@ class Supervisor:
     def restarts(self) -> int:
         return sum(slot.restarts for slot in self.slots)
 
-    async def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM every worker, SIGKILL what is still there after the timeout."""
+    def stop_restarting(self) -> None:
+        """A worker that exits from now on stays down: the gateway is stopping. (Restarted,
+        workers that a signal to the whole process group had ended reloaded the model while
+        the drain waited on them, and admitted requests got 503 when it timed out.)"""
         self._stopping = True
         self._wake.set()
+
+    def hurry(self) -> None:
+        """Cut :meth:`stop`'s wait short: the operator asked for the stop a second time."""
+        self._hurry.set()
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM every worker, SIGKILL what is still there after the timeout (at once,
+        once hurried)."""
+        self.stop_restarting()
         procs = [s.process for s in self.slots if s.process and s.process.returncode is None]
         for proc in procs:
             _signal(proc, signal.SIGTERM)
         if procs:
-            done, pending = await asyncio.wait([asyncio.create_task(p.wait()) for p in procs],
-                                               timeout=timeout_s)
+            exited = asyncio.ensure_future(asyncio.gather(*(p.wait() for p in procs)))
+            hurried = asyncio.create_task(self._hurry.wait())
+            await asyncio.wait([exited, hurried], timeout=timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+            hurried.cancel()
             for proc in procs:
                 if proc.returncode is None:
-                    log.warning("worker pid %d did not exit in %.0f s; killing it", proc.pid,
-                                timeout_s)
+                    log.warning("worker pid %d %s; killing it", proc.pid,
+                                "still running at the second signal" if self._hurry.is_set()
+                                else f"did not exit in {timeout_s:.0f} s")
                     _signal(proc, signal.SIGKILL)
                     await proc.wait()
         for task in self._watchers:

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
 import time
 
 LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(text: str) -> str:
+    """A --log-level: one of LOG_LEVELS, in any case. (A type, not choices: argparse checks
+    choices on the command line only, and the flag's env var is its default.)"""
+    level = text.strip().upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LOG_LEVELS)}, not {text!r}")
+    return level
 
 
 def add_logging_flags(flags) -> None:
     """--log-level and --log-format, the same for every batchwire process."""
-    flags.add("--log-level", default="INFO", help="logging level")
+    flags.add("--log-level", default="INFO", type=log_level, help="logging level")
     flags.add("--log-format", default="text", choices=LOG_FORMATS,
               help="text for people, json for log pipelines (one object per line)")
 

@@ -169,6 +169,9 @@ class Server:
             [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1",
              "--port", str(self.port), *self.args],
             env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            # A process group of its own, as a server started from a shell has: a test may
+            # signal the group (os.killpg), as Ctrl-C and systemd do.
+            start_new_session=True,
         )
         if wait_ready:
             self.wait_ready()

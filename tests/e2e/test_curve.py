@@ -168,11 +168,21 @@ def test_a_worker_on_another_host_answers_through_the_network(two_hosts, tmp_pat
 async def test_serve_with_curve_admits_its_own_workers(start_server, tmp_path, tiny_model_dir):
     keygen(tmp_path / "keys", "gateway")
     (tmp_path / "authorized").mkdir()  # no remote worker is listed
+    temp = tmp_path / "temp"
+    temp.mkdir()
     server = start_server(["--model", str(tiny_model_dir),
                            "--zmq-bind", f"tcp://127.0.0.1:{free_port()}",
                            "--curve-secret-key", str(tmp_path / "keys" / "gateway.key_secret"),
-                           "--curve-authorized-keys", str(tmp_path / "authorized")])
+                           "--curve-authorized-keys", str(tmp_path / "authorized")],
+                          env={"TMPDIR": str(temp)})
     async with aiohttp.ClientSession() as session:
         status, _, _ = await post(session, server.url + "/", data=b"own [MASK]")
     assert status == 200
     assert "CURVE on: 1 authorized worker key(s)" in server.log_text()
+    # Its workers' key pair, secret key included, was left in a temp directory every start.
+    def ours() -> list[str]:
+        return [p.name for p in temp.iterdir() if p.name.startswith("batchwire-")]
+
+    assert len(ours()) == 1 and ours()[0].startswith("batchwire-keys-")
+    assert server.stop() == 0
+    assert ours() == []

@@ -9,6 +9,7 @@ import signal
 import urllib.request
 
 import aiohttp
+import pytest
 
 from tests.e2e.conftest import (
     burst,
@@ -52,6 +53,36 @@ async def test_kill_9_a_worker_mid_burst_loses_nothing(start_server, tiny_model_
     assert server.log_text().count("restarting in 0.5 s") == 2, server.log_text()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "systemd"])
+async def test_a_signal_to_the_whole_process_group_drains_without_restarting_workers(
+        start_server, tiny_model_dir, sig):
+    """A terminal's Ctrl-C, GNU timeout and systemd's default stop signal the gateway's
+    whole process group. The workers got it too and left, and the supervisor, restarting
+    them, reloaded the model under the drain: a Ctrl-C stop took 30.7 s, and with a short
+    --drain-timeout-s admitted requests got 503. Delivered twice within a moment (timeout
+    signals the process, then its group), it is still one request to drain."""
+    server = start_server(["--model", str(tiny_model_dir), "--workers", "2",
+                           "--max-batch-size", "2", "--max-delay-ms", "5"])
+    wait_for(lambda: len(server.info()["workers"]) == 2, 60, "both workers")
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        requests = burst(session, server.url, 80, "group")
+        async def loaded():
+            return (await info_async(session, server))["in_flight"] > 10
+        await wait_for_async(loaded, 30, "requests in flight", 0.002)
+        server.proc.send_signal(sig)
+        os.killpg(server.proc.pid, sig)
+        replies = await asyncio.gather(*requests, return_exceptions=True)
+    for reply in replies:
+        assert not isinstance(reply, BaseException), reply
+        status, _, body = reply
+        assert status == 200 or (status == 503 and body["error"]["code"] == "draining"), body
+    assert sum(1 for r in replies if r[0] == 200) >= 10
+    assert await asyncio.to_thread(server.proc.wait, 30) == 0
+    log = server.log_text()
+    assert "restarting in" not in log and "again: stopping now" not in log, log
+    assert server.stop() == 0
+
+
 async def test_sigterm_under_load_answers_every_admitted_request(start_server, tiny_model_dir):
     server = start_server(["--model", str(tiny_model_dir), "--max-batch-size", "2",
                            "--max-delay-ms", "5"])
@@ -76,4 +107,21 @@ async def test_sigterm_under_load_answers_every_admitted_request(start_server, t
         status, _, body = reply
         assert status == 200 or (status == 503 and body["error"]["code"] == "draining"), body
     assert sum(1 for r in replies if r[0] == 200) >= 10
+    assert server.stop() == 0
+
+
+async def test_sighup_without_files_to_read_is_ignored_and_sigquit_drains(start_server,
+                                                                          tiny_model_dir):
+    """Their defaults ended the gateway at once: admitted requests dropped, nothing logged,
+    its socket directory left behind. SIGHUP is a terminal closing, or an operator used to
+    it meaning "reload"; SIGQUIT is nginx's graceful stop."""
+    server = start_server(["--model", str(tiny_model_dir)])
+    server.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "SIGHUP: no TLS or API key files to read again; ignored"
+             in server.log_text(), 10, "the SIGHUP line")
+    async with aiohttp.ClientSession() as session:
+        assert (await post(session, server.url + "/", data=b"still [MASK]"))[0] == 200
+    server.proc.send_signal(signal.SIGQUIT)
+    assert await asyncio.to_thread(server.proc.wait, 30) == 0
+    assert "SIGQUIT: draining" in server.log_text()
     assert server.stop() == 0

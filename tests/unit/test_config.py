@@ -324,3 +324,15 @@ def test_durations_are_finite():
         worker_config.parse(["--connect", "ipc:///x", "--max-delay-ms", "inf"], environ={})
     _, cfg = gateway_config.parse(["serve", "--timeout-ms", "1e9"], environ={})
     assert cfg.gateway.timeout_ms == 1e9
+
+
+@pytest.mark.parametrize("argv, environ", [(["serve", "--log-level", "loud"], {}),
+                                           (["serve"], {"BATCHWIRE_LOG_LEVEL": "loud"})],
+                         ids=["flag", "env"])
+def test_an_unknown_log_level_is_a_usage_error_not_a_traceback(capsys, argv, environ):
+    with pytest.raises(SystemExit) as exit:
+        gateway_config.parse(argv, environ=environ)
+    assert exit.value.code == 2
+    assert "DEBUG, INFO, WARNING, ERROR, CRITICAL, not 'loud'" in capsys.readouterr().err
+    _, cfg = gateway_config.parse(["serve", "--log-level", "debug"], environ={})
+    assert cfg.gateway.log_level == "DEBUG"
