@@ -225,6 +225,10 @@ async def _taken_steadily(write: Awaitable[None], transport: asyncio.BaseTranspo
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        elif not task.cancelled():
+            # Failed as the handler was cancelled (the client left mid-answer): retrieved
+            # here, or asyncio logs it as an ERROR with a traceback, one per dropped answer.
+            task.exception()
 
 
 async def _within(awaitable: Awaitable[T], timeout_s: float) -> T:
