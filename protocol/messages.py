@@ -19,6 +19,8 @@ PROTOCOL_VERSION = 1
 MAX_PROMPT_NAME = 256
 #: Most prompt names one READY lists.
 MAX_PROMPTS = 256
+#: Longest text a READY names (a model's path among them: Linux's PATH_MAX).
+MAX_READY_TEXT = 4096
 #: How deep a REQUEST's inputs and parameters may nest (an object in a list is two levels).
 #: Pipelines take flat arguments and inputs a level or two deep; a client's 500 levels had
 #: exhausted the worker's recursion limit while it keyed the parameters for batching.
@@ -128,6 +130,12 @@ class Ready(Message):
     prompts: tuple[str, ...] = ()
 
     def check(self) -> None:
+        for name in ("worker_id", "model", "task", "device", "host", "pooling", "dtype"):
+            text = getattr(self, name)
+            # Logged and shown in /info: 16 MiB strings held 260 MB for four peers and made
+            # a 256 MiB /info; a newline or an escape in one forged log lines.
+            if len(text) > MAX_READY_TEXT or not text.isprintable():
+                raise ValueError(f"{name}: at most {MAX_READY_TEXT} printable characters")
         if len(self.prompts) > MAX_PROMPTS or any(
                 not 0 < len(name) <= MAX_PROMPT_NAME for name in self.prompts):
             raise ValueError(f"prompts: at most {MAX_PROMPTS} names, each 1 to "

@@ -582,6 +582,17 @@ def test_ready_rejects_capacity_or_batch_size_below_one(capacity, max_batch_size
     assert_rejected(raw, match="at least 1")
 
 
+@pytest.mark.parametrize("field, value", [("worker_id", "w" * 4097), ("model", "m" * (16 << 20)),
+                                          ("worker_id", "w\n2026 INFO forged"),
+                                          ("device", "cpu\x1b[31m")],
+                         ids=["long-id", "huge-model", "newline", "escape"])
+def test_ready_rejects_texts_too_long_to_hold_or_that_would_forge_log_lines(field, value):
+    fields = {"worker_id": "w", "pid": 1, "model": "m", "task": "t", "device": "cpu",
+              "capacity": 2, "max_batch_size": 1, field: value}
+    assert_rejected(encode(Ready(**fields)), match=f"{field}: at most 4096 printable")
+    assert roundtrip(Ready(**{**fields, field: "x" * 4096})).capacity == 2
+
+
 def test_ready_from_a_worker_that_does_not_send_its_dtype_decodes_with_dtype_unknown():
     # The dtype was added at the end with a default: an older worker's READY still decodes.
     parts = [PROTOCOL_VERSION, int(MessageType.READY), "w", 1, "m", "t", "cpu", 2, 1, "h",
