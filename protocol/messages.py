@@ -19,6 +19,9 @@ PROTOCOL_VERSION = 1
 MAX_PROMPT_NAME = 256
 #: Most prompt names one READY lists.
 MAX_PROMPTS = 256
+#: Bounds of a RESULT's statistics: far past any real batch (2**31 tokens, a day).
+MAX_STAT_COUNT = 1 << 31
+MAX_STAT_MS = 86_400_000.0
 #: Longest text a READY names (a model's path among them: Linux's PATH_MAX).
 MAX_READY_TEXT = 4096
 #: How deep a REQUEST's inputs and parameters may nest (an object in a list is two levels).
@@ -206,6 +209,14 @@ class Result(Message):
     def check(self) -> None:
         if self.batch_tokens < 0 or not 0.0 <= self.padding_ratio <= 1.0:
             raise ValueError("batch_tokens must be non-negative and padding_ratio in [0, 1]")
+        # They become metrics and answer headers: X-Batch-Size 9223372036854775808 and a
+        # queue-wait sum of 9e305 came from a peer's RESULT.
+        if not 1 <= self.batch_size <= MAX_STAT_COUNT or not 0 <= self.tokens <= MAX_STAT_COUNT \
+                or self.batch_tokens > MAX_STAT_COUNT or self.batch_id < 0:
+            raise ValueError(f"batch_size (1 to {MAX_STAT_COUNT}), tokens, batch_tokens and "
+                             "batch_id out of range")
+        if not (0.0 <= self.queue_ms <= MAX_STAT_MS and 0.0 <= self.inference_ms <= MAX_STAT_MS):
+            raise ValueError(f"queue_ms and inference_ms must be 0 to {MAX_STAT_MS:g}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -593,6 +593,18 @@ def test_ready_rejects_texts_too_long_to_hold_or_that_would_forge_log_lines(fiel
     assert roundtrip(Ready(**{**fields, field: "x" * 4096})).capacity == 2
 
 
+@pytest.mark.parametrize("stats", [{"batch_size": 2**63}, {"batch_size": 0}, {"batch_size": -3},
+                                   {"queue_ms": 9e305}, {"inference_ms": float("nan")},
+                                   {"queue_ms": -1.0}, {"tokens": -1}, {"batch_id": -1}],
+                         ids=["huge-batch", "no-batch", "negative-batch", "huge-wait",
+                              "nan-inference", "negative-wait", "negative-tokens",
+                              "negative-batch-id"])
+def test_result_statistics_out_of_range_are_refused_before_they_reach_metrics(stats):
+    fields = {"request_id": 1, "output": "x", "batch_size": 2, "queue_ms": 1.0,
+              "inference_ms": 2.0, **stats}
+    assert_rejected(encode(Result(**fields)), match="out of range|must be 0 to|wrong type")
+
+
 def test_ready_from_a_worker_that_does_not_send_its_dtype_decodes_with_dtype_unknown():
     # The dtype was added at the end with a default: an older worker's READY still decodes.
     parts = [PROTOCOL_VERSION, int(MessageType.READY), "w", 1, "m", "t", "cpu", 2, 1, "h",
