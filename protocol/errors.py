@@ -34,7 +34,7 @@ Workers send only the code and message in an ERROR frame; the gateway rebuilds t
 exception with :func:`error_from_code`, so status codes live here and nowhere else.
 ``metrics_code`` tells apart, in the gateway's metrics only, refusals that clients see as
 one code. ``closes_connection`` marks errors after which the connection cannot carry another
-request (its framing is lost): the answer says ``Connection: close``.
+request (its framing is lost, or the server is going): the answer says ``Connection: close``.
 """
 
 from __future__ import annotations
@@ -217,6 +217,9 @@ class Draining(ServerError):
     code = "draining"
     status = 503
     retry_after = 1
+    # The connection has no server left behind it: a keep-alive client that sent its next
+    # request on it got a reset, not this answer.
+    closes_connection = True
 
 
 class DeadlineExceeded(ServerError):

@@ -99,6 +99,8 @@ async def test_sigterm_under_load_answers_every_admitted_request(start_server, t
         await wait_for_async(not_ready, 10, "/ready to go 503")
         status, headers, body = await post(session, server.url + "/", data=b"late [MASK]")
         assert status == 503 and body["error"]["code"] == "draining"
+        # A keep-alive client is told not to send its next request on this connection.
+        assert headers["Connection"] == "close"
         replies = await asyncio.gather(*requests, return_exceptions=True)
     # Admitted requests are all answered 200; only requests that arrived after SIGTERM
     # are refused, and those with 503 draining.
