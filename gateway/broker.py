@@ -615,6 +615,10 @@ class Broker:
             return
         worker = self.workers.get(identity)
         if worker is None:
+            if isinstance(message, Disconnect):
+                # Already dropped (declared dead, or we restarted): it waits for an answer to
+                # leave, and holds nothing of ours.
+                self._send(identity, Disconnect(reason="leave acknowledged"))
             # A worker we do not know (we restarted, or it was declared dead): it re-sends
             # READY when it stops hearing from us. Its replies are for requests long settled.
             return
@@ -639,6 +643,10 @@ class Broker:
             self._dispatch()
         elif isinstance(message, Disconnect):
             self.worker_lost(worker, f"it disconnected ({message.reason})", crashed=False)
+            # The answer the worker keeps its socket open for: it is out of dispatch and what
+            # it held is requeued, so nothing more is sent to it. Had it closed at once, a send
+            # made before this DISCONNECT was read failed, and the leave counted as a crash.
+            self._send(identity, Disconnect(reason="leave acknowledged"))
 
     @staticmethod
     def _hold(pending: PendingRequest, result: Result, frame_bytes: int) -> BatchwireError | None:

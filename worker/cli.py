@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
@@ -10,16 +12,35 @@ from typing import Sequence
 from protocol import curve, eventloop
 from protocol.heap import freeze_startup_objects
 from protocol.logs import setup_logging
-from worker.config import EXIT_CANNOT_LOAD, WorkerConfig, parse
+from worker.config import EXIT_CANNOT_LOAD, WorkerConfig, check_connect, parse
 
 log = logging.getLogger("batchwire.worker")
 
 
+def _leave_before_serving(signum: int, _frame: object) -> None:
+    log.info("%s before the model was loaded and serving: exiting",
+             signal.Signals(signum).name)
+    logging.shutdown()
+    # The load runs on a thread no one can interrupt; waiting for it is what the signal's
+    # sender did not ask for. Nothing is held yet that the gateway would miss.
+    os._exit(0)
+
+
 def run(config: WorkerConfig) -> int:
+    setup_logging(config.log_level, config.worker_id, config.log_format)
+    # Before the imports and the load, which take seconds to minutes: as PID 1 (the worker
+    # image) a signal with no handler is ignored, so `docker stop` during a load was dropped,
+    # and the worker went on to join and serve. The service's handlers replace these.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _leave_before_serving)
+    try:  # before torch's import and the model load: a malformed endpoint is known now
+        check_connect(config.connect)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return EXIT_CANNOT_LOAD
     from worker.runner import PipelineRunner
     from worker.service import WorkerService
 
-    setup_logging(config.log_level, config.worker_id, config.log_format)
     try:  # before the slow model load, like the key check below
         eventloop.uvloop_module(config.event_loop)
     except eventloop.EventLoopUnavailable as exc:

@@ -44,6 +44,39 @@ DEFAULT_BATCH_TIMEOUT_S = 60.0
 #: Exit status of a worker that cannot load its model (bad path, task, device): restarting it
 #: cannot help, so `batchwire serve` stops instead of retrying forever.
 EXIT_CANNOT_LOAD = 2
+#: The longest ipc:// path the kernel takes (sun_path is 108 bytes, with its final NUL).
+MAX_IPC_PATH_BYTES = 107
+
+
+def check_connect(endpoint: str) -> None:
+    """Raise ValueError saying what is wrong when ``endpoint`` is no gateway address a worker
+    can connect to. Checked before the model load: ZeroMQ refused ``tcp://localhost`` only
+    after it, with a traceback and exit 1, which `serve` and Docker take for a crash and
+    restart, loading the model again each time."""
+    scheme, sep, address = endpoint.partition("://")
+    want = "want tcp://HOST:PORT or ipc://PATH"
+    if not sep or not address:
+        raise ValueError(f"--connect {endpoint!r} is not a ZeroMQ endpoint: {want}")
+    if scheme == "tcp":
+        # ZeroMQ's "tcp://SOURCE;HOST:PORT": the gateway is what follows the ";".
+        host, colon, port = address.rpartition(";")[2].rpartition(":")
+        if not colon or "]" in port:  # "]": an IPv6 address, [::1], with no port after it
+            raise ValueError(f"--connect {endpoint!r} has no port: {want}")
+        if not host:
+            raise ValueError(f"--connect {endpoint!r} has no host: {want}")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"--connect {endpoint!r}: the port must be a number from 1 to "
+                             f"65535, not {port!r}")
+    elif scheme == "ipc":
+        if len(address.encode()) > MAX_IPC_PATH_BYTES:
+            raise ValueError(f"--connect {endpoint!r}: the ipc path is longer than "
+                             f"{MAX_IPC_PATH_BYTES} bytes, which the system cannot open")
+    elif scheme == "inproc":
+        raise ValueError(f"--connect {endpoint!r}: inproc:// reaches only this process, "
+                         f"never a gateway: {want}")
+    else:
+        raise ValueError(f"--connect {endpoint!r}: a worker connects over tcp:// or ipc://, "
+                         f"not {scheme}://")
 
 
 def default_max_batch_size(device: str) -> int:

@@ -52,6 +52,17 @@ MISSED_HEARTBEATS = 3
 #: heartbeat and killed the worker, twice, and the client got a 500. At this length the
 #: loop is held at most ~25 ms.
 BULK_TEXT_CHARS = 10_000
+#: A signal again within this many seconds of the first is the same request to leave,
+#: delivered twice (GNU `timeout` signals the pid and then its group; a Ctrl-C reaches the
+#: worker and the supervisor's SIGTERM follows): taken as "again", it dropped the running
+#: batch with exit 1.
+REPEAT_WITHIN_S = 1.0
+#: How long a leaving worker waits for the gateway to acknowledge its DISCONNECT, in
+#: heartbeat intervals, and at least / at most (seconds): bounded, as an older gateway never
+#: answers one and a gateway that is gone cannot.
+LEAVE_ACK_HEARTBEATS = 2
+LEAVE_ACK_MIN_S = 2.0
+LEAVE_ACK_MAX_S = 5.0
 
 
 def parameter_key(parameters: dict) -> Any:
@@ -84,6 +95,14 @@ class WorkerService:
         self._socket: zmq.asyncio.Socket | None = None
         self._stopping = asyncio.Event()
         self._stop_reason = ""
+        #: When the first leaving signal came (monotonic), for REPEAT_WITHIN_S.
+        self._signalled_at: float | None = None
+        #: Whether this leave waits for the gateway's DISCONNECT in answer to ours; not when
+        #: the gateway is what is leaving (it said DISCONNECT, or the parent that ran it is
+        #: gone): no answer would come.
+        self._handshake = True
+        #: Set by the gateway's DISCONNECT once ours is sent (see _await_leave_ack).
+        self._leave_acked: asyncio.Event | None = None
         self._last_heard = time.monotonic()
         self._gateway_known = False
         #: Message types a newer gateway sent that this worker could not read (logged once).
@@ -176,11 +195,52 @@ class WorkerService:
         await asyncio.gather(*tasks, return_exceptions=True)
         # Texts still being measured are not ours to answer: the gateway requeues them too.
         self._bulk.shutdown(wait=False, cancel_futures=True)
+        self._leave_acked = asyncio.Event()
         self._send(Disconnect(reason=self._stop_reason))
         log.info("worker %s leaving (%s); %d queued request(s) handed back to the gateway",
                  self.config.worker_id, self._stop_reason, len(abandoned))
+        # A gateway already gone (said DISCONNECT, or silent) has no answer to give.
+        heard_lately = (time.monotonic() - self._last_heard
+                        <= MISSED_HEARTBEATS * self.config.heartbeat_interval_s)
+        if self._handshake and self._gateway_known and heard_lately:
+            await self._await_leave_ack()
         sock.close(linger=2000)
         return 0
+
+    async def _await_leave_ack(self) -> None:
+        """Keep the socket open, and read, until the gateway answers our DISCONNECT with its
+        own. Closed at once, the gateway's next send to this worker (the work its last
+        answers freed room for, a heartbeat) could come before it read the DISCONNECT; that
+        send failed (EHOSTUNREACH), and the gateway took the leave for a crash: what the
+        worker held was charged a crash, and under `serve` the leaving process was SIGKILLed.
+        What arrives meanwhile is not answered: the gateway requeues all it sent us when it
+        reads the DISCONNECT."""
+        assert self._socket is not None and self._leave_acked is not None
+        sock, acked = self._socket, self._leave_acked
+
+        async def read() -> None:
+            while True:
+                try:
+                    message = codec.decode(await sock.recv())
+                except ProtocolError:
+                    continue
+                if isinstance(message, Disconnect):
+                    # The gateway's answer, or the gateway itself leaving: either way it
+                    # sends this worker nothing more.
+                    acked.set()
+                    return
+
+        wait_s = min(max(LEAVE_ACK_HEARTBEATS * self.config.heartbeat_interval_s,
+                         LEAVE_ACK_MIN_S), LEAVE_ACK_MAX_S)
+        reader = asyncio.create_task(read(), name="leave-ack")
+        try:
+            await asyncio.wait_for(acked.wait(), wait_s)
+            log.debug("the gateway acknowledged the DISCONNECT")
+        except asyncio.TimeoutError:
+            log.debug("no answer to the DISCONNECT in %.1f s; leaving anyway", wait_s)
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
 
     def _apply_curve(self, sock: zmq.Socket) -> None:
         config = self.config
@@ -195,18 +255,35 @@ class WorkerService:
         sock.curve_publickey = public
         sock.curve_secretkey = secret
 
-    def stop(self, reason: str) -> None:
+    def stop(self, reason: str, handshake: bool = True) -> None:
+        """Leave: finish the running batch, answer it, say DISCONNECT. ``handshake``: wait
+        for the gateway to acknowledge that DISCONNECT (not when the gateway is leaving)."""
         if not self._stopping.is_set():
             self._stop_reason = reason
+            self._handshake = handshake
             self._stopping.set()
 
     def _on_signal(self, sig: signal.Signals) -> None:
+        now = time.monotonic()
+        if self._signalled_at is not None and now - self._signalled_at < REPEAT_WITHIN_S:
+            log.debug("%s within %.1f s of the first signal: the same request to leave",
+                      sig.name, REPEAT_WITHIN_S)
+            return
         if self._stopping.is_set() and self._stop_reason.startswith("signal"):
+            if self._leave_acked is not None:
+                # The batch is answered and DISCONNECT sent: only the gateway's answer is
+                # still awaited, and nothing is lost by not waiting for it.
+                log.info("%s again while waiting for the gateway to acknowledge the "
+                         "DISCONNECT: leaving now", sig.name)
+                self._leave_acked.set()
+                return
             # A second signal while the last batch is still running: whoever sent it will
             # not wait for that batch (it may hang), so leave now.
             log.warning("%s again while finishing: exiting now", sig.name)
             logging.shutdown()
             os._exit(1)
+        if self._signalled_at is None:
+            self._signalled_at = now
         self.stop(f"signal {sig.name}")
 
     # -- receiving ----------------------------------------------------------------------
@@ -279,8 +356,14 @@ class WorkerService:
             else:
                 self.batcher.cancel(message.request_id)
         elif isinstance(message, Disconnect):
+            if self._stopping.is_set():
+                # Leaving already (a signal) while the gateway shuts down: it reads no
+                # DISCONNECT of ours any more, so none is worth waiting an answer for.
+                # (The gateway's answer to our DISCONNECT comes only once it is sent, after
+                # this loop has ended: _await_leave_ack reads that one.)
+                self._handshake = False
             if self.config.exit_on_disconnect:
-                self.stop("the gateway said DISCONNECT")
+                self.stop("the gateway said DISCONNECT", handshake=False)
             else:
                 # A gateway going away may come back on the same endpoint: say READY again.
                 # What it sent us and had not been answered, it answered itself as it left:
@@ -398,7 +481,8 @@ class WorkerService:
         while True:
             await asyncio.sleep(interval)
             if self.config.parent_pid and os.getppid() != self.config.parent_pid:
-                self.stop("the parent process is gone")
+                # The gateway ran in that parent: no one is left to answer a DISCONNECT.
+                self.stop("the parent process is gone", handshake=False)
                 return
             stuck_for = self.batcher.busy_for()
             if stuck_for > self.config.batch_timeout_s:

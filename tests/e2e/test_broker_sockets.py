@@ -673,6 +673,26 @@ async def test_disconnect_requeues_without_counting_a_crash(h):
     assert [(await outcome(x)).output for x in p] == ["c1", "c2"]
 
 
+async def test_a_disconnect_is_answered_so_the_leaving_worker_may_close(h):
+    """A leaving worker keeps its socket open until the broker answers its DISCONNECT.
+    Closed at once, a send the broker made before reading the DISCONNECT failed, and the
+    leave counted as a crash. One already dropped is answered too: it would otherwise wait
+    out its bound."""
+    broker = await h.broker()
+    a = await h.worker(broker, "a", capacity=2)
+    (p,) = broker.submit_many(["x"], {}, 5.0)
+    await a.wait_requests(1)
+    await a.send(Disconnect(reason="signal SIGTERM"))
+    await a.wait(lambda: len(a.disconnects) == 1, "the broker to answer the DISCONNECT")
+    assert a.identity not in broker.workers and broker.requeued == 1 and p.crashes == 0
+    assert h.deaths == []
+
+    b = await h.worker(broker, "b", capacity=2)
+    broker.worker_process_exited(b.pid, "declared dead")
+    await b.send(Disconnect(reason="signal SIGTERM"))
+    await b.wait(lambda: len(b.disconnects) == 1, "the broker to answer a dropped worker")
+
+
 async def test_a_send_to_a_vanished_worker_moves_the_request_at_once(h, caplog):
     """A worker whose connection is gone before the broker noticed: the send fails
     (EHOSTUNREACH under ROUTER_MANDATORY), and the broker acts on it then and there instead

@@ -118,6 +118,26 @@ def test_worker_capacity_defaults_to_four_batches():
         worker_config.parse([], environ={})  # --connect is required
 
 
+@pytest.mark.parametrize("endpoint", [
+    "tcp://gateway:5555", "tcp://[::1]:1", "tcp://127.0.0.1:65535", "tcp://eth0;gateway:5555",
+    "ipc:///tmp/bw.sock", "ipc://" + "/d" * 53 + "s"])
+def test_worker_connect_endpoints_that_can_reach_a_gateway_pass(endpoint):
+    worker_config.check_connect(endpoint)
+
+
+@pytest.mark.parametrize("endpoint, why", [
+    ("tcp://localhost", "has no port"), ("tcp://[::1]", "has no port"),
+    ("tcp://:5555", "has no host"), ("tcp://gateway:0", "from 1 to 65535"),
+    ("tcp://gateway:65536", "from 1 to 65535"), ("tcp://gateway:*", "from 1 to 65535"),
+    ("ipc://" + "/d" * 54, "longer than 107 bytes"), ("inproc://gateway", "only this process"),
+    ("gateway:5555", "not a ZeroMQ endpoint"), ("ipc://", "not a ZeroMQ endpoint"),
+    ("ws://gateway:5555", "tcp:// or ipc://")])
+def test_worker_connect_endpoints_that_cannot_reach_a_gateway_say_why(endpoint, why):
+    # Checked before the model load: ZeroMQ refused them only after it, with exit 1.
+    with pytest.raises(ValueError, match=why):
+        worker_config.check_connect(endpoint)
+
+
 def test_resolve_devices():
     assert resolve_devices("cpu", 3) == ["cpu", "cpu", "cpu"]
     assert resolve_devices("cuda:0,cuda:1", 3) == ["cuda:0", "cuda:1", "cuda:0"]
