@@ -75,6 +75,9 @@ YIELD_AFTER_FRAMES = 64
 #: Peers remembered per "said once" log set (refused, newer, other task); past it the set
 #: starts afresh, so a stream of new identities costs a line a minute, not memory forever.
 MAX_PEERS_REMEMBERED = 1024
+#: Workers one gateway takes: far past any real pool, and a bound on what peers announcing
+#: themselves can make it hold.
+MAX_WORKERS = 1024
 #: Identities of killed local workers remembered, to refuse their late READYs.
 MAX_KILLED_REMEMBERED = 1024
 #: Why a request was withdrawn (Broker.cancel): its client went away, or another input of
@@ -206,16 +209,19 @@ class Broker:
         self._refused_peers: set[bytes] = set()
         #: Malformed frames: one WARNING a minute at most, however many come.
         self._log_dropped = Throttled(log, logging.WARNING)
+        self._log_refused = Throttled(log, logging.ERROR)
         #: (peer, message type) pairs dropped for fields this gateway lacks (logged once each).
         self._newer_peers: set[tuple[bytes, str]] = set()
         #: Workers refused for serving another task than the gateway's (logged once each).
         self._other_task_peers: set[bytes] = set()
-        #: Called with (pid, reason) when a worker is declared dead or stuck, so the
-        #: supervisor can end a local process that may still be hanging around; True when
-        #: it did.
-        self.on_worker_dead: Callable[[int, str], bool | None] = lambda pid, reason: None
-        #: Called with the pid of each local worker that joins (the supervisor's bookkeeping).
-        self.on_worker_ready: Callable[[int], None] = lambda pid: None
+        #: Called with (pid, reason, identity) when a worker is declared dead or stuck, so
+        #: the supervisor can end a local process that may still be hanging around; True
+        #: when it did.
+        self.on_worker_dead: Callable[[int, str, bytes], bool | None] = (
+            lambda pid, reason, identity: None)
+        #: Called with the pid and identity of each local worker that joins (the
+        #: supervisor's bookkeeping).
+        self.on_worker_ready: Callable[[int, bytes], None] = lambda pid, identity: None
         #: Workers whose process the supervisor was told to end: a READY of theirs still
         #: waiting in the socket would have them back, idle, until they die (most recent
         #: kept; a replacement process comes with an identity of its own).
@@ -473,7 +479,7 @@ class Broker:
         worker.in_flight.clear()
         worker.suspect = None
         if crashed and worker.info.host in ("", LOCAL_HOST):
-            if self.on_worker_dead(worker.info.pid, reason):
+            if self.on_worker_dead(worker.info.pid, reason, worker.identity):
                 self._killed[worker.identity] = None
                 if len(self._killed) > MAX_KILLED_REMEMBERED:
                     del self._killed[next(iter(self._killed))]
@@ -506,6 +512,20 @@ class Broker:
             log.debug("ignoring READY from worker %s (pid %d): it is being killed",
                       ready.worker_id, ready.pid)
             return
+        if worker is not None and (ready.task, ready.model, ready.pid, ready.host) != (
+                worker.info.task, worker.info.model, worker.info.pid, worker.info.host):
+            # A READY again updates a worker's limits; one naming another task, model or
+            # process is another worker, admitted afresh. (One that turned to another task
+            # stayed in dispatch, and requests of its old task found no worker: 503 while a
+            # worker of that task sat idle.)
+            log.warning("worker %s announced another task, model or process; taken out and "
+                        "admitted afresh", ready.worker_id)
+            self.worker_lost(worker, "it announced itself as another worker", crashed=False)
+            worker = None
+        if worker is None and len(self.workers) >= MAX_WORKERS:
+            self._log_refused("refusing worker %s: this gateway has %d workers already, its "
+                              "most", ready.worker_id, MAX_WORKERS)
+            return
         if worker is None and not self._admissible(identity, ready):
             return
         if worker is not None:
@@ -517,7 +537,7 @@ class Broker:
                      ready.worker_id, ready.pid, ready.model, ready.task, ready.device,
                      ready.capacity)
             if ready.host in ("", LOCAL_HOST):
-                self.on_worker_ready(ready.pid)
+                self.on_worker_ready(ready.pid, identity)
         self._send(identity, Heartbeat())
         self._dispatch()
 

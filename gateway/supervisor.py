@@ -100,6 +100,10 @@ class WorkerSlot:
     #: has. Once one has, the slot's model loads: a later failure to load is taken for a
     #: passing condition (device memory its killed predecessor still held), and retried.
     ready_pid: int | None = None
+    #: The ZeroMQ identity that process joined as: the only peer whose loss may end it. A
+    #: peer that claimed the pid of a supervised worker in its READY, then left, had the real
+    #: worker SIGKILLed, round after round.
+    ready_identity: bytes | None = None
 
 
 class Supervisor:
@@ -224,17 +228,24 @@ class Supervisor:
             except asyncio.TimeoutError:
                 pass
 
-    def ready(self, pid: int) -> None:
-        """A worker process announced itself (see WorkerSlot.ready_pid)."""
+    def ready(self, pid: int, identity: bytes) -> None:
+        """A worker process announced itself (see WorkerSlot.ready_pid): the first peer to
+        claim the process is taken for it."""
         for slot in self.slots:
-            if slot.process is not None and slot.process.pid == pid:
+            if slot.process is not None and slot.process.pid == pid and slot.ready_pid != pid:
                 slot.ready_pid = pid
+                slot.ready_identity = identity
 
-    def kill(self, pid: int, reason: str) -> bool:
+    def kill(self, pid: int, reason: str, identity: bytes) -> bool:
         """End a worker the broker declared dead or stuck (it may be hung or SIGSTOPped);
-        its watcher then restarts it. True if it was one of ours, still running."""
+        its watcher then restarts it. True if it was one of ours, still running, and the
+        peer lost is the one it joined as."""
         for slot in self.slots:
             if slot.process is not None and slot.process.pid == pid and slot.process.returncode is None:
+                if slot.ready_pid != pid or slot.ready_identity != identity:
+                    log.warning("not killing worker-%d (pid %d): the peer lost (%s) claimed its "
+                                "pid, but is not what it joined as", slot.index, pid, reason)
+                    return False
                 log.warning("killing worker-%d (pid %d): %s", slot.index, pid, reason)
                 _signal(slot.process, signal.SIGKILL)
                 return True

@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import signal
 import time
 import uuid
 from typing import Any, Callable
@@ -186,7 +187,7 @@ class Harness:
                         heartbeat_interval_s=heartbeat_interval_s,
                         batch_timeout_s=batch_timeout_s, context=self.ctx)
         # Fake pids: record instead of letting anything act on them.
-        broker.on_worker_dead = lambda pid, reason: self.deaths.append((pid, reason))
+        broker.on_worker_dead = lambda pid, reason, identity: self.deaths.append((pid, reason))
         self.brokers.append(broker)
         await broker.start()
         return broker
@@ -435,7 +436,8 @@ async def test_a_killed_workers_late_ready_does_not_bring_it_back(h, caplog):
     (the request it held); its death a moment later charged that innocent request a second
     crash: 500 worker_crashed."""
     broker = await h.broker()
-    broker.on_worker_dead = lambda pid, reason: h.deaths.append((pid, reason)) or True
+    broker.on_worker_dead = (lambda pid, reason, identity:
+                             h.deaths.append((pid, reason)) or True)
     a = await h.worker(broker, "a", capacity=2)
     (p,) = broker.submit_many(["innocent"], {}, 5.0)
     await a.wait_requests(1)
@@ -1056,6 +1058,47 @@ async def test_a_frame_past_the_limit_is_refused_as_it_arrives_not_read_first(h)
     drops the peer of a frame past MAXMSGSIZE as it arrives."""
     broker = await h.broker()
     assert broker._socket.getsockopt(zmq.MAXMSGSIZE) == codec.MAX_FRAME_BYTES
+
+
+async def test_a_worker_that_announces_another_task_is_admitted_afresh(h):
+    """A READY again updates a worker's limits. One that turned to another task stayed in
+    dispatch: a request of the old task went to it and got 503 "the workers of this
+    request's task are gone" while a worker of that task sat idle."""
+    broker = await h.broker()
+    a = await h.worker(broker, "a", capacity=4)
+    b = await h.worker(broker, "b", capacity=1)
+    a.ready = dataclasses.replace(a.ready, task="text-classification")
+    await a.send(a.ready)
+    await wait_until(lambda: a.identity not in broker.workers, "a to be taken out")
+    (p,) = broker.submit_many(["x"], {}, 5.0)
+    await b.wait_requests(1)
+    await b.answer(p.request_id, "from b")
+    assert (await outcome(p)).output == "from b"
+    assert h.deaths == []  # taken out as a clean leave, not a crash
+
+
+async def test_a_peer_can_end_only_the_local_worker_it_joined_as(h):
+    """A READY claiming a supervised worker's pid, then silence, had that worker SIGKILLed
+    round after round: the supervisor is told which peer was lost, and ends a process only
+    for the peer it joined as."""
+    from gateway.supervisor import Supervisor, WorkerSlot
+
+    class Process:
+        pid, returncode = 4242, None
+        signals: list[int] = []
+
+        def send_signal(self, sig: int) -> None:
+            self.signals.append(sig)
+
+    supervisor = Supervisor.__new__(Supervisor)
+    supervisor.slots = [WorkerSlot(0, "cpu", [], {}, process=Process())]
+    assert not supervisor.kill(4242, "silent", b"rogue/00000000")  # no READY from it yet
+    supervisor.ready(4242, b"worker-0/12345678")
+    supervisor.ready(4242, b"rogue/00000000")  # the second claim is not taken
+    assert not supervisor.kill(4242, "silent", b"rogue/00000000")
+    assert Process.signals == []
+    assert supervisor.kill(4242, "silent", b"worker-0/12345678")
+    assert Process.signals == [signal.SIGKILL]
 
 
 async def test_a_newer_workers_ready_is_dropped_with_one_line_saying_to_upgrade(h, caplog):
