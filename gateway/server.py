@@ -23,6 +23,7 @@ from gateway.supervisor import Supervisor
 from gateway.tls import ServerTls, TlsConfigError
 from gateway.watched_files import check_now
 from protocol import curve, eventloop
+from worker.config import MAX_IPC_PATH_BYTES
 from protocol.heap import freeze_startup_objects
 
 log = logging.getLogger("batchwire.gateway")
@@ -77,6 +78,10 @@ async def _run_gateway(config: GatewayConfig, serve: ServeConfig | None,
     endpoint = config.zmq_bind
     if endpoint is None:
         ipc_dir = tempfile.mkdtemp(prefix="batchwire-")
+        if len(f"{ipc_dir}/workers.sock".encode()) > MAX_IPC_PATH_BYTES:
+            # A deep TMPDIR (CI runners, macOS's /var/folders/...) made serve fail to start.
+            os.rmdir(ipc_dir)
+            ipc_dir = tempfile.mkdtemp(prefix="batchwire-", dir="/tmp")
         private_dirs.append(ipc_dir)
         endpoint = f"ipc://{ipc_dir}/workers.sock"
     elif ipc_in_use(endpoint):

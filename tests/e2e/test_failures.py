@@ -127,3 +127,15 @@ async def test_sighup_without_files_to_read_is_ignored_and_sigquit_drains(start_
     assert await asyncio.to_thread(server.proc.wait, 30) == 0
     assert "SIGQUIT: draining" in server.log_text()
     assert server.stop() == 0
+
+
+async def test_serve_starts_under_a_temp_dir_too_deep_for_a_socket_path(start_server,
+                                                                       tiny_model_dir, tmp_path):
+    """The workers' socket is made in TMPDIR, and a socket path holds 107 bytes: under a deep
+    one (CI runners, macOS's /var/folders/...) serve failed to start."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    server = start_server(["--model", str(tiny_model_dir)], env={"TMPDIR": str(deep)})
+    async with aiohttp.ClientSession() as session:
+        assert (await post(session, server.url + "/", data=b"deep [MASK]"))[0] == 200
+    assert server.stop() == 0
