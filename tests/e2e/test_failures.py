@@ -65,18 +65,10 @@ async def test_a_signal_to_the_whole_process_group_drains_without_restarting_wor
                            "--max-batch-size", "2", "--max-delay-ms", "5"])
     wait_for(lambda: len(server.info()["workers"]) == 2, 60, "both workers")
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        requests = burst(session, server.url, 80, "group")
-        async def loaded():
-            return (await info_async(session, server))["in_flight"] > 10
-        await wait_for_async(loaded, 30, "requests in flight", 0.002)
+        requests = await loaded_with_a_burst(session, server, "group")
         server.proc.send_signal(sig)
         os.killpg(server.proc.pid, sig)
-        replies = await asyncio.gather(*requests, return_exceptions=True)
-    for reply in replies:
-        assert not isinstance(reply, BaseException), reply
-        status, _, body = reply
-        assert status == 200 or (status == 503 and body["error"]["code"] == "draining"), body
-    assert sum(1 for r in replies if r[0] == 200) >= 10
+        assert_admitted_answered(await asyncio.gather(*requests, return_exceptions=True))
     assert await asyncio.to_thread(server.proc.wait, 30) == 0
     log = server.log_text()
     assert "restarting in" not in log and "again: stopping now" not in log, log
@@ -87,10 +79,7 @@ async def test_sigterm_under_load_answers_every_admitted_request(start_server, t
     server = start_server(["--model", str(tiny_model_dir), "--max-batch-size", "2",
                            "--max-delay-ms", "5"])
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        requests = burst(session, server.url, 80, "drain")
-        async def loaded():
-            return (await info_async(session, server))["in_flight"] > 10
-        await wait_for_async(loaded, 30, "requests in flight", 0.002)
+        requests = await loaded_with_a_burst(session, server, "drain")
         server.proc.send_signal(signal.SIGTERM)
 
         async def not_ready():
@@ -101,15 +90,28 @@ async def test_sigterm_under_load_answers_every_admitted_request(start_server, t
         assert status == 503 and body["error"]["code"] == "draining"
         # A keep-alive client is told not to send its next request on this connection.
         assert headers["Connection"] == "close"
-        replies = await asyncio.gather(*requests, return_exceptions=True)
-    # Admitted requests are all answered 200; only requests that arrived after SIGTERM
-    # are refused, and those with 503 draining.
+        assert_admitted_answered(await asyncio.gather(*requests, return_exceptions=True))
+    assert server.stop() == 0
+
+
+async def loaded_with_a_burst(session, server, prefix: str) -> list:
+    """80 requests sent, once more than 10 of them are in flight."""
+    requests = burst(session, server.url, 80, prefix)
+
+    async def loaded():
+        return (await info_async(session, server))["in_flight"] > 10
+    await wait_for_async(loaded, 30, "requests in flight", 0.002)
+    return requests
+
+
+def assert_admitted_answered(replies: list) -> None:
+    """Admitted requests are all answered 200; only requests that arrived after the signal
+    are refused, and those with 503 draining."""
     for reply in replies:
         assert not isinstance(reply, BaseException), reply
         status, _, body = reply
         assert status == 200 or (status == 503 and body["error"]["code"] == "draining"), body
     assert sum(1 for r in replies if r[0] == 200) >= 10
-    assert server.stop() == 0
 
 
 async def test_sighup_without_files_to_read_is_ignored_and_sigquit_drains(start_server,
