@@ -94,6 +94,14 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def ended(pid: int) -> bool:
+    """Whether process ``pid`` is gone or a zombie (it may go while this reads it)."""
+    try:
+        return "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
+    except OSError:
+        return True
+
+
 def wait_for(predicate, timeout: float, message: str, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while True:
@@ -211,8 +219,7 @@ class Server:
                         os.kill(pid, signal.SIGKILL)
                     self.proc.kill()
                     self.proc.wait()
-            leftover = [pid for pid in kids if Path(f"/proc/{pid}").exists()
-                        and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]]
+            leftover = [pid for pid in kids if not ended(pid)]
             assert not leftover, f"worker processes left behind: {leftover}\n{self.log_text()}"
         self._log.close()
         with socket.socket() as s:

@@ -15,6 +15,7 @@ import zmq
 from tests.conftest import FAULT_TASK
 from tests.e2e.conftest import (
     burst,
+    ended,
     free_port,
     http_get,
     info_async,
@@ -145,9 +146,7 @@ async def test_sigstopped_worker_is_declared_dead_and_its_requests_complete_else
     assert finished_in < 15, finished_in
     assert "no message for" in server.log_text()
     # The stopped process was killed and replaced, not left behind.
-    wait_for(lambda: not os.path.exists(f"/proc/{victim}") or
-             "Z" in open(f"/proc/{victim}/stat").read().rsplit(")", 1)[1][:3], 10,
-             "the stopped worker to be killed")
+    wait_for(lambda: ended(victim), 10, "the stopped worker to be killed")
 
 
 async def test_client_disconnect_makes_the_worker_skip_the_item(start_server, fault_model_dir):
