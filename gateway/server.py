@@ -23,13 +23,13 @@ from gateway.supervisor import Supervisor
 from gateway.tls import ServerTls, TlsConfigError
 from gateway.watched_files import check_now
 from protocol import curve, eventloop
-from worker.config import MAX_IPC_PATH_BYTES
 from protocol.heap import freeze_startup_objects
+from worker.config import MAX_IPC_PATH_BYTES
 
 log = logging.getLogger("batchwire.gateway")
 
-#: A second SIGTERM or SIGINT this soon after the first is the same one delivered twice, not
-#: a request to stop at once.
+#: A second stopping signal this soon after the first is the same one delivered twice, not a
+#: request to stop at once.
 REPEAT_WITHIN_S = 1.0
 
 
