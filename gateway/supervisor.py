@@ -26,6 +26,8 @@ log = logging.getLogger("batchwire.gateway.supervisor")
 
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
+#: How long stop() waits for the watchers to see it before cancelling them.
+WATCHERS_END_S = 5.0
 #: A worker up this long (or one that joined the gateway) is considered healthy again: its
 #: next crash restarts quickly.
 STABLE_AFTER_S = 60.0
@@ -194,6 +196,12 @@ class Supervisor:
             # worker's at once. The worker watches its parent, so it never outlives it.
             slot.process = await asyncio.create_subprocess_exec(*slot.argv, env=slot.env,
                                                                 start_new_session=True)
+            if self._stopping:
+                # stop() came while this process was being started, and did not see it:
+                # it has loaded nothing yet.
+                _signal(slot.process, signal.SIGKILL)
+                await slot.process.wait()
+                return
             slot.state = "running"
             code = await slot.process.wait()
             if self._stopping:
@@ -295,6 +303,10 @@ class Supervisor:
                                 else f"did not exit in {timeout_s:.0f} s")
                     _signal(proc, signal.SIGKILL)
                     await proc.wait()
+        # Let the watchers end by themselves: one starting a process as stop() came ends it
+        # (cancelled there, it left that process running until its model had loaded).
+        if self._watchers:
+            await asyncio.wait(self._watchers, timeout=WATCHERS_END_S)
         for task in self._watchers:
             task.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
