@@ -532,7 +532,8 @@ class PipelineRunner:
                                     measurer.ideograph_cut)
             if start is not None:
                 return self.max_length, start
-        if not truncate_at and self.max_length and backend is not None and plain:
+        if (not truncate_at and self.max_length and backend is not None and plain
+                and not self._chunks_long_texts(parameters)):
             # Its start alone holds more tokens than the model takes: refused without
             # counting the rest (seconds, for a few MiB).
             if long_text_start(backend, text, self.max_length,
@@ -904,13 +905,22 @@ class PipelineRunner:
             lengths = [len(x) for x in ids]
         if truncate_at:
             lengths = [min(n, truncate_at) for n in lengths]
-        elif self.max_length and not kwargs.get("truncation"):
+        elif (self.max_length and not kwargs.get("truncation")
+              and not self._chunks_long_texts(parameters)):
             too_long = [n for n in lengths if n > self.max_length]
             if too_long:
                 raise self._too_long(str(max(too_long)), parameters)
         if encodings is not None and encoded is not None:
             encodings.extend(encoded)
         return lengths
+
+    def _chunks_long_texts(self, parameters: dict) -> bool:
+        """Whether the pipeline runs a text longer than the model takes in overlapping
+        chunks, answering the whole of it: token-classification with ``stride``,
+        transformers' way to find the entities of a long document (refused as too long, it
+        could not be asked for at all). The text counts at its full length in a batch's
+        token budget."""
+        return self.kind in ("token-classification", "ner") and bool(parameters.get("stride"))
 
     def _too_long(self, tokens: str, parameters: dict) -> InputTooLong:
         # /v1/embeddings takes no parameters: there the only way is a shorter text.

@@ -960,6 +960,44 @@ def assert_same_classification(got, want):
 
 
 @pytest.fixture(scope="module")
+def ner_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny BERT with a token-classification head of person and place labels."""
+    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    config = transformers.AutoConfig.from_pretrained(
+        tiny_model_dir, id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)})
+    transformers.logging.set_verbosity_error()
+    model = transformers.BertForTokenClassification.from_pretrained(tiny_model_dir,
+                                                                    config=config)
+    target = tmp_path_factory.mktemp("tiny-ner")
+    model.save_pretrained(target)
+    for name in TOKENIZER_FILES:
+        shutil.copy(tiny_model_dir / name, target / name)
+    return target
+
+
+def test_a_long_text_is_found_entities_in_chunks_with_stride(ner_model_dir):
+    """stride is transformers' way to run token-classification over a text longer than the
+    model takes, in overlapping chunks; refused as too long, it could not be asked for."""
+    runner = _load(str(ner_model_dir), "token-classification")
+    reference = _reference("token-classification", str(ner_model_dir))
+    reference.tokenizer.model_max_length = runner.max_length  # as the runner takes the model's
+    parameters = {"aggregation_strategy": "simple", "stride": 16}
+    long_text = " ".join([LONG_TEXT] * 4)
+    count, kept = runner.arrive(long_text, parameters)
+    assert count > runner.max_length and kept == long_text
+    with pytest.raises(InputTooLong):
+        runner.arrive(long_text, {"aggregation_strategy": "simple"})
+    texts = [long_text, SHORT_TEXT, LONG_TEXT]
+    for text, output in zip(texts, runner(texts, parameters).outputs):
+        want = reference(text, **parameters)
+        assert [(e["entity_group"], e["start"], e["end"]) for e in output] == [
+            (e["entity_group"], e["start"], e["end"]) for e in want]
+        assert [e["score"] for e in output] == pytest.approx([e["score"] for e in want],
+                                                             abs=1e-4)
+
+
+@pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory) -> Path:
     """A 2-layer GPT-2 with a byte-level BPE trained here on the README, taking 64 tokens,
     and without a pad token, as GPT-2's own tokenizer."""
