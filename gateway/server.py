@@ -214,9 +214,12 @@ async def _run_gateway(config: GatewayConfig, serve: ServeConfig | None,
     try:
         drained = await drain_task
         if not drained:
-            log.warning("drain timeout: %d request(s) still in flight", broker.in_flight)
+            # Inputs, not HTTP requests: a list of 64 is 64 of them.
+            log.warning("drain timeout: %d input(s) still in flight, answered 503 draining",
+                        broker.in_flight)
     except asyncio.CancelledError:
-        pass
+        log.warning("stopped before the drain was done: %d input(s) still in flight, "
+                    "answered 503 draining", broker.in_flight)
     await broker.close()
     if supervisor is not None:
         # A worker still busy once the drain is over (forced by a second signal, or past

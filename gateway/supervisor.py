@@ -122,7 +122,13 @@ class Supervisor:
         self.on_exit = on_exit
         devices = resolve_devices(launch.devices, launch.workers)
         cpu_workers = sum(1 for d in devices if d == "cpu")
-        threads = launch.torch_threads or max(1, usable_cpus() // max(cpu_workers, 1))
+        cores = usable_cpus()
+        if cpu_workers > cores:
+            # Each gets a thread of its own, and they take turns on the cores: more batches
+            # in flight, each slower, and no more throughput (docs/operations.md).
+            log.warning("%d CPU workers on %d usable core(s): they share the cores; one "
+                        "worker per core (--workers auto) serves as much", cpu_workers, cores)
+        threads = launch.torch_threads or max(1, cores // max(cpu_workers, 1))
         self.slots = [
             self._slot(i, device, threads, heartbeat_interval_s, batch_timeout_s, log_level)
             for i, device in enumerate(devices)

@@ -356,3 +356,17 @@ def test_an_unknown_log_level_is_a_usage_error_not_a_traceback(capsys, argv, env
     assert "DEBUG, INFO, WARNING, ERROR, CRITICAL, not 'loud'" in capsys.readouterr().err
     _, cfg = gateway_config.parse(["serve", "--log-level", "debug"], environ={})
     assert cfg.gateway.log_level == "DEBUG"
+
+
+def test_more_cpu_workers_than_cores_is_warned_of(monkeypatch, caplog):
+    """--workers 5 on 2 cores started five one-thread workers in silence."""
+    from gateway import supervisor as supervisor_module
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(supervisor_module, "usable_cpus", lambda: 2)
+    caplog.set_level("WARNING", logger="batchwire.gateway.supervisor")
+    for workers, warned in ((2, False), (5, True)):
+        caplog.clear()
+        launch = gateway_config.WorkerLaunchConfig(model="/m", workers=workers, devices="cpu")
+        Supervisor(launch, "ipc:///tmp/bw.sock", 1.0, 12.0, "INFO", on_exit=lambda *a: None)
+        assert ("5 CPU workers on 2 usable core(s)" in caplog.text) is warned, caplog.text
