@@ -493,7 +493,14 @@ class WorkerService:
                              stuck_for, self.config.batch_timeout_s)
                 logging.shutdown()
                 os._exit(3)
-            silent = time.monotonic() - self._last_heard > MISSED_HEARTBEATS * interval
+            silent_for = time.monotonic() - self._last_heard
+            silent = silent_for > MISSED_HEARTBEATS * interval
+            if silent and self._gateway_known:
+                # Once per outage (said in silence, a worker whose gateway had died looked
+                # just like one serving): it announces itself every heartbeat until heard.
+                log.warning("no word from the gateway at %s for %.1f s; announcing this "
+                            "worker again until it answers", self.config.connect, silent_for)
+                self._gateway_known = False
             if silent or not self._gateway_known or self._limits() != self._announced_limits:
                 # READY again also when an out-of-memory error lowered the batch limits, so
                 # the gateway's /info shows what this worker now runs.

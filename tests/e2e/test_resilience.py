@@ -46,6 +46,11 @@ async def test_gateway_restart_finds_running_workers_again(procs, tmp_path, tiny
         assert status == 200
         gateway.stop(sig)
     assert worker.proc.poll() is None, "the worker must survive gateway restarts"
+    # A gateway that said DISCONNECT is gone on purpose; one killed goes silent, which the
+    # worker says once (in silence, it looked like a worker serving).
+    wait_for(lambda: "no word from the gateway" in worker.log_text(), 15,
+             "the worker to say its gateway went silent")
+    assert worker.log_text().count("no word from the gateway") == 1
     assert worker.stop() == 0
 
 
