@@ -498,6 +498,8 @@ class PipelineRunner:
         comes back as its start (see :func:`worker.text_starts.embedding_prefix`), so the
         batch never tokenizes the rest, not even when its arrival encoding is gone."""
         measurer = self._bulk_measurer if bulk else self._measurer
+        if measurer is not None and self.lists_a_lone_text and text_pair(input):
+            return self._pair_tokens(input, parameters, measurer.tokenizer), input
         if measurer is None or not isinstance(input, str):
             return 0, input
         encodings: list | None = (
@@ -914,6 +916,20 @@ class PipelineRunner:
             encodings.extend(encoded)
         return lengths
 
+    def _pair_tokens(self, pair: dict, parameters: dict, tokenizer: Any) -> int:
+        """A text pair's token count, as text-classification encodes it. Unmeasured, a pair
+        longer than the model takes reached it and failed there: 500 ``model_error``, where
+        a text alone gets 422 ``input_too_long``."""
+        try:
+            count = len(tokenizer(pair["text"], text_pair=pair.get("text_pair"))["input_ids"])
+        except (TypeError, ValueError):
+            return 0  # the pipeline says what is wrong with it
+        if self.max_length and count > self.max_length:
+            if not parameters.get("truncation"):
+                raise self._too_long(str(count), parameters)
+            return self.max_length
+        return count
+
     def _chunks_long_texts(self, parameters: dict) -> bool:
         """Whether the pipeline runs a text longer than the model takes in overlapping
         chunks, answering the whole of it: token-classification with ``stride``,
@@ -1263,3 +1279,18 @@ def declared_embedding(model: str) -> tuple[str, bool]:
     mean when it declares none) and whether it normalises."""
     pooling, normalize, _, _ = declared_modules(model)
     return declared_pooling(pooling), normalize
+
+
+def text_pair(input: Any) -> bool:
+    """Whether ``input`` is text-classification's text pair: {"text", "text_pair"?}."""
+    return (isinstance(input, dict) and isinstance(input.get("text"), str)
+            and isinstance(input.get("text_pair", ""), str))
+
+
+def text_chars(input: Any) -> int:
+    """Characters of text in an input: a text's, or a text pair's together (0 otherwise)."""
+    if isinstance(input, str):
+        return len(input)
+    if text_pair(input):
+        return len(input["text"]) + len(input.get("text_pair", ""))
+    return 0

@@ -39,7 +39,8 @@ from protocol.messages import (
 from protocol.transport import send_now
 from worker.batcher import Batcher, BatchStats, WorkItem
 from worker.config import WorkerConfig
-from worker.runner import EMBED_KEY, PipelineRunner, classify_error, is_out_of_memory
+from worker.runner import (EMBED_KEY, PipelineRunner, classify_error, is_out_of_memory,
+                           text_chars)
 
 log = logging.getLogger("batchwire.worker")
 
@@ -340,7 +341,7 @@ class WorkerService:
                 # Embedding requests batch apart from token-level ones with equal parameters,
                 # and apart from those with another prompt.
                 parameters = {**parameters, EMBED_KEY: message.prompt_name or True}
-            if isinstance(message.inputs, str) and len(message.inputs) > BULK_TEXT_CHARS:
+            if text_chars(message.inputs) > BULK_TEXT_CHARS:
                 self._measure_apart(message, parameters, now)
                 return
             try:

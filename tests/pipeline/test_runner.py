@@ -947,6 +947,22 @@ def test_a_classification_has_the_shape_of_the_pipelines_answer_alone_or_batched
             assert_same_classification(output, reference(text, **parameters))
 
 
+def test_a_text_pair_longer_than_the_model_takes_is_refused_on_arrival(nli_model_dir):
+    """Text pairs were not measured: one too long reached the model and failed there, 500
+    model_error, where a text alone gets 422 input_too_long."""
+    classify = _load(str(nli_model_dir), "text-classification")
+    reference = _reference("text-classification", str(nli_model_dir))
+    reference.tokenizer.model_max_length = classify.max_length
+    long_pair = {"text": " ".join([LONG_TEXT] * 3), "text_pair": SHORT_TEXT}
+    with pytest.raises(InputTooLong, match=f"at most {classify.max_length}"):
+        classify.arrive(long_pair, {})
+    assert classify.arrive({"text": SHORT_TEXT, "text_pair": LONG_TEXT}, {})[0] > 10
+    parameters = {"truncation": "only_first"}
+    assert classify.arrive(long_pair, parameters)[0] == classify.max_length
+    [output] = classify([long_pair], parameters).outputs
+    assert_same_classification(output, reference(dict(long_pair), **parameters))
+
+
 def assert_same_classification(got, want):
     """The same shape (a {label, score}, or a list of them), labels, and scores to 1e-5."""
     if isinstance(want, list):
