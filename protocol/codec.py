@@ -41,6 +41,10 @@ class ProtocolVersionMismatch(ProtocolError):
         super().__init__(
             f"peer speaks protocol version {version!r}, this side speaks {PROTOCOL_VERSION}; "
             "run the same batchwire release on gateway and workers"
+            if type(version) is int else
+            # "version '1', this side speaks 1" read as a contradiction.
+            f"peer sent {version!r} ({type(version).__name__}) where a protocol version (a "
+            "whole number) goes: it is not a batchwire peer, or a broken one"
         )
         self.version = version
 
@@ -234,8 +238,10 @@ def decode(frame: bytes) -> Message:
                          cls.__name__, request_id)
     for (name, kind), value in zip(schema, values):
         if not _field_ok(value, kind):
-            raise Unreadable(f"{cls.__name__}.{name} has the wrong type "
-                             f"({type(value).__name__})", cls.__name__, request_id)
+            why = (f"is not a finite number ({value})"
+                   if isinstance(value, float) and not math.isfinite(value)
+                   else f"has the wrong type ({type(value).__name__})")
+            raise Unreadable(f"{cls.__name__}.{name} {why}", cls.__name__, request_id)
         if (kind is Any or kind is dict) and not _without_timestamps(value):
             raise Unreadable(f"{cls.__name__}.{name} holds a msgpack timestamp, which is "
                              "not part of the protocol", cls.__name__, request_id)

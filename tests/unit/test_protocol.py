@@ -558,7 +558,9 @@ def test_request_rejects_non_finite_floats(field, bad):
 def test_result_rejects_non_finite_timings(position):
     values = [1, "x", 1, 0.0, 0.0]
     values[position] = math.nan
-    assert_rejected(frame(PROTOCOL_VERSION, int(MessageType.RESULT), *values), match="wrong type")
+    # Said as what it is: "wrong type (float)" for a float field read as a contradiction.
+    assert_rejected(frame(PROTOCOL_VERSION, int(MessageType.RESULT), *values),
+                    match=r"is not a finite number \(nan\)")
 
 
 @pytest.mark.parametrize("waited_ms", [-1.0, -1e-9, -5])
@@ -602,7 +604,7 @@ def test_ready_rejects_texts_too_long_to_hold_or_that_would_forge_log_lines(fiel
 def test_result_statistics_out_of_range_are_refused_before_they_reach_metrics(stats):
     fields = {"request_id": 1, "output": "x", "batch_size": 2, "queue_ms": 1.0,
               "inference_ms": 2.0, **stats}
-    assert_rejected(encode(Result(**fields)), match="out of range|must be 0 to|wrong type")
+    assert_rejected(encode(Result(**fields)), match="out of range|must be 0 to|not a finite")
 
 
 def test_ready_from_a_worker_that_does_not_send_its_dtype_decodes_with_dtype_unknown():
@@ -1058,3 +1060,11 @@ def test_an_answer_past_the_frame_limit_is_an_error_to_send_not_a_frame():
                        "more than the 64 MiB a worker sends in one message"):
         result_frame(item, too_large, stats)
     assert errors.AnswerTooLarge.status == 422
+
+
+def test_a_version_that_is_not_a_number_is_called_what_it_is():
+    """ "peer speaks protocol version '1', this side speaks 1" read as a contradiction."""
+    error = assert_rejected(msgpack.packb([str(PROTOCOL_VERSION), 6], use_bin_type=True))
+    assert f"peer sent '{PROTOCOL_VERSION}' (str) where a protocol version" in str(error)
+    error = assert_rejected(msgpack.packb([PROTOCOL_VERSION + 1, 6], use_bin_type=True))
+    assert f"speaks protocol version {PROTOCOL_VERSION + 1}, this side" in str(error)
