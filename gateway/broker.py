@@ -155,6 +155,8 @@ class WorkerHandle:
     suspect: PendingRequest | None = None
     batches: int = 0
     last_batch_id: int = -1
+    #: The CURVE key (ZAP User-Id) it joined with; None without CURVE.
+    key: str | None = None
 
     @property
     def free(self) -> int:
@@ -210,6 +212,7 @@ class Broker:
         #: Malformed frames: one WARNING a minute at most, however many come.
         self._log_dropped = Throttled(log, logging.WARNING)
         self._log_refused = Throttled(log, logging.ERROR)
+        self._log_impostor = Throttled(log, logging.ERROR)
         #: (peer, message type) pairs dropped for fields this gateway lacks (logged once each).
         self._newer_peers: set[tuple[bytes, str]] = set()
         #: Workers refused for serving another task than the gateway's (logged once each).
@@ -503,7 +506,7 @@ class Broker:
             if worker.info.pid == pid and worker.info.host in ("", LOCAL_HOST):
                 self.worker_lost(worker, reason)
 
-    def _register(self, identity: bytes, ready: Ready) -> None:
+    def _register(self, identity: bytes, ready: Ready, key: str | None = None) -> None:
         now = self.clock()
         worker = self.workers.get(identity)
         if identity in self._killed:
@@ -532,7 +535,8 @@ class Broker:
             worker.info = ready
             worker.last_seen = now
         else:
-            self.workers[identity] = WorkerHandle(identity, ready, joined_at=now, last_seen=now)
+            self.workers[identity] = WorkerHandle(identity, ready, joined_at=now, last_seen=now,
+                                                  key=key)
             log.info("worker %s ready: pid %d, %s (%s) on %s, capacity %d",
                      ready.worker_id, ready.pid, ready.model, ready.task, ready.device,
                      ready.capacity)
@@ -587,10 +591,17 @@ class Broker:
 
     async def _receive_loop(self) -> None:
         assert self._socket is not None
+        keyed = bool(self.curve_secret_key)
         frames_taken = bytes_taken = 0
         while True:
-            frames = await self._socket.recv_multipart(copy=True)
-            self._take(frames)
+            key = None
+            if keyed:
+                parts = await self._socket.recv_multipart(copy=False)
+                key = _user_id(parts[-1])
+                frames = [part.bytes for part in parts]
+            else:
+                frames = await self._socket.recv_multipart(copy=True)
+            self._take(frames, key)
             frames_taken += 1
             bytes_taken += sum(len(frame) for frame in frames)
             if frames_taken >= YIELD_AFTER_FRAMES or bytes_taken >= YIELD_AFTER_BYTES:
@@ -601,7 +612,7 @@ class Broker:
                 frames_taken = bytes_taken = 0
                 await asyncio.sleep(0)
 
-    def _take(self, frames: list[bytes]) -> None:
+    def _take(self, frames: list[bytes], key: str | None = None) -> None:
         if len(frames) != 2:
             self._log_dropped("dropping a message of %d frames (want identity + payload)",
                               len(frames))
@@ -624,14 +635,24 @@ class Broker:
         except ProtocolError as exc:
             self._log_dropped("dropping a malformed frame from %r: %s", identity[:64], exc)
             return
+        worker = self.workers.get(identity)
+        if worker is not None and worker.key != key:
+            # ROUTER_HANDOVER gives a known identity to whoever connects with it: another
+            # authorized key took a worker's identity over, and its forged answers reached
+            # that worker's clients with a 200. What it sends as that worker is dropped.
+            self._log_impostor("dropping %s from %r: it came with another CURVE key than "
+                               "the worker of that identity joined with",
+                               type(message).__name__, identity[:64])
+            return
         try:
-            self._on_message(identity, message, len(payload))
+            self._on_message(identity, message, len(payload), key)
         except Exception:  # noqa: BLE001 - one bad message must not stop the broker
             log.exception("error handling %s from %r", type(message).__name__, identity[:64])
 
-    def _on_message(self, identity: bytes, message: Message, frame_bytes: int = 0) -> None:
+    def _on_message(self, identity: bytes, message: Message, frame_bytes: int = 0,
+                    key: str | None = None) -> None:
         if isinstance(message, Ready):
-            self._register(identity, message)
+            self._register(identity, message, key)
             return
         worker = self.workers.get(identity)
         if worker is None:
@@ -727,3 +748,11 @@ def _remember(peers: set, peer: object) -> None:
     if len(peers) >= MAX_PEERS_REMEMBERED:
         peers.clear()
     peers.add(peer)
+
+
+def _user_id(frame: zmq.Frame) -> str | None:
+    """The ZAP User-Id a frame came with: under CURVE, the sender's public key (z85)."""
+    try:
+        return frame.get("User-Id")
+    except zmq.ZMQError:
+        return None

@@ -1101,6 +1101,51 @@ async def test_a_peer_can_end_only_the_local_worker_it_joined_as(h):
     assert Process.signals == [signal.SIGKILL]
 
 
+async def test_a_peer_with_another_key_cannot_answer_as_the_worker_whose_identity_it_took(
+        h, tmp_path, caplog):
+    """ROUTER_HANDOVER gives a known identity to whoever connects with it. A peer holding
+    another authorized CURVE key took a worker's identity over, and its forged answers
+    reached that worker's clients with a 200 (100 of 100 in the probe that found it)."""
+    from protocol import curve
+
+    caplog.set_level(logging.ERROR, logger="batchwire.gateway.broker")
+    gateway_public, gateway_secret = curve.generate(tmp_path / "keys", "gateway")
+    authorized = tmp_path / "authorized"
+    secrets = {name: curve.generate(authorized, name)[1] for name in ("real", "rogue")}
+    broker = await h.broker(curve_secret_key=str(gateway_secret),
+                            curve_authorized_keys=str(authorized))
+    identity = b"real/0123abcd"
+
+    def dealer(name: str) -> zmq.asyncio.Socket:
+        sock = h.ctx.socket(zmq.DEALER)
+        sock.curve_publickey, sock.curve_secretkey = curve.load_keypair(secrets[name])
+        sock.curve_serverkey = curve.load_public(gateway_public)
+        sock.setsockopt(zmq.IDENTITY, identity)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(h.endpoint)
+        return sock
+
+    real = dealer("real")
+    rogue = None
+    try:
+        await real.send(codec.encode(Ready(worker_id="real", pid=1, model="m", task="fill-mask",
+                                           device="cpu", capacity=1, max_batch_size=1)))
+        assert isinstance(codec.decode(await asyncio.wait_for(real.recv(), WAIT_S)), Heartbeat)
+        (p,) = broker.submit_many(["x"], {}, 5.0)
+        request = codec.decode(await asyncio.wait_for(real.recv(), WAIT_S))
+        assert isinstance(request, Request) and request.request_id == p.request_id
+        rogue = dealer("rogue")
+        await rogue.send(codec.encode(Result(p.request_id, "forged", 1, 0.0, 0.0)))
+        await wait_until(lambda: p.future.done() or "another CURVE key" in caplog.text,
+                         "the forged answer to be taken or dropped")
+        assert not p.future.done(), (await outcome(p)).output
+        assert broker.workers[identity].key == curve.load_public(secrets["real"]).decode()
+    finally:
+        real.close(linger=0)
+        if rogue is not None:
+            rogue.close(linger=0)
+
+
 async def test_a_newer_workers_ready_is_dropped_with_one_line_saying_to_upgrade(h, caplog):
     """A READY with a field this gateway does not know comes from a newer worker, which
     re-sends it every second: dropped (nothing in it can be trusted to mean what this side
