@@ -11,6 +11,7 @@ import urllib.request
 import aiohttp
 import pytest
 
+from tests.conftest import FAULT_TASK
 from tests.e2e.conftest import (
     burst,
     info_async,
@@ -55,17 +56,16 @@ async def test_kill_9_a_worker_mid_burst_loses_nothing(start_server, tiny_model_
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "systemd"])
 async def test_a_signal_to_the_whole_process_group_drains_without_restarting_workers(
-        start_server, tiny_model_dir, sig):
+        start_server, fault_model_dir, sig):
     """A terminal's Ctrl-C, GNU timeout and systemd's default stop signal the gateway's
     whole process group. The workers got it too and left, and the supervisor, restarting
     them, reloaded the model under the drain: a Ctrl-C stop took 30.7 s, and with a short
     --drain-timeout-s admitted requests got 503. Delivered twice within a moment (timeout
     signals the process, then its group), it is still one request to drain."""
-    server = start_server(["--model", str(tiny_model_dir), "--workers", "2",
-                           "--max-batch-size", "2", "--max-delay-ms", "5"])
+    server = start_server(slow_model_args(fault_model_dir, "--workers", "2"))
     wait_for(lambda: len(server.info()["workers"]) == 2, 60, "both workers")
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        requests = await loaded_with_a_burst(session, server, "group")
+        requests = await loaded_with_a_burst(session, server, "group", workers=2)
         server.proc.send_signal(sig)
         os.killpg(server.proc.pid, sig)
         assert_admitted_answered(await asyncio.gather(*requests, return_exceptions=True))
@@ -75,9 +75,8 @@ async def test_a_signal_to_the_whole_process_group_drains_without_restarting_wor
     assert server.stop() == 0
 
 
-async def test_sigterm_under_load_answers_every_admitted_request(start_server, tiny_model_dir):
-    server = start_server(["--model", str(tiny_model_dir), "--max-batch-size", "2",
-                           "--max-delay-ms", "5"])
+async def test_sigterm_under_load_answers_every_admitted_request(start_server, fault_model_dir):
+    server = start_server(slow_model_args(fault_model_dir))
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         requests = await loaded_with_a_burst(session, server, "drain")
         server.proc.send_signal(signal.SIGTERM)
@@ -94,14 +93,29 @@ async def test_sigterm_under_load_answers_every_admitted_request(start_server, t
     assert server.stop() == 0
 
 
-async def loaded_with_a_burst(session, server, prefix: str) -> list:
-    """80 requests sent, once more than 10 of them are in flight."""
+def slow_model_args(fault_model_dir, *extra: str) -> list[str]:
+    """The tiny model, with SLOW inputs that take 0.5 s (tests/fixtures/fault_pipeline.py)."""
+    return ["--model", str(fault_model_dir), "--task", FAULT_TASK, "--trust-remote-code",
+            "--max-batch-size", "2", "--max-delay-ms", "5", *extra]
+
+
+async def loaded_with_a_burst(session, server, prefix: str, workers: int = 1) -> list:
+    """80 requests sent while each worker runs a slow one, once more than 10 are in flight.
+    (A bare burst was served as fast as it came on an idle machine: in flight never passed
+    10.)"""
+    held = [asyncio.ensure_future(post(session, server.url + "/",
+                                       data=f"SLOW {prefix} {i} [MASK]".encode()))
+            for i in range(workers)]
+
+    async def holding():
+        return (await info_async(session, server))["in_flight"] >= workers
+    await wait_for_async(holding, 30, "the slow requests in flight", 0.002)
     requests = burst(session, server.url, 80, prefix)
 
     async def loaded():
         return (await info_async(session, server))["in_flight"] > 10
     await wait_for_async(loaded, 30, "requests in flight", 0.002)
-    return requests
+    return held + requests
 
 
 def assert_admitted_answered(replies: list) -> None:

@@ -369,7 +369,10 @@ def no_server_error(ctx, response, case):
             chosen_ms = float(response.request.headers.get("X-Timeout-Ms", "nan"))
         except ValueError:
             chosen_ms = float("nan")
-        if response.elapsed * 1000.0 >= chosen_ms * 0.99:  # False for nan
+        # Within a millisecond: a 504 for X-Timeout-Ms 1.0 came back to the client in under
+        # 0.99 ms once, on a clean-clone run (the client's clock and the gateway's are not
+        # the same measure of a request that short). Early by more is a fault.
+        if response.elapsed * 1000.0 >= chosen_ms * 0.99 - 1.0:  # False for nan
             error = orjson.loads(response.content)["error"]
             if isinstance(error, str):  # the /v2 routes' error shape: the message alone
                 assert "time budget" in error or "deadline" in error, error
