@@ -893,15 +893,19 @@ def test_return_tensors_is_the_servers_to_set(tiny_fe_runner):
 def nli_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny BERT with a 3-way classification head labelled as NLI, so it serves both
     text-classification and zero-shot-classification."""
-    labels = ["entailment", "neutral", "contradiction"]
+    return with_head(tiny_model_dir, tmp_path_factory.mktemp("tiny-nli"),
+                     transformers.BertForSequenceClassification,
+                     ["entailment", "neutral", "contradiction"])
+
+
+def with_head(tiny_model_dir: Path, target: Path, model_class: type, labels: list[str]) -> Path:
+    """``target``: the tiny BERT's weights under a ``model_class`` head of ``labels``, with
+    its tokenizer files."""
     config = transformers.AutoConfig.from_pretrained(
         tiny_model_dir, id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)})
     transformers.logging.set_verbosity_error()
-    model = transformers.BertForSequenceClassification.from_pretrained(tiny_model_dir,
-                                                                       config=config)
-    target = tmp_path_factory.mktemp("tiny-nli")
-    model.save_pretrained(target)
+    model_class.from_pretrained(tiny_model_dir, config=config).save_pretrained(target)
     for name in TOKENIZER_FILES:
         shutil.copy(tiny_model_dir / name, target / name)
     return target
@@ -978,18 +982,9 @@ def assert_same_classification(got, want):
 @pytest.fixture(scope="module")
 def ner_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny BERT with a token-classification head of person and place labels."""
-    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
-    config = transformers.AutoConfig.from_pretrained(
-        tiny_model_dir, id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)})
-    transformers.logging.set_verbosity_error()
-    model = transformers.BertForTokenClassification.from_pretrained(tiny_model_dir,
-                                                                    config=config)
-    target = tmp_path_factory.mktemp("tiny-ner")
-    model.save_pretrained(target)
-    for name in TOKENIZER_FILES:
-        shutil.copy(tiny_model_dir / name, target / name)
-    return target
+    return with_head(tiny_model_dir, tmp_path_factory.mktemp("tiny-ner"),
+                     transformers.BertForTokenClassification,
+                     ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"])
 
 
 def test_a_long_text_is_found_entities_in_chunks_with_stride(ner_model_dir):
