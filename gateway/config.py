@@ -97,18 +97,26 @@ def is_device(name: str) -> bool:
     return name == "cpu" or (name.startswith("cuda:") and name[5:].isdigit())
 
 
+def device_list(spec: str) -> list[str]:
+    """The devices a ``--devices`` list other than ``auto`` names; ValueError naming the
+    first that is none."""
+    devices = [d.strip() for d in spec.split(",") if d.strip()]
+    bad = next((d for d in devices if not is_device(d)), None)
+    if bad is not None or not devices:
+        raise ValueError(f"unknown device {bad or spec!r}: use auto, cpu, cuda:N, or a list "
+                         "such as cuda:0,cuda:1")
+    return devices
+
+
 def devices_spec(text: str) -> str:
     """``--devices``: checked with the other flags, so a typo ("gpu") is one line and exit 2,
     not a traceback once the broker has bound its socket."""
     spec = text.strip()
-    if spec == "auto":
-        return spec
-    devices = [d.strip() for d in spec.split(",") if d.strip()]
-    bad = next((d for d in devices if not is_device(d)), None)
-    if bad is not None or not devices:
-        raise argparse.ArgumentTypeError(
-            f"unknown device {bad or text!r}: use auto, cpu, cuda:N, or a list such as "
-            "cuda:0,cuda:1")
+    if spec != "auto":
+        try:
+            device_list(spec)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
     return spec
 
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from gateway.config import WorkerLaunchConfig, is_device
+from gateway.config import WorkerLaunchConfig, device_list
 from worker.config import EXIT_CANNOT_LOAD
 
 log = logging.getLogger("batchwire.gateway.supervisor")
@@ -42,12 +42,7 @@ def resolve_devices(spec: str, count: int | None) -> list[str]:
         gpus = _visible_gpus()
         devices = [f"cuda:{i}" for i in range(gpus)] or ["cpu"]
     else:
-        devices = [d.strip() for d in spec.split(",") if d.strip()]
-        for device in devices:
-            if not is_device(device):
-                raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda:N")
-        if not devices:
-            raise ValueError("--devices is empty")
+        devices = device_list(spec)
     if count is None:
         gpus = list(dict.fromkeys(d for d in devices if d != "cpu"))
         return gpus + (["cpu"] * usable_cpus() if "cpu" in devices else [])
