@@ -24,13 +24,9 @@ from gateway.tls import ServerTls, TlsConfigError
 from gateway.watched_files import check_now
 from protocol import curve, eventloop
 from protocol.heap import freeze_startup_objects
-from worker.config import MAX_IPC_PATH_BYTES
+from worker.config import MAX_IPC_PATH_BYTES, REPEAT_WITHIN_S
 
 log = logging.getLogger("batchwire.gateway")
-
-#: A second stopping signal this soon after the first is the same one delivered twice, not a
-#: request to stop at once.
-REPEAT_WITHIN_S = 1.0
 
 
 async def run_gateway(config: GatewayConfig, serve: ServeConfig | None = None) -> int:

@@ -46,6 +46,11 @@ DEFAULT_BATCH_TIMEOUT_S = 60.0
 EXIT_CANNOT_LOAD = 2
 #: The longest ipc:// path the kernel takes (sun_path is 108 bytes, with its final NUL).
 MAX_IPC_PATH_BYTES = 107
+#: A stopping signal again this soon after the first is the same one delivered twice (GNU
+#: `timeout` signals the process, then its group; a Ctrl-C reaches a worker and the
+#: supervisor's SIGTERM follows), not a request to stop at once: in the gateway it skipped
+#: the drain, in a worker it dropped the running batch with exit 1.
+REPEAT_WITHIN_S = 1.0
 
 
 def check_connect(endpoint: str) -> None:

@@ -252,9 +252,10 @@ class PipelineRunner:
         #: What the pipeline is, by class: a custom pipeline subclassing FillMaskPipeline
         #: (loaded with --trust-remote-code) is batched and warmed like fill-mask.
         self.kind = self.task
-        #: Whether the pipeline answers a text alone, without top_k, in a list of one
-        #: (text-classification's legacy shape), but each text of a list without.
-        self.lists_a_lone_text = False
+        #: Whether the pipeline is transformers' text-classification one (or a subclass): it
+        #: takes text pairs, and answers a text alone, without top_k, in a list of one (its
+        #: legacy shape), but each text of a list without.
+        self.classifies_text = False
         #: The autograd mode every pipeline call runs in: torch.inference_mode, unless
         #: --stock-pipeline (see :meth:`load`).
         self.inference_context: Any = contextlib.nullcontext
@@ -274,7 +275,7 @@ class PipelineRunner:
                                           trust_remote_code=self.trust_remote_code,
                                           **pipeline_dtype(self.dtype))
         self.loaded_dtype = model_dtype(self.pipe.model)
-        self.lists_a_lone_text = isinstance(self.pipe, transformers.TextClassificationPipeline)
+        self.classifies_text = isinstance(self.pipe, transformers.TextClassificationPipeline)
         tokenizer = getattr(self.pipe, "tokenizer", None)
         if (isinstance(self.pipe, transformers.TextGenerationPipeline) and tokenizer is not None
                 and tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None):
@@ -498,7 +499,7 @@ class PipelineRunner:
         comes back as its start (see :func:`worker.text_starts.embedding_prefix`), so the
         batch never tokenizes the rest, not even when its arrival encoding is gone."""
         measurer = self._bulk_measurer if bulk else self._measurer
-        if measurer is not None and self.lists_a_lone_text and text_pair(input):
+        if measurer is not None and self.classifies_text and text_pair(input):
             return self._pair_tokens(input, parameters, measurer.tokenizer), input
         if measurer is None or not isinstance(input, str):
             return 0, input
@@ -639,7 +640,7 @@ class PipelineRunner:
                 self.batch_encoder.clear()
             if scored:
                 self.mask_scorer.clear()
-        if self.lists_a_lone_text and len(inputs) > 1 and "top_k" not in parameters:
+        if self.classifies_text and len(inputs) > 1 and "top_k" not in parameters:
             # pipe("text") answers [{label, score}], and pipe(["text", ...]) each text
             # {label, score}: each text answers as it does alone, whoever it ran beside.
             outputs = [[out] if isinstance(text, str) else out

@@ -38,7 +38,7 @@ from protocol.messages import (
 )
 from protocol.transport import send_now
 from worker.batcher import Batcher, BatchStats, WorkItem
-from worker.config import WorkerConfig
+from worker.config import REPEAT_WITHIN_S, WorkerConfig
 from worker.runner import (EMBED_KEY, PipelineRunner, classify_error, is_out_of_memory,
                            text_chars)
 
@@ -53,11 +53,6 @@ MISSED_HEARTBEATS = 3
 #: heartbeat and killed the worker, twice, and the client got a 500. At this length the
 #: loop is held at most ~25 ms.
 BULK_TEXT_CHARS = 10_000
-#: A signal again within this many seconds of the first is the same request to leave,
-#: delivered twice (GNU `timeout` signals the pid and then its group; a Ctrl-C reaches the
-#: worker and the supervisor's SIGTERM follows): taken as "again", it dropped the running
-#: batch with exit 1.
-REPEAT_WITHIN_S = 1.0
 #: How long a leaving worker waits for the gateway to acknowledge its DISCONNECT, in
 #: heartbeat intervals, and at least / at most (seconds): bounded, as an older gateway never
 #: answers one and a gateway that is gone cannot.

@@ -7,7 +7,7 @@ import re
 
 import aiohttp
 
-from gateway.server import REPEAT_WITHIN_S
+from worker.config import REPEAT_WITHIN_S
 
 from tests.conftest import FAULT_TASK
 from tests.e2e.conftest import info_async, wait_for, wait_for_async
