@@ -18,7 +18,6 @@ at once. ``connections_closed_total{reason="malformed"}`` counts them.
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -27,6 +26,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from gateway.answer_shape import ANSWER_HEADERS, error_body
 from protocol.errors import BatchwireError, HeadTooLarge, MalformedRequest
+from protocol.logs import Throttled
 
 if TYPE_CHECKING:
     from gateway.connections import ConnectionGuard
@@ -85,21 +85,14 @@ class MalformedLog:
 
     def __init__(self) -> None:
         self.count = 0
-        self._unwarned = 0
-        self._warned_at = float("-inf")
+        self._warn = Throttled(log, logging.WARNING, WARN_EVERY_S)
 
     def note(self, remote: str | None, error: BatchwireError, exc: BaseException | None) -> None:
         self.count += 1
-        self._unwarned += 1
         log.debug("malformed request from %s: %s", remote, error.message, exc_info=exc)
-        now = time.monotonic()
-        if now - self._warned_at >= WARN_EVERY_S:
-            log.warning("answered %d request(s) that were not valid HTTP, and closed their "
-                        "connections (one such warning a minute at most, each at DEBUG); the "
-                        "latest, from %s, got %d: %s", self._unwarned, remote, error.status,
-                        error.message)
-            self._warned_at = now
-            self._unwarned = 0
+        self._warn("answered a request that was not valid HTTP, from %s, with %d: %s; its "
+                   "connection closed (each such request is logged at DEBUG)", remote,
+                   error.status, error.message)
 
 
 class _JsonErrorsHandler(RequestHandler):

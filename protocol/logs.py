@@ -68,7 +68,8 @@ class Throttled:
             return
         more = self._unlogged - 1
         self.logger.log(self.level, message + (
-            f" (and {more} more such since the last, at most one line a minute)" if more else ""),
+            f" (and {more} more such since the last, one line per {self.every_s:g} s at most)"
+            if more else ""),
             *args)
         self._logged_at = now
         self._unlogged = 0
