@@ -84,7 +84,7 @@ from benchmarks.procs import (
     free_port,
     machine_cpu_seconds,
 )
-from gateway.supervisor import is_device
+from gateway.config import is_device
 from worker.config import FLOAT_DTYPES
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
