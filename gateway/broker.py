@@ -33,7 +33,8 @@ import zmq.asyncio
 
 from gateway.held_memory import DEFAULT_MAX_HELD_BYTES, Claim, HeldMemory, answer_size
 from gateway.metrics import GatewayMetrics
-from protocol import codec, curve
+from gateway.worker_keys import Authenticator, WorkerKeys
+from protocol import codec, curve, handshakes
 from protocol.codec import MAX_FRAME_BYTES
 from protocol.errors import (
     BadInput,
@@ -190,6 +191,8 @@ class Broker:
         #: Public keys admitted besides those in curve_authorized_keys (serve's own workers).
         self.extra_worker_keys: set[bytes] = set()
         self._authenticator = None
+        #: The keys of curve_authorized_keys, read again when the directory changes.
+        self.worker_keys: WorkerKeys | None = None
         self.metrics = metrics or GatewayMetrics()
         self.metrics.watch(self)
         self.clock = clock
@@ -213,6 +216,9 @@ class Broker:
         self._log_dropped = Throttled(log, logging.WARNING)
         self._log_refused = Throttled(log, logging.ERROR)
         self._log_impostor = Throttled(log, logging.ERROR)
+        self._log_revoked = Throttled(log, logging.WARNING)
+        #: Failed handshakes, by cause (protocol.handshakes): one line a minute for each.
+        self._log_handshake: dict[str, Throttled] = {}
         #: (peer, message type) pairs dropped for fields this gateway lacks (logged once each).
         self._newer_peers: set[tuple[bytes, str]] = set()
         #: Workers refused for serving another task than the gateway's (logged once each).
@@ -245,29 +251,36 @@ class Broker:
         # being read whole and refused after: three 1 GiB frames took the gateway to 4 GB.
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         self._apply_curve(sock)
-        sock.bind(self.endpoint)
+        watching = handshakes.watch(sock, self._on_handshake, "broker-handshakes")
+        try:
+            sock.bind(self.endpoint)
+        except BaseException:
+            watching.cancel()
+            raise
         self._socket = sock
         self._tasks = [
             asyncio.create_task(self._receive_loop(), name="broker-receive"),
             asyncio.create_task(self._heartbeat_loop(), name="broker-heartbeat"),
+            watching,
         ]
 
     def _apply_curve(self, sock: zmq.Socket) -> None:
         curve.warn_if_plain(self.endpoint, bool(self.curve_secret_key), log, "gateway")
         if not self.curve_secret_key:
             return
-        import zmq.auth.asyncio
-
         public, secret = curve.load_keypair(self.curve_secret_key)
         # The authenticator answers ZAP requests for every CURVE handshake on this context,
         # before the broker sees a single frame from the peer.
-        self._authenticator = zmq.auth.asyncio.AsyncioAuthenticator(self._ctx, log=log)
-        self._authenticator.start()
+        auth = self._authenticator = Authenticator(self._ctx, log=log)
+        auth.start()
         if self.curve_authorized_keys:
-            keys = curve.load_authorized(self.curve_authorized_keys) | self.extra_worker_keys
-            log.info("CURVE on: %d authorized worker key(s) from %s", len(keys),
+            keys = self.worker_keys = WorkerKeys(self.curve_authorized_keys,
+                                                 self.extra_worker_keys,
+                                                 peer_address=lambda: auth.peer_address)
+            keys.on_revoked = self._revoke
+            log.info("CURVE on: %d authorized worker key(s) from %s", keys.count,
                      self.curve_authorized_keys)
-            self._authenticator.configure_curve_callback("*", curve.KeySet(keys))
+            auth.configure_curve_callback("*", keys)
         else:
             log.info("CURVE on: any worker holding the gateway's public key is admitted")
             self._authenticator.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
@@ -499,6 +512,41 @@ class Broker:
                 self._enqueue(pending, front=True)
         self._dispatch()
 
+    def _revoke(self, keys: frozenset[str]) -> None:
+        """Take out the workers that joined with one of these (z85) keys, and tell them."""
+        for worker in list(self.workers.values()):
+            if worker.key in keys:
+                # Not a crash: what it held is requeued uncharged, and it is not killed.
+                self.worker_lost(worker, "its CURVE key was revoked", crashed=False)
+                self._send(worker.identity, Disconnect(
+                    reason="this worker's CURVE key was removed from the gateway's "
+                           "--curve-authorized-keys"))
+
+    def _on_handshake(self, handshake: handshakes.Handshake) -> None:
+        """Say why a peer was refused before it sent a frame (a refused key says so in
+        worker_keys, with the key and the address)."""
+        if handshake.ok or handshake.cause == handshakes.REFUSED_KEY:
+            return
+        if handshake.cause == handshakes.CUT_SHORT:
+            # Not a refusal: the peer left mid-handshake (a worker stopping, a port scan).
+            log.debug("a peer hung up during its handshake on %s", handshake.endpoint)
+            return
+        if handshake.cause == handshakes.CURVE_ON_ONE_SIDE:
+            why = ("a worker without CURVE: give it --curve-server-key (this gateway's public "
+                   "key file)" if self.curve_secret_key else
+                   "a worker with CURVE, and this gateway runs without it: drop the worker's "
+                   "--curve-* flags, or give the gateway --curve-secret-key")
+        elif handshake.cause == handshakes.UNDECRYPTABLE:
+            why = ("a worker whose --curve-server-key is not this gateway's public key (the "
+                   f".key file beside {self.curve_secret_key})")
+        else:
+            why = (f"ZMTP protocol error {handshake.code:#x}: a peer that is not a batchwire "
+                   "worker")
+        throttled = self._log_handshake.setdefault(
+            handshake.cause, Throttled(log, logging.WARNING))
+        throttled("refused a connection to %s before its first message: %s",
+                  handshake.endpoint or self.endpoint, why)
+
     def worker_process_exited(self, pid: int, reason: str) -> None:
         """A local worker process died (the supervisor saw it): act now, not after heartbeats."""
         for worker in list(self.workers.values()):
@@ -618,6 +666,11 @@ class Broker:
                               len(frames))
             return
         identity, payload = frames
+        if self.worker_keys is not None and not self.worker_keys.admits(key):
+            # Admitted at its handshake, its key since taken out of the directory.
+            self._log_revoked("dropping a message from %r: its CURVE key %s was revoked "
+                              "(removed from --curve-authorized-keys)", identity[:64], key)
+            return
         try:
             message = codec.decode(payload)
         except codec.NewerFields as exc:

@@ -166,7 +166,8 @@ def _add_gateway_flags(flags: Flags, *, serve: bool) -> None:
               help="the gateway's CURVE .key_secret file (batchwire keygen): encrypt and "
               "authenticate the worker link")
     flags.add("--curve-authorized-keys", default=None,
-              help="directory of workers' public .key files; only those workers are admitted")
+              help="directory of workers' public .key files; only those workers are admitted "
+              "(read again when it changes: every 30 s, and on SIGHUP)")
     flags.add("--model-name", default=None,
               help="name the KServe v2 routes answer to (/v2/models/NAME), besides the "
               "model directory's own name")

@@ -22,6 +22,7 @@ from gateway.connections import make_room_for
 from gateway.supervisor import Supervisor
 from gateway.tls import ServerTls, TlsConfigError
 from gateway.watched_files import check_now
+from gateway.worker_keys import WorkerKeys
 from protocol import curve, eventloop
 from protocol.heap import freeze_startup_objects
 from worker.config import MAX_IPC_PATH_BYTES, REPEAT_WITHIN_S
@@ -141,9 +142,11 @@ async def _run_gateway(config: GatewayConfig, serve: ServeConfig | None,
         log.log(*room)
     listener: asyncio.AbstractServer | None = None
     # What the gateway reads again when it changes: every 30 s, and at once on SIGHUP.
-    reread: list[ServerTls | ApiKeys] = [tls] if tls is not None else []
+    reread: list[ServerTls | ApiKeys | WorkerKeys] = [tls] if tls is not None else []
     if config.api_keys_file:
         reread.append(api_keys)
+    if broker.worker_keys is not None:
+        reread.append(broker.worker_keys)
     watches: list[asyncio.Task] = []
     try:
         listener = await app[CONNECTIONS].listen(runner, config.host, config.port,
@@ -196,9 +199,9 @@ async def _run_gateway(config: GatewayConfig, serve: ServeConfig | None,
         # Without any, it is ignored: its default ended the gateway at once (a closed
         # terminal, or an operator used to SIGHUP meaning "reload").
         if not reread:
-            log.info("SIGHUP: no TLS or API key files to read again; ignored")
+            log.info("SIGHUP: no TLS, API key or worker key files to read again; ignored")
         else:
-            log.info("SIGHUP: checking the TLS and API key files now")
+            log.info("SIGHUP: checking the TLS, API key and worker key files now")
         for files in reread:
             check_now(files.reload_if_changed)
 

@@ -4,7 +4,8 @@ Key files are ZeroMQ certificates written by ``batchwire keygen`` (``zmq.auth``)
 ``NAME.key`` holds the public key, ``NAME.key_secret`` the public and secret keys. The
 gateway's secret file makes it a CURVE server; workers need the gateway's public key to
 connect at all, and with ``--curve-authorized-keys DIR`` only workers whose public key
-file is in DIR are admitted (checked by a ZAP authenticator before any frame is read).
+file is in DIR are admitted (checked by a ZAP authenticator before any frame is read;
+gateway/worker_keys.py).
 """
 
 from __future__ import annotations
@@ -65,16 +66,6 @@ def warn_if_plain(endpoint: str, curve: bool, log: logging.Logger, role: str) ->
             "Create keys with `batchwire keygen` and pass --curve-* flags.", role, endpoint,
             "join as a worker and read every request" if role == "gateway"
             else "read this worker's traffic or impersonate the gateway")
-
-
-class KeySet:
-    """ZAP credentials provider: admits exactly the public keys it holds."""
-
-    def __init__(self, keys: set[bytes]):
-        self.keys = set(keys)
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        return key in self.keys
 
 
 def curve_supported() -> bool:

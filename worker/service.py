@@ -21,7 +21,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from protocol import codec, curve, eventloop
+from protocol import codec, curve, eventloop, handshakes
 from protocol.codec import MAX_FRAME_BYTES
 from protocol.errors import AnswerTooLarge, BatchwireError, Cancelled, ProtocolError
 from protocol.messages import (
@@ -39,6 +39,7 @@ from protocol.messages import (
 from protocol.transport import send_now
 from worker.batcher import Batcher, BatchStats, WorkItem
 from worker.config import REPEAT_WITHIN_S, WorkerConfig
+from worker.gateway_handshakes import GatewayHandshakes
 from worker.runner import (EMBED_KEY, PipelineRunner, classify_error, is_out_of_memory,
                            text_chars)
 
@@ -89,6 +90,7 @@ class WorkerService:
         self.executor = executor
         self.identity = f"{config.worker_id}/{uuid.uuid4().hex[:8]}".encode()
         self._socket: zmq.asyncio.Socket | None = None
+        self._joining: GatewayHandshakes | None = None
         self._stopping = asyncio.Event()
         self._stop_reason = ""
         #: When the first leaving signal came (monotonic), for REPEAT_WITHIN_S.
@@ -145,9 +147,12 @@ class WorkerService:
         # A larger frame is refused as it arrives (the peer is disconnected), not read whole
         # first: a 1 GiB frame took a worker to 2.6 GB.
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-        self._apply_curve(sock)
-        sock.connect(self.config.connect)
+        public_key = self._apply_curve(sock)
         self._socket = sock
+        joining = self._joining = GatewayHandshakes(self.config, public_key,
+                                                    self._connect_again)
+        watching = handshakes.watch(sock, joining, "handshakes")
+        sock.connect(self.config.connect)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
@@ -163,6 +168,7 @@ class WorkerService:
         tasks = [
             asyncio.create_task(self._receive_loop(), name="receive"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            watching,
         ]
         stop = asyncio.create_task(self._stopping.wait())
         await asyncio.wait([stop, batching, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -175,6 +181,7 @@ class WorkerService:
             log.error("worker %s stopping: its %s task failed", self.config.worker_id,
                       failed.get_name(), exc_info=failed.exception())
             stop.cancel()
+            joining.cancel()
             for task in (batching, *tasks):
                 task.cancel()
             await asyncio.gather(batching, *tasks, return_exceptions=True)
@@ -183,6 +190,7 @@ class WorkerService:
             return 1
         # Finish the batch that is computing and answer it; what has not started is left to
         # the gateway, which requeues it when it reads our DISCONNECT.
+        joining.cancel()
         self.batcher.close()
         abandoned = self.batcher.abandon_queued()
         await batching
@@ -238,11 +246,12 @@ class WorkerService:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
 
-    def _apply_curve(self, sock: zmq.Socket) -> None:
+    def _apply_curve(self, sock: zmq.Socket) -> str | None:
+        """Set the socket's CURVE keys, if any; this worker's public key (z85), or None."""
         config = self.config
         curve.warn_if_plain(config.connect, bool(config.curve_server_key), log, "worker")
         if not config.curve_server_key:
-            return
+            return None
         sock.curve_serverkey = curve.load_public(config.curve_server_key)
         if config.curve_secret_key:
             public, secret = curve.load_keypair(config.curve_secret_key)
@@ -250,6 +259,18 @@ class WorkerService:
             public, secret = zmq.curve_keypair()
         sock.curve_publickey = public
         sock.curve_secretkey = secret
+        return public.decode("ascii")
+
+    def _connect_again(self) -> None:
+        """Connect anew after a refusal libzmq gives up on. (Frames queued for the refused
+        connection go with it; the heartbeat loop says READY again until it is answered.)"""
+        if self._socket is None or self._socket.closed or self._stopping.is_set():
+            return
+        try:
+            self._socket.disconnect(self.config.connect)
+        except zmq.ZMQError:
+            pass  # already gone
+        self._socket.connect(self.config.connect)
 
     def stop(self, reason: str, handshake: bool = True) -> None:
         """Leave: finish the running batch, answer it, say DISCONNECT. ``handshake``: wait
@@ -433,7 +454,12 @@ class WorkerService:
         try:
             send_now(self._socket, [frame])
         except zmq.Again:
-            log.warning("send queue to the gateway is full; dropped a %s", kind)
+            if self._joining is not None and self._joining.failures:
+                # Refused at the handshake, there is no connection to queue on: the refusal
+                # is logged with its reason, and a line a second here would only bury it.
+                log.debug("not connected to the gateway (refused); dropped a %s", kind)
+            else:
+                log.warning("send queue to the gateway is full; dropped a %s", kind)
         except zmq.ZMQError as exc:
             log.warning("could not send a %s to the gateway (%s); dropped it", kind,
                         exc.strerror)

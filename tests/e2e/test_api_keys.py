@@ -170,4 +170,4 @@ def test_sighup_reads_the_keys_file_at_once(procs, tmp_path):
     wait_for(lambda: info_status("second-key") == 200, 10, "the new key to be accepted")
     assert info_status("first-key") == 401
     assert gateway.stop() == 0
-    assert "SIGHUP: checking the TLS and API key files now" in gateway.log_text()
+    assert "SIGHUP: checking the TLS, API key and worker key files now" in gateway.log_text()

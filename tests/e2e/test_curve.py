@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -39,22 +40,32 @@ async def test_only_workers_with_authorized_keys_get_requests(procs, tmp_path, t
     shutil.copy(keys / "worker-a.key", allowed)
     port, zmq_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
-    start_gateway(procs, tmp_path, port, zmq_port,
-                  "--curve-secret-key", str(keys / "gateway.key_secret"),
-                  "--curve-authorized-keys", str(allowed))
+    gateway = start_gateway(procs, tmp_path, port, zmq_port,
+                            "--curve-secret-key", str(keys / "gateway.key_secret"),
+                            "--curve-authorized-keys", str(allowed))
     server_key = str(keys / "gateway.key")
     a = start_worker(procs, tmp_path, zmq_port, tiny_model_dir, "--curve-server-key", server_key,
                      "--curve-secret-key", str(keys / "worker-a.key_secret"))
     b = start_worker(procs, tmp_path, zmq_port, tiny_model_dir, "--curve-server-key", server_key,
                      "--curve-secret-key", str(keys / "worker-b.key_secret"))
     c = start_worker(procs, tmp_path, zmq_port, tiny_model_dir)  # plain, no CURVE at all
-    d = start_worker(procs, tmp_path, zmq_port, tiny_model_dir,  # right server key, fresh keys
-                     "--curve-server-key", server_key)
+    d = start_worker(procs, tmp_path, zmq_port, tiny_model_dir,  # another gateway's key
+                     "--curve-server-key", str(keys / "worker-a.key"))
     wait_for(lambda: a.proc.pid in registered_pids(url), 90, "the authorized worker")
-    # Once each of the others has sent its first READY, it says READY again every second
-    # (the gateway never answers it): watch two more of those rounds.
-    wait_for(lambda: all("ready on" in p.log_text() for p in (b, c, d)), 90,
-             "the unauthorized workers to announce themselves")
+    # Each refused worker, and the gateway, say why, with what to change.
+    b_key = public_key(keys / "worker-b.key")
+    wait_for(lambda: "refused this worker: it does not admit this worker's CURVE key "
+             f"{b_key}" in b.log_text(), 90, "worker b to say its key was refused")
+    wait_for(lambda: "refused this worker: it requires CURVE: pass --curve-server-key"
+             in c.log_text(), 90, "worker c to say the gateway requires CURVE")
+    wait_for(lambda: "is {} (--curve-server-key) that gateway's public key?".format(
+             keys / "worker-a.key") in d.log_text(), 90,
+             "worker d to suspect its --curve-server-key")
+    wait_for(lambda: all(line in gateway.log_text() for line in (
+        f"its CURVE public key {b_key} is not in {allowed}",
+        "before its first message: a worker without CURVE: give it --curve-server-key",
+        "before its first message: a worker whose --curve-server-key is not this gateway's")),
+        30, "the gateway to log each refusal")
     deadline = time.monotonic() + 2.5
     while time.monotonic() < deadline:
         assert registered_pids(url) <= {a.proc.pid}
@@ -67,6 +78,31 @@ async def test_only_workers_with_authorized_keys_get_requests(procs, tmp_path, t
             assert status == 200
     info = http_get(url + "/info")[1]
     assert [(w["pid"], w["answered"]) for w in info["workers"]] == [(a.proc.pid, 10)]
+
+    # Keys are added and revoked with no restart: on SIGHUP (or within 30 s) the gateway
+    # reads the directory again. Worker b, refused until now, tries again and joins;
+    # worker a, whose key is taken out, is taken out of dispatch at once.
+    shutil.copy(keys / "worker-b.key", allowed)
+    (allowed / "worker-a.key").unlink()
+    os.kill(gateway.proc.pid, signal.SIGHUP)
+    wait_for(lambda: registered_pids(url) == {b.proc.pid}, 60,
+             "worker b to join, and worker a to be revoked")
+    assert "1 added, 1 removed" in gateway.log_text()
+    assert "joined the gateway at" in b.log_text()
+    assert "send queue to the gateway is full" not in b.log_text()
+    assert "CURVE key was removed from the gateway's --curve-authorized-keys" in a.log_text()
+    async with aiohttp.ClientSession() as session:
+        for i in range(4):
+            status, _, _ = await post(session, url + "/", data=f"rekeyed {i} [MASK]".encode())
+            assert status == 200
+    info = http_get(url + "/info")[1]
+    assert [(w["pid"], w["answered"]) for w in info["workers"]] == [(b.proc.pid, 4)]
+    assert a.proc.poll() is None, a.log_text()
+
+
+def public_key(path) -> str:
+    from protocol import curve
+    return curve.load_public(path).decode("ascii")
 
 
 def test_plain_tcp_off_loopback_warns_loudly(tmp_path):

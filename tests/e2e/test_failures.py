@@ -135,7 +135,7 @@ async def test_sighup_without_files_to_read_is_ignored_and_sigquit_drains(start_
     it meaning "reload"; SIGQUIT is nginx's graceful stop."""
     server = start_server(["--model", str(tiny_model_dir)])
     server.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "SIGHUP: no TLS or API key files to read again; ignored"
+    wait_for(lambda: "SIGHUP: no TLS, API key or worker key files to read again; ignored"
              in server.log_text(), 10, "the SIGHUP line")
     async with aiohttp.ClientSession() as session:
         assert (await post(session, server.url + "/", data=b"still [MASK]"))[0] == 200
