@@ -173,6 +173,27 @@ class Measurer:
     ideograph_cut: bool = False
 
 
+def device_unusable(device: str) -> str:
+    """Why ``device`` (a CUDA one) cannot be used on this host; "" when it can, or when it is
+    not a CUDA device. Found before the load: found after it, a large model spent minutes
+    reading its weights first, only to fail moving them."""
+    if device != "cuda" and not device.startswith("cuda:"):
+        return ""
+    import torch
+
+    if not torch.cuda.is_available():
+        built = ("a CPU-only build" if not torch.backends.cuda.is_built()
+                 else "no CUDA device visible (CUDA_VISIBLE_DEVICES, or the driver?)")
+        return (f"--device {device}: this host cannot use CUDA (torch {torch.__version__}: "
+                f"{built}); use --device cpu, or run the worker where a GPU is")
+    index = device.partition(":")[2]
+    count = torch.cuda.device_count()
+    if index.isdigit() and int(index) >= count:
+        return (f"--device {device}: this host has {count} CUDA device(s), "
+                f"cuda:0 to cuda:{count - 1}")
+    return ""
+
+
 class PipelineRunner:
     """Callable ``runner(inputs, parameters) -> outputs`` for the batcher."""
 
@@ -189,6 +210,9 @@ class PipelineRunner:
             raise ValueError(f"could not load {self.model!r}: no such directory; pass the "
                              "folder that holds the model's config.json, or a hub id")
         self.task = task or ("feature-extraction" if model is None else infer_task(self.model))
+        unusable = device_unusable(device)
+        if unusable:
+            raise ValueError(unusable)
         self.device = device
         self.torch_threads = torch_threads
         self.trust_remote_code = trust_remote_code

@@ -2038,3 +2038,14 @@ def test_bfloat16_fill_mask_keeps_its_stand_ins_and_answers_as_the_bfloat16_pipe
     for text, answer in zip(FILL_MASK_INPUTS, got):
         want = reference(text)
         assert_same_fill_mask(answer, want)
+
+
+def test_a_cuda_device_this_host_cannot_use_is_refused_before_the_load(tiny_model_dir):
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ValueError) as refused:
+        PipelineRunner(str(tiny_model_dir), "fill-mask", f"cuda:{count}")
+    expected = "this host has" if count else "this host cannot use CUDA"
+    assert f"--device cuda:{count}: {expected}" in str(refused.value)
+    assert PipelineRunner(str(tiny_model_dir), "fill-mask", "cpu").device == "cpu"
