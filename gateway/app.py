@@ -81,6 +81,10 @@ JSON_TYPE = "application/json"
 MSGPACK_TYPE = "application/msgpack"
 #: Routes that answer without an API key: probes must work for orchestrators.
 OPEN_ROUTES = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready"})
+#: Routes polled by machines (orchestrators' probes, the metrics scraper): their successful
+#: answers go to the access log at DEBUG. Two probes every 10 s and a scrape every 15 s made
+#: most of a quiet gateway's log, burying the requests; a failed probe is still at INFO.
+POLLED_ROUTES = OPEN_ROUTES | {"/metrics"}
 #: Parameter names the gateway and worker use among themselves; clients may not send them.
 RESERVED_PARAMETER_PREFIX = "batchwire:"
 METRICS = web.AppKey("metrics", GatewayMetrics)
@@ -905,7 +909,9 @@ class AccessLogger(AbstractAccessLogger):
         if trace:
             fields["trace_id"] = trace
             line += " trace=" + trace
-        self.logger.info(line, extra={"fields": fields})
+        polled = request.path in POLLED_ROUTES and response.status < 400
+        self.logger.log(logging.DEBUG if polled else logging.INFO, line,
+                        extra={"fields": fields})
 
 
 def trace_id(traceparent: str) -> str | None:

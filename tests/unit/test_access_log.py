@@ -60,3 +60,20 @@ def test_a_path_with_control_characters_cannot_forge_a_text_log_line(caplog):
     assert "\n" not in line and "\x00" not in line
     assert " /x\\n127.0.0.1 POST /predict 200 1.0ms\\x00 404 " in line
     assert record.fields["path"] == forged  # the JSON format escapes it by itself
+
+
+def test_polled_routes_log_their_successes_at_debug_and_their_failures_at_info(caplog):
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    logger = logging.getLogger("batchwire.access.test-probes")
+    access = AccessLogger(logger, "")
+    with caplog.at_level(logging.DEBUG, logger=logger.name):
+        for path, status in (("/health", 200), ("/ready", 200), ("/metrics", 200),
+                             ("/v2/health/ready", 200), ("/ready", 503), ("/", 200),
+                             ("/info", 200)):
+            access.log(make_mocked_request("GET", path), web.Response(status=status), 0.001)
+    levels = [(r.fields["path"], r.fields["status"], r.levelname) for r in caplog.records]
+    assert levels == [("/health", 200, "DEBUG"), ("/ready", 200, "DEBUG"),
+                      ("/metrics", 200, "DEBUG"), ("/v2/health/ready", 200, "DEBUG"),
+                      ("/ready", 503, "INFO"), ("/", 200, "INFO"), ("/info", 200, "INFO")]
