@@ -301,6 +301,15 @@ class PipelineRunner:
         self.loaded_dtype = model_dtype(self.pipe.model)
         self.classifies_text = isinstance(self.pipe, transformers.TextClassificationPipeline)
         tokenizer = getattr(self.pipe, "tokenizer", None)
+        if tokenizer is not None and len(tokenizer) <= len(tokenizer.all_special_tokens):
+            # A folder without tokenizer files gets a tokenizer of special tokens alone from
+            # transformers 5: every word became [UNK], and fill-mask answered empty strings
+            # with a 200 (every other task, answers computed from [UNK]s).
+            raise ValueError(
+                f"{self.model} has no tokenizer files (a tokenizer of {len(tokenizer)} special "
+                "token(s) and no vocabulary was made): save the tokenizer beside the model "
+                "(tokenizer.save_pretrained(DIR): tokenizer.json, or vocab.txt / vocab.json "
+                "and their config)")
         if (isinstance(self.pipe, transformers.TextGenerationPipeline) and tokenizer is not None
                 and tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None):
             # GPT-2 and its kin have no pad token, and the pipeline refuses to batch without

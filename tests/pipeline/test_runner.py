@@ -2049,3 +2049,13 @@ def test_a_cuda_device_this_host_cannot_use_is_refused_before_the_load(tiny_mode
     expected = "this host has" if count else "this host cannot use CUDA"
     assert f"--device cuda:{count}: {expected}" in str(refused.value)
     assert PipelineRunner(str(tiny_model_dir), "fill-mask", "cpu").device == "cpu"
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused_at_load(tiny_model_dir, tmp_path):
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    for path in Path(tiny_model_dir).iterdir():
+        if path.name not in TOKENIZER_FILES:
+            shutil.copy(path, bare)
+    with pytest.raises(ValueError, match="has no tokenizer files"):
+        PipelineRunner(str(bare), "fill-mask", "cpu").load()
