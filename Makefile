@@ -32,9 +32,10 @@ serve: install
 	$(VENV)/bin/batchwire serve --host $(HOST) --port $(PORT)
 
 # Two processes, a test file each at a time (module-scoped servers stay in one process): the
-# suite is mostly waiting on servers it starts, so on two cores it takes about 5 minutes
-# instead of 7.5. TEST_PROCESSES=0 runs it in this process alone. (no:benchmark: a system-wide
-# pytest-benchmark, visible to the venv, would only warn that it is off under xdist.)
+# suite is mostly waiting on servers it starts, so on two cores it takes about 6.5 minutes,
+# where one process takes about one and a half times that. TEST_PROCESSES=0 runs it in this
+# process alone. (no:benchmark: a system-wide pytest-benchmark, visible to the venv, would
+# only warn that it is off under xdist.)
 TEST_PROCESSES ?= 2
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider -p no:benchmark -n $(TEST_PROCESSES) --dist loadfile
@@ -46,7 +47,7 @@ bench: install
 # (docs/benchmarks.md, "GPU"): the Python 3.12 wheels its image lacks, and MiniLM's tokenizer
 # files for the bert-base build (the MiniLM wheel itself is too big to carry).
 GPU_BUNDLE ?= .gpu
-GPU_WHEELS ?= pyzmq==27.3.0 orjson==3.13.0 starlette==1.10.0 uvicorn==0.54.0
+GPU_WHEELS ?= pyzmq==27.3.0 orjson==3.13.0 starlette==1.10.0 uvicorn==0.55.0
 gpu-bundle: install
 	rm -rf $(GPU_BUNDLE) && mkdir -p $(GPU_BUNDLE)/wheels $(GPU_BUNDLE)/tokenizer
 	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \

@@ -172,7 +172,8 @@ def _add_gateway_flags(flags: Flags, *, serve: bool) -> None:
               help="name the KServe v2 routes answer to (/v2/models/NAME), besides the "
               "model directory's own name")
     flags.add("--api-key", default=None,
-              help="require 'Authorization: Bearer KEY' on every route but /health and /ready")
+              help="require 'Authorization: Bearer KEY' on every route but the probes (/health, "
+              "/ready, /v2/health/live, /v2/health/ready)")
     flags.add("--api-keys-file", default=None,
               help="a file of API keys, one per line (# comments), each accepted as --api-key's "
               "is, besides it; read again when it changes, so keys rotate without a restart")
