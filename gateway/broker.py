@@ -694,8 +694,15 @@ class Broker:
             # authorized key took a worker's identity over, and its forged answers reached
             # that worker's clients with a 200. What it sends as that worker is dropped.
             self._log_impostor("dropping %s from %r: it came with another CURVE key than "
-                               "the worker of that identity joined with",
-                               type(message).__name__, identity[:64])
+                               "the worker of that identity joined with; that worker is "
+                               "taken out until it joins again", type(message).__name__,
+                               identity[:64])
+            # What is sent to that identity now goes to the newcomer: the worker's requests
+            # waited there three heartbeats for nothing. They go to the others now,
+            # uncharged; the worker, its connection handed over, says READY again once it
+            # stops hearing from the gateway.
+            self.worker_lost(worker, "a peer with another CURVE key took its identity over",
+                             crashed=False)
             return
         try:
             self._on_message(identity, message, len(payload), key)

@@ -1139,6 +1139,20 @@ async def test_a_peer_with_another_key_cannot_answer_as_the_worker_whose_identit
         await wait_until(lambda: p.future.done() or "another CURVE key" in caplog.text,
                          "the forged answer to be taken or dropped")
         assert not p.future.done(), (await outcome(p)).output
+        # Whatever is sent to that identity now reaches the rogue: the worker is out of
+        # dispatch, its request back in the queue at once (not three heartbeats later),
+        # uncharged, and the READY of the real worker, under its own key, has it back.
+        assert identity not in broker.workers
+        assert broker.queue_depth == 1 and p.crashes == 0
+        real.close(linger=0)
+        real = dealer("real")
+        await real.send(codec.encode(Ready(worker_id="real", pid=1, model="m", task="fill-mask",
+                                           device="cpu", capacity=1, max_batch_size=1)))
+        while True:
+            message = codec.decode(await asyncio.wait_for(real.recv(), WAIT_S))
+            if isinstance(message, Request):
+                break
+        assert message.request_id == p.request_id
         assert broker.workers[identity].key == curve.load_public(secrets["real"]).decode()
     finally:
         real.close(linger=0)
