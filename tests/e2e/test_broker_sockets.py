@@ -154,9 +154,11 @@ class FakeWorker:
     register = sync
 
     async def answer(self, request_id: int, output: Any = None, *, batch_id: int = 0,
-                     batch_size: int = 1) -> None:
+                     batch_size: int = 1, inference_ms: float = 2.0,
+                     batch_tokens: int = 0) -> None:
         await self.send(Result(request_id=request_id, output=output, batch_size=batch_size,
-                               queue_ms=1.0, inference_ms=2.0, batch_id=batch_id))
+                               queue_ms=1.0, inference_ms=inference_ms, batch_id=batch_id,
+                               batch_tokens=batch_tokens))
 
     async def fail(self, request_id: int, code: str, message: str = "") -> None:
         await self.send(Error(request_id=request_id, code=code, message=message or code))
@@ -276,6 +278,38 @@ async def test_dispatch_goes_to_the_worker_with_most_free_credit(h):
     assert a.request_ids() == ids(first)
     assert b.request_ids() == ids(nxt + more)
     assert handle(broker, a).free == 1 and handle(broker, b).free == 1
+
+
+async def test_dispatch_prefers_the_worker_that_answers_sooner_and_overflows_to_the_other(h):
+    """By free credit alone, a worker ten times slower held half the requests under load
+    and, joined first, took every request at low load while the fast one idled."""
+    broker = await h.broker(max_queue=64)
+    slow = await h.worker(broker, "slow", capacity=4)  # joined first: the old tie-break
+    fast = await h.worker(broker, "fast", capacity=4)
+    batch = itertools.count(1)
+
+    async def serve(worker: FakeWorker, inference_ms: float, n: int) -> None:
+        await worker.wait_requests(n)
+        for request in worker.requests[n - 1:n]:
+            await worker.answer(request.request_id, worker.name, batch_id=next(batch),
+                                inference_ms=inference_ms, batch_tokens=20)
+
+    # One request each, to learn their speeds: 10 ms a batch against 100 ms.
+    first = broker.submit_many(["a", "b"], {}, 5.0)
+    await serve(slow, 100.0, 1)
+    await serve(fast, 10.0, 1)
+    assert sorted([(await outcome(p)).output for p in first]) == ["fast", "slow"]
+    # One client at a time: every request to the fast worker.
+    for i in range(6):
+        (p,) = broker.submit_many([f"low {i}"], {}, 5.0)
+        await serve(fast, 10.0, 2 + i)
+        assert (await outcome(p)).output == "fast"
+    assert len(slow.requests) == 1
+    # More than the fast worker holds: the rest goes to the slow one, not into the queue.
+    burst = broker.submit_many([f"burst {i}" for i in range(6)], {}, 5.0)
+    await fast.wait_requests(7 + 4)
+    await slow.wait_requests(1 + 2)
+    assert broker.queue_depth == 0 and not any(p.done for p in burst)
 
 
 # -- 3. exactly once --------------------------------------------------------------------------
