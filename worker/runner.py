@@ -173,6 +173,21 @@ class Measurer:
     ideograph_cut: bool = False
 
 
+def position_offset(model: Any) -> int:
+    """Positions a model's position embeddings keep below the first token's: RoBERTa and its
+    kin (XLM-R, CamemBERT, MPNet, Longformer) number tokens from the pad id + 1, so their
+    ``max_position_embeddings`` is that many more than the tokens they take. Unseen, a
+    RoBERTa whose tokenizer declares no limit let inputs 2 tokens too long reach the model,
+    which answered them 500 (index out of range), and ``truncation`` cut to that length too."""
+    import torch
+
+    for name, module in model.named_modules():
+        if (name.endswith("position_embeddings") and isinstance(module, torch.nn.Embedding)
+                and module.padding_idx is not None):
+            return module.padding_idx + 1
+    return 0
+
+
 def device_unusable(device: str) -> str:
     """Why ``device`` (a CUDA one) cannot be used on this host; "" when it can, or when it is
     not a CUDA device. Found before the load: found after it, a large model spent minutes
@@ -310,14 +325,20 @@ class PipelineRunner:
                 "token(s) and no vocabulary was made): save the tokenizer beside the model "
                 "(tokenizer.save_pretrained(DIR): tokenizer.json, or vocab.txt / vocab.json "
                 "and their config)")
-        if (isinstance(self.pipe, transformers.TextGenerationPipeline) and tokenizer is not None
-                and tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None):
-            # GPT-2 and its kin have no pad token, and the pipeline refuses to batch without
-            # one (the warm-up batch stopped the worker). Padding with eos, as transformers
-            # advises, changes no answer: the pipeline pads prompts on the left and masks it.
+        if (tokenizer is not None and tokenizer.pad_token_id is None
+                and tokenizer.eos_token_id is not None):
+            # GPT-2, Llama and their kin have no pad token, and a pipeline refuses to batch
+            # without one (the warm-up batch stopped the worker, whatever the task). Padding
+            # with eos, as transformers advises, changes no answer: the padding is masked,
+            # and a causal model's real tokens never see padding on their right.
             tokenizer.pad_token = tokenizer.eos_token
             log.info("the tokenizer has no pad token: batches are padded with its eos token "
                      "%r", tokenizer.eos_token)
+            config = self.pipe.model.config
+            if getattr(config, "pad_token_id", None) is None:
+                # A *ForSequenceClassification head finds each row's last real token by it,
+                # and refuses a batch without it.
+                config.pad_token_id = tokenizer.pad_token_id
         if isinstance(self.pipe, transformers.FeatureExtractionPipeline):
             self.kind = "feature-extraction"
         elif isinstance(self.pipe, transformers.FillMaskPipeline):
@@ -333,8 +354,11 @@ class PipelineRunner:
                 self.pooling = self._pooling_setting
             self.normalize = (declared_normalize if self._normalize_setting is None
                               else self._normalize_setting)
+        positions = getattr(self.pipe.model.config, "max_position_embeddings", None)
+        if isinstance(positions, int):
+            positions -= position_offset(self.pipe.model)
         limits = [
-            getattr(self.pipe.model.config, "max_position_embeddings", None),
+            positions,
             getattr(self.pipe.tokenizer, "model_max_length", None) if self.pipe.tokenizer else None,
         ]
         # model_max_length is a huge sentinel when a tokenizer does not set it.

@@ -1047,6 +1047,61 @@ def test_a_model_without_a_pad_token_batches_each_prompt_as_it_runs_alone(gpt2_d
         assert output == reference(text, **GENERATE)
 
 
+def test_a_model_without_a_pad_token_batches_for_every_task(gpt2_dir, tmp_path):
+    """The pad-with-eos fallback was for text-generation only: GPT-2 or Llama served as
+    feature-extraction or text-classification stopped at the warm-up batch ("Pipeline with
+    tokenizer without pad_token cannot do batching"), and the classification head needs
+    the pad id in the model's config to find each row's last real token."""
+    classifier = tmp_path / "gpt2-classifier"
+    shutil.copytree(gpt2_dir, classifier)
+    config = transformers.GPT2Config.from_pretrained(gpt2_dir, num_labels=3)
+    assert config.pad_token_id is None
+    torch.manual_seed(1)
+    transformers.GPT2ForSequenceClassification(config).eval().save_pretrained(classifier)
+    texts = [SHORT_TEXT, "A medium sized sentence about cats.", "Hi."]
+    for model, task in ((gpt2_dir, "feature-extraction"), (classifier, "text-classification")):
+        runner = _load(str(model), task)
+        runner.warm_up(8)
+        reference = _reference(task, str(model))
+        assert reference.tokenizer.pad_token is None
+        for text, output in zip(texts, runner(texts, {}).outputs):
+            want = reference(text)
+            if task == "feature-extraction":
+                np.testing.assert_allclose(output.to_numpy(), np.asarray(want), atol=1e-5)
+            else:
+                assert output[0]["label"] == want[0]["label"]
+                assert output[0]["score"] == pytest.approx(want[0]["score"], abs=1e-5)
+
+
+def test_a_roberta_takes_as_many_tokens_as_its_positions_allow(tiny_model_dir, tmp_path):
+    """RoBERTa numbers positions from its pad id + 1: 130 position embeddings and pad id 0
+    (this tokenizer's) take 129 tokens. The limit was read as 130, so an input of 130 tokens
+    passed the length check and crashed in the model (500), and truncation cut to 130 too.
+    (roberta-base: 514 positions, pad id 1, 512 tokens.)"""
+    roberta = tmp_path / "tiny-roberta"
+    roberta.mkdir()
+    for name in TOKENIZER_FILES:
+        shutil.copy(Path(tiny_model_dir) / name, roberta)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(roberta)
+    config = transformers.RobertaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=130, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    transformers.RobertaForMaskedLM(config).eval().save_pretrained(roberta)
+    tokenizer.model_max_length = 10 ** 30  # declares no limit of its own
+    tokenizer.save_pretrained(roberta)
+    runner = _load(str(roberta), "fill-mask")
+    assert runner.max_length == 129
+    words = "word " * 200
+    fits = tokenizer.decode(tokenizer(words)["input_ids"][1:127]) + " [MASK]"
+    assert len(tokenizer(fits)["input_ids"]) == 129
+    assert runner([fits], {}).outputs[0][0]["token_str"]
+    with pytest.raises(InputTooLong):
+        runner.arrive("word " + fits, {})
+    [cut] = runner(["[MASK] " + words], {"tokenizer_kwargs": {"truncation": True}}).outputs
+    assert cut  # cut to 129 tokens, not to 130 (a crash)
+
+
 def test_a_truncated_prompt_is_answered_after_the_whole_prompt(gpt2_dir):
     """text-generation's answer begins with the prompt: cut to its start on arrival, as
     texts whose answers hold nothing of them are, the answer began with the cut."""
