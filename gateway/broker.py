@@ -257,6 +257,11 @@ class Broker:
         #: kept; a replacement process comes with an identity of its own).
         self._killed: dict[bytes, None] = {}
         self.requeued = 0
+        #: When the last worker left (None while any is here, or before the first came).
+        self._workerless_since: float | None = None
+        #: Whether a worker is on its way (serve's supervisor restarting one): while one is,
+        #: requests left without a worker wait for it rather than get 503.
+        self.expecting_workers: Callable[[], bool] = lambda: False
         #: Requests withdrawn before their answer, by why (CANCEL_REASONS).
         self.cancelled = dict.fromkeys(CANCEL_REASONS, 0)
 
@@ -520,6 +525,8 @@ class Broker:
         if self.workers.get(worker.identity) is not worker:
             return
         del self.workers[worker.identity]
+        if not self.workers:
+            self._workerless_since = self.clock()
         orphans = [p for p in worker.in_flight.values() if not p.done]
         worker.in_flight.clear()
         worker.suspect = None
@@ -612,6 +619,7 @@ class Broker:
             worker.info = ready
             worker.last_seen = now
         else:
+            self._workerless_since = None
             self.workers[identity] = WorkerHandle(identity, ready, joined_at=now, last_seen=now,
                                                   key=key)
             log.info("worker %s ready: pid %d, %s (%s) on %s, capacity %d",
@@ -819,6 +827,8 @@ class Broker:
                 for worker in self.workers.values():
                     worker.last_seen += away
                     worker.last_progress += away
+                if self._workerless_since is not None:
+                    self._workerless_since += away
             limit = MISSED_HEARTBEATS * self.heartbeat_interval_s
             # The worker's own watchdog exits at batch_timeout_s; this is the backstop for a
             # worker whose watchdog cannot act, so it waits a few heartbeats longer.
@@ -831,6 +841,22 @@ class Broker:
                                      f"with no answer for {now - worker.last_progress:.1f} s")
                 else:
                     self._send(worker.identity, Heartbeat())
+            if (self._queued and not self.workers and self._workerless_since is not None
+                    and now - self._workerless_since >= limit and not self.expecting_workers()):
+                self._shed_workerless(now - self._workerless_since)
+
+    def _shed_workerless(self, gone_s: float) -> None:
+        """Answer what waits 503 no_workers: every worker has been gone as long as it takes
+        to declare one dead, and none is on its way. It waited out its whole deadline (30 s
+        by default) for a 504, while new requests got 503 at once."""
+        log.warning("no worker for %.1f s: %d queued input(s) answered 503 no_workers",
+                    gone_s, self._queued)
+        for pending in list(self._queue):
+            if pending.queued:
+                self._finish(pending, error=NoWorkers(
+                    f"every model worker left {gone_s:.0f} s ago and none has come back; "
+                    "retry shortly"))
+        self._queue.clear()
 
 
 def _remember(peers: set, peer: object) -> None:

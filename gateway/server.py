@@ -129,6 +129,7 @@ async def _run_gateway(config: GatewayConfig, serve: ServeConfig | None,
                                 extra_args=local_worker_args, event_loop=config.event_loop)
         broker.on_worker_dead = supervisor.kill
         broker.on_worker_ready = supervisor.ready
+        broker.expecting_workers = supervisor.expecting
         broker.metrics.set_restarts(lambda: supervisor.restarts)
 
     app = create_app(config, broker, api_keys)

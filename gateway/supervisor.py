@@ -273,6 +273,10 @@ class Supervisor:
     def restarts(self) -> int:
         return sum(slot.restarts for slot in self.slots)
 
+    def expecting(self) -> bool:
+        """Whether a worker process is on its way: starting, or to be restarted."""
+        return not self._stopping and any(slot.state != "failed" for slot in self.slots)
+
     def stop_restarting(self) -> None:
         """A worker that exits from now on stays down: the gateway is stopping. (Restarted,
         workers that a signal to the whole process group had ended reloaded the model while

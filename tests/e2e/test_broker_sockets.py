@@ -464,6 +464,31 @@ async def test_worker_death_requeues_its_requests_in_order_at_the_front(h):
     assert broker.queue_depth == 0 and broker.in_flight == 0
 
 
+async def test_requests_left_without_any_worker_get_503_unless_one_is_on_its_way(h):
+    """When the last worker died, the requests it held and those queued waited out their
+    whole deadline (30 s by default) for a 504, while new requests got 503 at once."""
+    broker = await h.broker(heartbeat_interval_s=0.05)
+    asked = []
+
+    def expecting() -> bool:  # serve's supervisor, restarting the worker
+        asked.append(True)
+        return len(asked) < 5
+
+    broker.expecting_workers = expecting
+    a = await h.worker(broker, "a", capacity=2)
+    p = broker.submit_many(["r1", "r2", "r3"], {}, 30.0)
+    await a.wait_requests(2)
+    broker.worker_process_exited(a.pid, "exit code -9")
+    assert broker.queue_depth == 3
+    # While a worker is on its way, they wait for it; once none is, they are answered.
+    await wait_until(lambda: all(x.future.done() for x in p), "the queued requests' 503")
+    assert len(asked) == 5
+    for x in p:
+        with pytest.raises(NoWorkers, match="every model worker left"):
+            await x.future
+    assert broker.queue_depth == 0 and broker.in_flight == 0
+
+
 async def test_a_killed_workers_late_ready_does_not_bring_it_back(h, caplog):
     """A worker declared dead whose process is being killed may have a READY still waiting
     in the socket. Taken back in by it, the worker looked idle and was handed the suspect
