@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -69,6 +70,14 @@ def run(config: WorkerConfig) -> int:
     log.info("loading %s (%s) on %s", runner.model, runner.task, config.device)
     try:
         loaded = executor.submit(runner.load).result()
+        unbatchable = runner.unbatchable
+        if unbatchable and config.max_batch_size > 1:
+            # Correct answers before fast ones: each input runs alone, as the plain
+            # pipeline runs it.
+            log.warning("%s: batched with others, a text would be answered otherwise than "
+                        "alone, so each input runs alone (max batch size 1, not %d)",
+                        unbatchable, config.max_batch_size)
+            config = dataclasses.replace(config, max_batch_size=1)
         warmed = executor.submit(runner.warm_up, config.max_batch_size).result()
     except Exception as exc:  # noqa: BLE001 - say what failed, in one line, and exit
         log.error("could not load %s (%s) on %s: %s: %s", runner.model, runner.task,

@@ -188,6 +188,12 @@ def position_offset(model: Any) -> int:
     return 0
 
 
+#: A short text and a longer one, for :meth:`PipelineRunner.padding_changes_answers`.
+PADDING_PROBE = ("Paris is the capital of France.",
+                 "The quick brown fox jumps over the lazy dog near the river bank, on a sunny "
+                 "afternoon late in the summer, while the children play by the water.")
+
+
 def device_unusable(device: str) -> str:
     """Why ``device`` (a CUDA one) cannot be used on this host; "" when it can, or when it is
     not a CUDA device. Found before the load: found after it, a large model spent minutes
@@ -242,6 +248,9 @@ class PipelineRunner:
         #: Why embeddings are refused though the model is a feature-extraction one (its
         #: sentence-transformers modules hold more than batchwire runs); "" when served.
         self.embedding_refusal = ""
+        #: Why this model's answers would change with what shares a batch (see
+        #: padding_changes_answers, found at load); "" when they do not.
+        self.unbatchable = ""
         #: The model's Dense modules, applied to the pooled vector before normalising
         #: (worker.dense_layers); empty when it has none or --pooling is set.
         self.dense_layers: list = []
@@ -392,6 +401,8 @@ class PipelineRunner:
                 tokenizer = self._embed_tokenizer or self.pipe.tokenizer
                 self._prompt_tokens = {text: prompt_tokens(tokenizer, text)
                                        for text in self.embedding_prompts.values() if text}
+        # Before the stand-ins: the sparse head computes logits at mask tokens only.
+        self.unbatchable = self.padding_changes_answers()
         if self.stock_pipeline:
             log.info("stock pipeline: no stand-ins for its methods, torch.no_grad as it has")
             return time.monotonic() - started
@@ -507,6 +518,46 @@ class PipelineRunner:
             return self.max_length
         # No length declared: sentence-transformers truncates at the tokenizer's limit.
         return declared or self.max_length
+
+    def padding_changes_answers(self) -> str:
+        """Why padding changes this model's outputs, so that a batched text would be answered
+        otherwise than alone; "" when it does not (or cannot be told). A short text is run
+        alone, then padded beside a longer one. FNet mixes every position and takes no
+        attention mask, Funnel pools over the padded length, ConvBERT's convolutions see
+        the padding, and a GPT-2 padded on the left shifts its absolute positions: batched,
+        their answers changed with whatever shared the batch (FNet's top five fill-mask
+        tokens all differed). Text generation is not checked: generate() numbers the
+        positions of a padded prompt itself."""
+        if self.kind == "text-generation" or self.pipe.tokenizer is None:
+            return ""
+        import torch
+
+        tokenizer, model = self.pipe.tokenizer, self.pipe.model
+        short, longer = PADDING_PROBE
+
+        def first_output(texts: list[str]) -> Any:
+            inputs = tokenizer(texts, padding=True, return_tensors="pt").to(model.device)
+            with torch.inference_mode():
+                return model(**inputs)[0][0].float()
+
+        try:
+            alone, padded = first_output([short]), first_output([short, longer])
+        except Exception as exc:  # noqa: BLE001 - a model this probe cannot drive is let be
+            log.debug("padding check skipped: %s: %s", type(exc).__name__, exc)
+            return ""
+        if alone.dim() >= 2 and padded.shape[0] > alone.shape[0]:
+            # Per position: the short text's own positions, wherever padding put them.
+            n = alone.shape[0]
+            padded = padded[-n:] if tokenizer.padding_side == "left" else padded[:n]
+        if alone.shape != padded.shape:
+            return ""
+        # Half precision rounds differently in another batch shape, by itself.
+        exact = model.dtype == torch.float32
+        if torch.allclose(alone, padded, rtol=1e-3 if exact else 5e-2,
+                          atol=1e-4 if exact else 5e-2):
+            return ""
+        return (f"{type(model).__name__}'s outputs change with padding (up to "
+                f"{(alone - padded).abs().max().item():.3g} for a text padded in a batch)")
 
     def warm_up(self, batch_size: int) -> float:
         """Run a real batch so the first client request does not pay for lazy init."""
