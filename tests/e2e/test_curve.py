@@ -72,12 +72,7 @@ async def test_only_workers_with_authorized_keys_get_requests(procs, tmp_path, t
         for p in (b, c, d):
             assert p.proc.poll() is None, p.log_text()
         time.sleep(0.25)
-    async with aiohttp.ClientSession() as session:
-        for i in range(10):
-            status, _, _ = await post(session, url + "/", data=f"secure {i} [MASK]".encode())
-            assert status == 200
-    info = http_get(url + "/info")[1]
-    assert [(w["pid"], w["answered"]) for w in info["workers"]] == [(a.proc.pid, 10)]
+    await answered_only_by(url, a, "secure", 10)
 
     # Keys are added and revoked with no restart: on SIGHUP (or within 30 s) the gateway
     # reads the directory again. Worker b, refused until now, tries again and joins;
@@ -91,13 +86,18 @@ async def test_only_workers_with_authorized_keys_get_requests(procs, tmp_path, t
     assert "joined the gateway at" in b.log_text()
     assert "send queue to the gateway is full" not in b.log_text()
     assert "CURVE key was removed from the gateway's --curve-authorized-keys" in a.log_text()
+    await answered_only_by(url, b, "rekeyed", 4)
+    assert a.proc.poll() is None, a.log_text()
+
+
+async def answered_only_by(url: str, worker, word: str, n: int) -> None:
+    """n requests answered 200, all of them (since it joined) by this worker alone."""
     async with aiohttp.ClientSession() as session:
-        for i in range(4):
-            status, _, _ = await post(session, url + "/", data=f"rekeyed {i} [MASK]".encode())
+        for i in range(n):
+            status, _, _ = await post(session, url + "/", data=f"{word} {i} [MASK]".encode())
             assert status == 200
     info = http_get(url + "/info")[1]
-    assert [(w["pid"], w["answered"]) for w in info["workers"]] == [(b.proc.pid, 4)]
-    assert a.proc.poll() is None, a.log_text()
+    assert [(w["pid"], w["answered"]) for w in info["workers"]] == [(worker.proc.pid, n)]
 
 
 def public_key(path) -> str:
