@@ -165,6 +165,9 @@ class WorkerHandle:
     #: looks faster, so it is given more, which evens out equal workers. (Per padded token,
     #: small batches looked slow: one of two equal workers took 99 % of the requests.)
     batch_s: float = 0.0
+    #: Seconds an answer takes to reach the gateway once its batch is done (the network,
+    #: encoding and decoding), averaged likewise: a worker across a slow link is farther.
+    return_s: float = 0.0
 
     @property
     def free(self) -> int:
@@ -173,18 +176,20 @@ class WorkerHandle:
         return self.info.capacity - len(self.in_flight)
 
     def observe_batch(self, inference_ms: float) -> None:
-        seconds = inference_ms / 1000.0
-        self.batch_s = (seconds if not self.batch_s
-                        else (1.0 - SPEED_WEIGHT) * self.batch_s + SPEED_WEIGHT * seconds)
+        self.batch_s = _averaged(self.batch_s, inference_ms / 1000.0)
+
+    def observe_return(self, seconds: float) -> None:
+        self.return_s = _averaged(self.return_s, max(seconds, 0.0))
 
     def expected_s(self, now: float) -> float:
         """About how long one more request sent here now would take to be answered: a
         batch, stretched by what the worker already holds (a full batch's worth ahead, one
         more batch), plus how far its current batch has run past a batch's time (a worker
-        stuck in a long batch is not the soonest done)."""
+        stuck in a long batch is not the soonest done), plus the way there and back."""
         ahead = len(self.in_flight) / max(self.info.max_batch_size, 1)
         overrun = max(now - self.last_progress - self.batch_s, 0.0) if self.in_flight else 0.0
-        return self.batch_s * (1.0 + ahead) + overrun
+        # The way there is taken to be as long as the way back.
+        return self.batch_s * (1.0 + ahead) + overrun + 2.0 * self.return_s
 
 
 class Broker:
@@ -772,7 +777,7 @@ class Broker:
                                                                    "deadline_exceeded"):
                     worker.skipped += 1
                 if isinstance(message, Result):
-                    self._observe(worker, message)
+                    self._observe(worker, message, pending)
                     # An answer the held-memory budget refuses is answered with the refusal.
                     self._finish(pending, result=message,
                                  error=self._hold(pending, message, frame_bytes))
@@ -798,7 +803,7 @@ class Broker:
             return exc
         return None
 
-    def _observe(self, worker: WorkerHandle, result: Result) -> None:
+    def _observe(self, worker: WorkerHandle, result: Result, pending: PendingRequest) -> None:
         self.metrics.observe_queue_wait(result.queue_ms)
         # A batch's results arrive together; count the batch once, at its first result.
         if result.batch_id != worker.last_batch_id:
@@ -806,6 +811,10 @@ class Broker:
             worker.batches += 1
             if result.inference_ms > 0:
                 worker.observe_batch(result.inference_ms)
+            # The worker counts from admission to its batch's end: the rest of the time since
+            # admission is the answer's way back (the network, encoding, decoding).
+            worker.observe_return(self.clock() - pending.admitted_at
+                                  - (result.queue_ms + result.inference_ms) / 1000.0)
             self.metrics.observe_batch(result.batch_size, result.inference_ms, result.batch_tokens,
                                        result.padding_ratio)
 
@@ -857,6 +866,11 @@ class Broker:
                     f"every model worker left {gone_s:.0f} s ago and none has come back; "
                     "retry shortly"))
         self._queue.clear()
+
+
+def _averaged(average: float, sample: float) -> float:
+    """A running average of a worker's timings: the sample alone while there is none."""
+    return sample if not average else (1.0 - SPEED_WEIGHT) * average + SPEED_WEIGHT * sample
 
 
 def _remember(peers: set, peer: object) -> None:

@@ -312,6 +312,33 @@ async def test_dispatch_prefers_the_worker_that_answers_sooner_and_overflows_to_
     assert broker.queue_depth == 0 and not any(p.done for p in burst)
 
 
+async def test_dispatch_counts_the_way_back_from_a_distant_worker(h):
+    """Two workers computing alike, one across a slow link: by batch time alone they tied,
+    and the distant one (40 ms each way in the probe) got as many requests, a quarter of
+    them past a 60 ms deadline."""
+    now = [1000.0]
+    broker = await h.broker(clock=lambda: now[0])
+    far = await h.worker(broker, "far", capacity=4)  # joined first: the tie-break's pick
+    near = await h.worker(broker, "near", capacity=4)
+    broker.submit_many(["a", "b"], {}, 5.0)
+    await far.wait_requests(1)
+    await near.wait_requests(1)
+    await near.answer(near.requests[0].request_id, "near", batch_id=1, inference_ms=10.0)
+    await near.sync()
+    now[0] += 0.1  # the far worker's answer comes back 100 ms after its batch
+    await far.answer(far.requests[0].request_id, "far", batch_id=1, inference_ms=10.0)
+    await far.sync()
+    assert handle(broker, far).return_s == pytest.approx(0.1 - 0.011)
+    assert handle(broker, near).return_s == 0.0
+    for i in range(4):
+        (p,) = broker.submit_many([f"low {i}"], {}, 5.0)
+        await near.wait_requests(2 + i)
+        await near.answer(near.requests[-1].request_id, "near", batch_id=2 + i,
+                          inference_ms=10.0)
+        assert (await outcome(p)).output == "near"
+    assert len(far.requests) == 1
+
+
 # -- 3. exactly once --------------------------------------------------------------------------
 async def test_duplicate_answers_resolve_once_and_free_credit_once(h, caplog):
     caplog.set_level(logging.WARNING, logger="batchwire.gateway.broker")
