@@ -165,9 +165,10 @@ class WorkerHandle:
     #: looks faster, so it is given more, which evens out equal workers. (Per padded token,
     #: small batches looked slow: one of two equal workers took 99 % of the requests.)
     batch_s: float = 0.0
-    #: Seconds an answer takes to reach the gateway once its batch is done (the network,
-    #: encoding and decoding), averaged likewise: a worker across a slow link is farther.
-    return_s: float = 0.0
+    #: Seconds a request spends on its way to the worker and its answer on the way back
+    #: (the network both ways, encoding, decoding), averaged likewise: a worker across a
+    #: slow link is farther.
+    trip_s: float = 0.0
 
     @property
     def free(self) -> int:
@@ -178,18 +179,17 @@ class WorkerHandle:
     def observe_batch(self, inference_ms: float) -> None:
         self.batch_s = _averaged(self.batch_s, inference_ms / 1000.0)
 
-    def observe_return(self, seconds: float) -> None:
-        self.return_s = _averaged(self.return_s, max(seconds, 0.0))
+    def observe_trip(self, seconds: float) -> None:
+        self.trip_s = _averaged(self.trip_s, max(seconds, 0.0))
 
     def expected_s(self, now: float) -> float:
         """About how long one more request sent here now would take to be answered: a
         batch, stretched by what the worker already holds (a full batch's worth ahead, one
         more batch), plus how far its current batch has run past a batch's time (a worker
-        stuck in a long batch is not the soonest done), plus the way there and back."""
+        stuck in a long batch is not the soonest done), plus the trip there and back."""
         ahead = len(self.in_flight) / max(self.info.max_batch_size, 1)
         overrun = max(now - self.last_progress - self.batch_s, 0.0) if self.in_flight else 0.0
-        # The way there is taken to be as long as the way back.
-        return self.batch_s * (1.0 + ahead) + overrun + 2.0 * self.return_s
+        return self.batch_s * (1.0 + ahead) + overrun + self.trip_s
 
 
 class Broker:
@@ -811,10 +811,11 @@ class Broker:
             worker.batches += 1
             if result.inference_ms > 0:
                 worker.observe_batch(result.inference_ms)
-            # The worker counts from admission to its batch's end: the rest of the time since
-            # admission is the answer's way back (the network, encoding, decoding).
-            worker.observe_return(self.clock() - pending.admitted_at
-                                  - (result.queue_ms + result.inference_ms) / 1000.0)
+            # The worker's queue_ms counts from admission, but with its own clock from the
+            # request's arrival (it is told the time waited before dispatch): what is left
+            # of the time since admission is the trip there and back.
+            worker.observe_trip(self.clock() - pending.admitted_at
+                                - (result.queue_ms + result.inference_ms) / 1000.0)
             self.metrics.observe_batch(result.batch_size, result.inference_ms, result.batch_tokens,
                                        result.padding_ratio)
 

@@ -325,11 +325,11 @@ async def test_dispatch_counts_the_way_back_from_a_distant_worker(h):
     await near.wait_requests(1)
     await near.answer(near.requests[0].request_id, "near", batch_id=1, inference_ms=10.0)
     await near.sync()
-    now[0] += 0.1  # the far worker's answer comes back 100 ms after its batch
+    now[0] += 0.1  # the trip to the far worker and back takes 100 ms
     await far.answer(far.requests[0].request_id, "far", batch_id=1, inference_ms=10.0)
     await far.sync()
-    assert handle(broker, far).return_s == pytest.approx(0.1 - 0.011)
-    assert handle(broker, near).return_s == 0.0
+    assert handle(broker, far).trip_s == pytest.approx(0.1 - 0.011)
+    assert handle(broker, near).trip_s == 0.0
     for i in range(4):
         (p,) = broker.submit_many([f"low {i}"], {}, 5.0)
         await near.wait_requests(2 + i)
