@@ -81,6 +81,9 @@ MAX_PEERS_REMEMBERED = 1024
 MAX_WORKERS = 1024
 #: Weight of a worker's latest batch in the running average of its speed (dispatch).
 SPEED_WEIGHT = 0.2
+#: Per heartbeat, how much of an idle worker's lag behind the pool's best timings stays:
+#: a worker ten times slower is tried again after about a minute of others' steady load.
+IDLE_DECAY = 0.9
 #: Identities of killed local workers remembered, to refuse their late READYs.
 MAX_KILLED_REMEMBERED = 1024
 #: Why a request was withdrawn (Broker.cancel): its client went away, or another input of
@@ -182,14 +185,22 @@ class WorkerHandle:
     def observe_trip(self, seconds: float) -> None:
         self.trip_s = _averaged(self.trip_s, max(seconds, 0.0))
 
-    def expected_s(self, now: float) -> float:
+    def expected_s(self, now: float, unknown_batch_s: float = 0.0) -> float:
         """About how long one more request sent here now would take to be answered: a
         batch, stretched by what the worker already holds (a full batch's worth ahead, one
         more batch), plus how far its current batch has run past a batch's time (a worker
         stuck in a long batch is not the soonest done), plus the trip there and back."""
+        batch_s = self.batch_s or unknown_batch_s
         ahead = len(self.in_flight) / max(self.info.max_batch_size, 1)
-        overrun = max(now - self.last_progress - self.batch_s, 0.0) if self.in_flight else 0.0
-        return self.batch_s * (1.0 + ahead) + overrun + self.trip_s
+        overrun = max(now - self.last_progress - batch_s, 0.0) if self.in_flight else 0.0
+        return batch_s * (1.0 + ahead) + overrun + self.trip_s
+
+    def forget_slowly(self, batch_floor_s: float, trip_floor_s: float) -> None:
+        """Bring an idle worker's timings a step nearer the pool's best. They change only
+        when it answers, so one slow batch on record (a long input, a passing stall) kept an
+        idle worker out of dispatch for as long as the others had credit."""
+        self.batch_s = batch_floor_s + (self.batch_s - batch_floor_s) * IDLE_DECAY
+        self.trip_s = trip_floor_s + (self.trip_s - trip_floor_s) * IDLE_DECAY
 
 
 class Broker:
@@ -441,8 +452,13 @@ class Broker:
                 # against 52 ms), and at low load took all of them while the fast one idled.
                 # Until speeds are known, the most free credit decides, as it did alone.
                 now = self.clock()
-                worker = min(self.workers.values(),
-                             key=lambda w: (w.free <= 0, w.expected_s(now), -w.free))
+                # A worker that has run no batch yet is taken to be as fast as the others on
+                # average: taken for instantly fast, it got a whole burst while a known
+                # worker sat idle.
+                known = [w.batch_s for w in self.workers.values() if w.batch_s]
+                unknown_s = sum(known) / len(known) if known else 0.0
+                worker = min(self.workers.values(), key=lambda w: (
+                    w.free <= 0, w.expected_s(now, unknown_s), -w.free))
                 if worker.free <= 0:
                     return
             self._queue.popleft()
@@ -708,6 +724,22 @@ class Broker:
                               len(frames))
             return
         identity, payload = frames
+        worker = self.workers.get(identity)
+        if worker is not None and worker.key != key:
+            # ROUTER_HANDOVER gives a known identity to whoever connects with it: another
+            # key (authorized, or one revoked whose connection lives on) took a worker's
+            # identity over, and its forged answers reached that worker's clients with a
+            # 200. What it sends as that worker is dropped.
+            self._log_impostor("dropping a message from %r: it came with another CURVE key "
+                               "than the worker of that identity joined with; that worker "
+                               "is taken out until it joins again", identity[:64])
+            # What is sent to that identity now goes to the newcomer: the worker's requests
+            # waited there three heartbeats for nothing. They go to the others now,
+            # uncharged; the worker, its connection handed over, says READY again once it
+            # stops hearing from the gateway.
+            self.worker_lost(worker, "a peer with another CURVE key took its identity over",
+                             crashed=False)
+            return
         if self.worker_keys is not None and not self.worker_keys.admits(key):
             # Admitted at its handshake, its key since taken out of the directory.
             self._log_revoked("dropping a message from %r: its CURVE key %s was revoked "
@@ -729,22 +761,6 @@ class Broker:
             return
         except ProtocolError as exc:
             self._log_dropped("dropping a malformed frame from %r: %s", identity[:64], exc)
-            return
-        worker = self.workers.get(identity)
-        if worker is not None and worker.key != key:
-            # ROUTER_HANDOVER gives a known identity to whoever connects with it: another
-            # authorized key took a worker's identity over, and its forged answers reached
-            # that worker's clients with a 200. What it sends as that worker is dropped.
-            self._log_impostor("dropping %s from %r: it came with another CURVE key than "
-                               "the worker of that identity joined with; that worker is "
-                               "taken out until it joins again", type(message).__name__,
-                               identity[:64])
-            # What is sent to that identity now goes to the newcomer: the worker's requests
-            # waited there three heartbeats for nothing. They go to the others now,
-            # uncharged; the worker, its connection handed over, says READY again once it
-            # stops hearing from the gateway.
-            self.worker_lost(worker, "a peer with another CURVE key took its identity over",
-                             crashed=False)
             return
         try:
             self._on_message(identity, message, len(payload), key)
@@ -851,9 +867,20 @@ class Broker:
                                      f"with no answer for {now - worker.last_progress:.1f} s")
                 else:
                     self._send(worker.identity, Heartbeat())
+            self._forget_slowly()
             if (self._queued and not self.workers and self._workerless_since is not None
                     and now - self._workerless_since >= limit and not self.expecting_workers()):
                 self._shed_workerless(now - self._workerless_since)
+
+    def _forget_slowly(self) -> None:
+        measured = [w for w in self.workers.values() if w.batch_s]
+        if len(measured) < 2:
+            return
+        batch_floor = min(w.batch_s for w in measured)
+        trip_floor = min(w.trip_s for w in measured)
+        for worker in measured:
+            if not worker.in_flight:
+                worker.forget_slowly(batch_floor, trip_floor)
 
     def _shed_workerless(self, gone_s: float) -> None:
         """Answer what waits 503 no_workers: every worker has been gone as long as it takes

@@ -16,7 +16,6 @@ each key: the refused worker tries again every few seconds (worker/service.py).
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import time
@@ -24,7 +23,7 @@ from typing import Callable
 
 import zmq.auth.asyncio
 
-from gateway.watched_files import CHECK_S, WatchedFiles, every
+from gateway.watched_files import CHECK_S, WatchedFiles, every, unreadable
 from protocol import curve
 
 log = logging.getLogger("batchwire.gateway.worker_keys")
@@ -33,6 +32,28 @@ log = logging.getLogger("batchwire.gateway.worker_keys")
 REFUSAL_LOG_EVERY_S = 60.0
 #: Refused keys remembered for the rate limit; the memory starts afresh past it.
 MAX_REFUSED_REMEMBERED = 1024
+
+
+def key_files(directory: str) -> list[str]:
+    """The ``*.key`` files in ``directory``, sorted; OSError when it cannot be listed."""
+    with os.scandir(directory) as entries:
+        return sorted(entry.path for entry in entries if entry.name.endswith(".key"))
+
+
+def read_keys(directory: str) -> frozenset[bytes]:
+    """The public keys of the ``*.key`` files in ``directory``. A directory that is missing
+    or cannot be listed is an error, not an empty one: read as empty, a directory moved
+    away (or its permissions changed) revoked every worker at the next check."""
+    if not os.path.isdir(directory):
+        raise OSError(f"{directory} (--curve-authorized-keys) is not a directory")
+    keys = set()
+    for path in key_files(directory):
+        why = unreadable(path)
+        if why is not None:
+            # A FIFO in its place would hold the event loop on open.
+            raise ValueError(f"{path}: {why}")
+        keys.add(curve.load_public(path))
+    return frozenset(keys)
 
 
 class Authenticator(zmq.auth.asyncio.AsyncioAuthenticator):
@@ -59,14 +80,17 @@ class WorkerKeys:
         #: Called with the (z85) keys a reload took out.
         self.on_revoked: Callable[[frozenset[str]], None] = lambda keys: None
         self.files = WatchedFiles(*self._paths())
-        self._keys: frozenset[bytes] = frozenset(curve.load_authorized(directory)) | self.extra
+        self._keys: frozenset[bytes] = read_keys(directory) | self.extra
         self._admitted = frozenset(key.decode("ascii") for key in self._keys)
         self._refusals_logged: dict[bytes, float] = {}
 
     def _paths(self) -> list[str]:
         # The directory's own stamp changes when a file is added, removed or renamed in
         # (a Kubernetes Secret swaps a symlink inside it); each file's, when it is rewritten.
-        return [self.directory, *sorted(glob.glob(os.path.join(self.directory, "*.key")))]
+        try:
+            return [self.directory, *key_files(self.directory)]
+        except OSError:
+            return [self.directory]  # the read that follows says why
 
     @property
     def count(self) -> int:
@@ -97,7 +121,7 @@ class WorkerKeys:
         if not self.files.changed():
             return False
         try:
-            keys = frozenset(curve.load_authorized(self.directory)) | self.extra
+            keys = read_keys(self.directory) | self.extra
         except (OSError, ValueError) as exc:
             log.error("cannot read the worker keys in %s (--curve-authorized-keys): %s; "
                       "still admitting the keys read before", self.directory, exc)
@@ -108,8 +132,10 @@ class WorkerKeys:
         self._keys = keys
         self._admitted = frozenset(key.decode("ascii") for key in keys)
         self._refusals_logged.clear()
-        log.info("worker keys reloaded from %s: %d key(s), %d added, %d removed",
-                 self.directory, len(keys), len(added), len(removed))
+        log.log(logging.INFO if keys - self.extra else logging.WARNING,
+                "worker keys reloaded from %s: %d key(s), %d added, %d removed%s",
+                self.directory, len(keys - self.extra), len(added), len(removed),
+                "" if keys - self.extra else ": it holds none, so no worker is admitted")
         if removed:
             self.on_revoked(frozenset(key.decode("ascii") for key in removed))
         return True

@@ -39,13 +39,6 @@ def load_keypair(path: str | Path) -> tuple[bytes, bytes]:
     return public, secret
 
 
-def load_authorized(directory: str | Path) -> set[bytes]:
-    keys = set()
-    for path in sorted(Path(directory).glob("*.key")):
-        keys.add(load_public(path))
-    return keys
-
-
 def is_exposed_tcp(endpoint: str) -> bool:
     """True for tcp:// endpoints reachable from other hosts (not loopback)."""
     if not endpoint.startswith("tcp://"):

@@ -74,24 +74,28 @@ def watch(sock: zmq.asyncio.Socket, on_handshake: Callable[[Handshake], None],
     monitor = sock.get_monitor_socket(_EVENTS)
 
     async def read() -> None:
-        try:
-            while True:
-                try:
-                    event = parse_monitor_message(await monitor.recv_multipart())
-                except (ValueError, KeyError, IndexError):
-                    continue  # not a monitor message this libzmq version speaks
-                handshake = classify(int(event["event"]), int(event["value"]),
-                                     event["endpoint"].decode("utf-8", "replace"))
-                if handshake is not None:
-                    try:
-                        on_handshake(handshake)
-                    except Exception:  # noqa: BLE001 - a logging bug must not end the watch
-                        log.exception("handling a handshake event failed")
-        finally:
+        while True:
             try:
-                sock.disable_monitor()
-            except zmq.ZMQError:
-                pass  # the socket is already closed
-            monitor.close(linger=0)
+                event = parse_monitor_message(await monitor.recv_multipart())
+            except (ValueError, KeyError, IndexError):
+                continue  # not a monitor message this libzmq version speaks
+            handshake = classify(int(event["event"]), int(event["value"]),
+                                 event["endpoint"].decode("utf-8", "replace"))
+            if handshake is not None:
+                try:
+                    on_handshake(handshake)
+                except Exception:  # noqa: BLE001 - a logging bug must not end the watch
+                    log.exception("handling a handshake event failed")
 
-    return asyncio.create_task(read(), name=name)
+    def close(_task: asyncio.Task) -> None:
+        # A callback, not a finally: a task cancelled before it first ran (the bind after it
+        # failed) never enters its body, and its monitor socket stayed open.
+        try:
+            sock.disable_monitor()
+        except zmq.ZMQError:
+            pass  # the socket is already closed
+        monitor.close(linger=0)
+
+    task = asyncio.create_task(read(), name=name)
+    task.add_done_callback(close)
+    return task

@@ -13,7 +13,8 @@ from typing import Sequence
 from protocol import curve, eventloop
 from protocol.heap import freeze_startup_objects
 from protocol.logs import setup_logging
-from worker.config import EXIT_CANNOT_LOAD, WorkerConfig, check_connect, parse
+from worker.config import (DEFAULT_CAPACITY_BATCHES, EXIT_CANNOT_LOAD, WorkerConfig,
+                           check_connect, parse)
 
 log = logging.getLogger("batchwire.worker")
 
@@ -77,7 +78,11 @@ def run(config: WorkerConfig) -> int:
             log.warning("%s: batched with others, a text would be answered otherwise than "
                         "alone, so each input runs alone (max batch size 1, not %d)",
                         unbatchable, config.max_batch_size)
-            config = dataclasses.replace(config, max_batch_size=1)
+            capacity = (DEFAULT_CAPACITY_BATCHES if config.capacity
+                        == DEFAULT_CAPACITY_BATCHES * config.max_batch_size else config.capacity)
+            # The default capacity follows the batch size: left at 4 batches of 16, the gateway
+            # would hand it 64 inputs to queue out of sight, past --max-queue.
+            config = dataclasses.replace(config, max_batch_size=1, capacity=capacity)
         warmed = executor.submit(runner.warm_up, config.max_batch_size).result()
     except Exception as exc:  # noqa: BLE001 - say what failed, in one line, and exit
         log.error("could not load %s (%s) on %s: %s: %s", runner.model, runner.task,

@@ -536,14 +536,18 @@ class PipelineRunner:
         short, longer = PADDING_PROBE
 
         def first_output(texts: list[str]) -> Any:
-            inputs = tokenizer(texts, padding=True, return_tensors="pt").to(model.device)
+            # Truncated: a model taking fewer tokens than the longer text would fail (on a GPU,
+            # an index past the positions can leave the device unusable).
+            inputs = tokenizer(texts, padding=True, truncation=True,
+                               return_tensors="pt").to(model.device)
             with torch.inference_mode():
                 return model(**inputs)[0][0].float()
 
         try:
             alone, padded = first_output([short]), first_output([short, longer])
         except Exception as exc:  # noqa: BLE001 - a model this probe cannot drive is let be
-            log.debug("padding check skipped: %s: %s", type(exc).__name__, exc)
+            log.info("could not check whether padding changes this model's outputs (%s: %s); "
+                     "batching as usual", type(exc).__name__, exc)
             return ""
         if alone.dim() >= 2 and padded.shape[0] > alone.shape[0]:
             # Per position: the short text's own positions, wherever padding put them.
@@ -551,10 +555,13 @@ class PipelineRunner:
             padded = padded[-n:] if tokenizer.padding_side == "left" else padded[:n]
         if alone.shape != padded.shape:
             return ""
-        # Half precision rounds differently in another batch shape, by itself.
-        exact = model.dtype == torch.float32
-        if torch.allclose(alone, padded, rtol=1e-3 if exact else 5e-2,
-                          atol=1e-4 if exact else 5e-2):
+        if model.dtype == torch.float32:
+            if torch.allclose(alone, padded, rtol=1e-3, atol=1e-4):
+                return ""
+        # Half precision rounds differently in another batch shape by itself, and over many
+        # layers some elements drift far (a 24-layer BERT in bfloat16 failed the check above):
+        # the error of the whole output then, against 0.018 there and 0.22 for Funnel.
+        elif (alone - padded).norm() <= 0.05 * alone.norm():
             return ""
         return (f"{type(model).__name__}'s outputs change with padding (up to "
                 f"{(alone - padded).abs().max().item():.3g} for a text padded in a batch)")

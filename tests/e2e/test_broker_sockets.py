@@ -312,6 +312,49 @@ async def test_dispatch_prefers_the_worker_that_answers_sooner_and_overflows_to_
     assert broker.queue_depth == 0 and not any(p.done for p in burst)
 
 
+async def test_a_new_worker_is_taken_for_average_and_an_idle_ones_slow_record_fades(h):
+    """A worker with no batch yet looked instantly fast and got a whole burst while a known
+    one sat idle; and one slow batch on record kept an idle worker out for good, since its
+    estimate changed only when it answered."""
+    interval = 0.05
+    broker = await h.broker(heartbeat_interval_s=interval)
+    known = await h.worker(broker, "known", capacity=8)
+    new = h.peer("new", capacity=8)
+
+    async def keep_alive() -> None:
+        while True:
+            for worker in (known, new):
+                await worker.send(Heartbeat())
+            await asyncio.sleep(interval / 2)
+
+    beating = asyncio.create_task(keep_alive())
+    try:
+        await joined_later(broker, known, new)
+    finally:
+        beating.cancel()
+        await asyncio.gather(beating, return_exceptions=True)
+
+
+async def joined_later(broker: Broker, known: FakeWorker, new: FakeWorker) -> None:
+    (p,) = broker.submit_many(["first"], {}, 5.0)
+    await known.wait_requests(1)
+    await known.answer(p.request_id, "known", batch_id=1, inference_ms=10.0)
+    await outcome(p)
+    await new.register()
+    broker.submit_many([f"burst {i}" for i in range(8)], {}, 5.0)
+    await known.wait_requests(1 + 4)
+    await new.wait_requests(4)
+    assert len(known.requests) == 5 and len(new.requests) == 4
+
+    for i, request in enumerate(known.requests[1:]):
+        await known.answer(request.request_id, "known", batch_id=2 + i, inference_ms=10.0)
+    for i, request in enumerate(new.requests):  # one long batch on record
+        await new.answer(request.request_id, "new", batch_id=1 + i, inference_ms=500.0)
+    await new.sync()
+    assert handle(broker, new).batch_s > 0.1
+    await wait_until(lambda: handle(broker, new).batch_s < 0.05, "the idle worker's record to fade")
+
+
 async def test_dispatch_counts_the_way_back_from_a_distant_worker(h):
     """Two workers computing alike, one across a slow link: by batch time alone they tied,
     and the distant one (40 ms each way in the probe) got as many requests, a quarter of
@@ -1187,12 +1230,16 @@ async def test_a_peer_can_end_only_the_local_worker_it_joined_as(h):
     assert Process.signals == [signal.SIGKILL]
 
 
+@pytest.mark.parametrize("rogue_key", ["authorized", "revoked"])
 async def test_a_peer_with_another_key_cannot_answer_as_the_worker_whose_identity_it_took(
-        h, tmp_path, caplog):
+        h, tmp_path, caplog, rogue_key):
     """ROUTER_HANDOVER gives a known identity to whoever connects with it. A peer holding
     another authorized CURVE key took a worker's identity over, and its forged answers
-    reached that worker's clients with a 200 (100 of 100 in the probe that found it)."""
-    from protocol import curve
+    reached that worker's clients with a 200 (100 of 100 in the probe that found it). A key
+    revoked after its handshake (its connection lives on) is no better: checked first, the
+    revocation hid the takeover, and the worker's requests went to the rogue until their
+    deadline."""
+    from protocol import curve, handshakes
 
     caplog.set_level(logging.ERROR, logger="batchwire.gateway.broker")
     gateway_public, gateway_secret = curve.generate(tmp_path / "keys", "gateway")
@@ -1202,14 +1249,18 @@ async def test_a_peer_with_another_key_cannot_answer_as_the_worker_whose_identit
                             curve_authorized_keys=str(authorized))
     identity = b"real/0123abcd"
 
-    def dealer(name: str) -> zmq.asyncio.Socket:
+    def dealer(name: str, on_handshake=None) -> zmq.asyncio.Socket:
         sock = h.ctx.socket(zmq.DEALER)
         sock.curve_publickey, sock.curve_secretkey = curve.load_keypair(secrets[name])
         sock.curve_serverkey = curve.load_public(gateway_public)
         sock.setsockopt(zmq.IDENTITY, identity)
         sock.setsockopt(zmq.LINGER, 0)
+        if on_handshake is not None:
+            watches.append(handshakes.watch(sock, on_handshake, name))
         sock.connect(h.endpoint)
         return sock
+
+    watches: list[asyncio.Task] = []
 
     real = dealer("real")
     rogue = None
@@ -1220,7 +1271,12 @@ async def test_a_peer_with_another_key_cannot_answer_as_the_worker_whose_identit
         (p,) = broker.submit_many(["x"], {}, 5.0)
         request = codec.decode(await asyncio.wait_for(real.recv(), WAIT_S))
         assert isinstance(request, Request) and request.request_id == p.request_id
-        rogue = dealer("rogue")
+        joined = asyncio.Event()
+        rogue = dealer("rogue", lambda handshake: handshake.ok and joined.set())
+        if rogue_key == "revoked":
+            await asyncio.wait_for(joined.wait(), WAIT_S)  # admitted, then revoked
+            (authorized / "rogue.key").unlink()
+            assert broker.worker_keys.reload_if_changed()
         await rogue.send(codec.encode(Result(p.request_id, "forged", 1, 0.0, 0.0)))
         await wait_until(lambda: p.future.done() or "another CURVE key" in caplog.text,
                          "the forged answer to be taken or dropped")
@@ -1241,6 +1297,9 @@ async def test_a_peer_with_another_key_cannot_answer_as_the_worker_whose_identit
         assert message.request_id == p.request_id
         assert broker.workers[identity].key == curve.load_public(secrets["real"]).decode()
     finally:
+        for watching in watches:
+            watching.cancel()
+        await asyncio.gather(*watches, return_exceptions=True)
         real.close(linger=0)
         if rogue is not None:
             rogue.close(linger=0)

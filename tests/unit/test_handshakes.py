@@ -167,3 +167,14 @@ def test_worker_keys_are_read_again_when_the_directory_changes(key_dir, caplog):
     assert worker_keys.count == 2
     (allowed / "broken.key").unlink()
     assert worker_keys.reload_if_changed()
+
+    # A directory moved away, or a FIFO in it, is a read that failed, not an empty directory:
+    # read as empty, it revoked every worker.
+    moved = allowed.with_name("moved")
+    allowed.rename(moved)
+    assert not worker_keys.reload_if_changed()
+    assert worker_keys.count == 2 and not revoked[1:]
+    moved.rename(allowed)
+    os.mkfifo(allowed / "pipe.key")
+    assert not worker_keys.reload_if_changed()  # refused without being opened
+    assert "not a regular file" in caplog.text and worker_keys.count == 2
