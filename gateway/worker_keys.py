@@ -11,7 +11,7 @@ long as its connection lasted. The broker takes such a worker out (``on_revoked`
 what it sends from then on.
 
 Each refusal is logged with the worker's public key and address, at most once a minute for
-each key: the refused worker tries again every few seconds (worker/service.py).
+each key: the refused worker tries again every few seconds (worker/gateway_handshakes.py).
 """
 
 from __future__ import annotations
@@ -135,7 +135,8 @@ class WorkerKeys:
         log.log(logging.INFO if keys - self.extra else logging.WARNING,
                 "worker keys reloaded from %s: %d key(s), %d added, %d removed%s",
                 self.directory, len(keys - self.extra), len(added), len(removed),
-                "" if keys - self.extra else ": it holds none, so no worker is admitted")
+                "" if keys - self.extra else
+                ": it holds none, so no worker is admitted but serve's own, if any")
         if removed:
             self.on_revoked(frozenset(key.decode("ascii") for key in removed))
         return True

@@ -8,7 +8,7 @@ why. And after a refusal (a key not authorized, CURVE on one side only) libzmq d
 that connection again: a worker stayed out even once the gateway was fixed.
 
 :func:`watch` reads the monitor and turns its events into :class:`Handshake` s, which each
-side words for its own log (gateway/broker.py, worker/service.py).
+side words for its own log (gateway/broker.py, worker/gateway_handshakes.py).
 """
 
 from __future__ import annotations
