@@ -316,7 +316,7 @@ async def test_a_new_worker_is_taken_for_average_and_an_idle_ones_slow_record_fa
     """A worker with no batch yet looked instantly fast and got a whole burst while a known
     one sat idle; and one slow batch on record kept an idle worker out for good, since its
     estimate changed only when it answered."""
-    interval = 0.05
+    interval = 0.1
     broker = await h.broker(heartbeat_interval_s=interval)
     known = await h.worker(broker, "known", capacity=8)
     new = h.peer("new", capacity=8)
@@ -537,7 +537,7 @@ async def test_worker_death_requeues_its_requests_in_order_at_the_front(h):
 async def test_requests_left_without_any_worker_get_503_unless_one_is_on_its_way(h):
     """When the last worker died, the requests it held and those queued waited out their
     whole deadline (30 s by default) for a 504, while new requests got 503 at once."""
-    broker = await h.broker(heartbeat_interval_s=0.05)
+    broker = await h.broker(heartbeat_interval_s=0.1)
     asked = []
 
     def expecting() -> bool:  # serve's supervisor, restarting the worker
