@@ -60,7 +60,7 @@ from protocol.messages import (
     Result,
     nesting,
 )
-from protocol.logs import Throttled
+from protocol.logs import Throttled, ThrottledBy
 from protocol.transport import send_now
 
 log = logging.getLogger("batchwire.gateway.broker")
@@ -255,7 +255,7 @@ class Broker:
         self._log_impostor = Throttled(log, logging.ERROR)
         self._log_revoked = Throttled(log, logging.WARNING)
         #: Failed handshakes, by cause (protocol.handshakes): one line a minute for each.
-        self._log_handshake: dict[str, Throttled] = {}
+        self._log_handshake = ThrottledBy(log, logging.WARNING)
         #: (peer, message type) pairs dropped for fields this gateway lacks (logged once each).
         self._newer_peers: set[tuple[bytes, str]] = set()
         #: Workers refused for serving another task than the gateway's (logged once each).
@@ -435,11 +435,13 @@ class Broker:
         (self._queue.appendleft if front else self._queue.append)(pending)
 
     def _dispatch(self) -> None:
+        unknown_s: float | None = None  # see _average_batch_s; once per call, when needed
         while self._queued and self.workers:
             pending = self._queue[0]
             if not pending.queued:  # finished while queued (deadline, disconnect): skip
                 self._queue.popleft()
                 continue
+            now = self.clock()
             if pending.crashes:
                 worker = min((w for w in self.workers.values() if not w.in_flight),
                              key=lambda w: w.batch_s, default=None)
@@ -451,12 +453,8 @@ class Broker:
                 # worker ten times slower held half the requests under load (p99 440 ms
                 # against 52 ms), and at low load took all of them while the fast one idled.
                 # Until speeds are known, the most free credit decides, as it did alone.
-                now = self.clock()
-                # A worker that has run no batch yet is taken to be as fast as the others on
-                # average: taken for instantly fast, it got a whole burst while a known
-                # worker sat idle.
-                known = [w.batch_s for w in self.workers.values() if w.batch_s]
-                unknown_s = sum(known) / len(known) if known else 0.0
+                if unknown_s is None:
+                    unknown_s = self._average_batch_s()
                 worker = min(self.workers.values(), key=lambda w: (
                     w.free <= 0, w.expected_s(now, unknown_s), -w.free))
                 if worker.free <= 0:
@@ -472,7 +470,6 @@ class Broker:
                 continue
             pending.queued = False
             self._queued -= 1
-            now = self.clock()
             try:
                 frame = codec.encode(Request(
                     request_id=pending.request_id,
@@ -500,6 +497,13 @@ class Broker:
             worker.in_flight[pending.request_id] = pending
             if not self._send_frame(worker.identity, frame, undelivered=pending):
                 return  # the worker vanished; _send already requeued its work
+
+    def _average_batch_s(self) -> float:
+        """The batch time of the workers that have run one, on average: what one that has not
+        is taken to need. (Taken for instantly fast, a new worker got a whole burst while a
+        known one sat idle.) 0 while none has."""
+        known = [w.batch_s for w in self.workers.values() if w.batch_s]
+        return sum(known) / len(known) if known else 0.0
 
     def _expire(self, pending: PendingRequest) -> None:
         if pending.done:
@@ -599,10 +603,8 @@ class Broker:
         else:
             why = (f"ZMTP protocol error {handshake.code:#x}: a peer that is not a batchwire "
                    "worker")
-        throttled = self._log_handshake.setdefault(
-            handshake.cause, Throttled(log, logging.WARNING))
-        throttled("refused a connection to %s before its first message: %s",
-                  handshake.endpoint or self.endpoint, why)
+        self._log_handshake(handshake.cause, "refused a connection to %s before its first "
+                            "message: %s", handshake.endpoint or self.endpoint, why)
 
     def worker_process_exited(self, pid: int, reason: str) -> None:
         """A local worker process died (the supervisor saw it): act now, not after heartbeats."""

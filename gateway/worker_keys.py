@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Callable
 
 import zmq.auth.asyncio
 
 from gateway.watched_files import CHECK_S, WatchedFiles, every, unreadable
 from protocol import curve
+from protocol.logs import ThrottledBy
 
 log = logging.getLogger("batchwire.gateway.worker_keys")
 
@@ -82,7 +82,8 @@ class WorkerKeys:
         self.files = WatchedFiles(*self._paths())
         self._keys: frozenset[bytes] = read_keys(directory) | self.extra
         self._admitted = frozenset(key.decode("ascii") for key in self._keys)
-        self._refusals_logged: dict[bytes, float] = {}
+        self._log_refusal = ThrottledBy(log, logging.ERROR, REFUSAL_LOG_EVERY_S,
+                                        MAX_REFUSED_REMEMBERED)
 
     def _paths(self) -> list[str]:
         # The directory's own stamp changes when a file is added, removed or renamed in
@@ -103,16 +104,11 @@ class WorkerKeys:
     def callback(self, domain: str, key: bytes) -> bool:
         if key in self._keys:
             return True
-        now = time.monotonic()
-        if now - self._refusals_logged.get(key, float("-inf")) >= REFUSAL_LOG_EVERY_S:
-            if len(self._refusals_logged) >= MAX_REFUSED_REMEMBERED:
-                self._refusals_logged.clear()
-            self._refusals_logged[key] = now
-            log.error("refused a worker at %s: its CURVE public key %s is not in %s "
-                      "(--curve-authorized-keys). To admit it, copy its .key file there; "
-                      "the gateway reads the directory again within %g s, or at once on "
-                      "SIGHUP", self.peer_address(), key.decode("ascii", "replace"),
-                      self.directory, CHECK_S)
+        self._log_refusal(key, "refused a worker at %s: its CURVE public key %s is not in %s "
+                          "(--curve-authorized-keys). To admit it, copy its .key file there; "
+                          "the gateway reads the directory again within %g s, or at once on "
+                          "SIGHUP", self.peer_address(), key.decode("ascii", "replace"),
+                          self.directory, CHECK_S)
         return False
 
     def reload_if_changed(self) -> bool:
@@ -131,7 +127,7 @@ class WorkerKeys:
         added = keys - self._keys
         self._keys = keys
         self._admitted = frozenset(key.decode("ascii") for key in keys)
-        self._refusals_logged.clear()
+        self._log_refusal.forget()
         log.log(logging.INFO if keys - self.extra else logging.WARNING,
                 "worker keys reloaded from %s: %d key(s), %d added, %d removed%s",
                 self.directory, len(keys - self.extra), len(added), len(removed),

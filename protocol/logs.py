@@ -75,6 +75,32 @@ class Throttled:
         self._unlogged = 0
 
 
+class ThrottledBy:
+    """A :class:`Throttled` line for each key (a cause, a peer's public key): each key's line
+    once per ``every_s`` at most. Keys are remembered up to ``max_keys``; past it the memory
+    starts afresh, so a stream of new keys costs lines, not memory."""
+
+    def __init__(self, logger: logging.Logger, level: int, every_s: float = 60.0,
+                 max_keys: int = 1024):
+        self.logger = logger
+        self.level = level
+        self.every_s = every_s
+        self.max_keys = max_keys
+        self._by_key: dict[object, Throttled] = {}
+
+    def __call__(self, key: object, message: str, *args) -> None:
+        throttled = self._by_key.get(key)
+        if throttled is None:
+            if len(self._by_key) >= self.max_keys:
+                self._by_key.clear()
+            throttled = self._by_key[key] = Throttled(self.logger, self.level, self.every_s)
+        throttled(message, *args)
+
+    def forget(self) -> None:
+        """Start afresh: the next line of every key is written."""
+        self._by_key.clear()
+
+
 def setup_logging(level: str, process_name: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":

@@ -14,7 +14,7 @@ import logging
 from typing import Callable
 
 from protocol import handshakes
-from protocol.logs import Throttled
+from protocol.logs import ThrottledBy
 from worker.config import WorkerConfig
 
 log = logging.getLogger("batchwire.worker.handshakes")
@@ -34,7 +34,7 @@ class GatewayHandshakes:
         self.reconnect = reconnect
         self.failures = 0
         self._retry: asyncio.TimerHandle | None = None
-        self._log: dict[str, Throttled] = {}
+        self._log = ThrottledBy(log, logging.ERROR)
 
     def __call__(self, handshake: handshakes.Handshake) -> None:
         if handshake.ok:
@@ -45,9 +45,8 @@ class GatewayHandshakes:
             return
         self.failures += 1
         retried = handshake.cause not in handshakes.NOT_RETRIED
-        throttled = self._log.setdefault(handshake.cause, Throttled(log, logging.ERROR))
-        throttled("the gateway at %s refused this worker: %s %s", self.config.connect,
-                  self.why(handshake),
+        self._log(handshake.cause, "the gateway at %s refused this worker: %s %s",
+                  self.config.connect, self.why(handshake),
                   "Trying again." if retried else f"Trying again every {RETRY_S:g} s.")
         if not retried and self._retry is None:
             self._retry = asyncio.get_running_loop().call_later(RETRY_S, self._connect_again)

@@ -1068,3 +1068,23 @@ def test_a_version_that_is_not_a_number_is_called_what_it_is():
     assert f"peer sent '{PROTOCOL_VERSION}' (str) where a protocol version" in str(error)
     error = assert_rejected(msgpack.packb([PROTOCOL_VERSION + 1, 6], use_bin_type=True))
     assert f"speaks protocol version {PROTOCOL_VERSION + 1}, this side" in str(error)
+
+
+def test_throttled_by_writes_each_keys_line_once_per_interval(caplog):
+    import logging
+
+    from protocol.logs import ThrottledBy
+
+    logger = logging.getLogger("batchwire.test.throttled-by")
+    throttled = ThrottledBy(logger, logging.WARNING, every_s=3600.0, max_keys=2)
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        for key in ("a", "b", "a", "b", "a"):
+            throttled(key, "line for %s", key)
+        assert [r.getMessage() for r in caplog.records] == ["line for a", "line for b"]
+        throttled.forget()
+        throttled("a", "line for %s", "a")
+        throttled("b", "line for %s", "b")
+        throttled("c", "line for %s", "c")  # a third key: the memory of two starts afresh
+        throttled("a", "line for %s", "a")
+    assert [r.getMessage() for r in caplog.records][2:] == [
+        "line for a", "line for b", "line for c", "line for a"]
