@@ -139,6 +139,8 @@ class ServerProcess:
     port: int
     log_path: Path
     env: dict[str, str] | None = None
+    #: Where it runs (``python -m`` imports from there first); the repository by default.
+    cwd: Path | None = None
     process: subprocess.Popen | None = None
     started_at: float = 0.0
     ready_after_s: float | None = None
@@ -155,7 +157,7 @@ class ServerProcess:
         self.started_at = time.monotonic()
         self.process = subprocess.Popen(
             self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=REPO_ROOT, env=self.env or bench_env(), start_new_session=True,
+            cwd=self.cwd or REPO_ROOT, env=self.env or bench_env(), start_new_session=True,
             preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
         )
         log.close()

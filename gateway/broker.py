@@ -475,7 +475,10 @@ class Broker:
                     request_id=pending.request_id,
                     inputs=pending.inputs,
                     parameters=pending.parameters,
-                    budget_ms=max(pending.deadline - now, 0.0) * 1000.0,
+                    # The worker must answer by the time the answer still arrives in
+                    # time, so the trip there and back is not its to spend: counted, items
+                    # it computed for answers past their 504 fell (see worker.batcher).
+                    budget_ms=max(pending.deadline - now - worker.trip_s, 0.0) * 1000.0,
                     waited_ms=(now - pending.admitted_at) * 1000.0,
                     embed=pending.embed,
                     prompt_name=pending.prompt_name,

@@ -155,7 +155,9 @@ class Ready(Message):
 class Request(Message):
     """One input for the pipeline.
 
-    ``budget_ms`` is the time left before the gateway gives up on it; ``waited_ms`` is how
+    ``budget_ms`` is the time the worker has to send its answer: the time left before the
+    gateway gives up on it, less the trip there and back that the gateway measured to
+    this worker (an answer sent later arrives after the 504); ``waited_ms`` is how
     long it has already spent since admission, so the worker's batching deadline counts
     time queued in the gateway.
     """

@@ -382,6 +382,23 @@ async def test_dispatch_counts_the_way_back_from_a_distant_worker(h):
     assert len(far.requests) == 1
 
 
+async def test_a_worker_is_given_the_time_left_less_its_trip_there_and_back(h):
+    """An answer must leave the worker a trip before the deadline to arrive in time: told
+    the whole time left, an overloaded worker computed answers that came after their 504."""
+    now = [1000.0]
+    broker = await h.broker(clock=lambda: now[0])
+    w = await h.worker(broker, "far", capacity=4)
+    broker.submit_many(["a"], {}, 5.0)
+    (first,) = await w.wait_requests(1)
+    assert first.budget_ms == pytest.approx(5000.0)  # no trip measured yet
+    now[0] += 0.1
+    await w.answer(first.request_id, "a", batch_id=1, inference_ms=10.0)
+    await w.sync()
+    broker.submit_many(["b"], {}, 5.0)
+    second = (await w.wait_requests(2))[1]
+    assert second.budget_ms == pytest.approx(5000.0 - 89.0)
+
+
 # -- 3. exactly once --------------------------------------------------------------------------
 async def test_duplicate_answers_resolve_once_and_free_credit_once(h, caplog):
     caplog.set_level(logging.WARNING, logger="batchwire.gateway.broker")

@@ -378,6 +378,47 @@ async def test_lone_expired_item_starts_no_computation(make_batcher):
     assert h.runner.calls == []
 
 
+def predicting(h, seconds: float, batches: int = 3) -> None:
+    """Teach the batcher's latency model that every batch takes ``seconds``."""
+    for _ in range(batches):
+        h.batcher.latency.observe(2, seconds)
+
+
+async def test_an_item_its_batch_would_finish_too_late_is_answered_504_and_its_place_filled(
+        make_batcher):
+    """Computed, its answer would come after the gateway's 504 (an overloaded worker spent
+    nine tenths of its time so); left out as the batch closes, a younger item runs instead,
+    so the batch is not run short."""
+    h = make_batcher(max_batch_size=2, max_delay=0.0)
+    predicting(h, 0.2)
+    now = time.monotonic()
+    late = make_item(1, admitted_at=now - 0.01, deadline=now + 0.1)
+    younger = [make_item(2, admitted_at=now), make_item(3, admitted_at=now)]
+    h.submit(late, *younger)
+    await h.answered_all([late, *younger])
+
+    h.assert_exactly_once([late, *younger])
+    out = h.only(1)
+    assert out.kind == "error" and isinstance(out.error, DeadlineExceeded), out
+    assert "X-Timeout-Ms" in str(out.error) and "200 ms" in str(out.error)
+    assert late.inputs not in h.runner.seen_inputs
+    assert h.runner.calls[0].inputs == [it.inputs for it in younger]
+    assert h.batcher.items_skipped == 1
+
+
+@pytest.mark.parametrize("why", ["two batches seen", "drop_late off"])
+async def test_an_item_is_not_called_late_on_too_few_batches_or_when_told_not_to(
+        make_batcher, why):
+    h = make_batcher(max_batch_size=2, max_delay=0.0)
+    predicting(h, 0.2, batches=2 if why == "two batches seen" else 3)
+    h.batcher.drop_late = why != "drop_late off"
+    now = time.monotonic()
+    item = make_item(1, admitted_at=now, deadline=now + 0.1)
+    h.submit(item)
+    await h.answered_all([item])
+    assert h.only(1).kind == "result"
+
+
 # -- 9. failure isolation ------------------------------------------------------------------
 
 

@@ -1,0 +1,167 @@
+"""Overload with deadlines: how many requests one worker answers in time when it is offered
+more than it can compute and every request carries ``X-Timeout-Ms``.
+
+For each source tree given (``--source NAME=DIR``, so two commits can be compared in one
+run on one machine), ``batchwire serve`` with one worker starts from that tree, and:
+
+1. its capacity is measured: a closed loop of ``--capacity-clients`` clients with no
+   deadline, requests answered per second;
+2. for each deadline in ``--timeouts-ms`` and each load in ``--loads`` (multiples of that
+   capacity), an open loop sends at that rate for ``--duration`` seconds;
+3. the worker's ``answered`` and ``skipped`` counters (``/info``) are read before and after,
+   so ``computed - 200s`` is the work done for answers that arrived after their 504.
+
+Output: a JSON file (``--out``) and a Markdown table on stdout. Speed is reported here, never
+asserted; ``tests/e2e/test_benchmark_smoke.py`` runs it on the tiny model.
+
+    python -m benchmarks.deadlines --source before=/tmp/before --source after=.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Sequence
+
+from benchmarks import loadgen
+from benchmarks.models import MODEL_KEYS, get_model
+from benchmarks.procs import REPO_ROOT, ServerProcess, bench_env, free_port
+from benchmarks.workloads import make_inputs
+
+#: Seconds to wait for the worker's counters to settle after a load point: answers to
+#: requests the gateway already timed out still arrive, and are counted, after it ends.
+SETTLE_S = 10.0
+
+
+def _info(base_url: str) -> dict:
+    with urllib.request.urlopen(base_url + "/info", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def _worker_counts(base_url: str) -> tuple[int, int]:
+    workers = _info(base_url)["workers"]
+    return (sum(w["answered"] for w in workers), sum(w["skipped"] for w in workers))
+
+
+def _settle(base_url: str) -> tuple[int, int]:
+    """The worker's counters once nothing is queued or in flight any more."""
+    end = time.monotonic() + SETTLE_S
+    while time.monotonic() < end:
+        info = _info(base_url)
+        if not info["queue_depth"] and not sum(w["in_flight"] for w in info["workers"]):
+            break
+        time.sleep(0.1)
+    return _worker_counts(base_url)
+
+
+def start_server(name: str, source: Path, model, args: argparse.Namespace) -> ServerProcess:
+    env = bench_env()
+    env["PYTHONPATH"] = str(source) + os.pathsep + env["PYTHONPATH"]
+    port = free_port()
+    argv = [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port),
+            "--model", model.path, "--task", model.task, "--workers", "1",
+            "--torch-threads", str(args.torch_threads), "--log-level", "WARNING"]
+    server = ServerProcess(name, argv, port, args.logs / f"{name}.log", env=env, cwd=source)
+    server.start()
+    server.wait_ready(args.ready_timeout, b"Paris is the [MASK] of France.")
+    return server
+
+
+def measure(server: ServerProcess, inputs: list[str], args: argparse.Namespace) -> dict:
+    url = server.base_url + "/"
+    capacity = asyncio.run(loadgen.closed_loop(
+        url, inputs, concurrency=args.capacity_clients, duration_s=args.duration))
+    rate_ok = capacity["throughput_rps"]
+    points = []
+    for timeout_ms in args.timeouts_ms:
+        for load in args.loads:
+            before = _settle(server.base_url)
+            point = asyncio.run(loadgen.open_loop(
+                url, inputs, rate=load * rate_ok, duration_s=args.duration,
+                headers={**loadgen.TEXT_HEADERS, "X-Timeout-Ms": str(timeout_ms)}))
+            answered, skipped = (a - b for a, b in zip(_settle(server.base_url), before))
+            computed = answered - skipped
+            in_time = point["statuses"].get("200", 0)
+            points.append({
+                "timeout_ms": timeout_ms, "load": load, "rate": round(load * rate_ok, 1),
+                "offered": point["offered"], "in_time": in_time,
+                "statuses": point["statuses"], "computed": computed,
+                "computed_late": max(computed - in_time, 0),
+                "p50_ms": point["latency_ms"]["p50"], "p99_ms": point["latency_ms"]["p99"],
+            })
+            print(f"  {server.name}: {timeout_ms} ms, {load} x capacity: {in_time} of "
+                  f"{point['offered']} in time, {computed} computed", file=sys.stderr)
+    return {"capacity_rps": rate_ok, "points": points}
+
+
+def table(results: dict) -> str:
+    lines = ["| source | deadline | offered (x capacity) | answered in time | computed | "
+             "computed, answer late | p99 of those in time |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, run in results["sources"].items():
+        for p in run["points"]:
+            lines.append(
+                f"| {name} | {p['timeout_ms']} ms | {p['offered']} ({p['load']}x "
+                f"{run['capacity_rps']:.0f}/s) | {p['in_time']} | {p['computed']} | "
+                f"{p['computed_late']} | {p['p99_ms'] if p['p99_ms'] is not None else '-'} |")
+    return "\n".join(lines)
+
+
+def _source(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=DIR")
+    folder = Path(path).resolve()
+    if not (folder / "gateway" / "__main__.py").is_file():
+        raise argparse.ArgumentTypeError(f"{folder} holds no batchwire source tree")
+    return name, folder
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.deadlines",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", type=_source, action="append", default=[],
+                        help="NAME=DIR: a batchwire source tree to measure (repeatable; "
+                             "default: this one, as 'this')")
+    parser.add_argument("--model", default="minilm-fill-mask", choices=MODEL_KEYS)
+    parser.add_argument("--timeouts-ms", type=lambda t: [int(x) for x in t.split(",")],
+                        default=[150, 250, 1000])
+    parser.add_argument("--loads", type=lambda t: [float(x) for x in t.split(",")],
+                        default=[0.5, 2.0], help="offered rates, as multiples of capacity")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per point")
+    parser.add_argument("--capacity-clients", type=int, default=32)
+    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--inputs", type=int, default=256, help="distinct inputs to cycle")
+    parser.add_argument("--ready-timeout", type=float, default=300.0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/deadlines.json"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    sources = args.source or [("this", REPO_ROOT)]
+    args.logs = args.out.parent / "deadlines-logs"
+    model = get_model(args.model)
+    inputs = make_inputs("varied", args.inputs, task=model.task, max_tokens=model.max_tokens)
+    results = {"model": model.key, "command": "python -m benchmarks.deadlines "
+               + " ".join(argv if argv is not None else sys.argv[1:]), "sources": {}}
+    for name, source in sources:
+        server = start_server(name, source, model, args)
+        try:
+            results["sources"][name] = measure(server, inputs, args)
+        finally:
+            server.stop()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
