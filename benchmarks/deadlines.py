@@ -101,14 +101,15 @@ def measure(server: ServerProcess, inputs: list[str], args: argparse.Namespace) 
 
 
 def table(results: dict) -> str:
-    lines = ["| source | deadline | offered (x capacity) | answered in time | computed | "
-             "computed, answer late | p99 of those in time |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| source | deadline | offered (x capacity) | answered in time | 503 | 504 | "
+             "computed | computed, answer late | p99 of those in time |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, run in results["sources"].items():
         for p in run["points"]:
             lines.append(
                 f"| {name} | {p['timeout_ms']} ms | {p['offered']} ({p['load']}x "
-                f"{run['capacity_rps']:.0f}/s) | {p['in_time']} | {p['computed']} | "
+                f"{run['capacity_rps']:.0f}/s) | {p['in_time']} | "
+                f"{p['statuses'].get('503', 0)} | {p['statuses'].get('504', 0)} | {p['computed']} | "
                 f"{p['computed_late']} | {p['p99_ms'] if p['p99_ms'] is not None else '-'} |")
     return "\n".join(lines)
 
