@@ -475,10 +475,7 @@ class Broker:
                     request_id=pending.request_id,
                     inputs=pending.inputs,
                     parameters=pending.parameters,
-                    # The worker must answer by the time the answer still arrives in
-                    # time, so the trip there and back is not its to spend: counted, items
-                    # it computed for answers past their 504 fell (see worker.batcher).
-                    budget_ms=max(pending.deadline - now - worker.trip_s, 0.0) * 1000.0,
+                    budget_ms=self._budget_s(pending, worker, now) * 1000.0,
                     waited_ms=(now - pending.admitted_at) * 1000.0,
                     embed=pending.embed,
                     prompt_name=pending.prompt_name,
@@ -500,6 +497,17 @@ class Broker:
             worker.in_flight[pending.request_id] = pending
             if not self._send_frame(worker.identity, frame, undelivered=pending):
                 return  # the worker vanished; _send already requeued its work
+
+    @staticmethod
+    def _budget_s(pending: PendingRequest, worker: WorkerHandle, now: float) -> float:
+        """The time the worker has to answer: the time left, less the trip there and back,
+        which is not its to spend (told the whole time left, an overloaded worker computed
+        answers that came after their 504). Less half of the time left at most: the trip is
+        measured from answers, and one read late (a stalled event loop) would otherwise
+        leave the worker no time at all, answer every request 504, and so never be
+        measured again."""
+        left = max(pending.deadline - now, 0.0)
+        return left - min(worker.trip_s, left / 2.0)
 
     def _average_batch_s(self) -> float:
         """The batch time of the workers that have run one, on average: what one that has not

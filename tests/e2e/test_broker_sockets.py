@@ -397,6 +397,16 @@ async def test_a_worker_is_given_the_time_left_less_its_trip_there_and_back(h):
     broker.submit_many(["b"], {}, 5.0)
     second = (await w.wait_requests(2))[1]
     assert second.budget_ms == pytest.approx(5000.0 - 89.0)
+    # One answer read late (a stalled event loop) makes the trip look long: the worker
+    # still gets half the time left, not none, or every request would be 504 and no
+    # answer would ever come to measure the trip again.
+    now[0] += 2.0
+    await w.answer(second.request_id, "b", batch_id=2, inference_ms=10.0)
+    await w.sync()
+    assert handle(broker, w).trip_s > 0.3
+    broker.submit_many(["c"], {}, 0.3)
+    third = (await w.wait_requests(3))[2]
+    assert third.budget_ms == pytest.approx(150.0)
 
 
 # -- 3. exactly once --------------------------------------------------------------------------

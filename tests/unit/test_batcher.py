@@ -406,6 +406,28 @@ async def test_an_item_its_batch_would_finish_too_late_is_answered_504_and_its_p
     assert h.batcher.items_skipped == 1
 
 
+async def test_a_batch_all_late_still_runs_its_item_with_the_most_time_left(make_batcher):
+    """The model learns only from batches that run: were a whole batch turned away, a
+    prediction too high (slow first batches, one stall) would turn every request away for
+    good. The item with the most time left runs, and puts the model right."""
+    h = make_batcher(max_batch_size=4, max_delay=0.0)
+    predicting(h, 0.4)  # the true time is ~0: the runner computes nothing
+    now = time.monotonic()
+    items = [make_item(i, admitted_at=now, deadline=now + 0.1 + 0.01 * i) for i in (1, 2, 3)]
+    h.submit(*items)
+    await h.answered_all(items)
+    assert [h.only(i).kind for i in (1, 2, 3)] == ["error", "error", "result"]
+    assert h.runner.calls[0].inputs == [items[2].inputs]
+    # One at a time, each lone item runs, and the prediction falls to the truth.
+    for i in range(4, 10):
+        now = time.monotonic()
+        item = make_item(i, admitted_at=now, deadline=now + 0.15)
+        h.submit(item)
+        await h.answered_all([item])
+        assert h.only(i).kind == "result"
+    assert h.batcher.latency.predict(1) < 0.15  # a lone item's cost
+
+
 @pytest.mark.parametrize("why", ["two batches seen", "drop_late off"])
 async def test_an_item_is_not_called_late_on_too_few_batches_or_when_told_not_to(
         make_batcher, why):
