@@ -82,22 +82,62 @@ def measure(server: ServerProcess, inputs: list[str], args: argparse.Namespace) 
     for timeout_ms in args.timeouts_ms:
         for load in args.loads:
             before = _settle(server.base_url)
-            point = asyncio.run(loadgen.open_loop(
-                url, inputs, rate=load * rate_ok, duration_s=args.duration,
-                headers={**loadgen.TEXT_HEADERS, "X-Timeout-Ms": str(timeout_ms)}))
+            point, background = asyncio.run(_offer(url, inputs, load * rate_ok, timeout_ms,
+                                                   args))
             answered, skipped = (a - b for a, b in zip(_settle(server.base_url), before))
             computed = answered - skipped
             in_time = point["statuses"].get("200", 0)
-            points.append({
+            row = {
                 "timeout_ms": timeout_ms, "load": load, "rate": round(load * rate_ok, 1),
                 "offered": point["offered"], "in_time": in_time,
                 "statuses": point["statuses"], "computed": computed,
-                "computed_late": max(computed - in_time, 0),
                 "p50_ms": point["latency_ms"]["p50"], "p99_ms": point["latency_ms"]["p99"],
-            })
-            print(f"  {server.name}: {timeout_ms} ms, {load} x capacity: {in_time} of "
+            }
+            if background is not None:
+                row["background"] = {
+                    "timeout_ms": args.background_timeout_ms, "offered": background["offered"],
+                    "in_time": background["statuses"].get("200", 0),
+                    "statuses": background["statuses"],
+                    "p50_ms": background["latency_ms"]["p50"],
+                    "p99_ms": background["latency_ms"]["p99"]}
+                in_time += row["background"]["in_time"]
+            row["computed_late"] = max(computed - in_time, 0)
+            points.append(row)
+            print(f"  {server.name}: {timeout_ms} ms, {load} x capacity: {row['in_time']} of "
                   f"{point['offered']} in time, {computed} computed", file=sys.stderr)
     return {"capacity_rps": rate_ok, "points": points}
+
+
+async def _offer(url: str, inputs: list[str], rate: float, timeout_ms: int,
+                 args: argparse.Namespace) -> tuple[dict, dict | None]:
+    """An open loop at ``rate`` with ``timeout_ms``; with ``--background-timeout-ms``, a
+    share of that rate goes to a second loop, at the same time, with the longer deadline."""
+    def loop(share: float, timeout: int):
+        return loadgen.open_loop(
+            url, inputs, rate=share * rate, duration_s=args.duration,
+            headers={**loadgen.TEXT_HEADERS, "X-Timeout-Ms": str(timeout)})
+
+    if not args.background_timeout_ms:
+        return await loop(1.0, timeout_ms), None
+    share = args.background_share
+    point, background = await asyncio.gather(loop(1.0 - share, timeout_ms),
+                                             loop(share, args.background_timeout_ms))
+    return point, background
+
+
+def background_table(results: dict) -> str:
+    lines = ["| source | deadlines | offered (x capacity) | short: in time of offered | "
+             "long: in time of offered | long: p50 / p99 ms |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for name, run in results["sources"].items():
+        for p in run["points"]:
+            bg = p["background"]
+            lines.append(
+                f"| {name} | {p['timeout_ms']} / {bg['timeout_ms']} ms | "
+                f"{p['offered'] + bg['offered']} ({p['load']}x {run['capacity_rps']:.0f}/s) | "
+                f"{p['statuses'].get('200', 0)} of {p['offered']} | {bg['in_time']} of "
+                f"{bg['offered']} | {bg['p50_ms']} / {bg['p99_ms']} |")
+    return "\n".join(lines)
 
 
 def table(results: dict) -> str:
@@ -136,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loads", type=lambda t: [float(x) for x in t.split(",")],
                         default=[0.5, 2.0], help="offered rates, as multiples of capacity")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per point")
+    parser.add_argument("--background-timeout-ms", type=int, default=0,
+                        help="send --background-share of each point's rate at the same time "
+                             "with this longer deadline (clients with short deadlines beside "
+                             "others with long ones); 0: every request has the point's")
+    parser.add_argument("--background-share", type=float, default=0.5)
     parser.add_argument("--capacity-clients", type=int, default=32)
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--inputs", type=int, default=256, help="distinct inputs to cycle")
@@ -161,6 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
+    if args.background_timeout_ms:
+        print()
+        print(background_table(results))
     return 0
 
 

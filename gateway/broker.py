@@ -1,11 +1,12 @@
-"""The gateway's ZeroMQ side: one ROUTER socket, credit-based dispatch, one bounded queue.
+"""The gateway's ZeroMQ side: one ROUTER socket, credit-based dispatch, one bounded queue,
+served earliest deadline first (suspects before all).
 
 Every admitted request is a :class:`PendingRequest` whose future is resolved exactly once:
 with the worker's RESULT, with its ERROR, with 504 when the deadline passes, or with 500
 when the workers that held it died. Late and duplicate replies are dropped by request id.
 
 Poison control: a request that was on a worker when it died is a *suspect*. It is requeued
-at the front but runs alone, on a worker holding nothing else, so if it kills that worker
+ahead of every other request but runs alone, on a worker holding nothing else, so if it kills that worker
 too only it is charged; after two deaths it is answered 500 and never retried. Innocent
 requests that shared the first worker's queue run again (alone) and succeed.
 
@@ -19,12 +20,12 @@ occupying a slot there.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import logging
 import secrets
 import socket
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -86,6 +87,9 @@ SPEED_WEIGHT = 0.2
 IDLE_DECAY = 0.9
 #: Identities of killed local workers remembered, to refuse their late READYs.
 MAX_KILLED_REMEMBERED = 1024
+#: Settled requests the queue's heap may hold beyond twice the live ones before it is
+#: rebuilt without them.
+COMPACT_QUEUE_ABOVE = 1024
 #: Why a request was withdrawn (Broker.cancel): its client went away, or another input of
 #: the same list failed, which fails the whole list.
 CLIENT_GONE = "client_gone"
@@ -240,7 +244,9 @@ class Broker:
         # those answers to this gateway's own requests, whose clients got them (200, someone
         # else's answer). Two sessions' ids meet with odds of about one in 2**40.
         self._ids = itertools.count(secrets.randbits(62) + 1)
-        self._queue: deque[PendingRequest] = deque()
+        #: Earliest deadline first (suspects before all): (urgency, request) pairs, a heap.
+        #: Settled requests stay in it until they reach its top (or it is compacted).
+        self._queue: list[tuple[tuple[int, float, int], PendingRequest]] = []
         self._queued = 0
         self._pending: dict[int, PendingRequest] = {}
         self.workers: dict[bytes, WorkerHandle] = {}
@@ -428,18 +434,18 @@ class Broker:
             self._dispatch()  # it may have been a suspect blocking the queue's head
 
     # -- queue and dispatch -------------------------------------------------------------------
-    def _enqueue(self, pending: PendingRequest, front: bool = False) -> None:
+    def _enqueue(self, pending: PendingRequest) -> None:
         pending.queued = True
         pending.worker = None
         self._queued += 1
-        (self._queue.appendleft if front else self._queue.append)(pending)
+        heapq.heappush(self._queue, (_urgency(pending), pending))
 
     def _dispatch(self) -> None:
         unknown_s: float | None = None  # see _average_batch_s; once per call, when needed
         while self._queued and self.workers:
-            pending = self._queue[0]
+            pending = self._queue[0][1]
             if not pending.queued:  # finished while queued (deadline, disconnect): skip
-                self._queue.popleft()
+                heapq.heappop(self._queue)
                 continue
             now = self.clock()
             if pending.crashes:
@@ -459,7 +465,7 @@ class Broker:
                     w.free <= 0, w.expected_s(now, unknown_s), -w.free))
                 if worker.free <= 0:
                     return
-            self._queue.popleft()
+            heapq.heappop(self._queue)
             if worker.info.task != pending.task:
                 # Every worker of its task left and one of another task took their place
                 # (_admissible lets it in then): that one would answer in another shape,
@@ -537,6 +543,11 @@ class Broker:
         if pending.queued:
             pending.queued = False
             self._queued -= 1
+            if len(self._queue) > 2 * self._queued + COMPACT_QUEUE_ABOVE:
+                # Settled requests wait in the heap for their turn at the top, which, for
+                # a long deadline behind a stream of short ones, can be a while.
+                self._queue = [entry for entry in self._queue if entry[1].queued]
+                heapq.heapify(self._queue)
         if pending.future.done():
             pass  # the handler went away and cancelled it
         elif error is not None:
@@ -556,7 +567,8 @@ class Broker:
     # -- workers ---------------------------------------------------------------------------
     def worker_lost(self, worker: WorkerHandle, reason: str, crashed: bool = True,
                     undelivered: PendingRequest | None = None) -> None:
-        """Take a worker out of dispatch and requeue, at the front, what it had not answered.
+        """Take a worker out of dispatch and requeue what it had not answered (older than
+        what waits, so served before it, with one deadline for all; suspects first).
         ``undelivered``: a request that never reached it, so no crash counts against it."""
         if self.workers.get(worker.identity) is not worker:
             return
@@ -573,7 +585,7 @@ class Broker:
                     del self._killed[next(iter(self._killed))]
         log.warning("worker %s (pid %d) lost: %s; %d request(s) to requeue",
                     worker.info.worker_id, worker.info.pid, reason, len(orphans))
-        for pending in reversed(orphans):
+        for pending in orphans:
             if crashed and pending is not undelivered:
                 pending.crashes += 1
             if pending.crashes >= MAX_CRASHES:
@@ -581,7 +593,7 @@ class Broker:
                     "the workers running this request died twice; it is not retried again"))
             else:
                 self.requeued += 1
-                self._enqueue(pending, front=True)
+                self._enqueue(pending)
         self._dispatch()
 
     def _revoke(self, keys: frozenset[str]) -> None:
@@ -901,12 +913,21 @@ class Broker:
         by default) for a 504, while new requests got 503 at once."""
         log.warning("no worker for %.1f s: %d queued input(s) answered 503 no_workers",
                     gone_s, self._queued)
-        for pending in list(self._queue):
+        for _, pending in list(self._queue):
             if pending.queued:
                 self._finish(pending, error=NoWorkers(
                     f"every model worker left {gone_s:.0f} s ago and none has come back; "
                     "retry shortly"))
         self._queue.clear()
+
+
+def _urgency(pending: PendingRequest) -> tuple[int, float, int]:
+    """The queue's order: suspects first (each waits for a worker holding nothing, and
+    keeps its place meanwhile), then the earliest deadline, then the first admitted. With
+    one deadline for all that is first come, first served; with a few clients asking
+    for short deadlines beside many with long ones, a short one no longer waits behind
+    the long ones' backlog until it is too late."""
+    return (0 if pending.crashes else 1, pending.deadline, pending.request_id)
 
 
 def _averaged(average: float, sample: float) -> float:

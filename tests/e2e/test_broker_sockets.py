@@ -409,6 +409,27 @@ async def test_a_worker_is_given_the_time_left_less_its_trip_there_and_back(h):
     assert third.budget_ms == pytest.approx(150.0)
 
 
+async def test_the_queue_serves_the_earliest_deadline_first(h):
+    """Behind a backlog of requests with long deadlines, one with a short deadline went
+    last, however soon it had to be answered; with one deadline for all, the order is the
+    order of arrival, as before."""
+    broker = await h.broker()
+    w = await h.worker(broker, "a", capacity=1)
+    (busy,) = broker.submit_many(["busy"], {}, 5.0)
+    await w.wait_requests(1)
+    long1, long2 = broker.submit_many(["long 1", "long 2"], {}, 30.0)
+    (short,) = broker.submit_many(["short"], {}, 1.0)
+    (long3,) = broker.submit_many(["long 3"], {}, 30.0)
+    (medium,) = broker.submit_many(["medium"], {}, 10.0)
+    order = [busy]
+    for expected in (short, medium, long1, long2, long3):
+        await w.answer(order[-1].request_id, "x")
+        got = await w.wait_requests(len(order) + 1)
+        assert got[-1].request_id == expected.request_id, [r.inputs for r in got]
+        order.append(expected)
+    assert broker.queue_depth == 0
+
+
 # -- 3. exactly once --------------------------------------------------------------------------
 async def test_duplicate_answers_resolve_once_and_free_credit_once(h, caplog):
     caplog.set_level(logging.WARNING, logger="batchwire.gateway.broker")
