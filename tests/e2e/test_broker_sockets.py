@@ -29,7 +29,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from gateway.broker import (LIST_ITEM_FAILED, MAX_CRASHES, YIELD_AFTER_BYTES,
+from gateway.broker import (COMPACT_QUEUE_ABOVE, LIST_ITEM_FAILED, MAX_CRASHES, YIELD_AFTER_BYTES,
                             YIELD_AFTER_FRAMES, Broker, PendingRequest, WorkerHandle)
 from protocol import codec
 from gateway.held_memory import STRUCTURED_EXPANSION
@@ -427,6 +427,31 @@ async def test_the_queue_serves_the_earliest_deadline_first(h):
         got = await w.wait_requests(len(order) + 1)
         assert got[-1].request_id == expected.request_id, [r.inputs for r in got]
         order.append(expected)
+    assert broker.queue_depth == 0
+
+
+async def test_withdrawn_requests_do_not_pile_up_in_the_queue(h):
+    """Withdrawn requests wait in the heap for their turn at its top, which behind a stream
+    of shorter deadlines can be a long while: it is rebuilt without them, and the live ones
+    keep their order."""
+    broker = await h.broker(max_queue=4000)
+    w = await h.worker(broker, "a", capacity=1)
+    (busy,) = broker.submit_many(["busy"], {}, 5.0)
+    await w.wait_requests(1)
+    waiting = broker.submit_many([f"x{i}" for i in range(3000)], {}, 30.0)
+    kept = waiting[::100]
+    keep = {pending.request_id for pending in kept}
+    for pending in waiting:
+        if pending.request_id not in keep:
+            broker.cancel(pending)
+    assert broker.queue_depth == len(kept) == 30
+    assert len(broker._queue) <= 2 * len(kept) + COMPACT_QUEUE_ABOVE
+    previous = busy
+    for pending in kept:
+        await w.answer(previous.request_id, "x")
+        got = await w.wait_requests(len(w.requests) + 1)
+        assert got[-1].request_id == pending.request_id
+        previous = pending
     assert broker.queue_depth == 0
 
 
