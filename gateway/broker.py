@@ -143,6 +143,9 @@ class PendingRequest:
     #: Answered (or given up on). Not future.done(): a cancelled handler's gather cancels
     #: the future itself, and the broker must still withdraw the request.
     settled: bool = False
+    #: Where it queues (_urgency): its deadline, but no later than the default deadline
+    #: of a request admitted with it.
+    rank: float = 0.0
 
     @property
     def done(self) -> bool:
@@ -214,6 +217,7 @@ class Broker:
         *,
         max_queue: int,
         max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
+        default_timeout_s: float = 30.0,
         heartbeat_interval_s: float = 1.0,
         batch_timeout_s: float = 60.0,
         metrics: GatewayMetrics | None = None,
@@ -224,6 +228,9 @@ class Broker:
     ):
         self.endpoint = endpoint
         self.max_queue = max_queue
+        #: The deadline most requests get (--timeout-ms): one asking for more is queued as
+        #: if it had this one, so it does not wait behind everyone admitted after it.
+        self.default_timeout_s = default_timeout_s
         self.memory = HeldMemory(max_held_bytes)
         self.heartbeat_interval_s = heartbeat_interval_s
         self.batch_timeout_s = batch_timeout_s
@@ -409,6 +416,7 @@ class Broker:
                 prompt_name=prompt_name,
                 claim=claim,
                 task=task,
+                rank=now + min(timeout_s, self.default_timeout_s),
             )
             pending.timer = loop.call_later(timeout_s, self._expire, pending)
             self._pending[pending.request_id] = pending
@@ -543,6 +551,9 @@ class Broker:
         if pending.queued:
             pending.queued = False
             self._queued -= 1
+            # It stays in the queue's heap until its turn at the top: what it carried (up
+            # to a whole body, already given back to the held-memory budget) need not.
+            pending.inputs, pending.parameters = None, {}
             if len(self._queue) > 2 * self._queued + COMPACT_QUEUE_ABOVE:
                 # Settled requests wait in the heap for their turn at the top, which, for
                 # a long deadline behind a stream of short ones, can be a while.
@@ -926,8 +937,10 @@ def _urgency(pending: PendingRequest) -> tuple[int, float, int]:
     keeps its place meanwhile), then the earliest deadline, then the first admitted. With
     one deadline for all that is first come, first served; with a few clients asking
     for short deadlines beside many with long ones, a short one no longer waits behind
-    the long ones' backlog until it is too late."""
-    return (0 if pending.crashes else 1, pending.deadline, pending.request_id)
+    the long ones' backlog until it is too late. A deadline past the default counts as
+    the default (``rank``): by its own, a request given an hour waited behind every
+    default one admitted after it, for most of the hour."""
+    return (0 if pending.crashes else 1, pending.rank, pending.request_id)
 
 
 def _averaged(average: float, sample: float) -> float:

@@ -86,6 +86,7 @@ async def _run_gateway(config: GatewayConfig, serve: ServeConfig | None,
                      "--zmq-bind", endpoint)
         return 2
     broker = Broker(endpoint, max_queue=config.max_queue,
+                    default_timeout_s=config.timeout_ms / 1000.0,
                     max_held_bytes=config.max_held_bytes,
                     heartbeat_interval_s=config.heartbeat_interval_s,
                     batch_timeout_s=config.batch_timeout_s,

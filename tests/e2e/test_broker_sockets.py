@@ -430,6 +430,24 @@ async def test_the_queue_serves_the_earliest_deadline_first(h):
     assert broker.queue_depth == 0
 
 
+async def test_a_deadline_past_the_default_queues_as_the_default_and_is_not_starved(h):
+    """By its own deadline, a request given an hour went behind every default one admitted
+    after it, for as long as they kept coming."""
+    broker = await h.broker(max_queue=64, default_timeout_s=30.0)
+    w = await h.worker(broker, "a", capacity=1)
+    (busy,) = broker.submit_many(["busy"], {}, 30.0)
+    await w.wait_requests(1)
+    (patient,) = broker.submit_many(["patient"], {}, 3600.0)
+    steady = broker.submit_many(["n0"], {}, 30.0)
+    (short,) = broker.submit_many(["short"], {}, 1.0)  # shorter than the default: still first
+    order = [busy]
+    for expected in (short, patient, steady[0]):
+        await w.answer(order[-1].request_id, "x")
+        got = await w.wait_requests(len(order) + 1)
+        assert got[-1].request_id == expected.request_id, [r.inputs for r in got]
+        order.append(expected)
+
+
 async def test_withdrawn_requests_do_not_pile_up_in_the_queue(h):
     """Withdrawn requests wait in the heap for their turn at its top, which behind a stream
     of shorter deadlines can be a long while: it is rebuilt without them, and the live ones
@@ -446,6 +464,8 @@ async def test_withdrawn_requests_do_not_pile_up_in_the_queue(h):
             broker.cancel(pending)
     assert broker.queue_depth == len(kept) == 30
     assert len(broker._queue) <= 2 * len(kept) + COMPACT_QUEUE_ABOVE
+    # Those still in the heap hold no inputs (a body each, back in the budget already).
+    assert all(p.inputs is None for _, p in broker._queue if not p.queued)
     previous = busy
     for pending in kept:
         await w.answer(previous.request_id, "x")
