@@ -22,7 +22,8 @@ The policy, in one place:
   from a batch already closed would run it short (a trial that did so lost a quarter of
   the answers at a 250 ms deadline), so they are left out as it closes, and younger items
   take their places. The deadline is the gateway's less the trip back (gateway.broker).
-  One item of a batch always runs, so that a prediction too high is corrected.
+  One item of a batch always runs, so that a prediction too high is corrected; and a
+  stall is learnt as at most STALL_FACTOR times the prediction.
 * A batch that raises is split in halves and retried, so one bad input fails alone and its
   neighbours still get results. Every submitted item gets exactly one outcome.
 * Adaptive (the worker's default): a batch that is not full waits only while the worker's
@@ -62,6 +63,10 @@ log = logging.getLogger("batchwire.worker.batcher")
 
 #: Batches observed before the latency model is trusted to call an item late.
 LATE_AFTER_BATCHES = 3
+#: A batch that takes longer than this many times the model's prediction is learnt as
+#: taking that long (Batcher._observe). A lasting slowdown is still followed: each batch
+#: raises the prediction, and so the bound.
+STALL_FACTOR = 4.0
 
 @dataclass(frozen=True, slots=True)
 class RunOutput:
@@ -302,9 +307,11 @@ class Batcher:
         late = [it for it in selection.items if it.deadline < done_at]
         if len(late) == len(selection.items):
             # Never all of it: the model learns only from batches that run, so a prediction
-            # too high (slow first batches, one stall, a length it never saw) would turn
-            # every request away for good. The item with the most time left runs, and if
-            # the model was wrong, its batch puts it right.
+            # too high (slow first batches, a length it never saw) would turn every request
+            # away for good. The item with the most time left runs, and if the model was
+            # wrong, its batch puts it right. (Running the whole batch instead was tried:
+            # under overload the worker's queue often holds just the late, and computing
+            # them halved the answers in time at a 150 ms deadline.)
             late.remove(max(late, key=lambda it: it.deadline))
         if not late:
             return False
@@ -390,7 +397,7 @@ class Batcher:
             return
         self.batches_run += 1
         inference_ms = (finished - started) * 1000.0
-        self.latency.observe(batch_policy.batch_cost(tokens), finished - started)
+        self._observe(batch_policy.batch_cost(tokens), finished - started)
         padded = batch_policy.padded_tokens(tokens)
         padding = 1.0 - sum(tokens) / padded if padded else 0.0
         for item, output, count in zip(batch, outputs, tokens):
@@ -398,6 +405,15 @@ class Batcher:
                                self.batches_run, count, padded, padding)
             self._by_id.pop(item.request_id, None)
             self.on_result(item, output, stats)
+
+    def _observe(self, cost: float, seconds: float) -> None:
+        """Teach the latency model a batch's time, a stall's at most STALL_FACTOR times
+        what it expected: one batch held up for a second (a paused VM, a collection, a
+        cold first large batch) tilted the fitted line for hundreds of batches, and every
+        batch bigger than the next one alone looked ten times slower than it was."""
+        if self.latency.observations >= LATE_AFTER_BATCHES:
+            seconds = min(seconds, STALL_FACTOR * self.latency.predict(cost))
+        self.latency.observe(cost, seconds)
 
     def _timed_run(self, inputs: list, parameters: dict, lengths: list) -> tuple[Any, float, float]:
         """Runs in the inference thread and times the call there, so inference_ms is the

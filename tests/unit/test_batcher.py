@@ -36,6 +36,7 @@ from tests.unit.batching_harness import (
     make_item,
     wait_until,
 )
+from worker import batch_policy
 from worker.batcher import Batcher, WorkItem
 from worker.runner import classify_error as pipeline_classify_error
 
@@ -426,6 +427,26 @@ async def test_a_batch_all_late_still_runs_its_item_with_the_most_time_left(make
         await h.answered_all([item])
         assert h.only(i).kind == "result"
     assert h.batcher.latency.predict(1) < 0.15  # a lone item's cost
+
+
+async def test_one_stalled_batch_does_not_make_every_batch_look_slow(make_batcher):
+    """A batch of eight held up a second beside many quick ones tilted the fitted line so
+    far that every batch of more than one looked ten times slower than it was, and a light
+    load with a 150 ms deadline got 504 for most of its requests for 9 s."""
+    stalled = {"calls": 0}
+
+    def cost(lengths):
+        stalled["calls"] += 1
+        return 1.0 if len(lengths) == 8 else 0.002 * len(lengths)
+
+    h = make_batcher(Runner(cost=cost), max_batch_size=8, max_delay=0.0)
+    for n, size in enumerate((1, 2, 1, 2, 1, 2, 8)):
+        now = time.monotonic()
+        items = [make_item(100 * n + i, admitted_at=now, tokens=4) for i in range(size)]
+        h.submit(*items)
+        await h.answered_all(items)
+    assert h.runner.sizes[-1] == 8 and h.runner.calls[-1].cost_s == 1.0, h.runner.sizes
+    assert h.batcher.latency.predict(batch_policy.batch_cost([4] * 4)) < 0.1
 
 
 @pytest.mark.parametrize("why", ["two batches seen", "drop_late off"])
