@@ -149,8 +149,9 @@ def table(results: dict) -> str:
             lines.append(
                 f"| {name} | {p['timeout_ms']} ms | {p['offered']} ({p['load']}x "
                 f"{run['capacity_rps']:.0f}/s) | {p['in_time']} | "
-                f"{p['statuses'].get('503', 0)} | {p['statuses'].get('504', 0)} | {p['computed']} | "
-                f"{p['computed_late']} | {p['p99_ms'] if p['p99_ms'] is not None else '-'} |")
+                f"{p['statuses'].get('503', 0)} | {p['statuses'].get('504', 0)} | "
+                f"{p['computed']} | {p['computed_late']} | "
+                f"{p['p99_ms'] if p['p99_ms'] is not None else '-'} |")
     return "\n".join(lines)
 
 

@@ -6,9 +6,10 @@ with the worker's RESULT, with its ERROR, with 504 when the deadline passes, or 
 when the workers that held it died. Late and duplicate replies are dropped by request id.
 
 Poison control: a request that was on a worker when it died is a *suspect*. It is requeued
-ahead of every other request but runs alone, on a worker holding nothing else, so if it kills that worker
-too only it is charged; after two deaths it is answered 500 and never retried. Innocent
-requests that shared the first worker's queue run again (alone) and succeed.
+ahead of every other request but runs alone, on a worker holding nothing else, so if it
+kills that worker too only it is charged; after two deaths it is answered 500 and never
+retried. Innocent requests that shared the first worker's queue run again (alone) and
+succeed.
 
 Credit: a worker announces ``capacity`` in READY; the broker never leaves more than that
 many requests unanswered on it, and sends to the worker with the most free credit. A

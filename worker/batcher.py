@@ -67,6 +67,10 @@ LATE_AFTER_BATCHES = 3
 #: taking that long (Batcher._observe). A lasting slowdown is still followed: each batch
 #: raises the prediction, and so the bound.
 STALL_FACTOR = 4.0
+#: ... plus this, so that a model that predicts next to nothing still learns quickly that
+#: batches have become slow.
+STALL_FLOOR_S = 0.005
+
 
 @dataclass(frozen=True, slots=True)
 class RunOutput:
@@ -412,7 +416,7 @@ class Batcher:
         cold first large batch) tilted the fitted line for hundreds of batches, and every
         batch bigger than the next one alone looked ten times slower than it was."""
         if self.latency.observations >= LATE_AFTER_BATCHES:
-            seconds = min(seconds, STALL_FACTOR * self.latency.predict(cost))
+            seconds = min(seconds, STALL_FACTOR * self.latency.predict(cost) + STALL_FLOOR_S)
         self.latency.observe(cost, seconds)
 
     def _timed_run(self, inputs: list, parameters: dict, lengths: list) -> tuple[Any, float, float]:
