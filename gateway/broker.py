@@ -144,9 +144,6 @@ class PendingRequest:
     #: Answered (or given up on). Not future.done(): a cancelled handler's gather cancels
     #: the future itself, and the broker must still withdraw the request.
     settled: bool = False
-    #: Where it queues (_urgency): its deadline, but no later than the default deadline
-    #: of a request admitted with it.
-    rank: float = 0.0
 
     @property
     def done(self) -> bool:
@@ -417,7 +414,6 @@ class Broker:
                 prompt_name=prompt_name,
                 claim=claim,
                 task=task,
-                rank=now + min(timeout_s, self.default_timeout_s),
             )
             pending.timer = loop.call_later(timeout_s, self._expire, pending)
             self._pending[pending.request_id] = pending
@@ -447,7 +443,7 @@ class Broker:
         pending.queued = True
         pending.worker = None
         self._queued += 1
-        heapq.heappush(self._queue, (_urgency(pending), pending))
+        heapq.heappush(self._queue, (_urgency(pending, self.default_timeout_s), pending))
 
     def _dispatch(self) -> None:
         unknown_s: float | None = None  # see _average_batch_s; once per call, when needed
@@ -552,12 +548,11 @@ class Broker:
         if pending.queued:
             pending.queued = False
             self._queued -= 1
-            # It stays in the queue's heap until its turn at the top: what it carried (up
-            # to a whole body, already given back to the held-memory budget) need not.
+            # It stays in the queue's heap until its turn at the top, which for a long
+            # deadline behind a stream of short ones can be a while: what it carried (up to
+            # a whole body, already given back to the held-memory budget) need not.
             pending.inputs, pending.parameters = None, {}
             if len(self._queue) > 2 * self._queued + COMPACT_QUEUE_ABOVE:
-                # Settled requests wait in the heap for their turn at the top, which, for
-                # a long deadline behind a stream of short ones, can be a while.
                 self._queue = [entry for entry in self._queue if entry[1].queued]
                 heapq.heapify(self._queue)
         if pending.future.done():
@@ -933,15 +928,16 @@ class Broker:
         self._queue.clear()
 
 
-def _urgency(pending: PendingRequest) -> tuple[int, float, int]:
+def _urgency(pending: PendingRequest, default_timeout_s: float) -> tuple[int, float, int]:
     """The queue's order: suspects first (each waits for a worker holding nothing, and
     keeps its place meanwhile), then the earliest deadline, then the first admitted. With
     one deadline for all that is first come, first served; with a few clients asking
     for short deadlines beside many with long ones, a short one no longer waits behind
     the long ones' backlog until it is too late. A deadline past the default counts as
-    the default (``rank``): by its own, a request given an hour waited behind every
-    default one admitted after it, for most of the hour."""
-    return (0 if pending.crashes else 1, pending.rank, pending.request_id)
+    the default: by its own, a request given an hour waited behind every default one
+    admitted after it, for most of the hour."""
+    rank = min(pending.deadline, pending.admitted_at + default_timeout_s)
+    return (0 if pending.crashes else 1, rank, pending.request_id)
 
 
 def _averaged(average: float, sample: float) -> float:

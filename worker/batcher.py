@@ -278,8 +278,7 @@ class Batcher:
                 if self._drop_late(selection, now):
                     continue  # choose again: younger items take the late ones' places
                 batch_policy.mark_passed_over(group, selection.items)
-                taken = set(map(id, selection.items))
-                self._queue = [it for it in self._queue if id(it) not in taken]
+                self._take(selection.items)
                 return selection.items
             self._wakeup.clear()
             try:
@@ -326,9 +325,13 @@ class Batcher:
                 f"left, and its batch takes about {predicted * 1000.0:.0f} ms): the model is "
                 "busy; raise X-Timeout-Ms or retry"))
         self.items_skipped += len(late)
-        gone = set(map(id, late))
-        self._queue = [it for it in self._queue if id(it) not in gone]
+        self._take(late)
         return True
+
+    def _take(self, items: list[WorkItem]) -> None:
+        """Remove ``items`` from the queue."""
+        taken = set(map(id, items))
+        self._queue = [it for it in self._queue if id(it) not in taken]
 
     def _forget_quiet_streams(self) -> None:
         """Bound the per-parameter-set state: keep the most recently active half."""
