@@ -863,6 +863,7 @@ async def handle_info(request: web.Request) -> web.Response:
         "queue_depth": broker.queue_depth,
         "in_flight": broker.in_flight,
         "requeued": broker.requeued,
+        "deadline_missed": dict(broker.deadline_missed),
         "held_bytes": broker.memory.held,
         "connections": request.app[CONNECTIONS].open,
         "api_keys": request.app[API_KEYS].count,

@@ -96,6 +96,15 @@ COMPACT_QUEUE_ABOVE = 1024
 CLIENT_GONE = "client_gone"
 LIST_ITEM_FAILED = "list_item_failed"
 CANCEL_REASONS = (CLIENT_GONE, LIST_ITEM_FAILED)
+#: Where an input was when its deadline made it a 504, each pointing at its own remedy:
+#: waiting in the gateway's queue (too few workers for the load), refused by the worker
+#: (its deadline passed in the worker's queue, or its batch would have finished too late:
+#: deadlines near the batch time, or a backlog at the worker), or held by a worker that
+#: had not answered (computing a batch longer than the deadline).
+MISSED_IN_QUEUE = "gateway_queue"
+MISSED_AT_WORKER = "worker_refused"
+MISSED_IN_FLIGHT = "in_flight"
+MISSED_WHERE = (MISSED_IN_QUEUE, MISSED_AT_WORKER, MISSED_IN_FLIGHT)
 
 
 def check_nesting(inputs: list, parameters: dict) -> None:
@@ -291,6 +300,8 @@ class Broker:
         self.expecting_workers: Callable[[], bool] = lambda: False
         #: Requests withdrawn before their answer, by why (CANCEL_REASONS).
         self.cancelled = dict.fromkeys(CANCEL_REASONS, 0)
+        #: Inputs answered 504 for their deadline, by where they were (MISSED_WHERE).
+        self.deadline_missed = dict.fromkeys(MISSED_WHERE, 0)
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -531,9 +542,11 @@ class Broker:
         if pending.done:
             return
         worker = pending.worker
+        held = worker is not None and pending.request_id in worker.in_flight
+        self.deadline_missed[MISSED_IN_FLIGHT if held else MISSED_IN_QUEUE] += 1
         self._finish(pending, error=DeadlineExceeded(
             "the request did not finish within its time budget; raise X-Timeout-Ms or retry"))
-        if worker is not None and pending.request_id in worker.in_flight:
+        if held:
             self._send(worker.identity, Cancel(pending.request_id))
         else:
             self._dispatch()  # it may have been a suspect blocking the queue's head
@@ -824,6 +837,8 @@ class Broker:
                 if isinstance(message, Error) and message.code in ("cancelled",
                                                                    "deadline_exceeded"):
                     worker.skipped += 1
+                    if message.code == "deadline_exceeded" and not pending.settled:
+                        self.deadline_missed[MISSED_AT_WORKER] += 1
                 if isinstance(message, Result):
                     self._observe(worker, message, pending)
                     # An answer the held-memory budget refuses is answered with the refusal.

@@ -162,6 +162,13 @@ class _LiveCollector:
         for reason, count in broker.cancelled.items():
             cancelled.add_metric([reason], count)
         yield cancelled
+        missed = CounterMetricFamily(
+            "batchwire_deadline_missed", "Inputs answered 504 for their deadline, by where "
+            "they were: waiting in the gateway's queue (add workers), refused by the worker as "
+            "past or too close to it, or held by a worker that had not answered", labels=["where"])
+        for where, count in broker.deadline_missed.items():
+            missed.add_metric([where], count)
+        yield missed
         guard = self.connections
         if guard is not None:
             yield GaugeMetricFamily("batchwire_connections", "Client connections open now "

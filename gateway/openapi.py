@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 from aiohttp import web
 
+from gateway.broker import MISSED_WHERE
 from gateway.config import GatewayConfig
 from protocol.errors import (
     AnswersTooLarge,
@@ -289,6 +290,14 @@ def _components(config: GatewayConfig) -> dict:
                 "queue_depth": {"type": "integer", "minimum": 0},
                 "in_flight": {"type": "integer", "minimum": 0},
                 "requeued": {"type": "integer", "minimum": 0},
+                "deadline_missed": {
+                    "type": "object",
+                    "description": "Inputs answered 504 for their deadline since start, by "
+                                   "where they were: in the gateway's queue, refused by the "
+                                   "worker (past it, or its batch would finish too late), or "
+                                   "held by a worker that had not answered.",
+                    "properties": {where: {"type": "integer", "minimum": 0}
+                                   for where in MISSED_WHERE}},
                 "held_bytes": {"type": "integer", "minimum": 0},
                 "connections": {"type": "integer", "minimum": 0,
                                 "description": "Client connections open now "

@@ -536,6 +536,38 @@ async def test_deadline_answers_504_cancels_on_worker_and_keeps_credit_until_ans
     assert (await outcome(q)).output == "ok"
 
 
+async def test_each_504_for_a_deadline_is_counted_where_the_input_was(h):
+    """A 504 alone did not say whether to add workers or to look at batch sizes: each is
+    now counted by where its input was when the deadline ran out."""
+    broker = await h.broker()
+    w = await h.worker(broker, "a", capacity=1)
+    missed = broker.deadline_missed
+    assert missed == {"gateway_queue": 0, "worker_refused": 0, "in_flight": 0}
+
+    (busy,) = broker.submit_many(["busy"], {}, 30.0)
+    await w.wait_requests(1)
+    (queued,) = broker.submit_many(["queued"], {}, 0.05)  # no credit left: it waits here
+    assert isinstance(await outcome(queued), DeadlineExceeded)
+    assert missed == {"gateway_queue": 1, "worker_refused": 0, "in_flight": 0}
+
+    await w.answer(busy.request_id, "ok")
+    (refused,) = broker.submit_many(["refused"], {}, 30.0)
+    (_, sent) = await w.wait_requests(2)
+    await w.fail(sent.request_id, "deadline_exceeded", "its batch would finish too late")
+    assert isinstance(await outcome(refused), DeadlineExceeded)
+    assert missed == {"gateway_queue": 1, "worker_refused": 1, "in_flight": 0}
+
+    (held,) = broker.submit_many(["held"], {}, 0.05)
+    await w.wait_requests(3)
+    assert isinstance(await outcome(held), DeadlineExceeded)
+    assert missed == {"gateway_queue": 1, "worker_refused": 1, "in_flight": 1}
+    # The worker's own 504 for it, after the gateway's, is the same miss: not counted again.
+    await w.fail(held.request_id, "deadline_exceeded", "expired")
+    await w.sync()
+    assert handle(broker, w).in_flight == {}
+    assert missed == {"gateway_queue": 1, "worker_refused": 1, "in_flight": 1}
+
+
 # -- 5. admission -----------------------------------------------------------------------------
 async def test_admission_without_workers_is_no_workers(h):
     broker = await h.broker()

@@ -148,7 +148,8 @@ async def test_embeddings_on_a_fill_mask_server_say_what_is_needed(fill_mask_ser
                  "batchwire_queue_depth", "batchwire_queue_wait_seconds_bucket",
                  "batchwire_batch_size_bucket", "batchwire_inference_seconds_bucket",
                  "batchwire_workers", "batchwire_rejected_total", "batchwire_worker_restarts_total",
-                 "batchwire_requests_requeued_total", "batchwire_requests_cancelled_total"):
+                 "batchwire_requests_requeued_total", "batchwire_requests_cancelled_total",
+                 'batchwire_deadline_missed_total{where="worker_refused"}'):
         assert name in scrape, name
     # The server is shared with other modules: what these two requests added.
     assert metric(scrape, embeddings_400) - metric(before, embeddings_400) == 1.0
