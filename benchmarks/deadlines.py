@@ -9,7 +9,9 @@ run on one machine), ``batchwire serve`` with one worker starts from that tree, 
 2. for each deadline in ``--timeouts-ms`` and each load in ``--loads`` (multiples of that
    capacity), an open loop sends at that rate for ``--duration`` seconds;
 3. the worker's ``answered`` and ``skipped`` counters (``/info``) are read before and after,
-   so ``computed - 200s`` is the work done for answers that arrived after their 504.
+   so ``computed - 200s`` is the work done for answers that arrived after their 504;
+   where a tree's ``/info`` has ``deadline_missed``, its 504s are split by where each input
+   was when its deadline ran out (the gateway's queue, refused by the worker, in flight).
 
 Output: a JSON file (``--out``) and a Markdown table on stdout. Speed is reported here, never
 asserted; ``tests/e2e/test_benchmark_smoke.py`` runs it on the tiny model.
@@ -44,20 +46,24 @@ def _info(base_url: str) -> dict:
         return json.loads(resp.read())
 
 
-def _worker_counts(base_url: str) -> tuple[int, int]:
-    workers = _info(base_url)["workers"]
-    return (sum(w["answered"] for w in workers), sum(w["skipped"] for w in workers))
+def _counts(base_url: str) -> tuple[int, int, dict]:
+    """The worker's answered and skipped counts, and the gateway's 504s for a deadline by
+    where (empty from a tree older than that count)."""
+    info = _info(base_url)
+    workers = info["workers"]
+    return (sum(w["answered"] for w in workers), sum(w["skipped"] for w in workers),
+            info.get("deadline_missed", {}))
 
 
-def _settle(base_url: str) -> tuple[int, int]:
-    """The worker's counters once nothing is queued or in flight any more."""
+def _settle(base_url: str) -> tuple[int, int, dict]:
+    """The counters once nothing is queued or in flight any more."""
     end = time.monotonic() + SETTLE_S
     while time.monotonic() < end:
         info = _info(base_url)
         if not info["queue_depth"] and not sum(w["in_flight"] for w in info["workers"]):
             break
         time.sleep(0.1)
-    return _worker_counts(base_url)
+    return _counts(base_url)
 
 
 def start_server(name: str, source: Path, model, args: argparse.Namespace) -> ServerProcess:
@@ -84,7 +90,8 @@ def measure(server: ServerProcess, inputs: list[str], args: argparse.Namespace) 
             before = _settle(server.base_url)
             point, background = asyncio.run(_offer(url, inputs, load * rate_ok, timeout_ms,
                                                    args))
-            answered, skipped = (a - b for a, b in zip(_settle(server.base_url), before))
+            after = _settle(server.base_url)
+            answered, skipped = after[0] - before[0], after[1] - before[1]
             computed = answered - skipped
             in_time = point["statuses"].get("200", 0)
             row = {
@@ -92,6 +99,8 @@ def measure(server: ServerProcess, inputs: list[str], args: argparse.Namespace) 
                 "offered": point["offered"], "in_time": in_time,
                 "statuses": point["statuses"], "computed": computed,
                 "p50_ms": point["latency_ms"]["p50"], "p99_ms": point["latency_ms"]["p99"],
+                "deadline_missed": {where: count - before[2].get(where, 0)
+                                    for where, count in after[2].items()},
             }
             if background is not None:
                 row["background"] = {
@@ -142,17 +151,25 @@ def background_table(results: dict) -> str:
 
 def table(results: dict) -> str:
     lines = ["| source | deadline | offered (x capacity) | answered in time | 503 | 504 | "
-             "computed | computed, answer late | p99 of those in time |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "504 where: gateway queue / worker refused / in flight | computed | "
+             "computed, answer late | p99 of those in time |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, run in results["sources"].items():
         for p in run["points"]:
             lines.append(
                 f"| {name} | {p['timeout_ms']} ms | {p['offered']} ({p['load']}x "
                 f"{run['capacity_rps']:.0f}/s) | {p['in_time']} | "
                 f"{p['statuses'].get('503', 0)} | {p['statuses'].get('504', 0)} | "
-                f"{p['computed']} | {p['computed_late']} | "
+                f"{_where(p.get('deadline_missed'))} | {p['computed']} | {p['computed_late']} | "
                 f"{p['p99_ms'] if p['p99_ms'] is not None else '-'} |")
     return "\n".join(lines)
+
+
+def _where(missed: dict | None) -> str:
+    if not missed:
+        return "-"
+    return " / ".join(str(missed.get(where, 0))
+                      for where in ("gateway_queue", "worker_refused", "in_flight"))
 
 
 def _source(text: str) -> tuple[str, Path]:

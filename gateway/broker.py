@@ -99,8 +99,9 @@ CANCEL_REASONS = (CLIENT_GONE, LIST_ITEM_FAILED)
 #: Where an input was when its deadline made it a 504, each pointing at its own remedy:
 #: waiting in the gateway's queue (too few workers for the load), refused by the worker
 #: (its deadline passed in the worker's queue, or its batch would have finished too late:
-#: deadlines near the batch time, or a backlog at the worker), or held by a worker that
-#: had not answered (computing a batch longer than the deadline).
+#: deadlines near the batch time, or a backlog at the worker), or sent to a worker whose
+#: answer had not come (a batch longer than the deadline, a worker's queue it did not
+#: refuse in time, or answers waiting on a gateway too busy to read them).
 MISSED_IN_QUEUE = "gateway_queue"
 MISSED_AT_WORKER = "worker_refused"
 MISSED_IN_FLIGHT = "in_flight"

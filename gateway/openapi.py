@@ -295,7 +295,7 @@ def _components(config: GatewayConfig) -> dict:
                     "description": "Inputs answered 504 for their deadline since start, by "
                                    "where they were: in the gateway's queue, refused by the "
                                    "worker (past it, or its batch would finish too late), or "
-                                   "held by a worker that had not answered.",
+                                   "sent to a worker whose answer had not come.",
                     "properties": {where: {"type": "integer", "minimum": 0}
                                    for where in MISSED_WHERE}},
                 "held_bytes": {"type": "integer", "minimum": 0},

@@ -130,7 +130,7 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
 def test_the_overload_with_deadlines_benchmark_runs_end_to_end(tmp_path):
     """``benchmarks.deadlines`` on the tiny model, one short point with a second class of
     clients asking for a longer deadline: the server starts from the named source tree, and
-    every offered request is counted once, in time or not."""
+    every offered request is counted once, in time or not, and every 504 once by where."""
     out = tmp_path / "deadlines.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
     proc = subprocess.run(
@@ -154,6 +154,10 @@ def test_the_overload_with_deadlines_benchmark_runs_end_to_end(tmp_path):
     assert background["in_time"] == background["statuses"].get("200", 0)
     assert point["computed"] >= point["in_time"] + background["in_time"]
     assert point["in_time"] == point["statuses"].get("200", 0)
+    # Each 504 of either class is counted once by where its input was.
+    assert set(point["deadline_missed"]) == {"gateway_queue", "worker_refused", "in_flight"}
+    assert sum(point["deadline_missed"].values()) == (point["statuses"].get("504", 0)
+                                                      + background["statuses"].get("504", 0))
     assert "| here | 200 ms |" in proc.stdout and "| here | 200 / 5000 ms |" in proc.stdout
 
 
