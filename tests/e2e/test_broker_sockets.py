@@ -283,7 +283,10 @@ async def test_dispatch_goes_to_the_worker_with_most_free_credit(h):
 async def test_dispatch_prefers_the_worker_that_answers_sooner_and_overflows_to_the_other(h):
     """By free credit alone, a worker ten times slower held half the requests under load
     and, joined first, took every request at low load while the fast one idled."""
-    broker = await h.broker(max_queue=64)
+    # A frozen clock, so only the batch times reported count: a real one added the
+    # machine's round trip to the fast worker's (past 0.1 s on a loaded one, it looked
+    # as slow as the slow one).
+    broker = await h.broker(max_queue=64, clock=lambda: 1000.0)
     slow = await h.worker(broker, "slow", capacity=4)  # joined first: the old tie-break
     fast = await h.worker(broker, "fast", capacity=4)
     batch = itertools.count(1)
@@ -316,23 +319,13 @@ async def test_a_new_worker_is_taken_for_average_and_an_idle_ones_slow_record_fa
     """A worker with no batch yet looked instantly fast and got a whole burst while a known
     one sat idle; and one slow batch on record kept an idle worker out for good, since its
     estimate changed only when it answered."""
-    interval = 0.1
-    broker = await h.broker(heartbeat_interval_s=interval)
+    # A frozen clock: each worker's trip is then 0, not the machine's ZeroMQ round trip
+    # (on a loaded one, over 12 ms tipped the burst's split); and with no time passing no
+    # worker is ever declared dead. Records fade by heartbeat ticks, which still come.
+    broker = await h.broker(heartbeat_interval_s=0.1, clock=lambda: 1000.0)
     known = await h.worker(broker, "known", capacity=8)
     new = h.peer("new", capacity=8)
-
-    async def keep_alive() -> None:
-        while True:
-            for worker in (known, new):
-                await worker.send(Heartbeat())
-            await asyncio.sleep(interval / 2)
-
-    beating = asyncio.create_task(keep_alive())
-    try:
-        await joined_later(broker, known, new)
-    finally:
-        beating.cancel()
-        await asyncio.gather(beating, return_exceptions=True)
+    await joined_later(broker, known, new)
 
 
 async def joined_later(broker: Broker, known: FakeWorker, new: FakeWorker) -> None:
@@ -517,7 +510,7 @@ async def test_deadline_answers_504_cancels_on_worker_and_keeps_credit_until_ans
     with pytest.raises(DeadlineExceeded):
         await asyncio.wait_for(p.future, WAIT_S)
     elapsed = time.monotonic() - started
-    assert 0.04 <= elapsed < 1.0, f"deadline of 0.05 s fired after {elapsed:.3f} s"
+    assert 0.04 <= elapsed < 3.0, f"deadline of 0.05 s fired after {elapsed:.3f} s"
     await w.wait(lambda: p.request_id in w.cancels, "a CANCEL for the expired request")
     assert broker.in_flight == 0
 
@@ -756,7 +749,9 @@ async def test_suspect_runs_alone_and_a_second_death_answers_worker_crashed(h):
 
 # -- 8. heartbeat timeout -----------------------------------------------------------------------
 async def test_silent_worker_is_declared_dead_and_its_requests_move(h):
-    interval = 0.1
+    # Not shorter: the live worker's heartbeats cross ZeroMQ's I/O thread, which a loaded
+    # machine can hold for a few tenths of a second.
+    interval = 0.2
     broker = await h.broker(heartbeat_interval_s=interval)
     silent = h.peer("silent", capacity=2)
     last_heard = time.monotonic()  # before its READY, so at or before the broker's last_seen
@@ -776,7 +771,7 @@ async def test_silent_worker_is_declared_dead_and_its_requests_move(h):
         await wait_until(lambda: silent.identity not in broker.workers,
                          "the silent worker to be declared dead")
         elapsed = time.monotonic() - last_heard
-        assert 3 * interval < elapsed < 1.5, f"declared dead after {elapsed:.2f} s"
+        assert 3 * interval < elapsed < 10 * interval, f"declared dead after {elapsed:.2f} s"
         assert h.deaths and h.deaths[0][0] == silent.pid and "no message" in h.deaths[0][1]
         assert broker.requeued == 2
 
@@ -1100,11 +1095,11 @@ async def test_results_of_one_batch_count_as_one_batch(h):
 
 
 # -- found bugs ------------------------------------------------------------------------------------
-async def _suspect_at_head_of_queue(h, broker: Broker, suspect_timeout: float = 5.0):
+async def _suspect_at_head_of_queue(h, broker: Broker):
     """A suspect queued at the head, waiting for an idle worker, while worker B (capacity 4)
     holds one request and so has 3 free slots. Returns (B, suspect, B's request)."""
     a = await h.worker(broker, "a", capacity=1)
-    (suspect,) = broker.submit_many(["poison"], {}, suspect_timeout)
+    (suspect,) = broker.submit_many(["poison"], {}, 5.0)
     await a.wait_requests(1)
     b = await h.worker(broker, "b", capacity=4)
     (busy,) = broker.submit_many(["long"], {}, 5.0)
@@ -1128,18 +1123,21 @@ async def test_queue_bound_holds_while_a_suspect_blocks_the_head(h):
 @pytest.mark.parametrize("how", ["cancel", "deadline"])
 async def test_requests_behind_a_settled_suspect_are_dispatched(h, how):
     broker = await h.broker()
-    b, suspect, busy = await _suspect_at_head_of_queue(
-        h, broker, suspect_timeout=0.5 if how == "deadline" else 5.0)
+    b, suspect, busy = await _suspect_at_head_of_queue(h, broker)
     (behind,) = broker.submit_many(["behind"], {}, 5.0)
     await b.sync()
     assert broker.queue_depth == 2 and len(b.requests) == 1
     if how == "cancel":
         broker.cancel(suspect)
+    else:
+        # Its deadline timer's own callback, fired now: a real short deadline could pass
+        # during the set-up above on a loaded machine.
+        suspect.timer.cancel()
+        broker._expire(suspect)
     assert isinstance(await outcome(suspect), (Cancelled, DeadlineExceeded))
     # B holds one request and has 3 free slots: "behind" should go out now, not when B
-    # happens to answer "long".
-    await b.wait(lambda: len(b.requests) == 2, "the request queued behind the suspect",
-                 timeout=1.0)
+    # happens to answer "long" (which it never does here).
+    await b.wait(lambda: len(b.requests) == 2, "the request queued behind the suspect")
     assert b.requests[1].request_id == behind.request_id
 
 

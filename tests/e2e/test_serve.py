@@ -273,15 +273,19 @@ async def test_batches_form_under_load_and_never_pass_the_cap(small_limits_serve
 
 
 async def test_lone_request_is_not_held_much_past_max_delay(small_limits_server):
-    # Idle server: nothing else is queued, so the batch closes on the 200 ms deadline.
+    # Idle server: nothing else is queued, so the batch closes at once (adaptive) or on the
+    # 200 ms deadline at the latest, never waiting for the batch to fill. The slack is for
+    # a loaded machine's stalls (three processes and a fresh connection), not the policy:
+    # the exact bound is the batcher's unit tests'.
     wait_for(lambda: small_limits_server.info()["in_flight"] == 0, 10, "an idle server")
     async with aiohttp.ClientSession() as session:
         started = time.monotonic()
         status, headers, _ = await post(session, small_limits_server.url + "/", data=b"lone [MASK]")
         elapsed_ms = (time.monotonic() - started) * 1000
     assert status == 200
-    assert float(headers["X-Queue-Time-Ms"]) <= 200 + 60
-    assert elapsed_ms <= 200 + 60 + float(headers["X-Inference-Time-Ms"]) + 250
+    queue_ms = float(headers["X-Queue-Time-Ms"])
+    assert queue_ms <= 200 + 500
+    assert elapsed_ms <= queue_ms + float(headers["X-Inference-Time-Ms"]) + 1000
 
 
 async def test_flood_past_max_queue_is_shed_with_503(start_server, tiny_model_dir):

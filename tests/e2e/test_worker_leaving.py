@@ -33,8 +33,12 @@ async def test_a_worker_leaving_under_load_is_not_taken_for_a_crash(start_server
     and the supervisor SIGKILLed the leaving process. Now it keeps its socket open until the
     gateway acknowledges the DISCONNECT. The gateway is paused while the worker leaves, so
     that its reading lags as it did under load, every time."""
+    # The leaving worker waits two heartbeats (5 s at most) for the acknowledgement: at the
+    # default 1 s, a test process stalled for 2 s before its SIGCONT let the worker close,
+    # which is the failure this test looks for.
     server = start_server(["--model", str(tiny_model_dir), "--workers", "2",
-                           "--max-batch-size", "4", "--max-delay-ms", "20"])
+                           "--max-batch-size", "4", "--max-delay-ms", "20",
+                           "--heartbeat-interval-s", "2.5"])
     wait_for(lambda: len(server.info()["workers"]) == 2, 60, "both workers")
     victim = server.info()["workers"][0]
     pid, name = victim["pid"], victim["id"]
