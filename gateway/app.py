@@ -864,6 +864,7 @@ async def handle_info(request: web.Request) -> web.Response:
         "in_flight": broker.in_flight,
         "requeued": broker.requeued,
         "deadline_missed": dict(broker.deadline_missed),
+        "poison": {"remembered": len(broker.poison), "refused": broker.poison.refused},
         "held_bytes": broker.memory.held,
         "connections": request.app[CONNECTIONS].open,
         "api_keys": request.app[API_KEYS].count,

@@ -35,6 +35,7 @@ import zmq.asyncio
 
 from gateway.held_memory import DEFAULT_MAX_HELD_BYTES, Claim, HeldMemory, answer_size
 from gateway.metrics import GatewayMetrics
+from gateway.poison_memo import POISON_MEMORY_S, PoisonMemo, fingerprint
 from gateway.worker_keys import Authenticator, WorkerKeys
 from protocol import codec, curve, handshakes
 from protocol.codec import MAX_FRAME_BYTES
@@ -233,6 +234,7 @@ class Broker:
         curve_authorized_keys: str | None = None,
         context: zmq.asyncio.Context | None = None,
         clock: Callable[[], float] = time.monotonic,
+        poison_memory_s: float = POISON_MEMORY_S,
     ):
         self.endpoint = endpoint
         self.max_queue = max_queue
@@ -299,6 +301,8 @@ class Broker:
         #: Whether a worker is on its way (serve's supervisor restarting one): while one is,
         #: requests left without a worker wait for it rather than get 503.
         self.expecting_workers: Callable[[], bool] = lambda: False
+        #: Inputs that killed the workers running them, refused at admission for a while.
+        self.poison = PoisonMemo(poison_memory_s)
         #: Requests withdrawn before their answer, by why (CANCEL_REASONS).
         self.cancelled = dict.fromkeys(CANCEL_REASONS, 0)
         #: Inputs answered 504 for their deadline, by where they were (MISSED_WHERE).
@@ -402,6 +406,11 @@ class Broker:
             raise Draining("the server is shutting down; retry on another instance")
         if not self.workers:
             raise NoWorkers("no model worker is ready yet; retry shortly")
+        # One task at a time (see _admissible): any worker's is the gateway's.
+        task = next(iter(self.workers.values())).info.task
+        now = self.clock()
+        if self.poison:
+            self._refuse_poison(task, inputs, parameters, embed, prompt_name, now)
         # After every dispatch, either the queue is empty or no credit can be used (a suspect
         # at the head waits for an idle worker): free credit only helps an empty queue.
         free = 0 if self._queued else sum(max(w.free, 0) for w in self.workers.values())
@@ -409,10 +418,7 @@ class Broker:
             raise Overloaded(
                 f"the server is at capacity ({self._queued} requests queued); retry shortly"
             )
-        now = self.clock()
         loop = asyncio.get_running_loop()
-        # One task at a time (see _admissible): any worker's is the gateway's.
-        task = next(iter(self.workers.values())).info.task
         admitted = []
         for item in inputs:
             pending = PendingRequest(
@@ -435,6 +441,24 @@ class Broker:
             self._idle.clear()
         self._dispatch()
         return admitted
+
+    def _refuse_poison(self, task: str, inputs: list, parameters: dict, embed: bool,
+                       prompt_name: str, now: float) -> None:
+        """500 for a list holding an input that killed the workers running it: run again,
+        it would kill two more."""
+        for i, item in enumerate(inputs):
+            try:
+                digest = fingerprint(task, item, parameters, embed, prompt_name)
+            except (TypeError, ValueError):
+                continue  # not encodable: dispatch answers it 400, as for any such input
+            left_s = self.poison.known_for(digest, now)
+            if left_s is not None:
+                self.poison.refused += 1
+                which = f"input {i} of this list" if len(inputs) > 1 else "this input"
+                raise WorkerCrashed(
+                    f"{which}, with these parameters, killed the two workers that ran it "
+                    f"shortly before; it is refused for another {left_s:.0f} s rather than "
+                    "run again (--poison-memory-s)")
 
     def cancel(self, pending: PendingRequest, reason: str = CLIENT_GONE) -> None:
         """Nobody wants the answer (the client went away, or another item of its list
@@ -610,12 +634,26 @@ class Broker:
             if crashed and pending is not undelivered:
                 pending.crashes += 1
             if pending.crashes >= MAX_CRASHES:
+                self._remember_poison(pending)
                 self._finish(pending, error=WorkerCrashed(
                     "the workers running this request died twice; it is not retried again"))
             else:
                 self.requeued += 1
                 self._enqueue(pending)
         self._dispatch()
+
+    def _remember_poison(self, pending: PendingRequest) -> None:
+        if pending.inputs is None or self.poison.memory_s <= 0:
+            return  # withdrawn meanwhile (what it held is gone), or nothing is remembered
+        try:
+            digest = fingerprint(pending.task, pending.inputs, pending.parameters,
+                                 pending.embed, pending.prompt_name)
+        except (TypeError, ValueError):
+            return
+        self.poison.remember(digest, self.clock())
+        log.warning("request %d killed the two workers that ran it: the same input with the "
+                    "same parameters is refused for %.0f s (%d remembered)", pending.request_id,
+                    self.poison.memory_s, len(self.poison))
 
     def _revoke(self, keys: frozenset[str]) -> None:
         """Take out the workers that joined with one of these (z85) keys, and tell them."""

@@ -8,6 +8,7 @@ from typing import Mapping, Sequence
 
 from gateway import cors
 from gateway.held_memory import BODY_HOLDS, DEFAULT_MAX_HELD_BYTES
+from gateway.poison_memo import POISON_MEMORY_S
 from protocol.eventloop import add_event_loop_flag
 from protocol.flags import (Flags, body_bytes, non_negative_float, port_number, positive_float,
                             positive_int)
@@ -35,6 +36,7 @@ class GatewayConfig:
     drain_timeout_s: float = 30.0
     heartbeat_interval_s: float = 1.0
     batch_timeout_s: float = 60.0
+    poison_memory_s: float = POISON_MEMORY_S
     debug: bool = False
     log_level: str = "INFO"
     log_format: str = "text"
@@ -158,6 +160,11 @@ def _add_gateway_flags(flags: Flags, *, serve: bool) -> None:
     flags.add("--batch-timeout-s", type=positive_float, default=d.batch_timeout_s,
               help="a worker holding work with no answer for this long is stuck: its "
               "requests are requeued and it is replaced")
+    flags.add("--poison-memory-s", type=non_negative_float, default=d.poison_memory_s,
+              help="an input that killed the two workers that ran it is refused (500 "
+              "worker_crashed, before any worker runs it) for this long when sent again "
+              "with the same parameters: retried, it would kill two more each time; 0 "
+              "remembers none")
     flags.add("--debug", action="store_true", default=False,
               help="include tracebacks of internal errors in responses")
     add_logging_flags(flags)
@@ -243,6 +250,7 @@ def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
         drain_timeout_s=args.drain_timeout_s,
         heartbeat_interval_s=args.heartbeat_interval_s,
         batch_timeout_s=args.batch_timeout_s,
+        poison_memory_s=args.poison_memory_s,
         debug=args.debug,
         log_level=args.log_level,
         log_format=args.log_format,

@@ -169,6 +169,12 @@ class _LiveCollector:
         for where, count in broker.deadline_missed.items():
             missed.add_metric([where], count)
         yield missed
+        yield GaugeMetricFamily("batchwire_poison_inputs", "Inputs that killed the two workers "
+                                "that ran them, refused at admission for --poison-memory-s",
+                                value=len(broker.poison))
+        yield CounterMetricFamily("batchwire_poison_refused", "Requests refused for holding an "
+                                  "input that killed two workers (500 worker_crashed, unrun)",
+                                  value=broker.poison.refused)
         guard = self.connections
         if guard is not None:
             yield GaugeMetricFamily("batchwire_connections", "Client connections open now "

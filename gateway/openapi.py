@@ -298,6 +298,13 @@ def _components(config: GatewayConfig) -> dict:
                                    "sent to a worker whose answer had not come.",
                     "properties": {where: {"type": "integer", "minimum": 0}
                                    for where in MISSED_WHERE}},
+                "poison": {
+                    "type": "object",
+                    "description": "Inputs that killed the two workers that ran them, "
+                                   "remembered (refused at admission for --poison-memory-s), "
+                                   "and the requests refused for holding one since start.",
+                    "properties": {"remembered": {"type": "integer", "minimum": 0},
+                                   "refused": {"type": "integer", "minimum": 0}}},
                 "held_bytes": {"type": "integer", "minimum": 0},
                 "connections": {"type": "integer", "minimum": 0,
                                 "description": "Client connections open now "

@@ -90,6 +90,7 @@ async def _run_gateway(config: GatewayConfig, serve: ServeConfig | None,
                     max_held_bytes=config.max_held_bytes,
                     heartbeat_interval_s=config.heartbeat_interval_s,
                     batch_timeout_s=config.batch_timeout_s,
+                    poison_memory_s=config.poison_memory_s,
                     curve_secret_key=config.curve_secret_key,
                     curve_authorized_keys=config.curve_authorized_keys)
     local_worker_args: list[str] = []

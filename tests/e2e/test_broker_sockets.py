@@ -747,6 +747,57 @@ async def test_suspect_runs_alone_and_a_second_death_answers_worker_crashed(h):
     assert broker.queue_depth == 0 and broker.in_flight == 0
 
 
+async def test_an_input_that_killed_two_workers_is_refused_unrun_when_sent_again(h):
+    """A client retrying the 500 of a poison input had it kill two more workers each time:
+    a pool of two held down by one retrying client."""
+    now = [1000.0]
+    broker = await h.broker(clock=lambda: now[0], poison_memory_s=60.0)
+    params = {"top_k": 2, "targets": ["a", "b"]}
+    a = await h.worker(broker, "a", capacity=2)
+    (poison,) = broker.submit_many(["poison"], params, 5.0)
+    await a.wait_requests(1)
+    broker.worker_process_exited(a.pid, "killed")
+    b = await h.worker(broker, "b", capacity=2)
+    await b.wait_requests(1)
+    broker.worker_process_exited(b.pid, "killed again")
+    assert isinstance(await outcome(poison), WorkerCrashed)
+    assert len(broker.poison) == 1 and broker.poison.refused == 0
+
+    c = await h.worker(broker, "c", capacity=4)
+    # Sent again, alone or in a list, with the parameters in any key order: 500 at once.
+    for inputs in (["poison"], ["fine", "poison"]):
+        with pytest.raises(WorkerCrashed) as refused:
+            broker.submit_many(inputs, {"targets": ["a", "b"], "top_k": 2}, 5.0)
+        assert "refused for another 60 s" in refused.value.message
+    assert "input 1 of this list" in refused.value.message
+    assert broker.poison.refused == 2
+    # Another input, or the same with other parameters, runs; nothing refused reached C.
+    fine = broker.submit_many(["fine"], params, 5.0) + broker.submit_many(["poison"], {}, 5.0)
+    await c.wait_requests(2)
+    assert c.request_ids() == ids(fine) and broker.queue_depth == 0
+    # Remembered for --poison-memory-s, then run again like any input.
+    now[0] += 61.0
+    (again,) = broker.submit_many(["poison"], params, 5.0)
+    await c.wait_requests(3)
+    assert c.request_ids()[-1] == again.request_id and len(broker.poison) == 0
+
+
+async def test_with_no_poison_memory_a_poison_input_runs_again(h):
+    broker = await h.broker(poison_memory_s=0.0)
+    a = await h.worker(broker, "a", capacity=1)
+    (poison,) = broker.submit_many(["poison"], {}, 5.0)
+    await a.wait_requests(1)
+    broker.worker_process_exited(a.pid, "killed")
+    b = await h.worker(broker, "b", capacity=1)
+    await b.wait_requests(1)
+    broker.worker_process_exited(b.pid, "killed again")
+    assert isinstance(await outcome(poison), WorkerCrashed)
+    c = await h.worker(broker, "c", capacity=1)
+    (again,) = broker.submit_many(["poison"], {}, 5.0)
+    await c.wait_requests(1)
+    assert len(broker.poison) == 0
+
+
 # -- 8. heartbeat timeout -----------------------------------------------------------------------
 async def test_silent_worker_is_declared_dead_and_its_requests_move(h):
     # Not shorter: the live worker's heartbeats cross ZeroMQ's I/O thread, which a loaded

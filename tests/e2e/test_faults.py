@@ -75,7 +75,15 @@ async def test_poison_input_gets_500_once_and_the_pool_survives(start_server, fa
             return len((await info_async(session, server))["workers"]) == 2
         await wait_for_async(pool_back, 60, "the pool to be restored")
         assert (await post(session, server.url + "/", data=b"later [MASK]"))[0] == 200
+        # A client retrying the 500: refused at once, unrun (it cost two more workers a try).
+        status, _, body = await post(session, server.url + "/", data=b"CRASH [MASK]")
+        assert status == 500 and body["error"]["code"] == "worker_crashed", body
+        assert "refused for another" in body["error"]["message"], body
+        info = await info_async(session, server)
+        assert info["poison"] == {"remembered": 1, "refused": 1}
+        assert (await post(session, server.url + "/", data=b"still [MASK]"))[0] == 200
     assert server.log_text().count("restarting in") == 2  # one death on each worker
+    assert "killed the two workers that ran it" in server.log_text()
 
 
 async def test_hung_model_call_is_detected_and_its_requests_run_elsewhere(start_server,
