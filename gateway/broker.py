@@ -35,7 +35,7 @@ import zmq.asyncio
 
 from gateway.held_memory import DEFAULT_MAX_HELD_BYTES, Claim, HeldMemory, answer_size
 from gateway.metrics import GatewayMetrics
-from gateway.poison_memo import POISON_MEMORY_S, PoisonMemo, fingerprint
+from gateway.poison_memo import POISON_MEMORY_S, PoisonMemo, fingerprinter
 from gateway.worker_keys import Authenticator, WorkerKeys
 from protocol import codec, curve, handshakes
 from protocol.codec import MAX_FRAME_BYTES
@@ -407,10 +407,11 @@ class Broker:
         if not self.workers:
             raise NoWorkers("no model worker is ready yet; retry shortly")
         # One task at a time (see _admissible): any worker's is the gateway's.
-        task = next(iter(self.workers.values())).info.task
+        model, task = next((w.info.model, w.info.task) for w in self.workers.values())
         now = self.clock()
         if self.poison:
-            self._refuse_poison(task, inputs, parameters, embed, prompt_name, now)
+            self._refuse_poison(fingerprinter(model, task, parameters, embed, prompt_name),
+                                inputs, now)
         # After every dispatch, either the queue is empty or no credit can be used (a suspect
         # at the head waits for an idle worker): free credit only helps an empty queue.
         free = 0 if self._queued else sum(max(w.free, 0) for w in self.workers.values())
@@ -442,13 +443,13 @@ class Broker:
         self._dispatch()
         return admitted
 
-    def _refuse_poison(self, task: str, inputs: list, parameters: dict, embed: bool,
-                       prompt_name: str, now: float) -> None:
+    def _refuse_poison(self, digest_of: Callable[[Any], bytes], inputs: list,
+                       now: float) -> None:
         """500 for a list holding an input that killed the workers running it: run again,
         it would kill two more."""
         for i, item in enumerate(inputs):
             try:
-                digest = fingerprint(task, item, parameters, embed, prompt_name)
+                digest = digest_of(item)
             except (TypeError, ValueError):
                 continue  # not encodable: dispatch answers it 400, as for any such input
             left_s = self.poison.known_for(digest, now)
@@ -611,10 +612,16 @@ class Broker:
 
     # -- workers ---------------------------------------------------------------------------
     def worker_lost(self, worker: WorkerHandle, reason: str, crashed: bool = True,
-                    undelivered: PendingRequest | None = None) -> None:
+                    undelivered: PendingRequest | None = None, telling: bool = True,
+                    dispatch: bool = True) -> None:
         """Take a worker out of dispatch and requeue what it had not answered (older than
         what waits, so served before it, with one deadline for all; suspects first).
-        ``undelivered``: a request that never reached it, so no crash counts against it."""
+        ``undelivered``: a request that never reached it, so no crash counts against it.
+        ``telling``: whether the death says something about what the worker ran (its
+        process ended, its model call hung), not only about the worker (silence), so that
+        an input charged its last crash by it is remembered as poison.
+        ``dispatch``: False while more workers are being taken out, so that what this
+        one held is not sent to one of them."""
         if self.workers.get(worker.identity) is not worker:
             return
         del self.workers[worker.identity]
@@ -634,20 +641,22 @@ class Broker:
             if crashed and pending is not undelivered:
                 pending.crashes += 1
             if pending.crashes >= MAX_CRASHES:
-                self._remember_poison(pending)
+                if telling:
+                    self._remember_poison(pending, worker.info.model)
                 self._finish(pending, error=WorkerCrashed(
                     "the workers running this request died twice; it is not retried again"))
             else:
                 self.requeued += 1
                 self._enqueue(pending)
-        self._dispatch()
+        if dispatch:
+            self._dispatch()
 
-    def _remember_poison(self, pending: PendingRequest) -> None:
+    def _remember_poison(self, pending: PendingRequest, model: str) -> None:
         if pending.inputs is None or self.poison.memory_s <= 0:
             return  # withdrawn meanwhile (what it held is gone), or nothing is remembered
         try:
-            digest = fingerprint(pending.task, pending.inputs, pending.parameters,
-                                 pending.embed, pending.prompt_name)
+            digest = fingerprinter(model, pending.task, pending.parameters, pending.embed,
+                                   pending.prompt_name)(pending.inputs)
         except (TypeError, ValueError):
             return
         self.poison.remember(digest, self.clock())
@@ -775,8 +784,11 @@ class Broker:
             # EHOSTUNREACH (peer gone, ROUTER_MANDATORY) or EAGAIN (its pipe is full).
             worker = self.workers.get(identity)
             if worker is not None:
+                # A peer gone (its connection closed) died; a full pipe says only that it
+                # is slow or frozen.
                 self.worker_lost(worker, f"send failed: {exc.strerror}",
-                                 undelivered=undelivered)
+                                 undelivered=undelivered,
+                                 telling=exc.errno == zmq.EHOSTUNREACH)
             return False
 
     async def _receive_loop(self) -> None:
@@ -945,14 +957,23 @@ class Broker:
             # The worker's own watchdog exits at batch_timeout_s; this is the backstop for a
             # worker whose watchdog cannot act, so it waits a few heartbeats longer.
             stuck_after = self.batch_timeout_s + limit
+            # All found gone are taken out before what they held is sent on: workers frozen
+            # together (a paused host) otherwise took each other's suspects, each charged a
+            # crash it did not cause, and the innocent input a 500.
+            lost = []
             for worker in list(self.workers.values()):
                 if now - worker.last_seen > limit:
-                    self.worker_lost(worker, f"no message for {now - worker.last_seen:.1f} s")
+                    lost.append((worker, f"no message for {now - worker.last_seen:.1f} s",
+                                 False))
                 elif worker.in_flight and now - worker.last_progress > stuck_after:
-                    self.worker_lost(worker, f"stuck: holds {len(worker.in_flight)} request(s) "
-                                     f"with no answer for {now - worker.last_progress:.1f} s")
+                    lost.append((worker, f"stuck: holds {len(worker.in_flight)} request(s) "
+                                 f"with no answer for {now - worker.last_progress:.1f} s", True))
                 else:
                     self._send(worker.identity, Heartbeat())
+            for worker, reason, telling in lost:
+                self.worker_lost(worker, reason, telling=telling, dispatch=False)
+            if lost:
+                self._dispatch()
             self._forget_slowly()
             if (self._queued and not self.workers and self._workerless_since is not None
                     and now - self._workerless_since >= limit and not self.expecting_workers()):

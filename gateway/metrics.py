@@ -171,7 +171,7 @@ class _LiveCollector:
         yield missed
         yield GaugeMetricFamily("batchwire_poison_inputs", "Inputs that killed the two workers "
                                 "that ran them, refused at admission for --poison-memory-s",
-                                value=len(broker.poison))
+                                value=broker.poison.remembered(broker.clock()))
         yield CounterMetricFamily("batchwire_poison_refused", "Requests refused for holding an "
                                   "input that killed two workers (500 worker_crashed, unrun)",
                                   value=broker.poison.refused)

@@ -8,14 +8,23 @@ as long as its reloads took. An input found to be poison is now remembered for a
 refused at admission, before any worker runs it.
 
 An input is known by a digest of everything that decides what the worker computes: the
-task, the input, its parameters, whether it is embedded and its prompt's name. The digest
-is taken only while something is remembered, so the usual case costs nothing.
+model and task, the input, its parameters, whether it is embedded and its prompt's name
+(so the same text sent to /predict and to /v1/embeddings is two inputs, and a model
+rolled out in place of the one it killed runs it). The digest is taken only while
+something is remembered, so the usual case costs nothing; a request's parameters are
+encoded once for all its inputs (once per input, a 4 MB body of 256 inputs with a large
+``targets`` list held the event loop for 30 s).
+
+Only a death that says something about what the worker ran puts an input here: its process
+exited, or its model call hung. Silence does not: workers frozen or cut off together (a
+paused container, a partitioned host) each took the other's suspect to its grave, and an
+innocent input would have been refused for the whole memory.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Callable
 
 from protocol.codec import encode_canonical
 
@@ -27,12 +36,19 @@ MAX_REMEMBERED = 1024
 POISON_MEMORY_S = 600.0
 
 
-def fingerprint(task: str, inputs: Any, parameters: dict, embed: bool,
-                prompt_name: str) -> bytes:
-    """Equal for two requests the workers would compute alike, whatever the order of their
-    parameters' keys."""
-    canonical = encode_canonical([task, inputs, parameters, embed, prompt_name])
-    return hashlib.blake2b(canonical, digest_size=16).digest()
+def fingerprinter(model: str, task: str, parameters: dict, embed: bool,
+                  prompt_name: str) -> Callable[[Any], bytes]:
+    """The digest of one input sent with these parameters: equal for two requests the
+    workers would compute alike, whatever the order of their parameters' keys. What the
+    inputs share is encoded once."""
+    shared = hashlib.blake2b(encode_canonical([model, task, parameters, embed, prompt_name]),
+                             digest_size=16)
+
+    def digest(item: Any) -> bytes:
+        one = shared.copy()
+        one.update(encode_canonical(item))
+        return one.digest()
+    return digest
 
 
 class PoisonMemo:
@@ -48,6 +64,12 @@ class PoisonMemo:
         self.refused = 0
 
     def __len__(self) -> int:
+        """Entries held, some perhaps expired: a cheap "anything to check?"."""
+        return len(self._until)
+
+    def remembered(self, now: float) -> int:
+        """Inputs refused now."""
+        self._forget_expired(now)
         return len(self._until)
 
     def remember(self, digest: bytes, now: float) -> None:

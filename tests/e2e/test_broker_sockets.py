@@ -782,6 +782,74 @@ async def test_an_input_that_killed_two_workers_is_refused_unrun_when_sent_again
     assert c.request_ids()[-1] == again.request_id and len(broker.poison) == 0
 
 
+class PassingTime:
+    """A broker clock that runs while started, and stands still otherwise: workers that
+    registered at one instant of it fall silent together."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self._task: asyncio.Task | None = None
+
+    def __call__(self) -> float:
+        return self.now
+
+    def start(self) -> None:
+        async def run() -> None:
+            while True:
+                await asyncio.sleep(0.02)  # time passing, not a wait on anything
+                self.now += 0.02
+        self._task = asyncio.create_task(run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def test_workers_silent_together_do_not_take_each_others_suspects(h):
+    """Found silent in one check, the first was taken out and its request sent at once to
+    the second, idle but just as silent: charged a second crash it did not cause, the
+    innocent input got 500 (and, remembered, would have been refused for ten minutes)."""
+    clock = PassingTime()
+    broker = await h.broker(heartbeat_interval_s=0.1, clock=clock)
+    a = await h.worker(broker, "a", capacity=1)
+    (innocent,) = broker.submit_many(["innocent"], {}, 30.0)
+    await a.wait_requests(1)
+    b = await h.worker(broker, "b", capacity=1)
+    clock.start()
+    try:
+        await wait_until(lambda: not broker.workers, "both silent workers to be declared dead")
+    finally:
+        await clock.stop()  # before no worker for long enough sheds the queue
+    assert not b.requests and not innocent.done and innocent.crashes == 1
+    c = await h.worker(broker, "c", capacity=1)
+    (request,) = await c.wait_requests(1)
+    await c.answer(request.request_id, "fine")
+    assert (await outcome(innocent)).output == "fine"
+
+
+async def test_a_second_death_by_silence_does_not_make_an_input_poison(h):
+    """Silence says nothing about what a worker ran: a frozen or cut-off worker holding a
+    suspect must not get its input refused for the whole memory."""
+    clock = PassingTime()
+    broker = await h.broker(heartbeat_interval_s=0.1, clock=clock)
+    a = await h.worker(broker, "a", capacity=1)
+    (suspect,) = broker.submit_many(["innocent"], {}, 30.0)
+    await a.wait_requests(1)
+    broker.worker_process_exited(a.pid, "killed")  # from outside: charged, as it must be
+    b = await h.worker(broker, "b", capacity=1)
+    await b.wait_requests(1)
+    clock.start()
+    try:
+        assert isinstance(await outcome(suspect), WorkerCrashed)  # b went silent with it
+    finally:
+        await clock.stop()
+    assert "no message" in h.deaths[-1][1] and len(broker.poison) == 0
+    c = await h.worker(broker, "c", capacity=1)
+    (again,) = broker.submit_many(["innocent"], {}, 30.0)
+    await c.wait_requests(1)
+
+
 async def test_with_no_poison_memory_a_poison_input_runs_again(h):
     broker = await h.broker(poison_memory_s=0.0)
     a = await h.worker(broker, "a", capacity=1)

@@ -2,21 +2,39 @@
 
 from __future__ import annotations
 
-from gateway.poison_memo import PoisonMemo, fingerprint
+from gateway.poison_memo import PoisonMemo, fingerprinter
 
 
 def test_a_fingerprint_tells_apart_what_the_workers_would_compute_differently():
-    base = fingerprint("fill-mask", "a [MASK]", {"top_k": 2, "targets": ["x"]}, False, "")
-    assert base == fingerprint("fill-mask", "a [MASK]", {"targets": ["x"], "top_k": 2}, False, "")
+    params = {"top_k": 2, "targets": ["x"]}
+    base = fingerprinter("m", "fill-mask", params, False, "")("a [MASK]")
+    assert base == fingerprinter("m", "fill-mask", {"targets": ["x"], "top_k": 2}, False,
+                                 "")("a [MASK]")
     others = [
-        fingerprint("fill-mask", "a [MASK] ", {"top_k": 2, "targets": ["x"]}, False, ""),
-        fingerprint("fill-mask", "a [MASK]", {"top_k": 3, "targets": ["x"]}, False, ""),
-        fingerprint("fill-mask", "a [MASK]", {"top_k": 2, "targets": ["x"]}, True, ""),
-        fingerprint("fill-mask", "a [MASK]", {"top_k": 2, "targets": ["x"]}, False, "query"),
-        fingerprint("feature-extraction", "a [MASK]", {"top_k": 2, "targets": ["x"]}, False, ""),
-        fingerprint("fill-mask", {"text": "a [MASK]"}, {"top_k": 2, "targets": ["x"]}, False, ""),
+        fingerprinter("m", "fill-mask", params, False, "")("a [MASK] "),
+        fingerprinter("m", "fill-mask", params, False, "")({"text": "a [MASK]"}),
+        fingerprinter("m", "fill-mask", {"top_k": 3, "targets": ["x"]}, False, "")("a [MASK]"),
+        fingerprinter("m", "fill-mask", params, True, "")("a [MASK]"),
+        fingerprinter("m", "fill-mask", params, False, "query")("a [MASK]"),
+        fingerprinter("m", "feature-extraction", params, False, "")("a [MASK]"),
+        fingerprinter("m2", "fill-mask", params, False, "")("a [MASK]"),  # a new model
     ]
     assert len({base, *others}) == len(others) + 1
+
+
+def test_a_requests_parameters_are_encoded_once_for_all_its_inputs(monkeypatch):
+    """Once per input, a 4 MB body of 256 inputs with a large ``targets`` list took 30 s of
+    the gateway's event loop while anything was remembered."""
+    import gateway.poison_memo as poison_memo
+
+    encoded = []
+    real = poison_memo.encode_canonical
+    monkeypatch.setattr(poison_memo, "encode_canonical",
+                        lambda value: encoded.append(value) or real(value))
+    digest_of = fingerprinter("m", "fill-mask", {"targets": ["w"] * 1000}, False, "")
+    digests = [digest_of(f"text {i} [MASK]") for i in range(256)]
+    assert len(set(digests)) == 256
+    assert len(encoded) == 1 + 256 and encoded[1:] == [f"text {i} [MASK]" for i in range(256)]
 
 
 def test_an_input_is_remembered_for_its_time_then_forgotten():
@@ -48,6 +66,12 @@ def test_past_its_bound_the_oldest_is_forgotten_first():
     assert len(memo) == 3
     assert [memo.known_for(bytes([i]), now=5.0) is not None for i in range(5)] == [
         False, False, True, True, True]
+
+
+def test_what_is_remembered_now_leaves_out_the_expired():
+    memo = PoisonMemo(60.0)
+    memo.remember(b"p", now=0.0)
+    assert memo.remembered(now=30.0) == 1 and memo.remembered(now=61.0) == 0
 
 
 def test_a_memory_of_zero_remembers_nothing():
