@@ -53,6 +53,7 @@ from protocol.errors import (
 )
 from protocol.messages import (
     MAX_NESTING,
+    MAX_PARAMETERS_BYTES,
     Cancel,
     Disconnect,
     Error,
@@ -111,12 +112,22 @@ MISSED_WHERE = (MISSED_IN_QUEUE, MISSED_AT_WORKER, MISSED_IN_FLIGHT)
 
 def check_nesting(inputs: list, parameters: dict) -> None:
     """400 for inputs or parameters nested deeper than a REQUEST may carry (MAX_NESTING):
-    pipelines take flat arguments, and a worker refuses such a message unread."""
+    pipelines take flat arguments, and a worker refuses such a message unread; and for
+    parameters larger than MAX_PARAMETERS_BYTES."""
     depth = nesting(parameters)
     if depth > MAX_NESTING:
         raise BadInput(f"the parameters nest {depth} levels deep; at most {MAX_NESTING} are "
                        "taken (pipeline arguments are numbers, strings, and short lists or "
                        "objects of them)")
+    if parameters:
+        try:
+            size = codec.encoded_size(parameters)
+        except (TypeError, ValueError):
+            size = 0  # not encodable: dispatch answers it 400 with the reason
+        if size > MAX_PARAMETERS_BYTES:
+            raise BadInput(f"the parameters take {size} bytes; at most "
+                           f"{MAX_PARAMETERS_BYTES} are taken, since every input of the "
+                           "request carries them to a worker (send fewer targets or labels)")
     for item in inputs:
         if type(item) is str:
             continue  # most are: a cheaper test than the walk

@@ -264,6 +264,11 @@ def _sorted(value: Any) -> Any:
     return value
 
 
+def encoded_size(value: Any) -> int:
+    """Bytes ``value`` takes in a batchwire message."""
+    return len(msgpack.packb(value, use_bin_type=True, default=_default))
+
+
 def encode_canonical(value: Any) -> bytes:
     """Bytes that are equal exactly when the values are: dict key order does not matter."""
     return msgpack.packb(_sorted(value), use_bin_type=True, default=_default)

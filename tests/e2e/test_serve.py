@@ -183,8 +183,8 @@ async def test_inputs_a_worker_could_not_take_are_400_and_harm_nothing(fill_mask
     whose charset decodes to a lone surrogate could not be encoded for the worker after it
     took a slot there, which never came back (a 500, and after a minute the worker was
     killed as stuck); bin map keys in a msgpack body and a charset that decodes nothing
-    were 500s. Each is a clear 4xx now, and the worker serves on: no restart, no slot
-    held."""
+    were 500s; parameters of megabytes went to the worker once per input. Each is a clear
+    4xx now, and the worker serves on: no restart, no slot held."""
     import msgpack
 
     url = fill_mask_server.url
@@ -205,6 +205,11 @@ async def test_inputs_a_worker_could_not_take_are_400_and_harm_nothing(fill_mask
                                              use_bin_type=True),
                           headers={"Content-Type": "application/msgpack"}),
          400, "is bin, not str"),
+        # A megabyte of targets, carried by each of 256 inputs: a quarter of a gigabyte of
+        # frames to the worker.
+        ("/predict", dict(json={"inputs": ["a [MASK]"] * 256,
+                                "parameters": {"targets": [f"w{i}" for i in range(200_000)]}}),
+         400, "at most 65536 are taken"),
     ]
     restarts = [w["restarts"] for w in fill_mask_server.info()["local_workers"]]
     logged = len(fill_mask_server.log_text())
