@@ -40,6 +40,11 @@ from worker import batch_policy
 from worker.batcher import Batcher, WorkItem
 from worker.runner import classify_error as pipeline_classify_error
 
+#: Slack on "not later than" bounds. A loaded CI machine stalls this process for 50 ms and
+#: more, which is not the bug: each bound is set against what the behaviour it rules out
+#: would take, a second or more longer. The "never early" bounds stay exact.
+LATE = 1.0
+
 # -- construction ----------------------------------------------------------------------
 
 
@@ -76,11 +81,13 @@ def test_constructor_accepts_edge_limits():
 
 
 async def test_lone_item_dispatched_at_admission_plus_max_delay(make_batcher):
-    max_delay = 0.15
+    # Long enough that a flush one window late (at 3 s) is far past the slack.
+    max_delay = 1.5
     h = make_batcher(max_delay=max_delay)
-    # An empty queue starts no timer: let the batcher sit idle for longer than max_delay
-    # (and not a multiple of it) before the item arrives; a periodic flush would run early.
-    idle, _ = await asyncio.wait({h.task}, timeout=0.2)
+    # An empty queue starts no timer: let the batcher sit idle a while (not a multiple of
+    # max_delay) before the item arrives; a timer started with the batcher, once or
+    # periodically, would run it early.
+    idle, _ = await asyncio.wait({h.task}, timeout=0.4)
     assert not idle and h.runner.calls == []
 
     item = make_item(1)
@@ -91,15 +98,17 @@ async def test_lone_item_dispatched_at_admission_plus_max_delay(make_batcher):
     assert len(h.runner.calls) == 1
     ran_at = h.runner.calls[0].started - item.admitted_at
     assert ran_at >= max_delay - 0.005, f"dispatched early: after {ran_at * 1000:.1f} ms"
-    assert ran_at <= max_delay + TOL, f"dispatched late: after {ran_at * 1000:.1f} ms"
+    assert ran_at <= max_delay + LATE, f"dispatched late: after {ran_at * 1000:.1f} ms"
 
 
 # -- 2. gateway queueing time counts ----------------------------------------------------
 
 
-@pytest.mark.parametrize("already_waited", [1.0, 1.5, 0.5])
+@pytest.mark.parametrize("already_waited", [1.0, 1.5, 0.9])
 async def test_time_queued_in_gateway_counts_toward_max_delay(make_batcher, already_waited):
-    max_delay = 0.3
+    # Long, so that a delay counted from the worker's arrival instead (2 s) is far past the
+    # slack, while the test waits at most 200 ms.
+    max_delay = 2.0
     h = make_batcher(max_delay=max_delay)
     submitted = time.monotonic()
     item = make_item(1, admitted_at=submitted - already_waited * max_delay)
@@ -109,17 +118,16 @@ async def test_time_queued_in_gateway_counts_toward_max_delay(make_batcher, alre
     assert h.only(1).kind == "result"
     waited_here = h.runner.calls[0].started - submitted
     remaining = max(0.0, (1.0 - already_waited) * max_delay)
-    assert waited_here <= remaining + TOL, f"waited {waited_here * 1000:.1f} ms in the worker"
+    # Where the delay has already run out, "at once": within half of max_delay.
+    assert waited_here <= remaining + LATE, f"waited {waited_here * 1000:.1f} ms in the worker"
     assert waited_here >= remaining - 0.005, f"waited only {waited_here * 1000:.1f} ms"
-    if already_waited >= 1.0:
-        assert waited_here < max_delay / 3  # "immediately", well under max_delay
 
 
 # -- 3. size cap -----------------------------------------------------------------------
 
 
 async def test_batches_close_when_full_and_never_exceed_max_batch_size(make_batcher):
-    B, max_delay = 4, 0.6
+    B, max_delay = 4, 1.5
     h = make_batcher(max_batch_size=B, max_delay=max_delay)
     now = time.monotonic()
     items = [make_item(i, admitted_at=now) for i in range(3 * B + 1)]
@@ -133,7 +141,7 @@ async def test_batches_close_when_full_and_never_exceed_max_batch_size(make_batc
     assert h.runner.sizes == [B, B, B, 1]
     for call in h.runner.calls[:3]:
         # Full batches close because they are full, long before the delay runs out.
-        assert call.started - now < max_delay / 3, call.started - now
+        assert call.started - now < LATE, call.started - now
     # The leftover is not full: it waits for its delay.
     assert h.runner.calls[3].started - now >= max_delay - 0.005
     # Every item got its own output back.
@@ -147,10 +155,10 @@ async def test_exactly_full_batch_closes_without_waiting(make_batcher):
     now = time.monotonic()
     items = [make_item(i, admitted_at=now) for i in range(B)]
     h.submit(*items)
-    await wait_until(lambda: h.runner.calls, timeout=1.0, what="a full batch to be dispatched")
+    await wait_until(lambda: h.runner.calls, what="a full batch to be dispatched")
     await h.answered_all(items)
     assert h.runner.sizes == [B]
-    assert h.runner.calls[0].started - now < TOL
+    assert h.runner.calls[0].started - now < LATE  # not its 30 s delay
 
 
 # -- 4. max_delay = 0 ------------------------------------------------------------------
@@ -165,7 +173,8 @@ async def test_zero_max_delay_takes_what_is_there_at_once(make_batcher):
     await wait_until(runner.first_started.is_set, what="the first batch to start")
     # Everything that was there went in one batch, at once.
     assert runner.sizes == [5]
-    assert runner.calls[0].started - submitted < TOL
+    # Not held for company: max_delay = 0 is no delay, not "no limit".
+    assert runner.calls[0].started - submitted < LATE
 
     # What arrives while the model is busy is taken as soon as it is free, whatever count.
     second = [make_item(10 + i) for i in range(3)]
@@ -174,7 +183,7 @@ async def test_zero_max_delay_takes_what_is_there_at_once(make_batcher):
     runner.release()
     await h.answered_all(first + second)
     assert runner.sizes == [5, 3]
-    assert runner.calls[1].started - released < TOL
+    assert runner.calls[1].started - released < LATE
     h.assert_exactly_once(first + second)
 
 
@@ -183,7 +192,7 @@ async def test_zero_max_delay_lone_item_runs_immediately(make_batcher):
     item = make_item(1)
     h.submit(item)
     await h.answered_all([item])
-    assert h.runner.calls[0].started - item.admitted_at < TOL
+    assert h.runner.calls[0].started - item.admitted_at < LATE
     assert h.only(1).output == expected_output(item)
 
 
@@ -191,18 +200,23 @@ async def test_zero_max_delay_lone_item_runs_immediately(make_batcher):
 
 
 async def test_next_batch_fills_while_model_is_busy(make_batcher):
+    # Long, so that a fresh window once the model is free (2 s) is far past the slack; the
+    # items come admitted most of it ago (time in the gateway's queue counts), so that it
+    # runs out 20 ms after they arrive, while the model is busy.
+    max_delay = 2.0
     runner = Runner(block_first=True)
-    h = make_batcher(runner, max_batch_size=8, max_delay=0.02)
-    first = make_item(0)
+    h = make_batcher(runner, max_batch_size=8, max_delay=max_delay)
+    first = make_item(0, admitted_at=time.monotonic() - max_delay)
     h.submit(first)
     await wait_until(runner.first_started.is_set, what="the first batch to start")
     assert h.batcher.busy
 
-    waiting = [make_item(i) for i in range(1, 6)]
+    admitted = time.monotonic() - max_delay + 0.02
+    waiting = [make_item(i, admitted_at=admitted) for i in range(1, 6)]
     h.submit(*waiting)
     # Let the loop see the submissions (and the delay expire) while the model is busy:
     # nothing may be dispatched to the executor meanwhile.
-    await wait_until(lambda: time.monotonic() - waiting[0].admitted_at > 0.02 + 0.01)
+    await wait_until(lambda: time.monotonic() - admitted > max_delay + 0.01)
     assert h.batcher.queued == len(waiting)
     assert len(runner.calls) == 1
 
@@ -213,7 +227,7 @@ async def test_next_batch_fills_while_model_is_busy(make_batcher):
     assert runner.sizes == [1, len(waiting)]
     assert runner.calls[1].inputs == [it.inputs for it in waiting]
     # Their delay had already run out while they waited: no extra wait once free.
-    assert runner.calls[1].started - released < TOL
+    assert runner.calls[1].started - released < LATE
     h.assert_exactly_once([first, *waiting])
     assert all(h.only(it.request_id).stats.batch_size == len(waiting) for it in waiting)
     assert not h.batcher.busy
@@ -778,12 +792,12 @@ async def test_close_finishes_running_batch_but_starts_no_other(make_batcher):
 
 async def test_adaptive_lone_requests_on_a_quiet_worker_do_not_wait(make_batcher):
     """Spaced-out arrivals (a closed loop at C=1): each runs at once, not after max_delay."""
-    h = make_batcher(max_batch_size=8, max_delay=0.5, adaptive=True)
+    h = make_batcher(max_batch_size=8, max_delay=3.0, adaptive=True)
     for rid in range(4):
         item = make_item(rid)
         h.submit(item)
         await h.answered_all([item])
-        assert h.only(rid).stats.queue_ms < 250, h.only(rid).stats  # far under 500 ms
+        assert h.only(rid).stats.queue_ms < LATE * 1000, h.only(rid).stats  # far under 3 s
 
 
 async def test_adaptive_waits_to_fill_while_arrivals_are_dense(make_batcher):

@@ -8,6 +8,8 @@ Most tests queue every item before the batcher looks, so batch composition is de
 those that need arrivals spread in time schedule them on the event loop with ``call_later``
 (an arrival process, not a wait) and then wait on conditions. Assertions are on batch
 composition and on the deterministic simulated cost; the few timing ones use generous slack.
+The adaptive tests teach the latency model its costs (:func:`learnt`) instead of fitting it
+to the runner's wall time, so the policy decides from the numbers the test states.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from protocol.errors import Cancelled, DeadlineExceeded, ModelError
 from tests.unit.batching_harness import (
     P_A,
     P_B,
-    TOL,
     Harness,
     Runner,
     default_outputs,
@@ -35,6 +36,11 @@ from tests.unit.batching_harness import (
 from worker.batch_policy import padded_tokens
 from worker.batcher import RunOutput, WorkItem
 
+#: Slack on "not later than" bounds. A loaded CI machine stalls this process for 50 ms and
+#: more, which is not the bug: each bound is set against what the behaviour it rules out
+#: would take, a second or more longer.
+LATE = 1.0
+
 
 def queued(lengths, *, start: int = 0, parameters: dict = P_A) -> list[WorkItem]:
     """Items with these token lengths, admitted in list order (1 us apart)."""
@@ -43,20 +49,35 @@ def queued(lengths, *, start: int = 0, parameters: dict = P_A) -> list[WorkItem]
             for i, n in enumerate(lengths)]
 
 
+class Arrivals(list):
+    """The items that have arrived so far, in order; :meth:`stop` calls off the rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timers: list[asyncio.TimerHandle] = []
+
+    def stop(self) -> None:
+        for timer in self.timers:
+            timer.cancel()
+
+
 def schedule_arrivals(h: Harness, lengths, gap: float, *, start: int,
-                      parameters: dict = P_A) -> list[WorkItem]:
-    """Items arriving ``gap`` seconds apart from now, each admitted when it arrives; the
-    returned list fills as they do."""
+                      parameters: dict = P_A) -> Arrivals:
+    """Items arriving ``gap`` seconds apart, the first now, each admitted when it arrives;
+    the returned list fills as they do."""
     loop = asyncio.get_running_loop()
-    arrived: list[WorkItem] = []
+    arrived = Arrivals()
 
     def arrive(rid: int, tokens: int) -> None:
         item = make_item(rid, tokens=tokens, parameters=parameters)
         arrived.append(item)
         h.submit(item)
 
-    for i, n in enumerate(lengths):
-        loop.call_later(i * gap, arrive, start + i, n)
+    # The first before the batcher looks, so that it decides on it alone: scheduled, a
+    # stall of a few ms before the loop's next turn would queue the second with it.
+    arrive(start, lengths[0])
+    for i, n in enumerate(lengths[1:], 1):
+        arrived.timers.append(loop.call_later(i * gap, arrive, start + i, n))
     return arrived
 
 
@@ -228,82 +249,99 @@ async def test_aging_guard_bounds_how_often_an_item_is_overtaken(make_batcher, m
 async def test_max_delay_bounds_the_oldest_item_under_buckets(make_batcher, window):
     max_delay = 0.08
     runner = Runner()
-    h = make_batcher(runner, max_batch_size=64, max_delay=max_delay, length_buckets=True,
+    # Never full (only the delay can close a batch), however long the short ones below go on.
+    h = make_batcher(runner, max_batch_size=512, max_delay=max_delay, length_buckets=True,
                      window=window)
-    # The oldest is long and unlike everything after it; short ones trickle in behind.
-    arrived = schedule_arrivals(h, [300] + [10] * 20, 0.01, start=0)
-    await all_arrived_and_answered(h, arrived, 21)
+    # The oldest is long and unlike everything after it; short ones trickle in behind for
+    # as long as it waits (up to 3 s), so a batch they held back would hold it for seconds.
+    arrived = schedule_arrivals(h, [300] + [10] * 300, 0.01, start=0)
+    await h.answered_all(arrived[:1])
+    arrived.stop()
+    await h.answered_all(arrived)
 
     h.assert_exactly_once(arrived)
     by_input = {it.inputs: it for it in arrived}
     first = runner.calls[0]
     assert arrived[0].inputs in first.inputs
     oldest_waited = first.started - arrived[0].admitted_at
-    assert max_delay - 0.005 <= oldest_waited <= max_delay + TOL, oldest_waited
+    assert max_delay - 0.005 <= oldest_waited <= max_delay + LATE, oldest_waited
     for call in runner.calls:
         oldest = min(call.inputs, key=lambda x: by_input[x].admitted_at)
         waited = call.started - by_input[oldest].admitted_at
-        assert waited <= max_delay + TOL, f"a batch's oldest waited {waited * 1000:.0f} ms"
+        assert waited <= max_delay + LATE, f"a batch's oldest waited {waited * 1000:.0f} ms"
         if window:
             assert len(call.inputs) <= window
     for it in arrived:
-        assert h.only(it.request_id).stats.queue_ms <= (max_delay + TOL) * 1000
+        assert h.only(it.request_id).stats.queue_ms <= (max_delay + LATE) * 1000
 
 
 # -- adaptive wait -----------------------------------------------------------------------
 
-GPU_LIKE = linear_cost(0.15, 2e-6)  # a dominates: 150 ms a call, 16 tokens cost 32 us
-CPU_LIKE = linear_cost(0.001, 4e-4)  # b dominates: 1 ms a call, 32 tokens cost 12.8 ms
+# A call's cost ``(a, b)``: a + b x padded tokens, for the runner and the latency model alike.
+GPU_LIKE = (0.15, 2e-6)  # a dominates: 150 ms a call, 16 tokens cost 32 us
+CPU_LIKE = (0.001, 4e-4)  # b dominates: 1 ms a call, 32 tokens cost 12.8 ms
 
 
-async def warm_up(h: Harness, tokens: int) -> int:
-    """Run batches of 1, 2, 4 and 8 items (each queued at once) so the batcher's latency
-    model has seen a range of costs; returns the number of calls made."""
-    rid = 10_000
+def learnt(h: Harness, cost: tuple[float, float], tokens: int) -> None:
+    """Teach the batcher's latency model ``a + b x padded tokens``, as if batches of 1, 2, 4
+    and 8 inputs of ``tokens`` had run. Fitted to the sleeping runner's wall time instead,
+    one thread wakeup 6-40 ms late on a loaded machine tilted the line far enough to turn
+    the policy under test around."""
+    a, b = cost
     for count in (1, 2, 4, 8):
-        items = [make_item(rid + i, tokens=tokens) for i in range(count)]
-        rid += count
-        h.submit(*items)
-        await h.answered_all(items)
-    return len(h.runner.calls)
+        padded = padded_tokens([tokens] * count)
+        h.batcher.latency.observe(padded, a + b * padded)
+
+
+def dense_so_far(h: Harness, tokens: int, *, parameters: dict = P_A) -> None:
+    """Eight arrivals of ``parameters`` at once, a moment ago: the next one is not the first
+    of its stream (which never waits: nothing says another is coming) and finds arrivals
+    dense. Their deadline is already over, so they are answered, never computed: no wall
+    time of theirs reaches the model."""
+    now = time.monotonic()
+    for i in range(8):
+        h.submit(make_item(20_000 + i, tokens=tokens, parameters=parameters, deadline=now))
 
 
 async def test_adaptive_gpu_like_collects_a_dense_burst_into_one_batch(make_batcher):
-    max_delay = 1.0
-    runner = Runner(cost=GPU_LIKE)
+    max_delay = 3.0
+    runner = Runner(cost=linear_cost(*GPU_LIKE))
     h = make_batcher(runner, max_batch_size=8, max_delay=max_delay, adaptive=True,
                      length_buckets=True, max_batch_tokens=16384)
-    warm = await warm_up(h, tokens=16)
+    learnt(h, GPU_LIKE, tokens=16)
     model = h.batcher.latency
-    assert model.observations == warm
-    assert model.fixed_s == pytest.approx(0.15, rel=0.2)
-    assert model.per_cost_s * 128 < 0.1 * model.fixed_s
+    assert model.per_cost_s * 128 < 0.1 * model.fixed_s  # what makes it GPU-like
+    dense_so_far(h, tokens=16)
 
     burst = schedule_arrivals(h, [16] * 8, 0.005, start=0)
     await all_arrived_and_answered(h, burst, 8)
 
-    assert runner.sizes[warm:] == [8], "the burst was not collected into one batch"
-    (call,) = runner.calls[warm:]
-    # The model was free and the first item waited for the rest, far less than max_delay.
+    assert runner.sizes == [8], "the burst was not collected into one batch"
+    (call,) = runner.calls
+    # The model was free and the first item waited for the rest, which filled the batch in
+    # 35 ms: it did not wait for max_delay (3 s).
     assert call.started >= burst[-1].admitted_at
-    assert h.only(0).stats.queue_ms < 0.5 * max_delay * 1000
+    assert h.only(0).stats.queue_ms < LATE * 1000, h.only(0).stats
 
 
 async def test_adaptive_wait_never_exceeds_max_delay(make_batcher):
-    max_delay = 0.02
-    runner = Runner(cost=GPU_LIKE)
+    max_delay = 0.1
+    # The runner's own speed does not matter: the test is over once the batch has closed.
+    runner = Runner()
     h = make_batcher(runner, max_batch_size=8, max_delay=max_delay, adaptive=True,
                      length_buckets=True, max_batch_tokens=16384)
-    warm = await warm_up(h, tokens=16)
-    # Arrivals 10 ms apart: the model would hold the batch for about 75 ms (a / 2) for the
-    # next one, but max_delay closes it after 20 ms.
-    burst = schedule_arrivals(h, [16] * 8, 0.01, start=0)
-    await all_arrived_and_answered(h, burst, 8)
+    # A model whose calls take 4 s would hold a lone item of a dense stream for about
+    # a / 2 = 2 s, for the next one; max_delay closes its batch after 100 ms.
+    learnt(h, (4.0, 2e-6), tokens=16)
+    dense_so_far(h, tokens=16)
+    lone = make_item(0, tokens=16)
+    h.submit(lone)
+    await h.answered_all([lone])
 
-    first = runner.calls[warm]
-    assert burst[0].inputs in first.inputs
-    assert 1 <= len(first.inputs) < 8
-    assert first.started - burst[0].admitted_at <= max_delay + TOL
+    (call,) = runner.calls
+    waited = call.started - lone.admitted_at
+    # Held for company (it did not run at once), but only for as long as max_delay allows.
+    assert max_delay - 0.005 <= waited <= max_delay + LATE, waited
 
 
 async def test_adaptive_wait_reads_only_arrivals_that_could_join(make_batcher):
@@ -311,57 +349,60 @@ async def test_adaptive_wait_reads_only_arrivals_that_could_join(make_batcher):
     cannot join its batch, so they are no reason to hold it. (Reading every arrival as
     company held it until the other stream stopped, or for max_delay.)"""
     max_delay = 2.0
-    runner = Runner(cost=GPU_LIKE)
+    runner = Runner(cost=linear_cost(*GPU_LIKE))
     h = make_batcher(runner, max_batch_size=8, max_delay=max_delay, adaptive=True,
                      length_buckets=True, max_batch_tokens=16384)
-    warm = await warm_up(h, tokens=16)
+    learnt(h, GPU_LIKE, tokens=16)
+    dense_so_far(h, tokens=16, parameters=P_A)
     lone = make_item(500, tokens=16, parameters=P_A)
     h.submit(lone)
-    others = schedule_arrivals(h, [16] * 60, 0.01, start=600, parameters=P_B)
-    await all_arrived_and_answered(h, others, 60)
+    # The other set keeps arriving for as long as the lone item waits (up to 3 s).
+    others = schedule_arrivals(h, [16] * 300, 0.01, start=600, parameters=P_B)
     await h.answered_all([lone])
-    # At most the wait its own stream justifies (about a / 2 = 75 ms), never the 600 ms the
-    # other stream lasted.
-    assert h.only(500).stats.queue_ms < 300, h.only(500).stats
-    assert runner.calls[warm].inputs == [lone.inputs]
+    others.stop()
+    # At most the wait its own stream justifies (about a / 2 = 75 ms), never max_delay.
+    assert h.only(500).stats.queue_ms < LATE * 1000, h.only(500).stats
+    assert runner.calls[0].inputs == [lone.inputs]
+    await h.answered_all(others)
 
 
 async def test_adaptive_cpu_like_does_not_wait(make_batcher):
-    max_delay = 1.0
-    runner = Runner(cost=CPU_LIKE)
+    max_delay = 3.0
+    runner = Runner(cost=linear_cost(*CPU_LIKE))
     h = make_batcher(runner, max_batch_size=8, max_delay=max_delay, adaptive=True,
                      length_buckets=True, max_batch_tokens=2048)
-    warm = await warm_up(h, tokens=32)
+    learnt(h, CPU_LIKE, tokens=32)
     model = h.batcher.latency
     assert model.per_cost_s * 32 > model.fixed_s  # what makes it CPU-like
+    dense_so_far(h, tokens=32)
 
     burst = schedule_arrivals(h, [32] * 8, 0.005, start=0)
     await all_arrived_and_answered(h, burst, 8)
 
-    # The first item ran at once instead of waiting for company ...
-    assert h.only(0).stats.queue_ms < 30, h.only(0).stats
-    # ... and nobody waited anywhere near max_delay: only behind a running batch.
+    # The first item ran at once instead of waiting 5 ms for company ...
+    assert runner.calls[0].inputs == [burst[0].inputs], runner.sizes
+    # ... and nobody waited anywhere near max_delay (3 s): only behind a running batch.
     for it in burst:
-        assert h.only(it.request_id).stats.queue_ms < 0.2 * max_delay * 1000
-    assert len(runner.calls) > warm + 1
+        assert h.only(it.request_id).stats.queue_ms < LATE * 1000, h.only(it.request_id).stats
+    assert len(runner.calls) > 1
 
 
 @pytest.mark.parametrize(("device", "cost"), [
     ("cpu", CPU_LIKE),                     # a / b = 2.5 tokens: padding 10 to 100 costs more
-    ("gpu", linear_cost(0.03, 1e-6)),      # a / b = 30000 tokens: everything joins
-])
+    ("gpu", (0.03, 1e-6)),                 # a / b = 30000 tokens: everything joins
+], ids=["cpu", "gpu"])
 async def test_buckets_keep_short_inputs_apart_only_where_padding_costs_more_than_a_call(
         make_batcher, device, cost):
-    runner = Runner(cost=cost)
+    runner = Runner(cost=linear_cost(*cost))
     h = make_batcher(runner, max_batch_size=8, max_delay=0.05, length_buckets=True)
-    warm = await warm_up(h, tokens=32)
+    learnt(h, cost, tokens=32)
     slack = h.batcher.latency.fixed_cost_in_tokens()
     items = queued([100, 10, 10, 10, 100, 100])
     h.submit(*items)
     await h.answered_all(items)
 
     assert all(h.only(it.request_id).output == expected_output(it) for it in items)
-    batches = [c.lengths for c in runner.calls[warm:]]
+    batches = [c.lengths for c in runner.calls]
     if device == "cpu":
         assert slack < 90, slack
         assert batches == [[100, 100, 100], [10, 10, 10]]
