@@ -7,6 +7,7 @@ the process exited 0, left no child process behind, and freed its port.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -160,6 +161,78 @@ async def info_async(session, server: "Server | str") -> dict:
     async with session.get(url + "/info") as resp:
         assert resp.status == 200
         return await resp.json()
+
+
+class Gate:
+    """One gate of the fault pipeline (tests/fixtures/fault_pipeline.py): a model call whose
+    batch holds ``text`` waits until :meth:`open`. Used as a context manager, it is opened on
+    the way out whatever happened, so a failing test does not leave a worker held."""
+
+    def __init__(self, directory: Path, name: str):
+        self.name = name
+        self.text = f"GATE:{name} [MASK]"
+        self._path = directory / name
+
+    def reached(self) -> bool:
+        """Whether a model call has reached this gate (and so is running, held)."""
+        return self._path.with_name(self.name + ".reached").exists()
+
+    async def wait_reached(self, timeout: float = 30) -> None:
+        await wait_for_async(self.reached, timeout, f"a model call to reach gate {self.name}")
+
+    def open(self) -> None:
+        self._path.touch()
+
+    def __enter__(self) -> "Gate":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.open()
+
+
+class Gates:
+    """Makes :class:`Gate` s; a server whose model calls they hold is started with
+    ``env=gates.env`` and the fault model (``--task fault-fill-mask``)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self._numbers = itertools.count()
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"FAULT_GATE_DIR": str(self.directory)}
+
+    def new(self, label: str = "gate") -> Gate:
+        return Gate(self.directory, f"{label}{next(self._numbers)}")
+
+
+@pytest.fixture(scope="module")
+def gates(tmp_path_factory) -> Gates:
+    return Gates(tmp_path_factory.mktemp("gates"))
+
+
+async def stop_while_holding_work(session, server: "Server | str", victim: int,
+                                  prefix: str, count: int, attempts: int = 5) -> list:
+    """SIGSTOP worker ``victim`` while it holds requests of a burst of ``count``; returns
+    the burst's futures, the victim stopped. Busy when seen is not enough: by the time the
+    signal lands it may have answered everything. Stopped, it cannot answer any more, so
+    /info then tells for sure (read twice, so answers it sent just before are read first);
+    if it holds nothing, it is let go on and a new burst tried."""
+    async def held() -> int:
+        info = await info_async(session, server)
+        return sum(w["in_flight"] for w in info["workers"] if w["pid"] == victim)
+
+    for attempt in range(attempts):
+        requests = burst(session, server if isinstance(server, str) else server.url, count,
+                         f"{prefix}{attempt}")
+        await wait_worker_busy(session, server, victim)
+        os.kill(victim, signal.SIGSTOP)
+        if await held() and await held():
+            return requests
+        os.kill(victim, signal.SIGCONT)
+        replies = await asyncio.gather(*requests)
+        assert [s for s, _, _ in replies] == [200] * count, replies
+    raise AssertionError(f"worker {victim} held no requests when stopped, {attempts} times")
 
 
 class Server:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import time
 import urllib.request
 
 import aiohttp
@@ -16,9 +17,9 @@ from tests.e2e.conftest import (
     burst,
     info_async,
     post,
+    stop_while_holding_work,
     wait_for,
     wait_for_async,
-    wait_worker_busy,
 )
 
 
@@ -29,8 +30,8 @@ async def test_kill_9_a_worker_mid_burst_loses_nothing(start_server, tiny_model_
     first_pids = {w["pid"] for w in server.info()["workers"]}
     victim = server.info()["workers"][0]["pid"]
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        requests = burst(session, server.url, 150, "burst")
-        await wait_worker_busy(session, server, victim)
+        # Killed while it holds requests: those are what must not be lost.
+        requests = await stop_while_holding_work(session, server, victim, "burst", 150)
         os.kill(victim, signal.SIGKILL)
         replies = await asyncio.gather(*requests)
     statuses = [status for status, _, _ in replies]
@@ -54,78 +55,112 @@ async def test_kill_9_a_worker_mid_burst_loses_nothing(start_server, tiny_model_
     assert server.log_text().count("restarting in 0.5 s") == 2, server.log_text()
 
 
+#: Two sends further apart than this are not "within a moment": the run is not judged.
+#: (The gateway takes a signal within 1 s of the first as the same one; a test process
+#: descheduled between the two sends made a repeat of them.)
+SIGNAL_GAP_S = 0.2
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "systemd"])
 async def test_a_signal_to_the_whole_process_group_drains_without_restarting_workers(
-        start_server, fault_model_dir, sig):
+        start_server, fault_model_dir, gates, sig):
     """A terminal's Ctrl-C, GNU timeout and systemd's default stop signal the gateway's
     whole process group. The workers got it too and left, and the supervisor, restarting
     them, reloaded the model under the drain: a Ctrl-C stop took 30.7 s, and with a short
     --drain-timeout-s admitted requests got 503. Delivered twice within a moment (timeout
     signals the process, then its group), it is still one request to drain."""
-    server = start_server(slow_model_args(fault_model_dir, "--workers", "2"))
-    wait_for(lambda: len(server.info()["workers"]) == 2, 60, "both workers")
+    gaps = []
+    for _ in range(3):
+        server = start_server(gated_model_args(fault_model_dir, "--workers", "2"), env=gates.env)
+        wait_for(lambda: len(server.info()["workers"]) == 2, 60, "both workers")
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            held = [gates.new("group"), gates.new("group")]
+            try:
+                requests = await loaded_with_a_burst(session, server, held, "group")
+                sent_at = time.monotonic()
+                server.proc.send_signal(sig)
+                os.killpg(server.proc.pid, sig)
+                gaps.append(time.monotonic() - sent_at)
+                if gaps[-1] <= SIGNAL_GAP_S:
+                    # Draining while the workers still hold every request.
+                    await wait_draining(session, server)
+            finally:
+                for gate in held:
+                    gate.open()
+            replies = await asyncio.gather(*requests, return_exceptions=True)
+        exit_code = await asyncio.to_thread(server.proc.wait, 30)
+        if gaps[-1] > SIGNAL_GAP_S:
+            server.stop()
+            continue  # sent too far apart to be one signal delivered twice: again
+        assert_all_answered(replies)
+        assert exit_code == 0
+        log = server.log_text()
+        assert "restarting in" not in log and "again: stopping now" not in log, log
+        assert server.stop() == 0
+        return
+    pytest.skip(f"the two signals were never sent within {SIGNAL_GAP_S} s of each other "
+                f"(gaps {gaps}): too busy a machine to test a signal delivered twice")
+
+
+async def test_sigterm_under_load_answers_every_admitted_request(start_server, fault_model_dir,
+                                                                 gates):
+    server = start_server(gated_model_args(fault_model_dir), env=gates.env)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        requests = await loaded_with_a_burst(session, server, "group", workers=2)
-        server.proc.send_signal(sig)
-        os.killpg(server.proc.pid, sig)
-        assert_admitted_answered(await asyncio.gather(*requests, return_exceptions=True))
-    assert await asyncio.to_thread(server.proc.wait, 30) == 0
-    log = server.log_text()
-    assert "restarting in" not in log and "again: stopping now" not in log, log
+        # The worker is held in a gated call: the drain stays open until the test has seen it.
+        with gates.new("drain") as gate:
+            requests = await loaded_with_a_burst(session, server, [gate], "drain")
+            server.proc.send_signal(signal.SIGTERM)
+            await wait_draining(session, server)
+            status, headers, body = await post(session, server.url + "/", data=b"late [MASK]")
+            assert status == 503 and body["error"]["code"] == "draining"
+            # A keep-alive client is told not to send its next request on this connection.
+            assert headers["Connection"] == "close"
+        # Every request, the held one too, was admitted before the signal.
+        assert_all_answered(await asyncio.gather(*requests, return_exceptions=True))
     assert server.stop() == 0
 
 
-async def test_sigterm_under_load_answers_every_admitted_request(start_server, fault_model_dir):
-    server = start_server(slow_model_args(fault_model_dir))
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        requests = await loaded_with_a_burst(session, server, "drain")
-        server.proc.send_signal(signal.SIGTERM)
-
-        async def not_ready():
-            async with session.get(server.url + "/ready") as resp:
-                return resp.status == 503
-        await wait_for_async(not_ready, 10, "/ready to go 503")
-        status, headers, body = await post(session, server.url + "/", data=b"late [MASK]")
-        assert status == 503 and body["error"]["code"] == "draining"
-        # A keep-alive client is told not to send its next request on this connection.
-        assert headers["Connection"] == "close"
-        assert_admitted_answered(await asyncio.gather(*requests, return_exceptions=True))
-    assert server.stop() == 0
-
-
-def slow_model_args(fault_model_dir, *extra: str) -> list[str]:
-    """The tiny model, with SLOW inputs that take 0.5 s (tests/fixtures/fault_pipeline.py)."""
+def gated_model_args(fault_model_dir, *extra: str) -> list[str]:
+    """The fault model (tests/fixtures/fault_pipeline.py), whose GATE inputs hold a worker
+    until the test lets it go; start it with ``env=gates.env``."""
     return ["--model", str(fault_model_dir), "--task", FAULT_TASK, "--trust-remote-code",
             "--max-batch-size", "2", "--max-delay-ms", "5", *extra]
 
 
-async def loaded_with_a_burst(session, server, prefix: str, workers: int = 1) -> list:
-    """80 requests sent while each worker runs a slow one, once more than 10 are in flight.
+async def loaded_with_a_burst(session, server, held: list, prefix: str) -> list:
+    """Each worker held in a model call at a gate of ``held`` (one each), then 80 requests
+    admitted behind them: the requests' futures, the held ones first. Until the test opens
+    the gates nothing is answered, so all of them are in flight for as long as it needs.
     (A bare burst was served as fast as it came on an idle machine: in flight never passed
     10.)"""
-    held = [asyncio.ensure_future(post(session, server.url + "/",
-                                       data=f"SLOW {prefix} {i} [MASK]".encode()))
-            for i in range(workers)]
+    requests = []
+    for gate in held:
+        requests.append(asyncio.ensure_future(post(session, server.url + "/",
+                                                   data=gate.text.encode())))
+        # One at a time: the next goes to a worker not holding one (the soonest free).
+        await gate.wait_reached()
+    requests += burst(session, server.url, 80, prefix)
 
-    async def holding():
-        return (await info_async(session, server))["in_flight"] >= workers
-    await wait_for_async(holding, 30, "the slow requests in flight", 0.002)
-    requests = burst(session, server.url, 80, prefix)
-
-    async def loaded():
-        return (await info_async(session, server))["in_flight"] > 10
-    await wait_for_async(loaded, 30, "requests in flight", 0.002)
-    return held + requests
+    async def all_admitted():
+        return (await info_async(session, server))["in_flight"] == len(requests)
+    await wait_for_async(all_admitted, 30, f"{len(requests)} requests admitted", 0.002)
+    return requests
 
 
-def assert_admitted_answered(replies: list) -> None:
-    """Admitted requests are all answered 200; only requests that arrived after the signal
-    are refused, and those with 503 draining."""
+async def wait_draining(session, server) -> None:
+    """Until /ready says 503 for draining (it says 503 with no workers, too)."""
+    async def draining():
+        async with session.get(server.url + "/ready") as resp:
+            return resp.status == 503 and (await resp.json())["reason"] == "draining"
+    await wait_for_async(draining, 10, "/ready to go 503 draining")
+
+
+def assert_all_answered(replies: list) -> None:
+    """Admitted before the signal, every request is answered 200: a drain finishes them."""
     for reply in replies:
         assert not isinstance(reply, BaseException), reply
         status, _, body = reply
-        assert status == 200 or (status == 503 and body["error"]["code"] == "draining"), body
-    assert sum(1 for r in replies if r[0] == 200) >= 10
+        assert status == 200, body
 
 
 async def test_sighup_without_files_to_read_is_ignored_and_sigquit_drains(start_server,

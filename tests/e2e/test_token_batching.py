@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import FAULT_TASK
-from tests.e2e.conftest import http_get, post, wait_worker_busy
+from tests.e2e.conftest import http_get, info_async, post, wait_for_async
 
 #: Words that are one token each in the BERT uncased vocabulary, so lengths are exact.
 WORDS = ("the", "of", "and", "to", "in", "was", "he", "for", "it", "with", "as", "his", "on",
@@ -37,20 +37,26 @@ def scrape_value(scrape: str, name: str) -> float:
     return float(match.group(1))
 
 
-async def queued_burst(server, texts: list[str]) -> list[tuple[int, dict, object]]:
-    """Send ``texts`` while the worker computes a 0.5 s batch (the fault model's SLOW), so
-    they all wait in the worker's queue and the policy, not arrival timing, shapes the
-    batches they form."""
+async def queued_burst(server, gates, texts: list[str]) -> list[tuple[int, dict, object]]:
+    """Send ``texts`` while the worker is held in a gated batch of its own
+    (tests/fixtures/fault_pipeline.py), and let it go on only once they all wait in the
+    worker's queue, so the policy, not arrival timing, shapes the batches they form."""
     _, info = http_get(server.url + "/info")
     (worker,) = info["workers"]
     assert len(texts) < worker["capacity"]
-    async with aiohttp.ClientSession() as session:
-        slow = asyncio.ensure_future(post(session, server.url + "/", data=b"SLOW [MASK]"))
-        await wait_worker_busy(session, server, worker["pid"])
-        replies = await asyncio.gather(*(post(session, server.url + "/", data=t.encode())
-                                         for t in texts))
-        assert (await slow)[0] == 200
-    return replies
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        with gates.new("burst") as gate:
+            held = asyncio.ensure_future(post(session, server.url + "/", data=gate.text.encode()))
+            await gate.wait_reached()
+            replies = asyncio.gather(*(post(session, server.url + "/", data=t.encode())
+                                       for t in texts))
+
+            async def all_on_the_worker():
+                (w,) = (await info_async(session, server))["workers"]
+                return w["in_flight"] == 1 + len(texts)
+            await wait_for_async(all_on_the_worker, 30, f"{len(texts)} requests on the worker")
+        assert (await held)[0] == 200
+        return await replies
 
 
 async def mean_padding(server) -> tuple[float, float]:
@@ -64,32 +70,33 @@ async def mean_padding(server) -> tuple[float, float]:
 
 
 def fault_model(fault_model_dir, *extra: str) -> list[str]:
-    # Capacity 4 x 8 = 32: the SLOW request and a 30-input burst all fit in the worker.
+    # Capacity 4 x 8 = 32: the gated request and a 30-input burst all fit in the worker.
     return ["--model", str(fault_model_dir), "--task", FAULT_TASK, "--trust-remote-code",
             "--max-batch-size", "8", *extra]
 
 
 @pytest.fixture(scope="module")
-def bucket_server(start_server, fault_model_dir):
-    return start_server(fault_model(fault_model_dir, "--max-batch-tokens", "0"))
+def bucket_server(start_server, fault_model_dir, gates):
+    return start_server(fault_model(fault_model_dir, "--max-batch-tokens", "0"), env=gates.env)
 
 
 @pytest.fixture(scope="module")
-def budget_server(start_server, fault_model_dir):
+def budget_server(start_server, fault_model_dir, gates):
     return start_server(fault_model(fault_model_dir, "--max-batch-tokens", "96",
-                                    "--no-length-buckets"))
+                                    "--no-length-buckets"), env=gates.env)
 
 
 @pytest.fixture(scope="module")
-def count_only_server(start_server, fault_model_dir):
+def count_only_server(start_server, fault_model_dir, gates):
     return start_server(fault_model(fault_model_dir, "--max-batch-tokens", "0",
-                                    "--no-length-buckets"))
+                                    "--no-length-buckets"), env=gates.env)
 
 
-async def test_length_buckets_cut_padding_against_count_only(bucket_server, count_only_server):
+async def test_length_buckets_cut_padding_against_count_only(bucket_server, count_only_server,
+                                                               gates):
     texts = mixed_burst(8)
     for server in (bucket_server, count_only_server):
-        replies = await queued_burst(server, texts)
+        replies = await queued_burst(server, gates, texts)
         assert all(status == 200 for status, _, _ in replies), replies
         for t, (_, headers, answer) in zip(texts, replies):
             assert answer[0]["sequence"].startswith(t.split()[0])
@@ -97,21 +104,21 @@ async def test_length_buckets_cut_padding_against_count_only(bucket_server, coun
     bucketed, _ = await mean_padding(bucket_server)
     count_only, _ = await mean_padding(count_only_server)
     # First come, first served puts short and long inputs in both batches: about 43 % of
-    # their padded tokens are padding (the SLOW batch, alone, has none: mean 0.29). Buckets
+    # their padded tokens are padding (the gated batch, alone, has none: mean 0.29). Buckets
     # batch the 8 short and the 8 long apart.
     assert count_only > 0.2, count_only
     assert bucketed < 0.05, bucketed
     # Short inputs rode in batches padded to their own length, not to 43 tokens.
-    replies = await queued_burst(bucket_server, texts)
+    replies = await queued_burst(bucket_server, gates, texts)
     shorts = sorted(int(h["X-Batch-Tokens"]) for (_, h, _), t in zip(replies, texts)
                     if len(t.split()) == SHORT_WORDS + 1)
     assert shorts == [8 * SHORT_TOKENS] * 8, shorts
 
 
-async def test_token_budget_bounds_every_batch(budget_server):
+async def test_token_budget_bounds_every_batch(budget_server, gates):
     _, info = http_get(budget_server.url + "/info")
     assert {w["max_batch_tokens"] for w in info["workers"]} == {96}
-    replies = await queued_burst(budget_server, mixed_burst(15))
+    replies = await queued_burst(budget_server, gates, mixed_burst(15))
     assert all(status == 200 for status, _, _ in replies), replies
     sizes = [(int(h["X-Batch-Size"]), int(h["X-Batch-Tokens"])) for _, h, _ in replies]
     # 96 padded tokens: at most two long inputs (2 x 44) per call, against eight by count.
