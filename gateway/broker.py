@@ -9,7 +9,9 @@ Poison control: a request that was on a worker when it died is a *suspect*. It i
 ahead of every other request but runs alone, on a worker holding nothing else, so if it
 kills that worker too only it is charged; after two deaths it is answered 500 and never
 retried. Innocent requests that shared the first worker's queue run again (alone) and
-succeed.
+succeed. Across requests (a client retrying its 500 or 504), by a digest of the input and
+its parameters (gateway/poison_memo.py): one a worker died holding is a suspect when sent
+again, and one that killed two workers is refused at admission.
 
 Credit: a worker announces ``capacity`` in READY; the broker never leaves more than that
 many requests unanswered on it, and sends to the worker with the most free credit. A
@@ -314,6 +316,13 @@ class Broker:
         self.expecting_workers: Callable[[], bool] = lambda: False
         #: Inputs that killed the workers running them, refused at admission for a while.
         self.poison = PoisonMemo(poison_memory_s)
+        #: Inputs that were on a worker when it died, once: sent again (a client retrying
+        #: its 500 or 504), each is a suspect from the start, run alone. Poison control
+        #: otherwise lived and died with one request: an input that hangs the model got
+        #: its 504 at the deadline (30 s) before the watchdog ended the worker (60 s), so
+        #: it was never charged, and each retry held another worker for a minute and cost
+        #: it a reload.
+        self.suspected = PoisonMemo(poison_memory_s)
         #: Requests withdrawn before their answer, by why (CANCEL_REASONS).
         self.cancelled = dict.fromkeys(CANCEL_REASONS, 0)
         #: Inputs answered 504 for their deadline, by where they were (MISSED_WHERE).
@@ -420,9 +429,10 @@ class Broker:
         # One task at a time (see _admissible): any worker's is the gateway's.
         model, task = next((w.info.model, w.info.task) for w in self.workers.values())
         now = self.clock()
-        if self.poison:
-            self._refuse_poison(fingerprinter(model, task, parameters, embed, prompt_name),
-                                inputs, now)
+        suspects = None
+        if self.poison or self.suspected:
+            suspects = self._screen(fingerprinter(model, task, parameters, embed, prompt_name),
+                                    inputs, now)
         # After every dispatch, either the queue is empty or no credit can be used (a suspect
         # at the head waits for an idle worker): free credit only helps an empty queue.
         free = 0 if self._queued else sum(max(w.free, 0) for w in self.workers.values())
@@ -432,7 +442,7 @@ class Broker:
             )
         loop = asyncio.get_running_loop()
         admitted = []
-        for item in inputs:
+        for i, item in enumerate(inputs):
             pending = PendingRequest(
                 request_id=next(self._ids),
                 inputs=item,
@@ -445,6 +455,8 @@ class Broker:
                 claim=claim,
                 task=task,
             )
+            if suspects is not None and suspects[i]:
+                pending.crashes = 1
             pending.timer = loop.call_later(timeout_s, self._expire, pending)
             self._pending[pending.request_id] = pending
             self._enqueue(pending)
@@ -454,15 +466,18 @@ class Broker:
         self._dispatch()
         return admitted
 
-    def _refuse_poison(self, digest_of: Callable[[Any], bytes], inputs: list,
-                       now: float) -> None:
-        """500 for a list holding an input that killed the workers running it: run again,
-        it would kill two more."""
+    def _screen(self, digest_of: Callable[[Any], bytes], inputs: list,
+                now: float) -> list[bool]:
+        """500 for a list holding an input that killed the workers running it (run again,
+        it would kill two more); otherwise, for each input, whether it is a suspect."""
+        suspects = []
         for i, item in enumerate(inputs):
             try:
                 digest = digest_of(item)
             except (TypeError, ValueError):
+                suspects.append(False)
                 continue  # not encodable: dispatch answers it 400, as for any such input
+            suspects.append(self.suspected.known_for(digest, now) is not None)
             left_s = self.poison.known_for(digest, now)
             if left_s is not None:
                 self.poison.refused += 1
@@ -471,6 +486,7 @@ class Broker:
                     f"{which}, with these parameters, killed the two workers that ran it "
                     f"shortly before; it is refused for another {left_s:.0f} s rather than "
                     "run again (--poison-memory-s)")
+        return suspects
 
     def cancel(self, pending: PendingRequest, reason: str = CLIENT_GONE) -> None:
         """Nobody wants the answer (the client went away, or another item of its list
@@ -638,6 +654,9 @@ class Broker:
         del self.workers[worker.identity]
         if not self.workers:
             self._workerless_since = self.clock()
+        # Answered already (a 504, a client gone), what it held is charged all the same: the
+        # input may be what it died of, and its client may send it again.
+        held = [p for p in worker.in_flight.values() if p is not undelivered]
         orphans = [p for p in worker.in_flight.values() if not p.done]
         worker.in_flight.clear()
         worker.suspect = None
@@ -648,12 +667,13 @@ class Broker:
                     del self._killed[next(iter(self._killed))]
         log.warning("worker %s (pid %d) lost: %s; %d request(s) to requeue",
                     worker.info.worker_id, worker.info.pid, reason, len(orphans))
-        for pending in orphans:
-            if crashed and pending is not undelivered:
+        if crashed:
+            for pending in held:
                 pending.crashes += 1
-            if pending.crashes >= MAX_CRASHES:
                 if telling:
-                    self._remember_poison(pending, worker.info.model)
+                    self._remember_crash(pending, worker.info.model)
+        for pending in orphans:
+            if pending.crashes >= MAX_CRASHES:
                 self._finish(pending, error=WorkerCrashed(
                     "the workers running this request died twice; it is not retried again"))
             else:
@@ -662,18 +682,37 @@ class Broker:
         if dispatch:
             self._dispatch()
 
-    def _remember_poison(self, pending: PendingRequest, model: str) -> None:
+    def _digest(self, pending: PendingRequest, model: str) -> bytes | None:
         if pending.inputs is None or self.poison.memory_s <= 0:
-            return  # withdrawn meanwhile (what it held is gone), or nothing is remembered
+            return None  # withdrawn while queued (what it held is gone), or memory is off
         try:
-            digest = fingerprinter(model, pending.task, pending.parameters, pending.embed,
-                                   pending.prompt_name)(pending.inputs)
+            return fingerprinter(model, pending.task, pending.parameters, pending.embed,
+                                 pending.prompt_name)(pending.inputs)
         except (TypeError, ValueError):
+            return None
+
+    def _remember_crash(self, pending: PendingRequest, model: str) -> None:
+        """A worker died of what it held: a second death makes the input poison, a first
+        makes it a suspect when it is sent again."""
+        digest = self._digest(pending, model)
+        if digest is None:
             return
+        if pending.crashes < MAX_CRASHES:
+            self.suspected.remember(digest, self.clock())
+            return
+        self.suspected.forget(digest)
         self.poison.remember(digest, self.clock())
         log.warning("request %d killed the two workers that ran it: the same input with the "
                     "same parameters is refused for %.0f s (%d remembered)", pending.request_id,
                     self.poison.memory_s, len(self.poison))
+        # Copies of it admitted as suspects meanwhile (a client's retries in a burst) wait
+        # in the queue to kill one idle worker each: answered as the next one would be.
+        for _, waiting in list(self._queue):
+            if (waiting.queued and waiting.crashes and waiting is not pending
+                    and self._digest(waiting, model) == digest):
+                self._finish(waiting, error=WorkerCrashed(
+                    "the same input with the same parameters killed the two workers that "
+                    "ran it just now; it is not run again"))
 
     def _revoke(self, keys: frozenset[str]) -> None:
         """Take out the workers that joined with one of these (z85) keys, and tell them."""
@@ -902,6 +941,11 @@ class Broker:
                     if message.code == "deadline_exceeded" and not pending.settled:
                         self.deadline_missed[MISSED_AT_WORKER] += 1
                 if isinstance(message, Result):
+                    if pending.crashes and self.suspected:
+                        # Run alone and answered: not what the worker died of.
+                        digest = self._digest(pending, worker.info.model)
+                        if digest is not None:
+                            self.suspected.forget(digest)
                     self._observe(worker, message, pending)
                     # An answer the held-memory budget refuses is answered with the refusal.
                     self._finish(pending, result=message,

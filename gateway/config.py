@@ -163,8 +163,9 @@ def _add_gateway_flags(flags: Flags, *, serve: bool) -> None:
     flags.add("--poison-memory-s", type=non_negative_float, default=d.poison_memory_s,
               help="an input that killed the two workers that ran it is refused (500 "
               "worker_crashed, before any worker runs it) for this long when sent again "
-              "with the same parameters: retried, it would kill two more each time; 0 "
-              "remembers none")
+              "with the same parameters: retried, it would kill two more each time; and one "
+              "a worker died holding, even answered already (a hang's 504), is run alone "
+              "when sent again; 0 remembers none")
     flags.add("--debug", action="store_true", default=False,
               help="include tracebacks of internal errors in responses")
     add_logging_flags(flags)

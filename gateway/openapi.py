@@ -301,10 +301,13 @@ def _components(config: GatewayConfig) -> dict:
                 "poison": {
                     "type": "object",
                     "description": "Inputs that killed the two workers that ran them, "
-                                   "remembered (refused at admission for --poison-memory-s), "
-                                   "and the requests refused for holding one since start.",
+                                   "remembered (refused at admission for --poison-memory-s); "
+                                   "the requests refused for holding one since start; and "
+                                   "inputs a worker died holding once (run alone if sent "
+                                   "again).",
                     "properties": {"remembered": {"type": "integer", "minimum": 0},
-                                   "refused": {"type": "integer", "minimum": 0}}},
+                                   "refused": {"type": "integer", "minimum": 0},
+                                   "suspected": {"type": "integer", "minimum": 0}}},
                 "held_bytes": {"type": "integer", "minimum": 0},
                 "connections": {"type": "integer", "minimum": 0,
                                 "description": "Client connections open now "

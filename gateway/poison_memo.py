@@ -1,4 +1,5 @@
-"""Inputs that killed the workers running them, remembered so they are not run again.
+"""Inputs that killed the workers running them, remembered so they are not run again; and
+inputs a worker died holding once, remembered so that sent again they run alone.
 
 Poison control (gateway/broker.py) answers 500 ``worker_crashed`` to an input after the
 second worker running it died, the second running it alone. That cost two workers, each a
@@ -79,6 +80,9 @@ class PoisonMemo:
         self._until[digest] = now + self.memory_s
         while len(self._until) > self.max_remembered:
             del self._until[next(iter(self._until))]
+
+    def forget(self, digest: bytes) -> None:
+        self._until.pop(digest, None)
 
     def known_for(self, digest: bytes, now: float) -> float | None:
         """Seconds until ``digest`` is forgotten, or None if it is not remembered."""

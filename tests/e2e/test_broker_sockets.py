@@ -782,6 +782,56 @@ async def test_an_input_that_killed_two_workers_is_refused_unrun_when_sent_again
     assert c.request_ids()[-1] == again.request_id and len(broker.poison) == 0
 
 
+async def test_an_input_a_worker_died_holding_is_a_suspect_when_sent_again(h):
+    """An input that hangs the model got its 504 at the deadline, before the watchdog ended
+    the worker: settled, it was never charged, and each retry held another worker until
+    its watchdog and cost it a reload. What a dead worker held is now charged whatever its
+    answer; sent again, it runs alone; dead again, it is poison."""
+    broker = await h.broker(poison_memory_s=60.0)
+    a = await h.worker(broker, "a", capacity=2)
+    hangs, innocent = broker.submit_many(["hangs", "innocent"], {}, 0.05)
+    await a.wait_requests(2)
+    assert isinstance(await outcome(hangs), DeadlineExceeded)  # the model call goes on
+    assert isinstance(await outcome(innocent), (DeadlineExceeded, Cancelled))
+    broker.worker_process_exited(a.pid, "exited with code 3 (its watchdog)")
+    assert len(broker.suspected) == 2 and len(broker.poison) == 0
+
+    # Retried, each is a suspect: first in line, alone on a worker holding nothing.
+    b = await h.worker(broker, "b", capacity=4)
+    (retried,) = broker.submit_many(["innocent"], {}, 30.0)
+    (fresh,) = broker.submit_many(["fresh"], {}, 30.0)
+    assert retried.crashes == 1 and fresh.crashes == 0
+    await b.wait_requests(1)
+    await b.sync()
+    assert b.request_ids() == [retried.request_id]
+    await b.answer(retried.request_id, "fine")  # run alone and answered: cleared
+    assert (await outcome(retried)).output == "fine"
+    await b.wait_requests(2)
+    await b.answer(fresh.request_id, "fine")
+    await outcome(fresh)
+    (again,) = broker.submit_many(["innocent"], {}, 30.0)
+    assert again.crashes == 0 and len(broker.suspected) == 1
+    await b.wait_requests(3)
+    await b.answer(again.request_id, "fine")
+    await outcome(again)
+
+    # The hanging one, retried (twice, in a burst): the first runs alone and kills its
+    # worker too. Poison now: the copy waiting behind it and any later one get 500, unrun.
+    first, second = (broker.submit_many(["hangs"], {}, 30.0)[0] for _ in range(2))
+    assert first.crashes == second.crashes == 1
+    await b.wait_requests(4)
+    assert b.requests[-1].request_id == first.request_id
+    broker.worker_process_exited(b.pid, "exited with code 3 (its watchdog)")
+    assert isinstance(await outcome(first), WorkerCrashed)
+    assert isinstance(await outcome(second), WorkerCrashed)
+    assert len(broker.poison) == 1 and len(broker.suspected) == 0
+    c = await h.worker(broker, "c", capacity=4)
+    with pytest.raises(WorkerCrashed):
+        broker.submit_many(["hangs"], {}, 30.0)
+    await c.sync()
+    assert c.requests == []
+
+
 class PassingTime:
     """A broker clock that runs while started, and stands still otherwise: workers that
     registered at one instant of it fall silent together."""

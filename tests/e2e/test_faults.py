@@ -80,7 +80,7 @@ async def test_poison_input_gets_500_once_and_the_pool_survives(start_server, fa
         assert status == 500 and body["error"]["code"] == "worker_crashed", body
         assert "refused for another" in body["error"]["message"], body
         info = await info_async(session, server)
-        assert info["poison"] == {"remembered": 1, "refused": 1}
+        assert info["poison"] == {"remembered": 1, "refused": 1, "suspected": 0}
         assert (await post(session, server.url + "/", data=b"still [MASK]"))[0] == 200
     assert server.log_text().count("restarting in") == 2  # one death on each worker
     assert "killed the two workers that ran it" in server.log_text()
@@ -98,8 +98,12 @@ async def test_hung_model_call_is_detected_and_its_requests_run_elsewhere(start_
         for i in range(5):
             assert (await post(session, server.url + "/", data=f"ok {i} [MASK]".encode()))[0] == 200
         status, _, body = await hung
-    # The hanging input took down one worker, then the one it was retried on: 500, once.
-    assert status == 500 and body["error"]["code"] == "worker_crashed", body
+        # The hanging input took down one worker, then the one it was retried on: 500, once.
+        assert status == 500 and body["error"]["code"] == "worker_crashed", body
+        # Sent again, it is refused unrun: it would hold a third worker until its watchdog.
+        await wait_for_async(lambda: _workers_back(session, server, 2), 60, "the pool back")
+        status, _, body = await post(session, server.url + "/", data=b"HANG [MASK]")
+        assert status == 500 and "refused for another" in body["error"]["message"], body
     assert server.log_text().count("past --batch-timeout-s") == 2
 
 
@@ -166,6 +170,10 @@ async def start_hung_request(session, server) -> asyncio.Future:
         return (await info_async(session, server))["in_flight"] == 1
     await wait_for_async(holding, 10, "the hanging request to be in flight")
     return hung
+
+
+async def _workers_back(session, server, n: int) -> bool:
+    return len((await info_async(session, server))["workers"]) == n
 
 
 async def _draining(session, server) -> bool:
