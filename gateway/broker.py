@@ -940,12 +940,15 @@ class Broker:
                     worker.skipped += 1
                     if message.code == "deadline_exceeded" and not pending.settled:
                         self.deadline_missed[MISSED_AT_WORKER] += 1
+                ran = not (isinstance(message, Error)
+                           and message.code in ("cancelled", "deadline_exceeded"))
+                if ran and pending.crashes and self.suspected:
+                    # Run alone and answered (an error of its own included): not what the
+                    # worker died of.
+                    digest = self._digest(pending, worker.info.model)
+                    if digest is not None:
+                        self.suspected.forget(digest)
                 if isinstance(message, Result):
-                    if pending.crashes and self.suspected:
-                        # Run alone and answered: not what the worker died of.
-                        digest = self._digest(pending, worker.info.model)
-                        if digest is not None:
-                            self.suspected.forget(digest)
                     self._observe(worker, message, pending)
                     # An answer the held-memory budget refuses is answered with the refusal.
                     self._finish(pending, result=message,

@@ -832,6 +832,23 @@ async def test_an_input_a_worker_died_holding_is_a_suspect_when_sent_again(h):
     assert c.requests == []
 
 
+async def test_a_suspect_answered_with_an_error_of_its_own_is_cleared(h):
+    """The worker survived running it alone: not what the other one died of. (Cleared only
+    on a Result, an input a pipeline refuses, sent again and again, ran alone each time.)"""
+    broker = await h.broker(poison_memory_s=60.0)
+    a = await h.worker(broker, "a", capacity=1)
+    (held,) = broker.submit_many(["too long"], {}, 30.0)
+    await a.wait_requests(1)
+    broker.worker_process_exited(a.pid, "killed")
+    b = await h.worker(broker, "b", capacity=1)
+    (request,) = await b.wait_requests(1)
+    await b.fail(request.request_id, "input_too_long", "shorten it")
+    assert isinstance(await outcome(held), BatchwireError)
+    assert len(broker.suspected) == 0
+    (again,) = broker.submit_many(["too long"], {}, 30.0)
+    assert again.crashes == 0
+
+
 class PassingTime:
     """A broker clock that runs while started, and stands still otherwise: workers that
     registered at one instant of it fall silent together."""
