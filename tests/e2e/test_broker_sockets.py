@@ -753,14 +753,7 @@ async def test_an_input_that_killed_two_workers_is_refused_unrun_when_sent_again
     now = [1000.0]
     broker = await h.broker(clock=lambda: now[0], poison_memory_s=60.0)
     params = {"top_k": 2, "targets": ["a", "b"]}
-    a = await h.worker(broker, "a", capacity=2)
-    (poison,) = broker.submit_many(["poison"], params, 5.0)
-    await a.wait_requests(1)
-    broker.worker_process_exited(a.pid, "killed")
-    b = await h.worker(broker, "b", capacity=2)
-    await b.wait_requests(1)
-    broker.worker_process_exited(b.pid, "killed again")
-    assert isinstance(await outcome(poison), WorkerCrashed)
+    await killed_twice(h, broker, "poison", params)
     assert len(broker.poison) == 1 and broker.poison.refused == 0
 
     c = await h.worker(broker, "c", capacity=4)
@@ -917,16 +910,21 @@ async def test_a_second_death_by_silence_does_not_make_an_input_poison(h):
     await c.wait_requests(1)
 
 
-async def test_with_no_poison_memory_a_poison_input_runs_again(h):
-    broker = await h.broker(poison_memory_s=0.0)
-    a = await h.worker(broker, "a", capacity=1)
-    (poison,) = broker.submit_many(["poison"], {}, 5.0)
+async def killed_twice(h, broker: Broker, text: str, parameters: dict) -> None:
+    """``text`` kills worker "a", then worker "b" as it runs alone: 500 worker_crashed."""
+    a = await h.worker(broker, "a", capacity=2)
+    (poison,) = broker.submit_many([text], parameters, 5.0)
     await a.wait_requests(1)
     broker.worker_process_exited(a.pid, "killed")
-    b = await h.worker(broker, "b", capacity=1)
+    b = await h.worker(broker, "b", capacity=2)
     await b.wait_requests(1)
     broker.worker_process_exited(b.pid, "killed again")
     assert isinstance(await outcome(poison), WorkerCrashed)
+
+
+async def test_with_no_poison_memory_a_poison_input_runs_again(h):
+    broker = await h.broker(poison_memory_s=0.0)
+    await killed_twice(h, broker, "poison", {})
     c = await h.worker(broker, "c", capacity=1)
     (again,) = broker.submit_many(["poison"], {}, 5.0)
     await c.wait_requests(1)
