@@ -646,7 +646,7 @@ class Broker:
         ``undelivered``: a request that never reached it, so no crash counts against it.
         ``telling``: whether the death says something about what the worker ran (its
         process ended, its model call hung), not only about the worker (silence), so that
-        an input charged its last crash by it is remembered as poison.
+        what it held is remembered: as suspects, or as poison where this was a second death.
         ``dispatch``: False while more workers are being taken out, so that what this
         one held is not sent to one of them."""
         if self.workers.get(worker.identity) is not worker:

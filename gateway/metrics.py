@@ -165,7 +165,8 @@ class _LiveCollector:
         missed = CounterMetricFamily(
             "batchwire_deadline_missed", "Inputs answered 504 for their deadline, by where "
             "they were: waiting in the gateway's queue (add workers), refused by the worker as "
-            "past or too close to it, or sent to a worker whose answer had not come", labels=["where"])
+            "past or too close to it, or sent to a worker whose answer had not come",
+            labels=["where"])
         for where, count in broker.deadline_missed.items():
             missed.add_metric([where], count)
         yield missed

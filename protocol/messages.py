@@ -30,8 +30,9 @@ MAX_READY_TEXT = 4096
 MAX_NESTING = 32
 #: Most bytes a REQUEST's parameters take encoded. Every input of a request carries them to
 #: its worker, so a 1.1 MB ``targets`` list on a list of 256 inputs was 290 MB of frames:
-#: the worker was killed (and restarted) and the request got 504 at its deadline. Pipelines' real arguments (a few hundred candidate labels or
-#: targets at most) take a few kilobytes.
+#: the worker was killed (and restarted) and the request got 504 at its deadline.
+#: Pipelines' real arguments (a few hundred candidate labels or targets at most) take a few
+#: kilobytes.
 MAX_PARAMETERS_BYTES = 64 * 1024
 
 
