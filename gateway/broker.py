@@ -165,6 +165,13 @@ class PendingRequest:
     claim: Claim | None = None
     #: The task of the workers it was admitted for: its client expects that task's answer.
     task: str = ""
+    #: Their model: with the task, what its input's digest is taken under (poison_memo).
+    model: str = ""
+    #: Its input's digest, where admission took it (while anything was remembered).
+    digest: bytes | None = None
+    #: Its input was on a worker that died (another request's): it runs alone, as a
+    #: suspect does, but has no crash of its own to count.
+    alone: bool = False
     #: Answered (or given up on). Not future.done(): a cancelled handler's gather cancels
     #: the future itself, and the broker must still withdraw the request.
     settled: bool = False
@@ -172,6 +179,11 @@ class PendingRequest:
     @property
     def done(self) -> bool:
         return self.settled
+
+    @property
+    def suspect(self) -> bool:
+        """Run alone, on a worker holding nothing else, and served before the rest."""
+        return bool(self.crashes) or self.alone
 
 
 @dataclass(eq=False)
@@ -429,10 +441,14 @@ class Broker:
         # One task at a time (see _admissible): any worker's is the gateway's.
         model, task = next((w.info.model, w.info.task) for w in self.workers.values())
         now = self.clock()
-        suspects = None
+        digests = None
         if self.poison or self.suspected:
-            suspects = self._screen(fingerprinter(model, task, parameters, embed, prompt_name),
-                                    inputs, now)
+            try:
+                digest_of = fingerprinter(model, task, parameters, embed, prompt_name)
+            except (TypeError, ValueError):
+                digest_of = None  # not encodable: dispatch answers it 400 with the reason
+            if digest_of is not None:
+                digests = self._screen(digest_of, inputs, now)
         # After every dispatch, either the queue is empty or no credit can be used (a suspect
         # at the head waits for an idle worker): free credit only helps an empty queue.
         free = 0 if self._queued else sum(max(w.free, 0) for w in self.workers.values())
@@ -454,9 +470,11 @@ class Broker:
                 prompt_name=prompt_name,
                 claim=claim,
                 task=task,
+                model=model,
             )
-            if suspects is not None and suspects[i]:
-                pending.crashes = 1
+            if digests is not None and digests[i] is not None:
+                pending.digest = digests[i]
+                pending.alone = self.suspected.known_for(digests[i], now) is not None
             pending.timer = loop.call_later(timeout_s, self._expire, pending)
             self._pending[pending.request_id] = pending
             self._enqueue(pending)
@@ -467,17 +485,17 @@ class Broker:
         return admitted
 
     def _screen(self, digest_of: Callable[[Any], bytes], inputs: list,
-                now: float) -> list[bool]:
+                now: float) -> list[bytes | None]:
         """500 for a list holding an input that killed the workers running it (run again,
-        it would kill two more); otherwise, for each input, whether it is a suspect."""
-        suspects = []
+        it would kill two more); otherwise each input's digest (None: not encodable)."""
+        digests: list[bytes | None] = []
         for i, item in enumerate(inputs):
             try:
                 digest = digest_of(item)
             except (TypeError, ValueError):
-                suspects.append(False)
+                digests.append(None)
                 continue  # not encodable: dispatch answers it 400, as for any such input
-            suspects.append(self.suspected.known_for(digest, now) is not None)
+            digests.append(digest)
             left_s = self.poison.known_for(digest, now)
             if left_s is not None:
                 self.poison.refused += 1
@@ -486,7 +504,7 @@ class Broker:
                     f"{which}, with these parameters, killed the two workers that ran it "
                     f"shortly before; it is refused for another {left_s:.0f} s rather than "
                     "run again (--poison-memory-s)")
-        return suspects
+        return digests
 
     def cancel(self, pending: PendingRequest, reason: str = CLIENT_GONE) -> None:
         """Nobody wants the answer (the client went away, or another item of its list
@@ -517,7 +535,7 @@ class Broker:
                 heapq.heappop(self._queue)
                 continue
             now = self.clock()
-            if pending.crashes:
+            if pending.suspect:
                 worker = min((w for w in self.workers.values() if not w.in_flight),
                              key=lambda w: w.batch_s, default=None)
                 if worker is None:
@@ -564,7 +582,7 @@ class Broker:
                 self._finish(pending, error=BadInput(
                     f"the input cannot be sent to the model: {unsendable(exc)}"))
                 continue
-            if pending.crashes:
+            if pending.suspect:
                 worker.suspect = pending
             pending.worker = worker
             if not worker.in_flight:
@@ -667,13 +685,18 @@ class Broker:
                     del self._killed[next(iter(self._killed))]
         log.warning("worker %s (pid %d) lost: %s; %d request(s) to requeue",
                     worker.info.worker_id, worker.info.pid, reason, len(orphans))
+        poisoned = set()
         if crashed:
             for pending in held:
                 pending.crashes += 1
-                if telling:
-                    self._remember_crash(pending, worker.info.model)
+                if telling and self._remember_crash(pending):
+                    poisoned.add(pending.request_id)
         for pending in orphans:
-            if pending.crashes >= MAX_CRASHES:
+            if pending.request_id in poisoned:
+                self._finish(pending, error=WorkerCrashed(
+                    "this input was on two workers that died, the second running it alone; "
+                    "it is not retried again"))
+            elif pending.crashes >= MAX_CRASHES:
                 self._finish(pending, error=WorkerCrashed(
                     "the workers running this request died twice; it is not retried again"))
             else:
@@ -682,37 +705,53 @@ class Broker:
         if dispatch:
             self._dispatch()
 
-    def _digest(self, pending: PendingRequest, model: str) -> bytes | None:
+    def _digest(self, pending: PendingRequest) -> bytes | None:
+        if pending.digest is not None:
+            return pending.digest
         if pending.inputs is None or self.poison.memory_s <= 0:
             return None  # withdrawn while queued (what it held is gone), or memory is off
         try:
-            return fingerprinter(model, pending.task, pending.parameters, pending.embed,
-                                 pending.prompt_name)(pending.inputs)
+            pending.digest = fingerprinter(pending.model, pending.task, pending.parameters,
+                                           pending.embed, pending.prompt_name)(pending.inputs)
         except (TypeError, ValueError):
             return None
+        return pending.digest
 
-    def _remember_crash(self, pending: PendingRequest, model: str) -> None:
-        """A worker died of what it held: a second death makes the input poison, a first
-        makes it a suspect when it is sent again."""
-        digest = self._digest(pending, model)
+    def _remember_crash(self, pending: PendingRequest) -> bool:
+        """A worker died of what it held: a second death of its input (this request's, or
+        one before it, which made it run alone) makes it poison, and True; a first makes it
+        a suspect when it is sent again."""
+        digest = self._digest(pending)
         if digest is None:
-            return
-        if pending.crashes < MAX_CRASHES:
+            return False
+        if pending.crashes + pending.alone < MAX_CRASHES:
             self.suspected.remember(digest, self.clock())
-            return
+            return False
         self.suspected.forget(digest)
         self.poison.remember(digest, self.clock())
         log.warning("request %d killed the two workers that ran it: the same input with the "
                     "same parameters is refused for %.0f s (%d remembered)", pending.request_id,
                     self.poison.memory_s, len(self.poison))
-        # Copies of it admitted as suspects meanwhile (a client's retries in a burst) wait
-        # in the queue to kill one idle worker each: answered as the next one would be.
+        # Copies of it waiting in the queue (a client's retries in a burst) would each kill
+        # a worker: answered as the next one would be.
         for _, waiting in list(self._queue):
-            if (waiting.queued and waiting.crashes and waiting is not pending
-                    and self._digest(waiting, model) == digest):
+            if (waiting.queued and waiting is not pending
+                    and self._digest(waiting) == digest):
                 self._finish(waiting, error=WorkerCrashed(
                     "the same input with the same parameters killed the two workers that "
                     "ran it just now; it is not run again"))
+        return True
+
+    def _cleared(self, pending: PendingRequest) -> None:
+        """Run alone and answered (an error of its own included): not what the worker died
+        of. Copies admitted to run alone for it need not any more."""
+        digest = self._digest(pending)
+        if digest is None:
+            return
+        self.suspected.forget(digest)
+        for _, waiting in self._queue:
+            if waiting.queued and waiting.alone and waiting.digest == digest:
+                waiting.alone = False  # read by dispatch as it reaches the head
 
     def _revoke(self, keys: frozenset[str]) -> None:
         """Take out the workers that joined with one of these (z85) keys, and tell them."""
@@ -942,12 +981,8 @@ class Broker:
                         self.deadline_missed[MISSED_AT_WORKER] += 1
                 ran = not (isinstance(message, Error)
                            and message.code in ("cancelled", "deadline_exceeded"))
-                if ran and pending.crashes and self.suspected:
-                    # Run alone and answered (an error of its own included): not what the
-                    # worker died of.
-                    digest = self._digest(pending, worker.info.model)
-                    if digest is not None:
-                        self.suspected.forget(digest)
+                if ran and pending.suspect and self.suspected:
+                    self._cleared(pending)
                 if isinstance(message, Result):
                     self._observe(worker, message, pending)
                     # An answer the held-memory budget refuses is answered with the refusal.
@@ -1070,7 +1105,7 @@ def _urgency(pending: PendingRequest, default_timeout_s: float) -> tuple[int, fl
     the default: by its own, a request given an hour waited behind every default one
     admitted after it, for most of the hour."""
     rank = min(pending.deadline, pending.admitted_at + default_timeout_s)
-    return (0 if pending.crashes else 1, rank, pending.request_id)
+    return (0 if pending.suspect else 1, rank, pending.request_id)
 
 
 def _averaged(average: float, sample: float) -> float:

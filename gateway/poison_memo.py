@@ -12,9 +12,9 @@ An input is known by a digest of everything that decides what the worker compute
 model and task, the input, its parameters, whether it is embedded and its prompt's name
 (so the same text sent to /predict and to /v1/embeddings is two inputs, and a model
 rolled out in place of the one it killed runs it). The digest is taken only while
-something is remembered, so the usual case costs nothing; a request's parameters are
-encoded once for all its inputs (once per input, a 4 MB body of 256 inputs with a large
-``targets`` list held the event loop for 30 s).
+something is remembered (for --poison-memory-s after a worker's death), so the usual case
+costs nothing; a request's parameters are encoded once for all its inputs (once per input,
+a 4 MB body of 256 inputs with a large ``targets`` list held the event loop for 30 s).
 
 Only a death that says something about what the worker ran puts an input here: its process
 exited, or its model call hung. Silence does not: workers frozen or cut off together (a

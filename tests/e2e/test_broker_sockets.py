@@ -793,7 +793,7 @@ async def test_an_input_a_worker_died_holding_is_a_suspect_when_sent_again(h):
     b = await h.worker(broker, "b", capacity=4)
     (retried,) = broker.submit_many(["innocent"], {}, 30.0)
     (fresh,) = broker.submit_many(["fresh"], {}, 30.0)
-    assert retried.crashes == 1 and fresh.crashes == 0
+    assert retried.alone and retried.crashes == 0 and not fresh.alone
     await b.wait_requests(1)
     await b.sync()
     assert b.request_ids() == [retried.request_id]
@@ -803,7 +803,7 @@ async def test_an_input_a_worker_died_holding_is_a_suspect_when_sent_again(h):
     await b.answer(fresh.request_id, "fine")
     await outcome(fresh)
     (again,) = broker.submit_many(["innocent"], {}, 30.0)
-    assert again.crashes == 0 and len(broker.suspected) == 1
+    assert not again.alone and len(broker.suspected) == 1
     await b.wait_requests(3)
     await b.answer(again.request_id, "fine")
     await outcome(again)
@@ -811,7 +811,7 @@ async def test_an_input_a_worker_died_holding_is_a_suspect_when_sent_again(h):
     # The hanging one, retried (twice, in a burst): the first runs alone and kills its
     # worker too. Poison now: the copy waiting behind it and any later one get 500, unrun.
     first, second = (broker.submit_many(["hangs"], {}, 30.0)[0] for _ in range(2))
-    assert first.crashes == second.crashes == 1
+    assert first.alone and second.alone
     await b.wait_requests(4)
     assert b.requests[-1].request_id == first.request_id
     broker.worker_process_exited(b.pid, "exited with code 3 (its watchdog)")
@@ -839,7 +839,26 @@ async def test_a_suspect_answered_with_an_error_of_its_own_is_cleared(h):
     assert isinstance(await outcome(held), BatchwireError)
     assert len(broker.suspected) == 0
     (again,) = broker.submit_many(["too long"], {}, 30.0)
-    assert again.crashes == 0
+    assert not again.alone
+
+
+async def test_once_a_copy_runs_alone_and_is_answered_the_others_need_not(h):
+    """After one crash, twenty identical requests ran one at a time on a worker with 64
+    free slots, the other requests waiting behind them."""
+    broker = await h.broker(poison_memory_s=60.0)
+    a = await h.worker(broker, "a", capacity=1)
+    broker.submit_many(["ping"], {}, 30.0)
+    await a.wait_requests(1)
+    broker.worker_process_exited(a.pid, "killed")  # its ping is requeued, to run alone
+    b = await h.worker(broker, "b", capacity=8)
+    copies = [broker.submit_many(["ping"], {}, 30.0)[0] for _ in range(3)]
+    assert all(copy.alone for copy in copies)
+    (first,) = await b.wait_requests(1)
+    await b.sync()
+    assert len(b.requests) == 1  # alone
+    await b.answer(first.request_id, "pong")
+    await b.wait_requests(4)  # the three copies together, no longer one at a time
+    assert not any(copy.alone for copy in copies) and len(broker.suspected) == 0
 
 
 class PassingTime:
@@ -920,6 +939,32 @@ async def killed_twice(h, broker: Broker, text: str, parameters: dict) -> None:
     await b.wait_requests(1)
     broker.worker_process_exited(b.pid, "killed again")
     assert isinstance(await outcome(poison), WorkerCrashed)
+
+
+async def test_a_request_run_alone_for_another_ones_crash_is_not_500_after_one_silence(h):
+    """Made a suspect by another request's crash, a fresh request counted that crash as its
+    own: its worker going silent once answered it 500 "died twice"."""
+    clock = PassingTime()
+    broker = await h.broker(heartbeat_interval_s=0.1, clock=clock, poison_memory_s=60.0)
+    a = await h.worker(broker, "a", capacity=1)
+    (old,) = broker.submit_many(["text"], {}, 0.05)
+    await a.wait_requests(1)
+    await outcome(old)  # answered 504; then its worker dies
+    broker.worker_process_exited(a.pid, "exited with code 3")
+    b = await h.worker(broker, "b", capacity=1)
+    (fresh,) = broker.submit_many(["text"], {}, 30.0)
+    assert fresh.alone
+    await b.wait_requests(1)
+    clock.start()
+    try:
+        await wait_until(lambda: not broker.workers, "the silent worker to be declared dead")
+    finally:
+        await clock.stop()
+    assert not fresh.done and fresh.crashes == 1 and len(broker.poison) == 0
+    c = await h.worker(broker, "c", capacity=1)
+    (request,) = await c.wait_requests(1)
+    await c.answer(request.request_id, "fine")
+    assert (await outcome(fresh)).output == "fine"
 
 
 async def test_with_no_poison_memory_a_poison_input_runs_again(h):
