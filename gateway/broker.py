@@ -528,14 +528,45 @@ class Broker:
         heapq.heappush(self._queue, (_urgency(pending, self.default_timeout_s), pending))
 
     def _dispatch(self) -> None:
+        # Suspects set aside while a copy of their input runs (see _copy_running), back in
+        # the queue when this returns: the next answer or death calls it again.
+        deferred: list = []
+        try:
+            self._dispatch_queue(deferred)
+        finally:
+            for entry in deferred:
+                heapq.heappush(self._queue, entry)
+
+    def _copy_running(self, pending: PendingRequest) -> bool:
+        """Whether a worker holds a request with this suspect's input. Run alone on another
+        idle worker meanwhile, the copies of an input that hangs the model each held a
+        worker until its watchdog: with three workers and a client retrying its 504s, six
+        died, and the pool was down twice. Held back, a copy runs once the first is
+        answered (cleared), or is answered 500 once it kills its worker (poison)."""
+        if pending.digest is None:
+            return False
+        return any(held.digest == pending.digest
+                   for worker in self.workers.values() for held in worker.in_flight.values())
+
+    def _dispatch_queue(self, deferred: list) -> None:
         unknown_s: float | None = None  # see _average_batch_s; once per call, when needed
-        while self._queued and self.workers:
+        while self._queued > len(deferred) and self.workers:
             pending = self._queue[0][1]
             if not pending.queued:  # finished while queued (deadline, disconnect): skip
                 heapq.heappop(self._queue)
                 continue
             now = self.clock()
             if pending.suspect:
+                if pending.digest is not None and self.poison.known_for(pending.digest,
+                                                                        now) is not None:
+                    heapq.heappop(self._queue)
+                    self._finish(pending, error=WorkerCrashed(
+                        "the same input with the same parameters killed the two workers "
+                        "that ran it; it is not run again"))
+                    continue
+                if self._copy_running(pending):
+                    deferred.append(heapq.heappop(self._queue))
+                    continue
                 worker = min((w for w in self.workers.values() if not w.in_flight),
                              key=lambda w: w.batch_s, default=None)
                 if worker is None:

@@ -825,6 +825,33 @@ async def test_an_input_a_worker_died_holding_is_a_suspect_when_sent_again(h):
     assert c.requests == []
 
 
+async def test_a_suspects_copy_waits_while_one_runs_and_other_requests_go_on(h):
+    """Each copy of a suspected input went alone to another idle worker: one that hangs the
+    model held every worker until its watchdog (three workers, a client retrying its 504s:
+    six deaths, the pool down twice)."""
+    broker = await h.broker(poison_memory_s=60.0)
+    a = await h.worker(broker, "a", capacity=1)
+    (first,) = broker.submit_many(["hangs"], {}, 0.05)
+    await a.wait_requests(1)
+    await outcome(first)  # 504; the model call goes on
+    broker.worker_process_exited(a.pid, "exited with code 3")
+    b = await h.worker(broker, "b", capacity=2)
+    c = await h.worker(broker, "c", capacity=2)
+    (alone,) = broker.submit_many(["hangs"], {}, 0.05)
+    await wait_until(lambda: len(b.requests) + len(c.requests) == 1, "the copy to run alone")
+    runner, idle = (b, c) if b.requests else (c, b)
+    await outcome(alone)  # 504 again, and the call goes on
+    (retry,) = broker.submit_many(["hangs"], {}, 30.0)
+    (other,) = broker.submit_many(["other"], {}, 30.0)
+    await idle.wait_requests(1)
+    await idle.sync()
+    assert idle.request_ids() == [other.request_id]  # not the copy: it waits
+    assert not retry.done and broker.queue_depth == 1
+    broker.worker_process_exited(runner.pid, "exited with code 3")
+    assert isinstance(await outcome(retry), WorkerCrashed)
+    assert len(broker.poison) == 1 and idle.request_ids() == [other.request_id]
+
+
 async def test_a_suspect_answered_with_an_error_of_its_own_is_cleared(h):
     """The worker survived running it alone: not what the other one died of. (Cleared only
     on a Result, an input a pipeline refuses, sent again and again, ran alone each time.)"""
