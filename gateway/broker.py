@@ -112,24 +112,28 @@ MISSED_IN_FLIGHT = "in_flight"
 MISSED_WHERE = (MISSED_IN_QUEUE, MISSED_AT_WORKER, MISSED_IN_FLIGHT)
 
 
+def check_parameters_size(parameters: dict) -> None:
+    """400 for parameters larger than MAX_PARAMETERS_BYTES: every input carries them."""
+    if not parameters:
+        return
+    try:
+        size = codec.encoded_size(parameters)
+    except (TypeError, ValueError):
+        return  # not encodable: dispatch answers it 400 with the reason
+    if size > MAX_PARAMETERS_BYTES:
+        raise BadInput(f"the parameters take {size} bytes; at most {MAX_PARAMETERS_BYTES} "
+                       "are taken, since every input of the request carries them to a "
+                       "worker (send fewer targets or labels)")
+
+
 def check_nesting(inputs: list, parameters: dict) -> None:
     """400 for inputs or parameters nested deeper than a REQUEST may carry (MAX_NESTING):
-    pipelines take flat arguments, and a worker refuses such a message unread; and for
-    parameters larger than MAX_PARAMETERS_BYTES."""
+    pipelines take flat arguments, and a worker refuses such a message unread."""
     depth = nesting(parameters)
     if depth > MAX_NESTING:
         raise BadInput(f"the parameters nest {depth} levels deep; at most {MAX_NESTING} are "
                        "taken (pipeline arguments are numbers, strings, and short lists or "
                        "objects of them)")
-    if parameters:
-        try:
-            size = codec.encoded_size(parameters)
-        except (TypeError, ValueError):
-            size = 0  # not encodable: dispatch answers it 400 with the reason
-        if size > MAX_PARAMETERS_BYTES:
-            raise BadInput(f"the parameters take {size} bytes; at most "
-                           f"{MAX_PARAMETERS_BYTES} are taken, since every input of the "
-                           "request carries them to a worker (send fewer targets or labels)")
     for item in inputs:
         if type(item) is str:
             continue  # most are: a cheaper test than the walk
@@ -434,6 +438,7 @@ class Broker:
         """Admit all the inputs or none of them (503) so a list is never half served.
         ``claim``: the request's account, which each answer is held in as it arrives."""
         check_nesting(inputs, parameters)
+        check_parameters_size(parameters)
         if self.draining:
             raise Draining("the server is shutting down; retry on another instance")
         if not self.workers:
@@ -560,9 +565,7 @@ class Broker:
                 if pending.digest is not None and self.poison.known_for(pending.digest,
                                                                         now) is not None:
                     heapq.heappop(self._queue)
-                    self._finish(pending, error=WorkerCrashed(
-                        "the same input with the same parameters killed the two workers "
-                        "that ran it; it is not run again"))
+                    self._refuse_copy(pending)
                     continue
                 if self._copy_running(pending):
                     deferred.append(heapq.heappop(self._queue))
@@ -768,10 +771,14 @@ class Broker:
         for _, waiting in list(self._queue):
             if (waiting.queued and waiting is not pending
                     and self._digest(waiting) == digest):
-                self._finish(waiting, error=WorkerCrashed(
-                    "the same input with the same parameters killed the two workers that "
-                    "ran it just now; it is not run again"))
+                self._refuse_copy(waiting)
         return True
+
+    def _refuse_copy(self, pending: PendingRequest) -> None:
+        """500 for a queued copy of an input that has just become poison."""
+        self._finish(pending, error=WorkerCrashed(
+            "the same input with the same parameters killed the two workers that ran it; "
+            "it is not run again"))
 
     def _cleared(self, pending: PendingRequest) -> None:
         """Run alone and answered (an error of its own included): not what the worker died
@@ -1010,9 +1017,7 @@ class Broker:
                     worker.skipped += 1
                     if message.code == "deadline_exceeded" and not pending.settled:
                         self.deadline_missed[MISSED_AT_WORKER] += 1
-                ran = not (isinstance(message, Error)
-                           and message.code in ("cancelled", "deadline_exceeded"))
-                if ran and pending.suspect and self.suspected:
+                elif pending.suspect and self.suspected:
                     self._cleared(pending)
                 if isinstance(message, Result):
                     self._observe(worker, message, pending)

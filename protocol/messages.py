@@ -164,9 +164,8 @@ class Request(Message):
     ``budget_ms`` is the time the worker has to send its answer: the time left before the
     gateway gives up on it, less the trip there and back that the gateway measured to
     this worker (an answer sent later arrives after the 504), but half of it at most;
-    ``waited_ms`` is how
-    long it has already spent since admission, so the worker's batching deadline counts
-    time queued in the gateway.
+    ``waited_ms`` is how long it has already spent since admission, so the worker's
+    batching deadline counts time queued in the gateway.
     """
 
     TYPE: ClassVar[MessageType] = MessageType.REQUEST
