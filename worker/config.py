@@ -185,7 +185,7 @@ def add_model_flags(flags: Flags) -> None:
     flags.add("--stock-pipeline", action="store_true", default=False,
               help="run the pipeline exactly as transformers ships it: none of batchwire's "
               "stand-ins for its methods (batch tokenization, batched fill-mask scoring and "
-              "answers, the sparse head) and torch.no_grad, not torch.inference_mode; the "
+              "answers, kept fill-mask target ids, the sparse head) and torch.no_grad, not torch.inference_mode; the "
               "stand-ins are otherwise kept only if they give the "
               "stock answers at load; for ruling them out, at a cost in speed")
     flags.add("--dtype", default="auto", choices=DTYPES,

@@ -23,7 +23,8 @@ from protocol.errors import (AnswerTooLarge, BadInput, BatchwireError, InputTooL
 from protocol.messages import NDArray
 from worker.batcher import RunOutput
 from worker.config import POOLING_MODES
-from worker import batch_encoding, dense_layers, fill_mask_answers, mask_scores, sparse_head
+from worker import (batch_encoding, dense_layers, fill_mask_answers, mask_scores, sparse_head,
+                    target_ids)
 from worker.text_starts import (PREFIX_MARGIN_TOKENS, ideographs_stand_alone, long_text_start,
                                 prefix_cut_agrees)
 
@@ -287,6 +288,9 @@ class PipelineRunner:
         #: The installed fill-mask _forward that scores a batch's candidates on the model's
         #: device, or None (stock).
         self.mask_scorer: Any = None
+        #: The installed fill-mask get_target_ids that keeps each set of targets' ids, or
+        #: None (stock).
+        self.target_ids: Any = None
         #: The tokenizer sentence embeddings are tokenized with when it is not the
         #: pipeline's: a copy that lowercases first, for a model whose sentence-transformers
         #: Transformer says do_lower_case (as sentence-transformers makes it). None: the
@@ -418,6 +422,7 @@ class PipelineRunner:
             if self.kind == "fill-mask":
                 self.fill_mask_answers = fill_mask_answers.install(self.pipe)
                 self.mask_scorer = mask_scores.install(self.pipe)
+                self.target_ids = target_ids.install(self.pipe)
             self.batch_encoder = batch_encoding.install(
                 self.pipe, self.kind, self._measurer.counting if self._measurer else None)
         return time.monotonic() - started

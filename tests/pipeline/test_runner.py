@@ -175,8 +175,9 @@ def test_stock_pipeline_runs_transformers_own_methods_only(tiny_model_dir, fill_
     runner = PipelineRunner(str(tiny_model_dir), None, "cpu", stock_pipeline=True)
     runner.load()
     assert (runner.sparse_head, runner.fill_mask_answers, runner.mask_scorer,
-            runner.batch_encoder) == (None, None, None, None)
-    assert not {"preprocess", "_forward", "postprocess"} & set(runner.pipe.__dict__)
+            runner.batch_encoder, runner.target_ids) == (None, None, None, None, None)
+    assert not ({"preprocess", "_forward", "postprocess", "get_target_ids"}
+                & set(runner.pipe.__dict__))
     texts = list(FILL_MASK_INPUTS)
     outputs = runner(texts, {}, [runner.measure(t, {}) for t in texts]).outputs
     assert outputs == fill_pipe(texts, batch_size=len(texts))
@@ -441,6 +442,40 @@ def test_a_scorer_that_changes_answers_is_taken_out(tiny_model_dir, monkeypatch)
     monkeypatch.setattr(mask_scores.MaskScorer, "__call__", wrong)
     assert mask_scores.install(pipe) is None
     assert "_forward" not in pipe.__dict__, "the stock _forward was not restored"
+
+
+def test_targets_are_looked_up_once_per_set_of_words(fill_runner, fill_pipe, monkeypatch):
+    """The stock lookup copies the whole vocabulary each call, twice per batch; the ids of
+    a set of words are kept, and the answers stay the stock ones."""
+    from worker import target_ids
+
+    assert fill_runner.target_ids is not None, "the targets' stand-in was not installed"
+    monkeypatch.setattr(target_ids, "MAX_KEPT", 2)
+    fill_runner.target_ids.kept.clear()
+    lookups: list = []
+    stock = fill_runner.target_ids.stock
+    monkeypatch.setattr(fill_runner.target_ids, "stock",
+                        lambda targets: (lookups.append(targets), stock(targets))[1])
+    texts = list(FILL_MASK_INPUTS[:3])
+    for targets in (["the", "a"], ["the", "a"], "the", ["a", "the"], ["the", "a"]):
+        outputs = fill_runner(texts, {"targets": targets}).outputs
+        for text, got in zip(texts, outputs):
+            assert_same_fill_mask(got, fill_pipe(text, targets=targets))
+    # Once per new set of words; the third set pushed out the first, which is looked up again.
+    assert lookups == [["the", "a"], "the", ["a", "the"], ["the", "a"]]
+    for _ in range(2):  # no token at all: an error, which is not kept
+        with pytest.raises(InvalidParameters, match="target"):
+            fill_runner(texts, {"targets": [" "]})
+    assert lookups[4:] == [[" "], [" "]]
+
+
+def test_a_targets_lookup_that_changes_the_ids_is_taken_out(tiny_model_dir, monkeypatch):
+    from worker import target_ids
+
+    pipe = _reference("fill-mask", str(tiny_model_dir))
+    monkeypatch.setattr(target_ids.TargetIds, "__call__", lambda self, targets: np.array([0]))
+    assert target_ids.install(pipe) is None
+    assert "get_target_ids" not in pipe.__dict__, "the stock method was not restored"
 
 
 def test_the_scorer_needs_the_batched_answers(tiny_model_dir):
