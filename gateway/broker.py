@@ -339,6 +339,9 @@ class Broker:
         #: it was never charged, and each retry held another worker for a minute and cost
         #: it a reload.
         self.suspected = PoisonMemo(poison_memory_s)
+        #: The (model, task) the last worker to join serves: what a poison input's digest is
+        #: taken under while no worker is here, so it gets its 500, not a 503 to retry.
+        self._last_served: tuple[str, str] | None = None
         #: Requests withdrawn before their answer, by why (CANCEL_REASONS).
         self.cancelled = dict.fromkeys(CANCEL_REASONS, 0)
         #: Inputs answered 504 for their deadline, by where they were (MISSED_WHERE).
@@ -441,10 +444,12 @@ class Broker:
         check_parameters_size(parameters)
         if self.draining:
             raise Draining("the server is shutting down; retry on another instance")
-        if not self.workers:
-            raise NoWorkers("no model worker is ready yet; retry shortly")
         # One task at a time (see _admissible): any worker's is the gateway's.
-        model, task = next((w.info.model, w.info.task) for w in self.workers.values())
+        served = next(((w.info.model, w.info.task) for w in self.workers.values()),
+                      self._last_served)
+        if served is None:
+            raise NoWorkers("no model worker is ready yet; retry shortly")
+        model, task = served
         now = self.clock()
         digests = None
         if self.poison or self.suspected:
@@ -454,6 +459,8 @@ class Broker:
                 digest_of = None  # not encodable: dispatch answers it 400 with the reason
             if digest_of is not None:
                 digests = self._screen(digest_of, inputs, now)
+        if not self.workers:
+            raise NoWorkers("no model worker is ready yet; retry shortly")
         # After every dispatch, either the queue is empty or no credit can be used (a suspect
         # at the head waits for an idle worker): free credit only helps an empty queue.
         free = 0 if self._queued else sum(max(w.free, 0) for w in self.workers.values())
@@ -861,6 +868,7 @@ class Broker:
             worker.last_seen = now
         else:
             self._workerless_since = None
+            self._last_served = (ready.model, ready.task)
             self.workers[identity] = WorkerHandle(identity, ready, joined_at=now, last_seen=now,
                                                   key=key)
             log.info("worker %s ready: pid %d, %s (%s) on %s, capacity %d",

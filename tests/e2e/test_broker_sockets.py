@@ -755,6 +755,13 @@ async def test_an_input_that_killed_two_workers_is_refused_unrun_when_sent_again
     params = {"top_k": 2, "targets": ["a", "b"]}
     await killed_twice(h, broker, "poison", params)
     assert len(broker.poison) == 1 and broker.poison.refused == 0
+    # With no worker up (both died), it is still known: its 500, not a 503 to retry.
+    assert not broker.workers
+    with pytest.raises(WorkerCrashed):
+        broker.submit_many(["poison"], params, 5.0)
+    with pytest.raises(NoWorkers):
+        broker.submit_many(["fine"], params, 5.0)
+    assert broker.poison.refused == 1 and broker.in_flight == 0
 
     c = await h.worker(broker, "c", capacity=4)
     # Sent again, alone or in a list, with the parameters in any key order: 500 at once.
@@ -763,7 +770,7 @@ async def test_an_input_that_killed_two_workers_is_refused_unrun_when_sent_again
             broker.submit_many(inputs, {"targets": ["a", "b"], "top_k": 2}, 5.0)
         assert "refused for another 60 s" in refused.value.message
     assert "input 1 of this list" in refused.value.message
-    assert broker.poison.refused == 2
+    assert broker.poison.refused == 3
     # Another input, or the same with other parameters, runs; nothing refused reached C.
     fine = broker.submit_many(["fine"], params, 5.0) + broker.submit_many(["poison"], {}, 5.0)
     await c.wait_requests(2)
