@@ -176,6 +176,9 @@ class PendingRequest:
     #: Its input was on a worker that died (another request's): it runs alone, as a
     #: suspect does, but has no crash of its own to count.
     alone: bool = False
+    #: While it is a suspect waiting for a worker to go idle: the worker kept from new work
+    #: for it, so that one goes idle and the others go on serving the rest of the queue.
+    drains: "WorkerHandle | None" = None
     #: Answered (or given up on). Not future.done(): a cancelled handler's gather cancels
     #: the future itself, and the broker must still withdraw the request.
     settled: bool = False
@@ -461,8 +464,9 @@ class Broker:
                 digests = self._screen(digest_of, inputs, now)
         if not self.workers:
             raise NoWorkers("no model worker is ready yet; retry shortly")
-        # After every dispatch, either the queue is empty or no credit can be used (a suspect
-        # at the head waits for an idle worker): free credit only helps an empty queue.
+        # After every dispatch, either the queue is empty or what waits cannot use the credit
+        # there is (suspects waiting for idle workers, drained for them): free credit only
+        # helps an empty queue.
         free = 0 if self._queued else sum(max(w.free, 0) for w in self.workers.values())
         if self._queued + max(len(inputs) - free, 0) > self.max_queue:
             raise Overloaded(
@@ -560,8 +564,26 @@ class Broker:
         return any(held.digest == pending.digest
                    for worker in self.workers.values() for held in worker.in_flight.values())
 
+    def _drained_for(self, pending: PendingRequest, draining: set,
+                     unknown_s: float) -> WorkerHandle | None:
+        """The worker a suspect waiting for an idle one keeps from new work: the one it
+        kept before, while it is here and not another suspect's, else the one that should
+        empty soonest. Only that one drains: the whole queue had waited behind the
+        suspect, every worker emptying while one would do. None: every worker drains for a
+        suspect ahead of this one already."""
+        kept = pending.drains
+        if (kept is None or self.workers.get(kept.identity) is not kept
+                or kept.identity in draining):
+            now = self.clock()
+            kept = min((w for w in self.workers.values() if w.identity not in draining),
+                       key=lambda w: w.expected_s(now, unknown_s), default=None)
+        pending.drains = kept
+        return kept
+
     def _dispatch_queue(self, deferred: list) -> None:
         unknown_s: float | None = None  # see _average_batch_s; once per call, when needed
+        # Workers kept from new work, each for a suspect waiting for it to go idle.
+        draining: set[bytes] = set()
         while self._queued > len(deferred) and self.workers:
             pending = self._queue[0][1]
             if not pending.queued:  # finished while queued (deadline, disconnect): skip
@@ -577,10 +599,18 @@ class Broker:
                 if self._copy_running(pending):
                     deferred.append(heapq.heappop(self._queue))
                     continue
-                worker = min((w for w in self.workers.values() if not w.in_flight),
+                worker = min((w for w in self.workers.values()
+                              if not w.in_flight and w.identity not in draining),
                              key=lambda w: w.batch_s, default=None)
                 if worker is None:
-                    return  # wait for a worker to go idle; order is kept
+                    if unknown_s is None:
+                        unknown_s = self._average_batch_s()
+                    drained = self._drained_for(pending, draining, unknown_s)
+                    if drained is None:
+                        return  # every worker is draining for a suspect; order is kept
+                    draining.add(drained.identity)
+                    deferred.append(heapq.heappop(self._queue))
+                    continue
             else:
                 # The worker that should answer soonest among those with free credit: equal
                 # credit on a fast and a slow worker are unequal waits. By credit alone, a
@@ -589,9 +619,10 @@ class Broker:
                 # Until speeds are known, the most free credit decides, as it did alone.
                 if unknown_s is None:
                     unknown_s = self._average_batch_s()
-                worker = min(self.workers.values(), key=lambda w: (
-                    w.free <= 0, w.expected_s(now, unknown_s), -w.free))
-                if worker.free <= 0:
+                worker = min((w for w in self.workers.values() if w.identity not in draining),
+                             key=lambda w: (w.free <= 0, w.expected_s(now, unknown_s), -w.free),
+                             default=None)
+                if worker is None or worker.free <= 0:
                     return
             heapq.heappop(self._queue)
             if worker.info.task != pending.task:
@@ -625,6 +656,7 @@ class Broker:
                 continue
             if pending.suspect:
                 worker.suspect = pending
+                pending.drains = None
             pending.worker = worker
             if not worker.in_flight:
                 worker.last_progress = now

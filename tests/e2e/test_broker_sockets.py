@@ -1372,6 +1372,76 @@ async def _suspect_at_head_of_queue(h, broker: Broker):
     return b, suspect, busy
 
 
+async def _suspects_beside_two_busy_workers(h, broker: Broker, texts: list[str]):
+    """Worker A dies holding ``texts`` (suspects now), while B and C (capacity 4) hold one
+    request each. Returns (B, C, the suspects)."""
+    a = await h.worker(broker, "a", capacity=len(texts))
+    suspects = broker.submit_many(texts, {}, 60.0)
+    await a.wait_requests(len(texts))
+    b = await h.worker(broker, "b", capacity=4)
+    c = await h.worker(broker, "c", capacity=4)
+    broker.submit_many(["held by b"], {}, 60.0)
+    broker.submit_many(["held by c"], {}, 60.0)
+    await b.wait_requests(1)
+    await c.wait_requests(1)
+    broker.worker_process_exited(a.pid, "killed")
+    assert all(p.suspect for p in suspects) and broker.queue_depth == len(suspects)
+    return b, c, suspects
+
+
+async def test_a_suspect_drains_one_worker_while_the_others_serve_the_queue(h):
+    """A suspect waiting for an idle worker held up the whole queue: every worker emptied
+    while one would do. It keeps one worker from new work, and keeps the same one (not
+    whichever looks sooner to empty later) until that one is idle."""
+    now = [1000.0]
+    broker = await h.broker(clock=lambda: now[0])
+    b, c, (suspect,) = await _suspects_beside_two_busy_workers(h, broker, ["suspect"])
+    drained = b if suspect.drains is handle(broker, b) else c
+    serving = c if drained is b else b
+    assert suspect.drains is handle(broker, drained)
+    fresh = broker.submit_many(["f1", "f2", "f3"], {}, 60.0)
+    await serving.wait_requests(4)
+    await drained.sync()
+    assert serving.request_ids()[1:] == ids(fresh) and len(drained.requests) == 1
+
+    # Ten seconds on, the serving worker answers one: it now looks the sooner to empty,
+    # and the drained one stuck in a long batch. Switching would start draining again.
+    now[0] += 10.0
+    await serving.answer(serving.requests[1].request_id, "fine")
+    assert (await outcome(fresh[0])).output == "fine"
+    (late,) = broker.submit_many(["late"], {}, 60.0)
+    await serving.wait_requests(5)
+    await drained.sync()
+    assert serving.requests[-1].request_id == late.request_id and len(drained.requests) == 1
+    assert suspect.drains is handle(broker, drained) and not suspect.done
+
+    await drained.answer(drained.requests[0].request_id, "fine")
+    await drained.wait_requests(2)
+    assert drained.requests[1].request_id == suspect.request_id  # alone, once it was idle
+    assert handle(broker, drained).suspect is suspect
+
+
+async def test_as_many_suspects_as_workers_drain_them_all(h):
+    """Each waiting suspect keeps a worker of its own; with every worker kept, the rest of
+    the queue waits behind them, as it always did."""
+    broker = await h.broker(clock=lambda: 1000.0)
+    b, c, suspects = await _suspects_beside_two_busy_workers(h, broker, ["s1", "s2"])
+    kept = [b if p.drains is handle(broker, b) else c for p in suspects]
+    assert set(kept) == {b, c}
+    (fresh,) = broker.submit_many(["fresh"], {}, 60.0)
+    await b.sync()
+    await c.sync()
+    assert len(b.requests) == len(c.requests) == 1 and broker.queue_depth == 3
+    for worker, suspect in zip(kept, suspects):  # each idle in turn: its own suspect, alone
+        await worker.answer(worker.requests[0].request_id, "fine")
+        await worker.wait_requests(2)
+        await worker.sync()
+        assert worker.request_ids()[1:] == [suspect.request_id]
+    await kept[0].answer(suspects[0].request_id, "fine")  # cleared: it takes the rest
+    await kept[0].wait_requests(3)
+    assert kept[0].requests[2].request_id == fresh.request_id
+
+
 async def test_queue_bound_holds_while_a_suspect_blocks_the_head(h):
     broker = await h.broker(max_queue=1)
     b, suspect, busy = await _suspect_at_head_of_queue(h, broker)
