@@ -72,6 +72,10 @@ from protocol.transport import send_now
 log = logging.getLogger("batchwire.gateway.broker")
 
 MISSED_HEARTBEATS = 3
+#: Heartbeats a worker had missed when a request was sent to it for its silence not to be
+#: charged to the request (see Broker._quiet_when_sent): past the one a worker's beat can be
+#: late by, short of the MISSED_HEARTBEATS that end it.
+QUIET_AT_SEND = 2
 LOCAL_HOST = socket.gethostname()
 #: A request on this many workers that died is not retried again: it may be what kills them.
 MAX_CRASHES = 2
@@ -179,6 +183,8 @@ class PendingRequest:
     #: While it is a suspect waiting for a worker to go idle: the worker kept from new work
     #: for it, so that one goes idle and the others go on serving the rest of the queue.
     drains: "WorkerHandle | None" = None
+    #: When it was last sent to a worker (the broker's clock).
+    sent_at: float = 0.0
     #: Answered (or given up on). Not future.done(): a cancelled handler's gather cancels
     #: the future itself, and the broker must still withdraw the request.
     settled: bool = False
@@ -658,6 +664,7 @@ class Broker:
                 worker.suspect = pending
                 pending.drains = None
             pending.worker = worker
+            pending.sent_at = now
             if not worker.in_flight:
                 worker.last_progress = now
             worker.in_flight[pending.request_id] = pending
@@ -761,6 +768,8 @@ class Broker:
         poisoned = set()
         if crashed:
             for pending in held:
+                if not telling and self._quiet_when_sent(pending, worker):
+                    continue
                 pending.crashes += 1
                 if telling and self._remember_crash(pending):
                     poisoned.add(pending.request_id)
@@ -777,6 +786,15 @@ class Broker:
                 self._enqueue(pending)
         if dispatch:
             self._dispatch()
+
+    def _quiet_when_sent(self, pending: PendingRequest, worker: WorkerHandle) -> bool:
+        """Whether the worker had already missed heartbeats when it was sent this request:
+        its silence began before the request reached it, so it says nothing about the
+        request. Two workers frozen a heartbeat check apart passed a suspect from the first
+        to the second, which charged it a second crash: the innocent input got 500. (A
+        worker heard within the last beats is charged: a poison input can freeze the whole
+        process, heartbeats and all.)"""
+        return pending.sent_at - worker.last_seen > QUIET_AT_SEND * self.heartbeat_interval_s
 
     def _digest(self, pending: PendingRequest) -> bytes | None:
         if pending.digest is not None:
@@ -1122,31 +1140,36 @@ class Broker:
                     worker.last_progress += away
                 if self._workerless_since is not None:
                     self._workerless_since += away
-            limit = MISSED_HEARTBEATS * self.heartbeat_interval_s
-            # The worker's own watchdog exits at batch_timeout_s; this is the backstop for a
-            # worker whose watchdog cannot act, so it waits a few heartbeats longer.
-            stuck_after = self.batch_timeout_s + limit
-            # All found gone are taken out before what they held is sent on: workers frozen
-            # together (a paused host) otherwise took each other's suspects, each charged a
-            # crash it did not cause, and the innocent input a 500.
-            lost = []
-            for worker in list(self.workers.values()):
-                if now - worker.last_seen > limit:
-                    lost.append((worker, f"no message for {now - worker.last_seen:.1f} s",
-                                 False))
-                elif worker.in_flight and now - worker.last_progress > stuck_after:
-                    lost.append((worker, f"stuck: holds {len(worker.in_flight)} request(s) "
-                                 f"with no answer for {now - worker.last_progress:.1f} s", True))
-                else:
-                    self._send(worker.identity, Heartbeat())
-            for worker, reason, telling in lost:
-                self.worker_lost(worker, reason, telling=telling, dispatch=False)
-            if lost:
-                self._dispatch()
-            self._forget_slowly()
-            if (self._queued and not self.workers and self._workerless_since is not None
-                    and now - self._workerless_since >= limit and not self.expecting_workers()):
-                self._shed_workerless(now - self._workerless_since)
+            self._check_workers(now)
+
+    def _check_workers(self, now: float) -> None:
+        """A heartbeat tick: take out the workers gone silent or stuck, and beat to the
+        rest."""
+        limit = MISSED_HEARTBEATS * self.heartbeat_interval_s
+        # The worker's own watchdog exits at batch_timeout_s; this is the backstop for a
+        # worker whose watchdog cannot act, so it waits a few heartbeats longer.
+        stuck_after = self.batch_timeout_s + limit
+        # All found gone are taken out before what they held is sent on: workers frozen
+        # together (a paused host) otherwise took each other's suspects, each charged a
+        # crash it did not cause, and the innocent input a 500.
+        lost = []
+        for worker in list(self.workers.values()):
+            if now - worker.last_seen > limit:
+                lost.append((worker, f"no message for {now - worker.last_seen:.1f} s",
+                             False))
+            elif worker.in_flight and now - worker.last_progress > stuck_after:
+                lost.append((worker, f"stuck: holds {len(worker.in_flight)} request(s) "
+                             f"with no answer for {now - worker.last_progress:.1f} s", True))
+            else:
+                self._send(worker.identity, Heartbeat())
+        for worker, reason, telling in lost:
+            self.worker_lost(worker, reason, telling=telling, dispatch=False)
+        if lost:
+            self._dispatch()
+        self._forget_slowly()
+        if (self._queued and not self.workers and self._workerless_since is not None
+                and now - self._workerless_since >= limit and not self.expecting_workers()):
+            self._shed_workerless(now - self._workerless_since)
 
     def _forget_slowly(self) -> None:
         measured = [w for w in self.workers.values() if w.batch_s]

@@ -963,6 +963,34 @@ async def test_a_second_death_by_silence_does_not_make_an_input_poison(h):
     await c.wait_requests(1)
 
 
+async def test_a_worker_already_silent_when_sent_a_suspect_does_not_charge_it(h):
+    """Two workers frozen a heartbeat check apart: the first was taken out and its request
+    sent alone to the second, already silent for two beats but not yet for three; its
+    death by silence then charged the request a second crash, and the innocent input got
+    500. The beats are the test's own (the broker's own tick would never come)."""
+    now = [1000.0]
+    broker = await h.broker(clock=lambda: now[0])
+    beat = broker.heartbeat_interval_s
+    a = await h.worker(broker, "a", capacity=1)
+    b = await h.worker(broker, "b", capacity=1)
+    (innocent,) = broker.submit_many(["innocent"], {}, 30 * beat)
+    await a.wait_requests(1)
+    now[0] += 0.5 * beat
+    await b.send(Heartbeat())  # b's last word
+    await wait_until(lambda: handle(broker, b).last_seen == now[0], "b's beat to be read")
+    now[0] += 2.7 * beat  # a: 3.2 beats silent, gone; b: 2.7, not yet
+    broker._check_workers(now[0])
+    assert a.identity not in broker.workers and innocent.crashes == 1
+    await b.wait_requests(1)
+    now[0] += 0.5 * beat
+    broker._check_workers(now[0])  # b: 3.2 beats silent, gone
+    assert not broker.workers and not innocent.done and innocent.crashes == 1
+    c = await h.worker(broker, "c", capacity=1)
+    (request,) = await c.wait_requests(1)
+    await c.answer(request.request_id, "fine")
+    assert (await outcome(innocent)).output == "fine"
+
+
 async def killed_twice(h, broker: Broker, text: str, parameters: dict) -> None:
     """``text`` kills worker "a", then worker "b" as it runs alone: 500 worker_crashed."""
     a = await h.worker(broker, "a", capacity=2)
