@@ -76,6 +76,9 @@ MISSED_HEARTBEATS = 3
 #: charged to the request (see Broker._quiet_when_sent): past the one a worker's beat can be
 #: late by, short of the MISSED_HEARTBEATS that end it.
 QUIET_AT_SEND = 2
+#: A worker kept from new work for a waiting suspect stays kept unless another should empty
+#: this many times sooner (see Broker._drained_for).
+KEEP_DRAINING_WITHIN = 2.0
 LOCAL_HOST = socket.gethostname()
 #: A request on this many workers that died is not retried again: it may be what kills them.
 MAX_CRASHES = 2
@@ -572,17 +575,22 @@ class Broker:
 
     def _drained_for(self, pending: PendingRequest, draining: set,
                      unknown_s: float) -> WorkerHandle | None:
-        """The worker a suspect waiting for an idle one keeps from new work: the one it
-        kept before, while it is here and not another suspect's, else the one that should
-        empty soonest. Only that one drains: the whole queue had waited behind the
-        suspect, every worker emptying while one would do. None: every worker drains for a
-        suspect ahead of this one already."""
+        """The worker a suspect waiting for an idle one keeps from new work: the one that
+        should empty soonest. Only that one drains: the whole queue had waited behind the
+        suspect, every worker emptying while one would do. The one kept before stays kept
+        unless another should empty in under half its time: each change sets another
+        worker draining from the start, but one stuck in a long batch (or holding an input
+        that hangs) is not waited for. None: every worker drains for a suspect ahead of
+        this one already."""
+        now = self.clock()
+        soonest = min((w for w in self.workers.values() if w.identity not in draining),
+                      key=lambda w: w.expected_s(now, unknown_s), default=None)
         kept = pending.drains
-        if (kept is None or self.workers.get(kept.identity) is not kept
-                or kept.identity in draining):
-            now = self.clock()
-            kept = min((w for w in self.workers.values() if w.identity not in draining),
-                       key=lambda w: w.expected_s(now, unknown_s), default=None)
+        if (kept is None or soonest is None or self.workers.get(kept.identity) is not kept
+                or kept.identity in draining
+                or soonest.expected_s(now, unknown_s)
+                < kept.expected_s(now, unknown_s) / KEEP_DRAINING_WITHIN):
+            kept = soonest
         pending.drains = kept
         return kept
 

@@ -1401,13 +1401,13 @@ async def _suspect_at_head_of_queue(h, broker: Broker):
 
 
 async def _suspects_beside_two_busy_workers(h, broker: Broker, texts: list[str]):
-    """Worker A dies holding ``texts`` (suspects now), while B and C (capacity 4) hold one
+    """Worker A dies holding ``texts`` (suspects now), while B and C (capacity 8) hold one
     request each. Returns (B, C, the suspects)."""
     a = await h.worker(broker, "a", capacity=len(texts))
     suspects = broker.submit_many(texts, {}, 60.0)
     await a.wait_requests(len(texts))
-    b = await h.worker(broker, "b", capacity=4)
-    c = await h.worker(broker, "c", capacity=4)
+    b = await h.worker(broker, "b", capacity=8)
+    c = await h.worker(broker, "c", capacity=8)
     broker.submit_many(["held by b"], {}, 60.0)
     broker.submit_many(["held by c"], {}, 60.0)
     await b.wait_requests(1)
@@ -1419,10 +1419,10 @@ async def _suspects_beside_two_busy_workers(h, broker: Broker, texts: list[str])
 
 async def test_a_suspect_drains_one_worker_while_the_others_serve_the_queue(h):
     """A suspect waiting for an idle worker held up the whole queue: every worker emptied
-    while one would do. It keeps one worker from new work, and keeps the same one (not
-    whichever looks sooner to empty later) until that one is idle."""
-    now = [1000.0]
-    broker = await h.broker(clock=lambda: now[0])
+    while one would do. It keeps one worker from new work, the one that should empty
+    soonest; and keeps that one while another is only a little sooner, but not one that
+    has become far slower to empty (a long batch, an input that hangs)."""
+    broker = await h.broker(clock=lambda: 1000.0)
     b, c, (suspect,) = await _suspects_beside_two_busy_workers(h, broker, ["suspect"])
     drained = b if suspect.drains is handle(broker, b) else c
     serving = c if drained is b else b
@@ -1432,21 +1432,29 @@ async def test_a_suspect_drains_one_worker_while_the_others_serve_the_queue(h):
     await drained.sync()
     assert serving.request_ids()[1:] == ids(fresh) and len(drained.requests) == 1
 
-    # Ten seconds on, the serving worker answers one: it now looks the sooner to empty,
-    # and the drained one stuck in a long batch. Switching would start draining again.
-    now[0] += 10.0
-    await serving.answer(serving.requests[1].request_id, "fine")
-    assert (await outcome(fresh[0])).output == "fine"
-    (late,) = broker.submit_many(["late"], {}, 60.0)
+    # Timings as answers would have set them (the clock stands still: no overrun, no
+    # trip). Holding 1 of 8, the drained worker should empty in 10 x 1.125 ms; holding 4,
+    # the serving one in 6 x 1.5 ms: sooner, but not twice as soon.
+    handle(broker, drained).batch_s, handle(broker, serving).batch_s = 0.010, 0.006
+    (later,) = broker.submit_many(["later"], {}, 60.0)
     await serving.wait_requests(5)
     await drained.sync()
-    assert serving.requests[-1].request_id == late.request_id and len(drained.requests) == 1
-    assert suspect.drains is handle(broker, drained) and not suspect.done
+    assert serving.requests[-1].request_id == later.request_id and len(drained.requests) == 1
+    assert suspect.drains is handle(broker, drained)
 
-    await drained.answer(drained.requests[0].request_id, "fine")
+    # Its batch now looks ten times as long: the serving one drains instead, and the
+    # other takes new work again.
+    handle(broker, drained).batch_s = 0.100
+    (last,) = broker.submit_many(["last"], {}, 60.0)
     await drained.wait_requests(2)
-    assert drained.requests[1].request_id == suspect.request_id  # alone, once it was idle
-    assert handle(broker, drained).suspect is suspect
+    assert drained.requests[1].request_id == last.request_id
+    assert suspect.drains is handle(broker, serving) and not suspect.done
+
+    for request in serving.requests:
+        await serving.answer(request.request_id, "fine")
+    await serving.wait_requests(6)
+    assert serving.requests[5].request_id == suspect.request_id  # alone, once it was idle
+    assert handle(broker, serving).suspect is suspect
 
 
 async def test_as_many_suspects_as_workers_drain_them_all(h):
