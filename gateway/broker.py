@@ -306,6 +306,10 @@ class Broker:
         #: Settled requests stay in it until they reach its top (or it is compacted).
         self._queue: list[tuple[tuple[int, float, int], PendingRequest]] = []
         self._queued = 0
+        #: As the last dispatch left them: the suspects it set aside in the queue, and the
+        #: workers it drained for them (see _drained_for), which admission's bound reads.
+        self._set_aside = 0
+        self._draining: set[bytes] = set()
         self._pending: dict[int, PendingRequest] = {}
         self.workers: dict[bytes, WorkerHandle] = {}
         self.draining = False
@@ -473,10 +477,14 @@ class Broker:
                 digests = self._screen(digest_of, inputs, now)
         if not self.workers:
             raise NoWorkers("no model worker is ready yet; retry shortly")
-        # After every dispatch, either the queue is empty or what waits cannot use the credit
-        # there is (suspects waiting for idle workers, drained for them): free credit only
-        # helps an empty queue.
-        free = 0 if self._queued else sum(max(w.free, 0) for w in self.workers.values())
+        # After every dispatch, what waits is suspects (waiting for an idle worker, or for a
+        # copy of their input to finish), or requests for which no worker has credit: free
+        # credit helps new requests only if what waits is suspects alone, and only the
+        # credit of workers not drained for them.
+        free = 0
+        if self._queued <= self._set_aside:
+            free = sum(max(w.free, 0) for w in self.workers.values()
+                       if w.identity not in self._draining)
         if self._queued + max(len(inputs) - free, 0) > self.max_queue:
             raise Overloaded(
                 f"the server is at capacity ({self._queued} requests queued); retry shortly"
@@ -553,14 +561,17 @@ class Broker:
         heapq.heappush(self._queue, (_urgency(pending, self.default_timeout_s), pending))
 
     def _dispatch(self) -> None:
-        # Suspects set aside while a copy of their input runs (see _copy_running), back in
-        # the queue when this returns: the next answer or death calls it again.
+        # Suspects set aside (waiting for an idle worker, or while a copy of their input
+        # runs), back in the queue when this returns: the next answer or death calls it
+        # again.
         deferred: list = []
+        self._draining = set()
         try:
             self._dispatch_queue(deferred)
         finally:
             for entry in deferred:
                 heapq.heappush(self._queue, entry)
+            self._set_aside = len(deferred)
 
     def _copy_running(self, pending: PendingRequest) -> bool:
         """Whether a worker holds a request with this suspect's input. Run alone on another
@@ -597,7 +608,7 @@ class Broker:
     def _dispatch_queue(self, deferred: list) -> None:
         unknown_s: float | None = None  # see _average_batch_s; once per call, when needed
         # Workers kept from new work, each for a suspect waiting for it to go idle.
-        draining: set[bytes] = set()
+        draining = self._draining
         while self._queued > len(deferred) and self.workers:
             pending = self._queue[0][1]
             if not pending.queued:  # finished while queued (deadline, disconnect): skip

@@ -1457,6 +1457,19 @@ async def test_a_suspect_drains_one_worker_while_the_others_serve_the_queue(h):
     assert handle(broker, serving).suspect is suspect
 
 
+async def test_the_queue_bound_counts_the_credit_of_workers_not_drained(h):
+    """With the queue full of a suspect that waits, a request the serving worker has
+    credit for is not queued at all: 503 for it was a refusal with room to spare."""
+    broker = await h.broker(max_queue=1)
+    b, c, (suspect,) = await _suspects_beside_two_busy_workers(h, broker, ["suspect"])
+    serving = c if suspect.drains is handle(broker, b) else b
+    admitted = broker.submit_many(["x", "y", "z"], {}, 60.0)
+    await serving.wait_requests(4)
+    assert serving.request_ids()[1:] == ids(admitted) and broker.queue_depth == 1
+    with pytest.raises(Overloaded):  # past the serving worker's credit, they would queue
+        broker.submit_many([f"more-{i}" for i in range(6)], {}, 60.0)
+
+
 async def test_as_many_suspects_as_workers_drain_them_all(h):
     """Each waiting suspect keeps a worker of its own; with every worker kept, the rest of
     the queue waits behind them, as it always did."""
