@@ -310,6 +310,8 @@ class Broker:
         #: workers it drained for them (see _drained_for), which admission's bound reads.
         self._set_aside = 0
         self._draining: set[bytes] = set()
+        self._dispatching = False
+        self._dispatch_again = False
         self._pending: dict[int, PendingRequest] = {}
         self.workers: dict[bytes, WorkerHandle] = {}
         self.draining = False
@@ -561,17 +563,32 @@ class Broker:
         heapq.heappush(self._queue, (_urgency(pending, self.default_timeout_s), pending))
 
     def _dispatch(self) -> None:
-        # Suspects set aside (waiting for an idle worker, or while a copy of their input
-        # runs), back in the queue when this returns: the next answer or death calls it
-        # again.
-        deferred: list = []
-        self._draining = set()
+        # Not re-entered: a send that fails mid-pass takes its worker out, which dispatches
+        # what it held. A pass inside the pass found the suspects the outer one had set
+        # aside counted as queued but not in the heap, and read past its end (IndexError
+        # out of an HTTP handler: a 500 for a request that had been sent). The outer pass
+        # runs again instead.
+        if self._dispatching:
+            self._dispatch_again = True
+            return
+        self._dispatching = True
         try:
-            self._dispatch_queue(deferred)
+            self._dispatch_again = True
+            while self._dispatch_again:
+                self._dispatch_again = False
+                # Suspects set aside (waiting for an idle worker, or while a copy of their
+                # input runs), back in the queue when this pass ends: the next answer or
+                # death dispatches again.
+                deferred: list = []
+                self._draining = set()
+                try:
+                    self._dispatch_queue(deferred)
+                finally:
+                    for entry in deferred:
+                        heapq.heappush(self._queue, entry)
+                    self._set_aside = len(deferred)
         finally:
-            for entry in deferred:
-                heapq.heappush(self._queue, entry)
-            self._set_aside = len(deferred)
+            self._dispatching = False
 
     def _copy_running(self, pending: PendingRequest) -> bool:
         """Whether a worker holds a request with this suspect's input. Run alone on another

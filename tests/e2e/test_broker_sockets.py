@@ -1259,6 +1259,36 @@ async def test_a_send_to_a_vanished_worker_moves_the_request_at_once(h, caplog):
     assert "never retrieved" not in caplog.text
 
 
+async def test_a_send_that_fails_while_a_suspect_is_set_aside_answers_nothing_wrong(h):
+    """A send that fails takes its worker out, which dispatched what that worker held from
+    inside the pass that sent. That inner pass found a suspect the outer one had set aside
+    counted as queued but not in the heap, and read past the heap's end: IndexError out of
+    submit_many (the client's 500) for a request that had gone to another worker."""
+    broker = await h.broker(poison_memory_s=60.0)
+    c = await h.worker(broker, "c", capacity=4)
+    (first,) = broker.submit_many(["hangs"], {}, 30.0)
+    await c.wait_requests(1)
+    broker.worker_process_exited(c.pid, "exited with code 3")
+    a = await h.worker(broker, "a", capacity=4)
+    await a.wait_requests(1)  # the suspect, alone
+    (retry,) = broker.submit_many(["hangs"], {}, 30.0)
+    assert retry.alone and retry.queued  # set aside while its copy runs on A
+    b = await h.worker(broker, "b", capacity=4)
+    ghost_ready = Ready(worker_id="ghost", pid=3_999_999, model="fake-model", task="fill-mask",
+                        device="cpu", capacity=8, max_batch_size=8)
+    ghost = b"ghost/never-connected"
+    now = time.monotonic()
+    broker.workers[ghost] = WorkerHandle(ghost, ghost_ready, joined_at=now, last_seen=now)
+
+    (innocent,) = broker.submit_many(["innocent"], {}, 30.0)  # the ghost first: most credit
+    assert ghost not in broker.workers
+    (sent,) = await b.wait_requests(1)
+    assert sent.request_id == innocent.request_id
+    await b.answer(sent.request_id, "fine")
+    assert (await outcome(innocent)).output == "fine"
+    assert retry.queued and broker.queue_depth == 1 and len(broker._queue) == 1
+
+
 async def test_a_worker_of_another_task_is_refused_while_the_gateways_task_is_served(
         h, caplog):
     """One gateway serves one task: a feature-extraction worker joining fill-mask workers
