@@ -76,6 +76,10 @@ MISSED_HEARTBEATS = 3
 #: charged to the request (see Broker._quiet_when_sent): past the one a worker's beat can be
 #: late by, short of the MISSED_HEARTBEATS that end it.
 QUIET_AT_SEND = 2
+#: Heartbeats a worker may have been silent for and still be sent a suspect (see
+#: Broker._fresh). A running worker beats once a heartbeat; one silent past that waits to be
+#: heard again, which dispatches at once.
+SUSPECT_TO_FRESH_BEATS = 1.0
 #: A worker kept from new work for a waiting suspect stays kept unless another should empty
 #: this many times sooner (see Broker._drained_for).
 KEEP_DRAINING_WITHIN = 2.0
@@ -601,6 +605,14 @@ class Broker:
         return any(held.digest == pending.digest
                    for worker in self.workers.values() for held in worker.in_flight.values())
 
+    def _fresh(self, worker: WorkerHandle, now: float) -> bool:
+        """Whether the worker has been heard from within a heartbeat, as a running one always
+        has: only such a worker is sent a suspect. One frozen a heartbeat after another was
+        sent the other's suspect while silent (not for long enough to be found out yet),
+        and its own death by silence then charged the suspect a second crash: the innocent
+        input got 500 (2 of 8 trials with two workers stopped a heartbeat apart)."""
+        return now - worker.last_seen <= SUSPECT_TO_FRESH_BEATS * self.heartbeat_interval_s
+
     def _drained_for(self, pending: PendingRequest, draining: set,
                      unknown_s: float) -> WorkerHandle | None:
         """The worker a suspect waiting for an idle one keeps from new work: the one that
@@ -641,8 +653,8 @@ class Broker:
                 if self._copy_running(pending):
                     deferred.append(heapq.heappop(self._queue))
                     continue
-                worker = min((w for w in self.workers.values()
-                              if not w.in_flight and w.identity not in draining),
+                worker = min((w for w in self.workers.values() if not w.in_flight
+                              and w.identity not in draining and self._fresh(w, now)),
                              key=lambda w: w.batch_s, default=None)
                 if worker is None:
                     if unknown_s is None:
@@ -1127,6 +1139,10 @@ class Broker:
             # it held is requeued, so nothing more is sent to it. Had it closed at once, a send
             # made before this DISCONNECT was read failed, and the leave counted as a crash.
             self._send(identity, Disconnect(reason="leave acknowledged"))
+        elif self._queued:
+            # Heard from again: an idle worker a suspect would not go to while it was silent
+            # (see _fresh) takes it now.
+            self._dispatch()
 
     @staticmethod
     def _hold(pending: PendingRequest, result: Result, frame_bytes: int) -> BatchwireError | None:

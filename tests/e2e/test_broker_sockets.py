@@ -963,11 +963,13 @@ async def test_a_second_death_by_silence_does_not_make_an_input_poison(h):
     await c.wait_requests(1)
 
 
-async def test_a_worker_already_silent_when_sent_a_suspect_does_not_charge_it(h):
-    """Two workers frozen a heartbeat check apart: the first was taken out and its request
-    sent alone to the second, already silent for two beats but not yet for three; its
-    death by silence then charged the request a second crash, and the innocent input got
-    500. The beats are the test's own (the broker's own tick would never come)."""
+@pytest.mark.parametrize("heard_again", [True, False], ids=["beats-again", "frozen"])
+async def test_a_suspect_is_not_sent_to_a_worker_silent_for_a_heartbeat(h, heard_again):
+    """Two workers frozen a heartbeat apart: the first was taken out and its request sent
+    alone to the second, silent for almost two beats but not yet for three; its death by
+    silence then charged the request a second crash, and the innocent input got 500. A
+    worker silent past a beat gets a suspect once it is heard again; frozen, it never does.
+    The beats are the test's own (the broker's own tick would never come)."""
     now = [1000.0]
     broker = await h.broker(clock=lambda: now[0])
     beat = broker.heartbeat_interval_s
@@ -975,20 +977,46 @@ async def test_a_worker_already_silent_when_sent_a_suspect_does_not_charge_it(h)
     b = await h.worker(broker, "b", capacity=1)
     (innocent,) = broker.submit_many(["innocent"], {}, 30 * beat)
     await a.wait_requests(1)
-    now[0] += 0.5 * beat
-    await b.send(Heartbeat())  # b's last word
+    now[0] += 1.4 * beat
+    await b.send(Heartbeat())  # b's last word, if it is frozen
     await wait_until(lambda: handle(broker, b).last_seen == now[0], "b's beat to be read")
-    now[0] += 2.7 * beat  # a: 3.2 beats silent, gone; b: 2.7, not yet
+    now[0] += 1.8 * beat  # a: 3.2 beats silent, gone; b: 1.8
     broker._check_workers(now[0])
     assert a.identity not in broker.workers and innocent.crashes == 1
-    await b.wait_requests(1)
-    now[0] += 0.5 * beat
-    broker._check_workers(now[0])  # b: 3.2 beats silent, gone
-    assert not broker.workers and not innocent.done and innocent.crashes == 1
-    c = await h.worker(broker, "c", capacity=1)
-    (request,) = await c.wait_requests(1)
-    await c.answer(request.request_id, "fine")
+    assert innocent.queued and not handle(broker, b).in_flight
+    if heard_again:
+        await b.send(Heartbeat())
+        (request,) = await b.wait_requests(1)
+        assert request.request_id == innocent.request_id
+        await b.answer(request.request_id, "fine")
+    else:
+        now[0] += 1.4 * beat
+        broker._check_workers(now[0])  # b: 3.2 beats silent, gone, holding nothing of it
+        assert not broker.workers and not innocent.done and innocent.crashes == 1
+        c = await h.worker(broker, "c", capacity=1)
+        (request,) = await c.wait_requests(1)
+        await c.answer(request.request_id, "fine")
+        assert b.requests == []
     assert (await outcome(innocent)).output == "fine"
+
+
+async def test_a_worker_already_silent_when_sent_a_request_is_not_charged_its_silence(h):
+    """Its silence began before the request reached it, so it says nothing about the
+    request: not charged, the request runs again as any other, not alone."""
+    now = [1000.0]
+    broker = await h.broker(clock=lambda: now[0])
+    beat = broker.heartbeat_interval_s
+    a = await h.worker(broker, "a", capacity=1)
+    now[0] += 2.5 * beat
+    (request,) = broker.submit_many(["text"], {}, 30 * beat)
+    await a.wait_requests(1)
+    now[0] += 0.7 * beat
+    broker._check_workers(now[0])  # a: 3.2 beats silent, gone
+    assert not broker.workers and request.crashes == 0 and not request.suspect
+    c = await h.worker(broker, "c", capacity=1)
+    (sent,) = await c.wait_requests(1)
+    await c.answer(sent.request_id, "fine")
+    assert (await outcome(request)).output == "fine"
 
 
 async def killed_twice(h, broker: Broker, text: str, parameters: dict) -> None:
