@@ -836,7 +836,7 @@ async def handle_info(request: web.Request) -> web.Response:
             "dtype": w.info.dtype,
             "model": w.info.model,
             "task": w.info.task,
-            "state": "ready",
+            "state": broker.worker_state(w),
             "capacity": w.info.capacity,
             "max_batch_size": w.info.max_batch_size,
             "max_batch_tokens": w.info.max_batch_tokens,

@@ -457,6 +457,17 @@ class Broker:
     def in_flight(self) -> int:
         return len(self._pending)
 
+    def worker_state(self, worker: WorkerHandle) -> str:
+        """What a worker is doing for dispatch, for /info: "ready" (takes requests),
+        "suspect" (runs a suspect alone, see _dispatch_queue), or "drained" (kept from new
+        work until it is idle, for a suspect that waits: see _drained_for). An operator
+        seeing an idle worker while requests wait has the reason."""
+        if worker.suspect is not None:
+            return "suspect"
+        if worker.identity in self._draining:
+            return "drained"
+        return "ready"
+
     def submit_many(self, inputs: list, parameters: dict, timeout_s: float,
                     embed: bool = False, prompt_name: str = "",
                     claim: Claim | None = None) -> list[PendingRequest]:

@@ -331,7 +331,10 @@ def _components(config: GatewayConfig) -> dict:
                                   "e.g. float32 or bfloat16 (--dtype)"},
                         "model": {"type": "string"},
                         "task": {"type": "string"},
-                        "state": {"type": "string"},
+                        "state": {"type": "string", "enum": ["ready", "suspect", "drained"],
+                                  "description": "ready: takes requests; suspect: runs a "
+                                  "request whose worker died, alone; drained: takes no new "
+                                  "request until it is idle, for such a request that waits"},
                         "capacity": {"type": "integer"},
                         "max_batch_size": {"type": "integer"},
                         "max_batch_tokens": {"type": "integer", "minimum": 0,

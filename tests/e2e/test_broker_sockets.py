@@ -1489,6 +1489,8 @@ async def test_a_suspect_drains_one_worker_while_the_others_serve_the_queue(h):
     await serving.wait_requests(4)
     await drained.sync()
     assert serving.request_ids()[1:] == ids(fresh) and len(drained.requests) == 1
+    assert [broker.worker_state(handle(broker, w)) for w in (drained, serving)] == [
+        "drained", "ready"]  # as /info shows them
 
     # Timings as answers would have set them (the clock stands still: no overrun, no
     # trip). Holding 1 of 8, the drained worker should empty in 10 x 1.125 ms; holding 4,
@@ -1513,6 +1515,8 @@ async def test_a_suspect_drains_one_worker_while_the_others_serve_the_queue(h):
     await serving.wait_requests(6)
     assert serving.requests[5].request_id == suspect.request_id  # alone, once it was idle
     assert handle(broker, serving).suspect is suspect
+    assert [broker.worker_state(handle(broker, w)) for w in (drained, serving)] == [
+        "ready", "suspect"]
 
 
 async def test_the_queue_bound_counts_the_credit_of_workers_not_drained(h):
