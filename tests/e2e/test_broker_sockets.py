@@ -1263,6 +1263,17 @@ async def test_a_disconnect_is_answered_so_the_leaving_worker_may_close(h):
     await b.wait(lambda: len(b.disconnects) == 1, "the broker to answer a dropped worker")
 
 
+def add_ghost(broker: Broker) -> tuple[bytes, Ready]:
+    """A worker (capacity 8) whose connection is gone before the broker noticed: a send to it
+    fails (EHOSTUNREACH under ROUTER_MANDATORY). Returns its identity and READY."""
+    ready = Ready(worker_id="ghost", pid=3_999_999, model="fake-model", task="fill-mask",
+                  device="cpu", capacity=8, max_batch_size=8)
+    identity = b"ghost/never-connected"
+    now = time.monotonic()
+    broker.workers[identity] = WorkerHandle(identity, ready, joined_at=now, last_seen=now)
+    return identity, ready
+
+
 async def test_a_send_to_a_vanished_worker_moves_the_request_at_once(h, caplog):
     """A worker whose connection is gone before the broker noticed: the send fails
     (EHOSTUNREACH under ROUTER_MANDATORY), and the broker acts on it then and there instead
@@ -1271,11 +1282,7 @@ async def test_a_send_to_a_vanished_worker_moves_the_request_at_once(h, caplog):
     caplog.set_level(logging.WARNING)
     broker = await h.broker()
     live = await h.worker(broker, "live", capacity=1)
-    ghost_ready = Ready(worker_id="ghost", pid=3_999_999, model="fake-model", task="fill-mask",
-                        device="cpu", capacity=8, max_batch_size=8)
-    ghost = b"ghost/never-connected"
-    now = time.monotonic()
-    broker.workers[ghost] = WorkerHandle(ghost, ghost_ready, joined_at=now, last_seen=now)
+    ghost, ghost_ready = add_ghost(broker)
 
     (p,) = broker.submit_many(["x"], {}, 5.0)  # the ghost has the most credit: tried first
     assert ghost not in broker.workers, "the vanished worker is still dispatched to"
@@ -1302,11 +1309,7 @@ async def test_a_send_that_fails_while_a_suspect_is_set_aside_answers_nothing_wr
     (retry,) = broker.submit_many(["hangs"], {}, 30.0)
     assert retry.alone and retry.queued  # set aside while its copy runs on A
     b = await h.worker(broker, "b", capacity=4)
-    ghost_ready = Ready(worker_id="ghost", pid=3_999_999, model="fake-model", task="fill-mask",
-                        device="cpu", capacity=8, max_batch_size=8)
-    ghost = b"ghost/never-connected"
-    now = time.monotonic()
-    broker.workers[ghost] = WorkerHandle(ghost, ghost_ready, joined_at=now, last_seen=now)
+    ghost, _ = add_ghost(broker)
 
     (innocent,) = broker.submit_many(["innocent"], {}, 30.0)  # the ghost first: most credit
     assert ghost not in broker.workers
