@@ -1242,9 +1242,11 @@ async def test_an_input_its_parameters_fail_with_fails_alone_not_the_clients_bat
         answer(item, output)
 
     executor = ThreadPoolExecutor(max_workers=1)
-    batcher = Batcher(runner=fill_runner, executor=executor, max_batch_size=8, max_delay_s=5.0,
-                      on_result=on_result, on_error=answer, classify_error=classify_error,
-                      adaptive=False)
+    # A batch of exactly the five, closed as it fills: a larger cap kept the batch open for
+    # all of max_delay_s (5 s) before it ran. The long delay still keeps the five together.
+    batcher = Batcher(runner=fill_runner, executor=executor, max_batch_size=len(good) + 1,
+                      max_delay_s=5.0, on_result=on_result, on_error=answer,
+                      classify_error=classify_error, adaptive=False)
     running = asyncio.create_task(batcher.run())
     now = time.monotonic()
     for rid, text in enumerate(good + [bad]):
