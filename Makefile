@@ -32,7 +32,7 @@ serve: install
 	$(VENV)/bin/batchwire serve --host $(HOST) --port $(PORT)
 
 # Two processes, a test file each at a time (module-scoped servers stay in one process): the
-# suite is mostly waiting on servers it starts, so on two cores it takes about 6.5 minutes,
+# suite is mostly waiting on servers it starts, so on two cores it takes about 5.5 minutes,
 # where one process takes about one and a half times that. TEST_PROCESSES=0 runs it in this
 # process alone. (no:benchmark: a system-wide pytest-benchmark, visible to the venv, would
 # only warn that it is off under xdist.)
