@@ -859,16 +859,24 @@ async def test_a_suspects_copy_waits_while_one_runs_and_other_requests_go_on(h):
     assert len(broker.poison) == 1 and idle.request_ids() == [other.request_id]
 
 
+async def run_alone_after_a_death(h, broker: Broker, text: str, parameters: dict | None = None,
+                                  *, capacity: int = 1, timeout_s: float = 30.0):
+    """``text`` is on worker "a" when its process dies, then runs alone on worker "b", which
+    joins after. Returns (its request, b, the REQUEST b was sent)."""
+    a = await h.worker(broker, "a", capacity=capacity)
+    (pending,) = broker.submit_many([text], parameters or {}, timeout_s)
+    await a.wait_requests(1)
+    broker.worker_process_exited(a.pid, "killed")  # from outside: charged, as it must be
+    b = await h.worker(broker, "b", capacity=capacity)
+    (request,) = await b.wait_requests(1)
+    return pending, b, request
+
+
 async def test_a_suspect_answered_with_an_error_of_its_own_is_cleared(h):
     """The worker survived running it alone: not what the other one died of. (Cleared only
     on a Result, an input a pipeline refuses, sent again and again, ran alone each time.)"""
     broker = await h.broker(poison_memory_s=60.0)
-    a = await h.worker(broker, "a", capacity=1)
-    (held,) = broker.submit_many(["too long"], {}, 30.0)
-    await a.wait_requests(1)
-    broker.worker_process_exited(a.pid, "killed")
-    b = await h.worker(broker, "b", capacity=1)
-    (request,) = await b.wait_requests(1)
+    held, b, request = await run_alone_after_a_death(h, broker, "too long")
     await b.fail(request.request_id, "input_too_long", "shorten it")
     assert isinstance(await outcome(held), BatchwireError)
     assert len(broker.suspected) == 0
@@ -946,12 +954,7 @@ async def test_a_second_death_by_silence_does_not_make_an_input_poison(h):
     suspect must not get its input refused for the whole memory."""
     clock = PassingTime()
     broker = await h.broker(heartbeat_interval_s=0.1, clock=clock)
-    a = await h.worker(broker, "a", capacity=1)
-    (suspect,) = broker.submit_many(["innocent"], {}, 30.0)
-    await a.wait_requests(1)
-    broker.worker_process_exited(a.pid, "killed")  # from outside: charged, as it must be
-    b = await h.worker(broker, "b", capacity=1)
-    await b.wait_requests(1)
+    suspect, _, _ = await run_alone_after_a_death(h, broker, "innocent")
     clock.start()
     try:
         assert isinstance(await outcome(suspect), WorkerCrashed)  # b went silent with it
@@ -1021,12 +1024,8 @@ async def test_a_worker_already_silent_when_sent_a_request_is_not_charged_its_si
 
 async def killed_twice(h, broker: Broker, text: str, parameters: dict) -> None:
     """``text`` kills worker "a", then worker "b" as it runs alone: 500 worker_crashed."""
-    a = await h.worker(broker, "a", capacity=2)
-    (poison,) = broker.submit_many([text], parameters, 5.0)
-    await a.wait_requests(1)
-    broker.worker_process_exited(a.pid, "killed")
-    b = await h.worker(broker, "b", capacity=2)
-    await b.wait_requests(1)
+    poison, b, _ = await run_alone_after_a_death(h, broker, text, parameters, capacity=2,
+                                                 timeout_s=5.0)
     broker.worker_process_exited(b.pid, "killed again")
     assert isinstance(await outcome(poison), WorkerCrashed)
 
@@ -1300,22 +1299,17 @@ async def test_a_send_that_fails_while_a_suspect_is_set_aside_answers_nothing_wr
     counted as queued but not in the heap, and read past the heap's end: IndexError out of
     submit_many (the client's 500) for a request that had gone to another worker."""
     broker = await h.broker(poison_memory_s=60.0)
-    c = await h.worker(broker, "c", capacity=4)
-    (first,) = broker.submit_many(["hangs"], {}, 30.0)
-    await c.wait_requests(1)
-    broker.worker_process_exited(c.pid, "exited with code 3")
-    a = await h.worker(broker, "a", capacity=4)
-    await a.wait_requests(1)  # the suspect, alone
+    await run_alone_after_a_death(h, broker, "hangs", capacity=4)
     (retry,) = broker.submit_many(["hangs"], {}, 30.0)
-    assert retry.alone and retry.queued  # set aside while its copy runs on A
-    b = await h.worker(broker, "b", capacity=4)
+    assert retry.alone and retry.queued  # set aside while its copy runs on B
+    c = await h.worker(broker, "c", capacity=4)
     ghost, _ = add_ghost(broker)
 
     (innocent,) = broker.submit_many(["innocent"], {}, 30.0)  # the ghost first: most credit
     assert ghost not in broker.workers
-    (sent,) = await b.wait_requests(1)
+    (sent,) = await c.wait_requests(1)
     assert sent.request_id == innocent.request_id
-    await b.answer(sent.request_id, "fine")
+    await c.answer(sent.request_id, "fine")
     assert (await outcome(innocent)).output == "fine"
     assert retry.queued and broker.queue_depth == 1 and len(broker._queue) == 1
 
