@@ -477,23 +477,22 @@ class Broker:
         check_parameters_size(parameters)
         if self.draining:
             raise Draining("the server is shutting down; retry on another instance")
-        # One task at a time (see _admissible): any worker's is the gateway's.
+        # One task at a time (see _admissible): any worker's is the gateway's. With none
+        # here, the last one's still says what a poison input's digest is taken under.
         served = next(((w.info.model, w.info.task) for w in self.workers.values()),
                       self._last_served)
-        if served is None:
-            raise NoWorkers("no model worker is ready yet; retry shortly")
-        model, task = served
         now = self.clock()
         digests = None
-        if self.poison or self.suspected:
+        if served is not None and (self.poison or self.suspected):
             try:
-                digest_of = fingerprinter(model, task, parameters, embed, prompt_name)
+                digest_of = fingerprinter(*served, parameters, embed, prompt_name)
             except (TypeError, ValueError):
                 digest_of = None  # not encodable: dispatch answers it 400 with the reason
             if digest_of is not None:
                 digests = self._screen(digest_of, inputs, now)
         if not self.workers:
             raise NoWorkers("no model worker is ready yet; retry shortly")
+        model, task = served
         # After every dispatch, what waits is suspects (waiting for an idle worker, or for a
         # copy of their input to finish), or requests for which no worker has credit: free
         # credit helps new requests only if what waits is suspects alone, and only the

@@ -300,7 +300,7 @@ class Batcher:
         if stream is None or stream.gap is None:
             return 0.0  # one arrival so far: nothing says another is coming
         return worth_waiting(
-            self.latency_for(selection.items[0].parameter_key), count=len(selection.items),
+            self._latency_of(stream), count=len(selection.items),
             longest=max(selection.lengths), newcomer=round(stream.tokens),
             expected_gap=stream.gap, since_last=now - stream.last)
 
@@ -428,7 +428,9 @@ class Batcher:
         client asking for fill-mask top_k 500 beside others asking for the default had the
         cheap batches predicted slower than they were (their items turned away as late
         while they would have made it) and the dear ones faster."""
-        stream = self._arrivals.get(_stream_key(parameter_key))
+        return self._latency_of(self._arrivals.get(_stream_key(parameter_key)))
+
+    def _latency_of(self, stream: ArrivalStream | None) -> LatencyModel:
         if stream is not None and stream.latency.observations >= LATE_AFTER_BATCHES:
             return stream.latency
         return self.latency
